@@ -1,0 +1,1 @@
+//! Orca's agent: Kubernetes objects -> service model -> diff -> one dataplane.
