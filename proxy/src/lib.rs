@@ -1,1 +1,3 @@
 //! Orca's agent: Kubernetes objects -> service model -> diff -> one dataplane.
+
+pub mod model;

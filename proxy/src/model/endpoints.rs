@@ -1,0 +1,351 @@
+//! EndpointSlices -> endpoints per service port, merged across every slice of a Service.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{Endpoint, Protocol, ServiceName, ServicePortName, LABEL_SERVICE_NAME};
+
+/// One parsed EndpointSlice: its ports and endpoints, before they are matched to service ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub ip: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// Why a slice is not used at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SliceError {
+    NoServiceLabel,
+    Malformed(String),
+    UnsupportedAddressType(String),
+}
+
+impl std::fmt::Display for SliceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SliceError::NoServiceLabel => write!(f, "no {LABEL_SERVICE_NAME} label"),
+            SliceError::Malformed(why) => write!(f, "malformed: {why}"),
+            SliceError::UnsupportedAddressType(t) => write!(f, "address type {t} is not proxied"),
+        }
+    }
+}
+
+/// The Service a slice belongs to and the slice's own name.
+pub fn slice_key(slice: &EndpointSlice) -> Result<(ServiceName, String), SliceError> {
+    let ns = slice.metadata.namespace.as_deref().unwrap_or_default();
+    let name = slice.metadata.name.as_deref().unwrap_or_default();
+    if ns.is_empty() || name.is_empty() {
+        return Err(SliceError::Malformed("missing namespace or name".into()));
+    }
+    let svc = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .filter(|s| !s.is_empty())
+        .ok_or(SliceError::NoServiceLabel)?;
+    Ok((ServiceName::new(ns, svc.as_str()), name.to_string()))
+}
+
+/// Parses a slice, dropping (with a warning each) the ports and endpoints kube-proxy would ignore.
+pub fn parse_slice(slice: &EndpointSlice) -> Result<(SliceInfo, Vec<String>), SliceError> {
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        return Err(SliceError::UnsupportedAddressType(slice.address_type.clone()));
+    }
+    let mut warnings = Vec::new();
+    let mut ports = Vec::new();
+    for p in slice.ports.as_deref().unwrap_or_default() {
+        let name = p.name.clone().unwrap_or_default();
+        let Some(raw) = p.port else {
+            warnings.push(format!("ignoring endpoint port {name:?} without a port number"));
+            continue;
+        };
+        let Some(port) = u16::try_from(raw).ok().filter(|p| *p != 0) else {
+            warnings.push(format!("ignoring endpoint port {name:?}: {raw} out of range"));
+            continue;
+        };
+        match Protocol::parse(p.protocol.as_deref()) {
+            Ok(protocol) => ports.push(SlicePort { name, protocol, port }),
+            Err(e) => warnings.push(format!("ignoring endpoint port {name:?}: {e}")),
+        }
+    }
+    let mut endpoints = Vec::new();
+    for ep in slice.endpoints.as_deref().unwrap_or_default() {
+        let Some(addr) = ep.addresses.first() else {
+            warnings.push("ignoring endpoint without addresses".into());
+            continue;
+        };
+        let Ok(ip) = addr.parse::<IpAddr>() else {
+            warnings.push(format!("ignoring endpoint with invalid address {addr:?}"));
+            continue;
+        };
+        if ip.is_ipv4() != (slice.address_type == "IPv4") {
+            warnings.push(format!(
+                "ignoring endpoint {ip}: not of the slice's address type {}",
+                slice.address_type
+            ));
+            continue;
+        }
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        let hints = ep.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            ip,
+            ready,
+            serving,
+            terminating,
+            node_name: ep.node_name.clone(),
+            zone: ep.zone.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
+        });
+    }
+    Ok((SliceInfo { ports, endpoints }, warnings))
+}
+
+/// Every slice of every Service, kept as parsed; the merged endpoints are computed per Service on demand.
+#[derive(Debug, Default)]
+pub struct EndpointSliceCache {
+    node_name: String,
+    slices: HashMap<ServiceName, BTreeMap<String, SliceInfo>>,
+}
+
+impl EndpointSliceCache {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            slices: HashMap::new(),
+        }
+    }
+
+    /// Stores a slice; returns whether the Service's slices changed.
+    pub fn upsert(&mut self, svc: ServiceName, slice_name: String, info: SliceInfo) -> bool {
+        let per_svc = self.slices.entry(svc).or_default();
+        if per_svc.get(&slice_name) == Some(&info) {
+            return false;
+        }
+        per_svc.insert(slice_name, info);
+        true
+    }
+
+    /// Forgets a slice; returns whether anything was removed.
+    pub fn remove(&mut self, svc: &ServiceName, slice_name: &str) -> bool {
+        let Some(per_svc) = self.slices.get_mut(svc) else {
+            return false;
+        };
+        let removed = per_svc.remove(slice_name).is_some();
+        if per_svc.is_empty() {
+            self.slices.remove(svc);
+        }
+        removed
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceName> {
+        self.slices.keys()
+    }
+
+    /// Names of the slices held for a Service.
+    pub fn slice_names(&self, svc: &ServiceName) -> Vec<String> {
+        self.slices
+            .get(svc)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The Service's endpoints per service port, merged over its slices and deduplicated by `ip:port`. Where
+    /// two slices hold the same endpoint, the first (by slice name) wins unless a later one is on this node, as
+    /// in kube-proxy. Each list is sorted by address.
+    pub fn endpoints(&self, svc: &ServiceName) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
+        let mut by_port: BTreeMap<ServicePortName, BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+        let Some(per_svc) = self.slices.get(svc) else {
+            return BTreeMap::new();
+        };
+        for info in per_svc.values() {
+            for p in &info.ports {
+                let spn = ServicePortName {
+                    service: svc.clone(),
+                    port: p.name.clone(),
+                    protocol: p.protocol,
+                };
+                let eps = by_port.entry(spn).or_default();
+                for e in &info.endpoints {
+                    let is_local = e.node_name.as_deref() == Some(self.node_name.as_str());
+                    let key = (e.ip, p.port);
+                    if eps.contains_key(&key) && !is_local {
+                        continue;
+                    }
+                    eps.insert(
+                        key,
+                        Endpoint {
+                            ip: e.ip,
+                            port: p.port,
+                            ready: e.ready,
+                            serving: e.serving,
+                            terminating: e.terminating,
+                            is_local,
+                            node_name: e.node_name.clone(),
+                            zone: e.zone.clone(),
+                            zone_hints: e.zone_hints.clone(),
+                            node_hints: e.node_hints.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        by_port
+            .into_iter()
+            .map(|(k, v)| (k, v.into_values().collect()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn add(cache: &mut EndpointSliceCache, v: serde_json::Value) -> Vec<String> {
+        let s = slice(v);
+        let (svc, name) = slice_key(&s).unwrap();
+        let (info, warnings) = parse_slice(&s).unwrap();
+        cache.upsert(svc, name, info);
+        warnings
+    }
+
+    #[test]
+    fn merges_slices_and_resolves_ports_per_slice() {
+        let mut cache = EndpointSliceCache::new("node-a");
+        // Two slices of one Service whose named port "http" resolves to different container ports.
+        add(
+            &mut cache,
+            json!({"metadata": {"namespace": "ns", "name": "web-1", "labels": {LABEL_SERVICE_NAME: "web"}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                   "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "node-a", "zone": "zone-a",
+                                  "conditions": {"ready": true}},
+                                 {"addresses": ["10.244.2.5"], "nodeName": "node-b",
+                                  "conditions": {"ready": false, "serving": true, "terminating": true}}]}),
+        );
+        add(
+            &mut cache,
+            json!({"metadata": {"namespace": "ns", "name": "web-2", "labels": {LABEL_SERVICE_NAME: "web"}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": 9090}],
+                   "endpoints": [{"addresses": ["10.244.2.9"], "nodeName": "node-b",
+                                  "hints": {"forZones": [{"name": "zone-b"}], "forNodes": [{"name": "node-b"}]}}]}),
+        );
+        let svc = ServiceName::new("ns", "web");
+        let eps = cache.endpoints(&svc);
+        let spn = ServicePortName {
+            service: svc.clone(),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        };
+        let list = &eps[&spn];
+        let got: Vec<String> = list.iter().map(|e| e.addr_string()).collect();
+        assert_eq!(got, vec!["10.244.1.5:8080", "10.244.2.5:8080", "10.244.2.9:9090"]);
+        assert!(list[0].is_local && list[0].ready && list[0].serving && !list[0].terminating);
+        assert!(!list[1].is_local && !list[1].ready && list[1].serving && list[1].terminating);
+        // Conditions default to ready and serving when unset.
+        assert!(list[2].ready && list[2].serving && !list[2].terminating);
+        assert!(list[2].zone_hints.contains("zone-b") && list[2].node_hints.contains("node-b"));
+
+        assert!(cache.remove(&svc, "web-1"));
+        assert_eq!(cache.endpoints(&svc)[&spn].len(), 1);
+        assert!(cache.remove(&svc, "web-2"));
+        assert!(cache.endpoints(&svc).is_empty());
+        assert!(!cache.remove(&svc, "web-2"));
+    }
+
+    #[test]
+    fn duplicate_endpoints_prefer_local() {
+        let mut cache = EndpointSliceCache::new("node-a");
+        for (name, node, ready) in [("a", "node-b", false), ("b", "node-a", true), ("c", "node-b", false)] {
+            add(
+                &mut cache,
+                json!({"metadata": {"namespace": "ns", "name": name, "labels": {LABEL_SERVICE_NAME: "dup"}},
+                       "addressType": "IPv4", "ports": [{"port": 80}],
+                       "endpoints": [{"addresses": ["10.244.1.7"], "nodeName": node, "conditions": {"ready": ready}}]}),
+            );
+        }
+        let svc = ServiceName::new("ns", "dup");
+        let eps = cache.endpoints(&svc);
+        let list = eps.values().next().unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(list[0].is_local && list[0].ready);
+    }
+
+    #[test]
+    fn unchanged_slice_is_not_a_change() {
+        let mut cache = EndpointSliceCache::new("n");
+        let v = json!({"metadata": {"namespace": "ns", "name": "s", "labels": {LABEL_SERVICE_NAME: "x"}},
+                       "addressType": "IPv4", "ports": [{"port": 80}], "endpoints": [{"addresses": ["10.0.0.1"]}]});
+        let s = slice(v);
+        let (svc, name) = slice_key(&s).unwrap();
+        let (info, _) = parse_slice(&s).unwrap();
+        assert!(cache.upsert(svc.clone(), name.clone(), info.clone()));
+        assert!(!cache.upsert(svc, name, info));
+    }
+
+    #[test]
+    fn malformed_slices_and_parts() {
+        let no_label = slice(
+            json!({"metadata": {"namespace": "ns", "name": "s"}, "addressType": "IPv4",
+                                    "endpoints": []}),
+        );
+        assert_eq!(slice_key(&no_label).unwrap_err(), SliceError::NoServiceLabel);
+        let fqdn = slice(
+            json!({"metadata": {"namespace": "ns", "name": "s", "labels": {LABEL_SERVICE_NAME: "x"}},
+                                "addressType": "FQDN", "endpoints": []}),
+        );
+        assert!(matches!(
+            parse_slice(&fqdn).unwrap_err(),
+            SliceError::UnsupportedAddressType(_)
+        ));
+        let bad = slice(
+            json!({"metadata": {"namespace": "ns", "name": "s", "labels": {LABEL_SERVICE_NAME: "x"}},
+                               "addressType": "IPv4",
+                               "ports": [{"name": "noport"}, {"name": "big", "port": 70000}, {"name": "ok", "port": 80}],
+                               "endpoints": [{"addresses": []}, {"addresses": ["nope"]}, {"addresses": ["fd00::1"]},
+                                             {"addresses": ["10.0.0.1", "10.0.0.2"]}]}),
+        );
+        let (info, warnings) = parse_slice(&bad).unwrap();
+        assert_eq!(info.ports.len(), 1);
+        assert_eq!(info.endpoints.len(), 1);
+        assert_eq!(info.endpoints[0].ip, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(warnings.len(), 5, "{warnings:?}");
+    }
+}

@@ -1,0 +1,207 @@
+//! The dataplane-agnostic service model.
+//!
+//! Kubernetes objects are turned into [`ServicePort`]s (one per port of a Service) and [`Endpoint`]s (merged from
+//! every EndpointSlice of the Service). Nothing here knows about iptables or eBPF.
+
+pub mod cidr;
+pub mod endpoints;
+pub mod selection;
+pub mod service;
+pub mod state;
+pub mod tracker;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+pub use cidr::Cidr;
+
+/// Label that hands a Service to another proxy; kube-proxy ignores such Services.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the control plane puts on headless Services' EndpointSlices; kube-proxy ignores them.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label linking an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The Node label giving its zone.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// The label selector kube-proxy puts on its Service and EndpointSlice informers.
+pub const PROXY_LABEL_SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+
+/// Transport protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the Kubernetes spelling; `None` (unset) means TCP, as in the API defaults.
+    pub fn parse(s: Option<&str>) -> Result<Self, String> {
+        match s {
+            None | Some("TCP") => Ok(Protocol::Tcp),
+            Some("UDP") => Ok(Protocol::Udp),
+            Some("SCTP") => Ok(Protocol::Sctp),
+            Some(other) => Err(format!("unknown protocol {other:?}")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `namespace/name` of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Identity of one port of one Service: `namespace/name:port-name/protocol`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ServicePortName {
+    pub service: ServiceName,
+    /// The port's name; empty for a single unnamed port.
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.service)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+/// externalTrafficPolicy / internalTrafficPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// One port of one Service, with every frontend it is reachable on and the policies that govern it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    /// spec.clusterIPs (both families; a dataplane takes the ones it serves).
+    pub cluster_ips: Vec<IpAddr>,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// spec.ports[].nodePort, when allocated.
+    pub node_port: Option<u16>,
+    /// status.loadBalancer.ingress[].ip whose ipMode is VIP (or unset).
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// spec.externalIPs.
+    pub external_ips: Vec<IpAddr>,
+    /// spec.loadBalancerSourceRanges (empty: every source is allowed).
+    pub load_balancer_source_ranges: Vec<Cidr>,
+    /// sessionAffinity ClientIP and its timeout; `None` for no affinity.
+    pub session_affinity: Option<Duration>,
+    /// The effective external policy: Local only when the port is externally accessible and eTP=Local.
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    /// spec.healthCheckNodePort, for LoadBalancer Services with eTP=Local.
+    pub health_check_node_port: Option<u16>,
+    /// spec.trafficDistribution, as written.
+    pub traffic_distribution: Option<String>,
+}
+
+impl ServicePort {
+    /// kube-proxy's ExternallyAccessible: a NodePort, a load-balancer VIP or an external IP.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some() || !self.load_balancer_ips.is_empty() || !self.external_ips.is_empty()
+    }
+
+    pub fn external_policy_local(&self) -> bool {
+        self.external_policy == TrafficPolicy::Local
+    }
+
+    pub fn internal_policy_local(&self) -> bool {
+        self.internal_policy == TrafficPolicy::Local
+    }
+
+    /// Whether some traffic to this port is served by cluster-wide endpoints.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_policy_local() || self.externally_accessible()
+    }
+
+    /// Whether some traffic to this port is served by node-local endpoints only.
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_policy_local() || (self.external_policy_local() && self.externally_accessible())
+    }
+}
+
+/// One endpoint of a service port, merged from the Service's EndpointSlices.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node (nodeName equals the agent's node).
+    pub is_local: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+impl Endpoint {
+    /// `ip:port`, bracketed for IPv6: the key endpoints are deduplicated by.
+    pub fn addr_string(&self) -> String {
+        std::net::SocketAddr::new(self.ip, self.port).to_string()
+    }
+}
+
+/// Facts about the node the agent runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `topology.kubernetes.io/zone`, when set.
+    pub zone: Option<String>,
+    pub addresses: Vec<IpAddr>,
+}

@@ -1,0 +1,53 @@
+//! The desired state of one service port on this node: what a dataplane programs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::selection::{categorize, Categorized};
+use super::{Endpoint, NodeInfo, ServicePort, ServicePortName};
+
+/// A service port together with its endpoints, categorised for this node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePortState {
+    pub port: ServicePort,
+    /// Every endpoint the slices list for this port, whatever its condition (sorted by address).
+    pub endpoints: Vec<Endpoint>,
+    /// The endpoints this node uses, per traffic policy.
+    pub selected: Categorized,
+}
+
+impl ServicePortState {
+    pub fn new(port: ServicePort, endpoints: Vec<Endpoint>, node: &NodeInfo) -> Self {
+        let selected = categorize(&endpoints, &port, node);
+        Self {
+            port,
+            endpoints,
+            selected,
+        }
+    }
+
+    pub fn name(&self) -> &ServicePortName {
+        &self.port.name
+    }
+
+    /// Endpoints for traffic from inside the cluster (ClusterIP): Local ones under iTP=Local, else Cluster.
+    pub fn internal_endpoints(&self) -> &[Endpoint] {
+        if self.port.internal_policy_local() {
+            &self.selected.local
+        } else {
+            &self.selected.cluster
+        }
+    }
+
+    /// Endpoints for traffic from outside (NodePort, load-balancer IPs, external IPs): Local ones under eTP=Local.
+    pub fn external_endpoints(&self) -> &[Endpoint] {
+        if self.port.external_policy_local() {
+            &self.selected.local
+        } else {
+            &self.selected.cluster
+        }
+    }
+}
+
+/// The whole desired state, keyed by service port.
+pub type Snapshot = BTreeMap<ServicePortName, Arc<ServicePortState>>;
