@@ -72,7 +72,7 @@ fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
         .as_ref()?
         .get(ANNOTATION_LAST_CHANGE_TRIGGER_TIME)?;
     let ts: k8s_openapi::jiff::Timestamp = raw.parse().ok()?;
-    SystemTime::try_from(ts).ok()
+    Some(SystemTime::from(ts))
 }
 
 impl ChangeTracker {
