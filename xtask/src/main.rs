@@ -1,5 +1,7 @@
 use clap::{Parser, Subcommand};
 
+mod setup;
+
 #[derive(Parser)]
 #[command(about = "Orca's build, setup, sandbox, demo, test and bench entry points")]
 struct Cli {
@@ -15,6 +17,6 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Setup => Ok(()),
+        Cmd::Setup => setup::run(),
     }
 }

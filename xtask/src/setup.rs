@@ -1,0 +1,349 @@
+//! `cargo xtask setup`: installs everything the build, the tests and the demo need on a Debian 12
+//! machine, idempotently. Each step first checks whether its work is already done (locally, without
+//! the network), so a second run finishes in seconds.
+//!
+//! Steps: apt packages, the pinned host toolchain (rust-toolchain.toml), the pinned nightly with
+//! rust-src used to build the eBPF programs, bpf-linker built against that nightly's own LLVM, and
+//! the Kubernetes binaries of the sandbox.
+
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Debian packages the build, the tests and the demo need. Other steps may append to this list.
+pub const APT_PACKAGES: &[&str] = &[
+    // Network namespaces, veths, routes, TC (the sandbox and the eBPF dataplane tests).
+    "iproute2",
+    // The iptables dataplane and its tests (iptables-nft and iptables-legacy).
+    "iptables",
+    "nftables",
+    // Conntrack inspection and cleanup (UDP flows moved off removed endpoints).
+    "conntrack",
+    // Certificates for the sandbox's control plane.
+    "openssl",
+    "ca-certificates",
+    // Test clients and servers inside namespaces; downloads.
+    "socat",
+    "curl",
+    // Building Rust crates with C parts (ring) and linking bpf-linker against libLLVM.
+    "build-essential",
+    "pkg-config",
+    "git",
+];
+
+/// The nightly that builds the eBPF programs (`-Z build-std=core` needs rust-src) and whose LLVM
+/// bpf-linker links against. `rustc +nightly-2026-05-20 -vV` reports 1.97.0-nightly (e50aa6fba
+/// 2026-05-19) with LLVM 22.1.4. proxy/build.rs reads this constant from this file.
+pub const NIGHTLY: &str = "nightly-2026-05-20";
+
+/// The bpf-linker release installed with `cargo install`.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// LLVM major versions bpf-linker 0.13 has features for (`llvm-21`, `llvm-22`, `llvm-23`).
+const BPF_LINKER_LLVM_MAJORS: &[u32] = &[21, 22, 23];
+
+pub fn run() -> Result<()> {
+    let started = Instant::now();
+    let root = workspace_root()?;
+    step("apt packages", ensure_apt_packages)?;
+    step("host Rust toolchain", || ensure_host_toolchain(&root))?;
+    step("eBPF nightly toolchain", ensure_nightly)?;
+    step("bpf-linker", || ensure_bpf_linker(&root))?;
+    println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    let started = Instant::now();
+    println!("setup: {name} ...");
+    let result = f().with_context(|| format!("setup step `{name}` failed"));
+    let took = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => println!("setup: {name}: ok in {took:.1}s"),
+        Err(_) => println!("setup: {name}: FAILED after {took:.1}s"),
+    }
+    result
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    // CARGO_MANIFEST_DIR is xtask/ when run through `cargo xtask`.
+    let manifest = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask manifest dir has no parent")
+}
+
+/// Runs a command with inherited stdio and fails with the command line when it does not succeed.
+fn run_cmd(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("failed to start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; `None` when it cannot start or fails.
+fn output_of(program: impl AsRef<OsStr>, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output_of("id", &["-u"]).is_some_and(|s| s.trim() == "0")
+}
+
+/// Prefixes `sudo` when not running as root.
+fn privileged(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg(program);
+        cmd
+    }
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing = missing_apt_packages(APT_PACKAGES)?;
+    if missing.is_empty() {
+        println!("setup:   all {} packages installed", APT_PACKAGES.len());
+        return Ok(());
+    }
+    println!("setup:   installing {}", missing.join(" "));
+    run_cmd(
+        privileged("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["update", "-q"]),
+    )?;
+    run_cmd(
+        privileged("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    let still = missing_apt_packages(&missing)?;
+    if !still.is_empty() {
+        bail!("apt-get install left packages missing: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+fn missing_apt_packages<S: AsRef<str>>(packages: &[S]) -> Result<Vec<String>> {
+    // One dpkg-query call; unknown packages are reported on stderr and simply not listed.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\n"])
+        .args(packages.iter().map(AsRef::as_ref))
+        .stderr(Stdio::null())
+        .output()
+        .context("failed to run dpkg-query (is this a Debian machine?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = text
+        .lines()
+        .filter_map(|line| {
+            let (name, status) = line.split_once(' ')?;
+            (status.trim() == "installed").then_some(name.split(':').next().unwrap_or(name))
+        })
+        .collect();
+    Ok(packages
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|p| !installed.contains(p))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The `channel` of rust-toolchain.toml (without a TOML dependency: one `key = "value"` line).
+fn host_toolchain(root: &Path) -> Result<String> {
+    let path = root.join("rust-toolchain.toml");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "channel")
+        .map(|(_, v)| v.trim().trim_matches('"').to_owned())
+        .with_context(|| format!("no `channel = \"...\"` in {}", path.display()))
+}
+
+fn installed_components(toolchain: &str) -> Option<Vec<String>> {
+    let out = output_of(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", toolchain],
+    )?;
+    Some(out.lines().map(|l| l.trim().to_owned()).collect())
+}
+
+/// Installs `toolchain` with `components` unless rustup already lists all of them (local check).
+fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
+    if let Some(have) = installed_components(toolchain) {
+        let missing: Vec<&str> = components
+            .iter()
+            .copied()
+            .filter(|c| !have.iter().any(|h| h == c || h.starts_with(&format!("{c}-"))))
+            .collect();
+        if missing.is_empty() {
+            println!("setup:   {toolchain} with {} present", components.join(", "));
+            return Ok(());
+        }
+        println!("setup:   {toolchain}: adding {}", missing.join(", "));
+        return run_cmd(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", toolchain])
+                .args(&missing),
+        );
+    }
+    println!("setup:   installing {toolchain} with {}", components.join(", "));
+    let mut cmd = Command::new("rustup");
+    cmd.args(["toolchain", "install", toolchain, "--profile", "minimal"]);
+    for c in components {
+        cmd.args(["--component", c]);
+    }
+    run_cmd(&mut cmd)
+}
+
+fn ensure_host_toolchain(root: &Path) -> Result<()> {
+    if output_of("rustup", &["--version"]).is_none() {
+        bail!("rustup is required (https://rustup.rs); install it and run `cargo xtask setup` again");
+    }
+    let toolchain = host_toolchain(root)?;
+    ensure_toolchain(&toolchain, &["rustfmt", "clippy"])
+}
+
+fn ensure_nightly() -> Result<()> {
+    ensure_toolchain(NIGHTLY, &["rust-src"])
+}
+
+/// The lib directory of an installed toolchain (`<sysroot>/lib`).
+fn toolchain_lib_dir(toolchain: &str) -> Result<PathBuf> {
+    let sysroot = output_of("rustup", &["run", toolchain, "rustc", "--print", "sysroot"])
+        .with_context(|| format!("cannot run rustc of {toolchain}"))?;
+    Ok(PathBuf::from(sysroot.trim()).join("lib"))
+}
+
+/// The LLVM major version of a toolchain's rustc (`LLVM version: 22.1.4`).
+fn toolchain_llvm_major(toolchain: &str) -> Result<u32> {
+    let vv = output_of("rustup", &["run", toolchain, "rustc", "-vV"])
+        .with_context(|| format!("cannot run rustc -vV of {toolchain}"))?;
+    vv.lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.trim().parse().ok())
+        .with_context(|| format!("no LLVM version in `rustc -vV` of {toolchain}"))
+}
+
+/// The real shared libLLVM in a toolchain's lib dir (`libLLVM.so.<ver>-rust-...`; the
+/// `libLLVM-<major>-rust-*.so` file next to it is a linker script).
+fn find_libllvm(lib_dir: &Path) -> Result<PathBuf> {
+    let entries = fs::read_dir(lib_dir).with_context(|| format!("reading {}", lib_dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("libLLVM.so.") {
+            return Ok(entry.path());
+        }
+    }
+    bail!("no libLLVM.so.* in {}", lib_dir.display())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// bpf-linker is usable when it is the pinned version, runs, and resolves libLLVM from the
+/// nightly's lib dir (so it links what that nightly's rustc emits).
+fn bpf_linker_ok(bin: &Path, lib_dir: &Path) -> bool {
+    let Some(version) = output_of(bin, &["--version"]) else {
+        return false;
+    };
+    if !version.contains(BPF_LINKER_VERSION) {
+        println!("setup:   found {} (want {BPF_LINKER_VERSION})", version.trim());
+        return false;
+    }
+    let Some(ldd) = output_of("ldd", &[&bin.to_string_lossy()]) else {
+        return false;
+    };
+    let uses_nightly_llvm = ldd
+        .lines()
+        .filter(|l| l.contains("libLLVM"))
+        .any(|l| l.contains(&*lib_dir.to_string_lossy()));
+    if !uses_nightly_llvm {
+        println!(
+            "setup:   {} does not load libLLVM from {}",
+            bin.display(),
+            lib_dir.display()
+        );
+    }
+    uses_nightly_llvm
+}
+
+fn ensure_bpf_linker(root: &Path) -> Result<()> {
+    let lib_dir = fs::canonicalize(toolchain_lib_dir(NIGHTLY)?)?;
+    let bin = cargo_bin_dir().join("bpf-linker");
+    if bpf_linker_ok(&bin, &lib_dir) {
+        println!(
+            "setup:   bpf-linker {BPF_LINKER_VERSION} present, linked to {}",
+            lib_dir.display()
+        );
+        return Ok(());
+    }
+    let major = toolchain_llvm_major(NIGHTLY)?;
+    if !BPF_LINKER_LLVM_MAJORS.contains(&major) {
+        bail!("{NIGHTLY} uses LLVM {major}; bpf-linker {BPF_LINKER_VERSION} supports {BPF_LINKER_LLVM_MAJORS:?}");
+    }
+    // bpf-linker's build script looks for `<LLVM_PREFIX>/lib/libLLVM.so`; the nightly ships the
+    // library under a versioned name only, so point a private prefix at it.
+    let libllvm = find_libllvm(&lib_dir)?;
+    let prefix = root.join(".cache").join("llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("symlinking {} -> {}", link.display(), libllvm.display()))?;
+    println!(
+        "setup:   building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} of {NIGHTLY} ({})",
+        libllvm.display()
+    );
+    // The binary needs the library's soname at run time: an rpath to the nightly's lib dir makes it
+    // work without LD_LIBRARY_PATH.
+    let rustflags = format!("-C link-args=-Wl,-rpath,{}", lib_dir.display());
+    run_cmd(
+        Command::new("cargo")
+            .current_dir(root)
+            .env("LLVM_PREFIX", &prefix)
+            .env("RUSTFLAGS", rustflags)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .args(["install", "bpf-linker", "--force", "--locked", "--no-default-features"])
+            .args(["--version", BPF_LINKER_VERSION])
+            .args(["--features", &format!("llvm-{major}")]),
+    )?;
+    if !bpf_linker_ok(&bin, &lib_dir) {
+        bail!(
+            "bpf-linker was installed but {} does not run against {}",
+            bin.display(),
+            lib_dir.display()
+        );
+    }
+    Ok(())
+}
