@@ -1,0 +1,68 @@
+//! The dataplane interface: one implementation per kernel mechanism (iptables, eBPF) applies the model's diffs.
+
+use std::fmt;
+
+use crate::model::state::Snapshot;
+use crate::model::tracker::Diff;
+use crate::model::{Cidr, NodeInfo};
+
+/// Which dataplane programs the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    Ebpf,
+    Iptables,
+}
+
+impl fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyMode::Ebpf => "ebpf",
+            ProxyMode::Iptables => "iptables",
+        })
+    }
+}
+
+/// Settings every dataplane honours (kube-proxy's flags of the same names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// `--cluster-cidr`: traffic to a ClusterIP from outside these ranges is masqueraded.
+    pub cluster_cidrs: Vec<Cidr>,
+    /// `--nodeport-addresses`: the local addresses NodePorts answer on; empty means every local address.
+    pub nodeport_addresses: Vec<Cidr>,
+    /// `--masquerade-all`: masquerade every packet sent to a ClusterIP.
+    pub masquerade_all: bool,
+    /// `--iptables-masquerade-bit` (0..=31): the fwmark bit that asks for SNAT.
+    pub masquerade_bit: u8,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self { cluster_cidrs: vec![], nodeport_addresses: vec![], masquerade_all: false, masquerade_bit: 14 }
+    }
+}
+
+/// What one sync did, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Rules (iptables) or map entries (eBPF) written.
+    pub objects_written: usize,
+    /// Service ports programmed after the sync.
+    pub service_ports: usize,
+}
+
+/// A dataplane: turns the desired state into kernel state.
+///
+/// `apply` gets the diff since the previous sync together with the complete desired state after it; `full_sync`
+/// reprograms everything and removes whatever Orca owns that is not desired (start-up and `--sync-period`). An
+/// error from `apply` makes the runner fall back to `full_sync` on the next round.
+pub trait Dataplane: Send {
+    fn mode(&self) -> ProxyMode;
+
+    fn full_sync(&mut self, desired: &Snapshot, node: &NodeInfo) -> anyhow::Result<SyncStats>;
+
+    fn apply(&mut self, diff: &Diff, desired: &Snapshot, node: &NodeInfo) -> anyhow::Result<SyncStats>;
+
+    /// Removes every rule, program, map and pin this dataplane owns.
+    fn cleanup(&mut self) -> anyhow::Result<()>;
+}
