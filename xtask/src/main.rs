@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 
+mod sandbox;
 mod setup;
 
 #[derive(Parser)]
@@ -13,10 +14,16 @@ struct Cli {
 enum Cmd {
     /// Install everything the build, tests and demo need (idempotent).
     Setup,
+    /// The sandbox cluster: `up` (until Ctrl-C), `down`, `build-k8s`.
+    Sandbox {
+        #[command(subcommand)]
+        cmd: sandbox::SandboxCmd,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Sandbox { cmd } => sandbox::run(cmd),
     }
 }
