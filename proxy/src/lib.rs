@@ -1,4 +1,11 @@
 //! Orca's agent: Kubernetes objects -> service model -> diff -> one dataplane.
 
+pub mod app;
+pub mod cli;
 pub mod dataplane;
+pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod status;
+pub mod sync;
+pub mod watch;

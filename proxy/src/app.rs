@@ -1,0 +1,216 @@
+//! `orca-proxy run`: wires the watchers, the change tracker, the sync runner, the dataplane and the servers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+
+use crate::cli::{parse_bind, Flags, LogFormat};
+use crate::dataplane::{DataplaneConfig, ProxyMode};
+use crate::http::{self, Response};
+use crate::metrics::Metrics;
+use crate::model::tracker::ChangeTracker;
+use crate::model::NodeInfo;
+use crate::sync::{SyncConfig, SyncHealth};
+use crate::watch::{self, Shared};
+
+/// Everything `run` needs, resolved from flags (and the config file).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kubeconfig: Option<PathBuf>,
+    pub master: Option<String>,
+    pub node_name: String,
+    pub mode: ProxyMode,
+    pub allow_fallback: bool,
+    pub dataplane: DataplaneConfig,
+    pub sync: SyncConfig,
+    pub healthz: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub bpf_root: PathBuf,
+    pub verbosity: u8,
+    pub log_format: LogFormat,
+}
+
+pub const DEFAULT_HEALTHZ: &str = "0.0.0.0:10256";
+pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
+pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/orca";
+
+/// This machine's hostname, lowercased, as kube-proxy derives the node name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_lowercase())
+        .unwrap_or_default()
+}
+
+impl Settings {
+    pub fn from_flags(f: &Flags) -> anyhow::Result<Self> {
+        let mode = f.proxy_mode.unwrap_or(ProxyMode::Ebpf);
+        let node_name = f
+            .hostname_override
+            .clone()
+            .map(|s| s.trim().to_lowercase())
+            .unwrap_or_else(hostname);
+        anyhow::ensure!(
+            !node_name.is_empty(),
+            "cannot determine the node name; set --hostname-override"
+        );
+        let default_min = if mode == ProxyMode::Iptables {
+            Duration::from_secs(1)
+        } else {
+            Duration::ZERO
+        };
+        let sync = SyncConfig {
+            min_sync_period: f.min_sync_period.unwrap_or(default_min),
+            sync_period: f.sync_period.unwrap_or(Duration::from_secs(30)),
+        };
+        anyhow::ensure!(!sync.sync_period.is_zero(), "--sync-period must be greater than 0");
+        let healthz = parse_bind(f.healthz_bind_address.as_deref().unwrap_or(DEFAULT_HEALTHZ), 10256)
+            .map_err(|e| anyhow::anyhow!("--healthz-bind-address: {e}"))?;
+        let metrics = parse_bind(f.metrics_bind_address.as_deref().unwrap_or(DEFAULT_METRICS), 10249)
+            .map_err(|e| anyhow::anyhow!("--metrics-bind-address: {e}"))?;
+        Ok(Settings {
+            kubeconfig: f.kubeconfig.clone(),
+            master: f.master.clone(),
+            node_name,
+            mode,
+            allow_fallback: !f.no_fallback,
+            dataplane: DataplaneConfig {
+                cluster_cidrs: f.cluster_cidr.clone(),
+                nodeport_addresses: f.nodeport_addresses.clone(),
+                masquerade_all: f.masquerade_all,
+                masquerade_bit: f.iptables_masquerade_bit.unwrap_or(14),
+            },
+            sync,
+            healthz,
+            metrics,
+            bpf_root: f.bpf_root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
+            verbosity: f.verbosity.unwrap_or(0),
+            log_format: f.log_format.unwrap_or(LogFormat::Text),
+        })
+    }
+}
+
+/// Sets up tracing with kube-proxy-like verbosity levels; RUST_LOG overrides.
+pub fn init_logging(verbosity: u8, format: LogFormat) {
+    let level = match verbosity {
+        0 | 1 => "info",
+        2 | 3 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},hyper=info,tower=info,rustls=info")));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+/// A kube client from --kubeconfig / KUBECONFIG / in-cluster, with --master overriding the server.
+pub async fn kube_client(s: &Settings) -> anyhow::Result<kube::Client> {
+    let mut cfg = match &s.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .context("loading kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig and not in a cluster")?,
+    };
+    if let Some(m) = &s.master {
+        cfg.cluster_url = m.parse().with_context(|| format!("--master {m:?}"))?;
+    }
+    kube::Client::try_from(cfg).context("building the Kubernetes client")
+}
+
+/// kube-proxy's /healthz body: `{"lastUpdated": "...","currentTime": "...", "nodeEligible": true}`.
+fn health_body(last: Option<SystemTime>, eligible: bool) -> String {
+    let fmt = |t: SystemTime| {
+        k8s_openapi::jiff::Timestamp::try_from(t)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    let last = last.map(fmt).unwrap_or_else(|| "0001-01-01T00:00:00Z".into());
+    format!(
+        r#"{{"lastUpdated": "{last}","currentTime": "{}", "nodeEligible": {eligible}}}"#,
+        fmt(SystemTime::now())
+    )
+}
+
+/// Starts the healthz and metrics servers.
+pub async fn start_servers(s: &Settings, health: Arc<SyncHealth>, metrics: Arc<Metrics>) {
+    let timeout = s.sync.sync_period * 2;
+    if let Some(addr) = s.healthz {
+        if let Some(l) = http::bind("healthz", addr).await {
+            tokio::spawn(http::serve(l, move |path| {
+                let health = health.clone();
+                async move {
+                    match path.as_str() {
+                        "/healthz" | "/livez" => {
+                            let (ok, last) = health.check(timeout);
+                            let mut r =
+                                Response::new(if ok { 200 } else { 503 }, "application/json", health_body(last, true));
+                            r.headers.push(("X-Content-Type-Options", "nosniff".into()));
+                            r
+                        }
+                        _ => Response::new(404, "text/plain; charset=utf-8", "404 page not found\n".into()),
+                    }
+                }
+            }));
+        }
+    }
+    if let Some(addr) = s.metrics {
+        if let Some(l) = http::bind("metrics", addr).await {
+            tokio::spawn(http::serve(l, move |path| {
+                let metrics = metrics.clone();
+                async move {
+                    match path.as_str() {
+                        "/metrics" => Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
+                        "/healthz" | "/livez" => Response::new(200, "text/plain; charset=utf-8", "ok".into()),
+                        _ => Response::new(404, "text/plain; charset=utf-8", "404 page not found\n".into()),
+                    }
+                }
+            }));
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Kernel state stays in place on exit, as with kube-proxy, so traffic
+/// keeps flowing while the agent restarts.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (dataplane, fallback) = crate::dataplane::select::create(&s)?;
+    let mode = dataplane.mode();
+    metrics
+        .mode
+        .get_or_create(&crate::metrics::ModeLabels {
+            mode: mode.to_string(),
+            fallback_reason: fallback.clone().unwrap_or_default(),
+        })
+        .set(1);
+    tracing::info!(node = %s.node_name, %mode, fallback = fallback.as_deref().unwrap_or(""), "starting orca-proxy");
+    let client = kube_client(&s).await?;
+    let shared = Shared::new(ChangeTracker::new(NodeInfo {
+        name: s.node_name.clone(),
+        ..Default::default()
+    }));
+    let health = Arc::new(SyncHealth::default());
+    start_servers(&s, health.clone(), metrics.clone()).await;
+    let watchers = tokio::spawn(watch::run(client, s.node_name.clone(), shared.clone()));
+    let runner = tokio::spawn(crate::sync::run(shared, dataplane, s.sync, health, metrics));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),
+        _ = term.recv() => tracing::info!("terminated; exiting"),
+        r = runner => anyhow::bail!("sync runner stopped: {r:?}"),
+    }
+    watchers.abort();
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Command line: kube-proxy's flags where they exist, Orca's own where it needs more.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::dataplane::ProxyMode;
+use crate::model::Cidr;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orca-proxy",
+    version,
+    about = "Orca: a kube-proxy replacement (eBPF and iptables dataplanes)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub flags: Flags,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the cluster and program this node (the default).
+    Run,
+    /// Remove every rule, program, map and pin Orca created, and exit.
+    Cleanup,
+    /// Show what the kernel holds per service port.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Compare with the desired state from the apiserver; exit non-zero on drift.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Flags {
+    /// Path to a kubeconfig file with authorization and master location.
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The address of the Kubernetes API server (overrides any value in kubeconfig).
+    #[arg(long, global = true)]
+    pub master: Option<String>,
+    /// The name of this node, instead of the hostname.
+    #[arg(long, global = true)]
+    pub hostname_override: Option<String>,
+    /// Which dataplane to use. Default ebpf; iptables when the kernel cannot run the eBPF programs.
+    #[arg(long, global = true, value_enum)]
+    pub proxy_mode: Option<ProxyMode>,
+    /// Refuse to fall back to iptables when the eBPF dataplane cannot load.
+    #[arg(long, global = true)]
+    pub no_fallback: bool,
+    /// The CIDR ranges of pods in the cluster (comma-separated); ClusterIP traffic from outside them is masqueraded.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
+    pub cluster_cidr: Vec<Cidr>,
+    /// CIDR ranges of local addresses NodePorts answer on (comma-separated); default every local address.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
+    pub nodeport_addresses: Vec<Cidr>,
+    /// SNAT every packet sent to a ClusterIP.
+    #[arg(long, global = true)]
+    pub masquerade_all: bool,
+    /// The fwmark bit used to mark packets for SNAT (iptables mode), 0..=31.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub iptables_masquerade_bit: Option<u8>,
+    /// Minimum interval between syncs (Go duration, e.g. 1s, 500ms). Default 1s in iptables mode, 0 in eBPF mode.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub min_sync_period: Option<Duration>,
+    /// Maximum interval between full resyncs (Go duration). Default 30s.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub sync_period: Option<Duration>,
+    /// Address of the health check server (ip:port); empty disables it.
+    #[arg(long, global = true)]
+    pub healthz_bind_address: Option<String>,
+    /// Address of the metrics server (ip:port); empty disables it.
+    #[arg(long, global = true)]
+    pub metrics_bind_address: Option<String>,
+    /// A KubeProxyConfiguration file; flags override it.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Where eBPF maps and links are pinned.
+    #[arg(long, global = true)]
+    pub bpf_root: Option<PathBuf>,
+    /// Log verbosity, as kube-proxy's -v: 0-1 info, 2-3 debug, 4+ trace.
+    #[arg(short = 'v', long = "v", global = true)]
+    pub verbosity: Option<u8>,
+    /// Log format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// kube-proxy's --cleanup: remove what Orca created and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse()
+}
+
+/// Parses a Go duration: a sequence of decimal numbers with units ns, us, µs, ms, s, m, h ("1m30s", "0.5s", "0").
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_end == 0 {
+            return Err(format!("invalid duration {s:?}"));
+        }
+        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(format!("missing unit in duration {s:?}")),
+            u => return Err(format!("unknown unit {u:?} in duration {s:?}")),
+        };
+        total += n * factor;
+        rest = &rest[unit_end..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Parses an `ip:port` bind address; an empty string disables the server. A bare IP gets `default_port`.
+pub fn parse_bind(s: &str, default_port: u16) -> Result<Option<SocketAddr>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(Some(a));
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(Some(SocketAddr::new(ip, default_port)));
+    }
+    Err(format!("invalid bind address {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1h0m0s").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn bind_addresses() {
+        assert_eq!(
+            parse_bind("0.0.0.0:10256", 1).unwrap(),
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        assert_eq!(
+            parse_bind("127.0.0.1", 10249).unwrap(),
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
+        assert_eq!(parse_bind("", 1).unwrap(), None);
+        assert!(parse_bind("nope", 1).is_err());
+    }
+
+    #[test]
+    fn flags_parse_like_kube_proxy() {
+        let cli = Cli::try_parse_from([
+            "orca-proxy",
+            "--proxy-mode",
+            "iptables",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00::/48",
+            "--min-sync-period",
+            "0s",
+            "--hostname-override",
+            "node-a",
+            "-v",
+            "4",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.flags.proxy_mode, Some(ProxyMode::Iptables));
+        assert_eq!(cli.flags.cluster_cidr.len(), 2);
+        assert_eq!(cli.flags.min_sync_period, Some(Duration::ZERO));
+        assert_eq!(cli.flags.verbosity, Some(4));
+        assert!(Cli::try_parse_from(["orca-proxy", "--proxy-mode", "ipvs"]).is_err());
+        assert!(Cli::try_parse_from(["orca-proxy", "--cluster-cidr", "10.0.0.0/40"]).is_err());
+        let st = Cli::try_parse_from(["orca-proxy", "status", "--json"]).unwrap();
+        assert!(matches!(
+            st.command,
+            Some(Command::Status {
+                json: true,
+                verify: false
+            })
+        ));
+    }
+}

@@ -1,0 +1,198 @@
+//! Watches Services, EndpointSlices and this node's Node object, feeding the change tracker.
+//!
+//! kube-runtime's watcher re-lists on `410 Gone` and reconnects with backoff after errors or an apiserver restart.
+//! A re-list never empties the dataplane: objects are only forgotten when the new list no longer holds them.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use tokio::sync::Notify;
+
+use crate::model::endpoints::slice_key;
+use crate::model::service::service_name;
+use crate::model::tracker::ChangeTracker;
+use crate::model::{NodeInfo, LABEL_TOPOLOGY_ZONE, PROXY_LABEL_SELECTOR};
+
+/// Shared between the watchers and the sync runner.
+#[derive(Clone)]
+pub struct Shared {
+    pub tracker: Arc<Mutex<ChangeTracker>>,
+    /// Woken on every change.
+    pub changed: Arc<Notify>,
+    synced: Arc<[AtomicBool; 3]>,
+    synced_notify: Arc<Notify>,
+}
+
+impl Shared {
+    pub fn new(tracker: ChangeTracker) -> Self {
+        Self {
+            tracker: Arc::new(Mutex::new(tracker)),
+            changed: Arc::new(Notify::new()),
+            synced: Arc::new([AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)]),
+            synced_notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Locks the tracker; a poisoned lock (a panic elsewhere) still yields the data.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ChangeTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_synced(&self, i: usize) {
+        if !self.synced[i].swap(true, Ordering::SeqCst) {
+            self.synced_notify.notify_waiters();
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether Services, EndpointSlices and the Node have each been listed once.
+    pub fn all_synced(&self) -> bool {
+        self.synced.iter().all(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Waits until the first list of every watched resource is in.
+    pub async fn wait_synced(&self) {
+        loop {
+            let n = self.synced_notify.notified();
+            if self.all_synced() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+const SERVICES: usize = 0;
+const SLICES: usize = 1;
+const NODE: usize = 2;
+
+/// Extracts what the agent needs from its Node object.
+pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
+    let zone = node
+        .and_then(|n| n.metadata.labels.as_ref())
+        .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
+        .cloned();
+    let addresses = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| a.iter().filter_map(|a| a.address.parse().ok()).collect())
+        .unwrap_or_default();
+    NodeInfo {
+        name: name.to_string(),
+        zone,
+        addresses,
+    }
+}
+
+fn watcher_config() -> watcher::Config {
+    watcher::Config::default().labels(PROXY_LABEL_SELECTOR)
+}
+
+/// Runs the three watchers until the process ends. Errors are logged and retried with backoff.
+pub async fn run(client: Client, node_name: String, shared: Shared) {
+    let svc = tokio::spawn(watch_services(Api::all(client.clone()), shared.clone()));
+    let eps = tokio::spawn(watch_slices(Api::all(client.clone()), shared.clone()));
+    let node = tokio::spawn(watch_node(Api::all(client), node_name, shared));
+    let _ = tokio::join!(svc, eps, node);
+}
+
+async fn watch_services(api: Api<Service>, shared: Shared) {
+    let mut listed = HashSet::new();
+    let stream = watcher::watcher(api, watcher_config()).default_backoff();
+    futures::pin_mut!(stream);
+    loop {
+        match stream.try_next().await {
+            Ok(Some(ev)) => {
+                let mut t = shared.lock();
+                match ev {
+                    Event::Init => listed.clear(),
+                    Event::InitApply(s) => {
+                        if let Ok(n) = service_name(&s) {
+                            listed.insert(n);
+                        }
+                        t.service_updated(&s);
+                    }
+                    Event::InitDone => {
+                        t.retain_services(&listed);
+                        listed.clear();
+                        drop(t);
+                        shared.set_synced(SERVICES);
+                    }
+                    Event::Apply(s) => t.service_updated(&s),
+                    Event::Delete(s) => t.service_deleted(&s),
+                }
+                shared.changed.notify_one();
+            }
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "Service watch failed; retrying"),
+        }
+    }
+}
+
+async fn watch_slices(api: Api<EndpointSlice>, shared: Shared) {
+    let mut listed = HashSet::new();
+    let stream = watcher::watcher(api, watcher_config()).default_backoff();
+    futures::pin_mut!(stream);
+    loop {
+        match stream.try_next().await {
+            Ok(Some(ev)) => {
+                let mut t = shared.lock();
+                match ev {
+                    Event::Init => listed.clear(),
+                    Event::InitApply(s) => {
+                        if let Ok(k) = slice_key(&s) {
+                            listed.insert(k);
+                        }
+                        t.slice_updated(&s);
+                    }
+                    Event::InitDone => {
+                        t.retain_slices(&listed);
+                        listed.clear();
+                        drop(t);
+                        shared.set_synced(SLICES);
+                    }
+                    Event::Apply(s) => t.slice_updated(&s),
+                    Event::Delete(s) => t.slice_deleted(&s),
+                }
+                shared.changed.notify_one();
+            }
+            Ok(None) => return,
+            Err(e) => tracing::warn!(error = %e, "EndpointSlice watch failed; retrying"),
+        }
+    }
+}
+
+async fn watch_node(api: Api<Node>, name: String, shared: Shared) {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let stream = watcher::watcher(api, cfg).default_backoff();
+    futures::pin_mut!(stream);
+    let mut seen = false;
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Init) => seen = false,
+            Ok(Event::InitApply(n)) | Ok(Event::Apply(n)) => {
+                seen = true;
+                shared.lock().node_updated(node_info(&name, Some(&n)));
+                shared.changed.notify_one();
+            }
+            Ok(Event::InitDone) => {
+                if !seen {
+                    tracing::warn!(node = %name, "Node object not found; topology hints are ignored until it exists");
+                }
+                shared.set_synced(NODE);
+            }
+            Ok(Event::Delete(_)) => {
+                shared.lock().node_updated(node_info(&name, None));
+                shared.changed.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "Node watch failed; retrying"),
+        }
+    }
+}
