@@ -11,7 +11,9 @@
 //! file lock so that concurrent test binaries queue instead of destroying each other's namespaces.
 pub mod build;
 pub mod controlplane;
+pub mod kubelet;
 pub mod netns;
+pub mod pods;
 pub mod topology;
 
 pub use controlplane::{Sandbox, SandboxOptions};
