@@ -190,10 +190,7 @@ impl DeploymentSpec {
 
     /// Replace the labels.
     pub fn labels(mut self, labels: &[(&str, &str)]) -> Self {
-        self.labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        self.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         self
     }
 
@@ -230,7 +227,10 @@ impl DeploymentSpec {
     /// Check names, ports and probe; returns the server configuration.
     fn server_config(&self) -> Result<ServerConfig> {
         if !is_dns_label(&self.name) || self.name.len() > 50 {
-            bail!("deployment name {:?} is not a DNS label of at most 50 characters", self.name);
+            bail!(
+                "deployment name {:?} is not a DNS label of at most 50 characters",
+                self.name
+            );
         }
         if !is_dns_label(&self.namespace) {
             bail!("namespace {:?} is not a DNS label", self.namespace);
@@ -281,11 +281,7 @@ impl DeploymentSpec {
     }
 
     fn probe_port(&self) -> Result<u16> {
-        let first_http = self
-            .ports
-            .iter()
-            .find(|p| p.kind == PortKind::Http)
-            .map(|p| p.port);
+        let first_http = self.ports.iter().find(|p| p.kind == PortKind::Http).map(|p| p.port);
         match self.readiness.as_ref().and_then(|p| p.port).or(first_http) {
             Some(p) => Ok(p),
             None => bail!("a readiness probe needs an HTTP port"),
@@ -296,7 +292,8 @@ impl DeploymentSpec {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -453,11 +450,7 @@ impl Kubelet {
         let obj = pod_object(spec, name, node)?;
         let created = create_with_retry(&api, &obj).await?;
         let uid = created.metadata.uid.clone().unwrap_or_default();
-        let pod = match self
-            .runtime
-            .start(node, &spec.namespace, name, cfg.clone())
-            .await
-        {
+        let pod = match self.runtime.start(node, &spec.namespace, name, cfg.clone()).await {
             Ok(p) => p,
             Err(e) => {
                 let _ = delete_now(&api, name, &uid).await;
@@ -554,9 +547,7 @@ impl Kubelet {
 
     async fn post_toggle(&self, namespace: &str, name: &str, path: &str) -> Result<()> {
         let p = self.require(namespace, name)?;
-        let port = p
-            .http_port
-            .with_context(|| format!("pod {name} has no HTTP port"))?;
+        let port = p.http_port.with_context(|| format!("pod {name} has no HTTP port"))?;
         let r = pods::http_request(&p.node_netns, "POST", p.addr(port), path, Duration::from_secs(3))
             .await
             .with_context(|| format!("POST {path} to pod {name}"))?;
@@ -567,13 +558,7 @@ impl Kubelet {
     }
 
     /// Wait until the Pod object's Ready condition is `want`; returns how long it took.
-    pub async fn wait_ready(
-        &self,
-        namespace: &str,
-        name: &str,
-        want: bool,
-        timeout: Duration,
-    ) -> Result<Duration> {
+    pub async fn wait_ready(&self, namespace: &str, name: &str, want: bool, timeout: Duration) -> Result<Duration> {
         let api: Api<KPod> = Api::namespaced(self.client.clone(), namespace);
         let t0 = Instant::now();
         loop {
@@ -593,12 +578,7 @@ impl Kubelet {
     }
 
     /// Wait until every pod of a deployment is Ready.
-    pub async fn wait_deployment_ready(
-        &self,
-        namespace: &str,
-        deployment: &str,
-        timeout: Duration,
-    ) -> Result<()> {
+    pub async fn wait_deployment_ready(&self, namespace: &str, deployment: &str, timeout: Duration) -> Result<()> {
         let t0 = Instant::now();
         for p in self.pods_of(namespace, deployment) {
             let left = timeout.saturating_sub(t0.elapsed());
@@ -623,12 +603,7 @@ impl Kubelet {
     }
 
     /// Delete every pod of a deployment gracefully.
-    pub async fn delete_deployment(
-        &self,
-        namespace: &str,
-        deployment: &str,
-        grace: Option<Duration>,
-    ) -> Result<()> {
+    pub async fn delete_deployment(&self, namespace: &str, deployment: &str, grace: Option<Duration>) -> Result<()> {
         for p in self.pods_of(namespace, deployment) {
             self.delete_pod(namespace, &p.name, grace).await?;
         }
@@ -724,11 +699,7 @@ fn pod_object(spec: &DeploymentSpec, name: &str, node: &str) -> Result<KPod> {
             "initialDelaySeconds": p.initial_delay.as_secs(),
         });
     }
-    let labels: serde_json::Map<String, Value> = spec
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
+    let labels: serde_json::Map<String, Value> = spec.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -756,9 +727,7 @@ async fn create_with_retry(api: &Api<KPod>, obj: &KPod) -> Result<KPod> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("creating pod {}", obj.metadata.name.as_deref().unwrap_or("?"))
-                })
+                return Err(e).with_context(|| format!("creating pod {}", obj.metadata.name.as_deref().unwrap_or("?")))
             }
         }
     }
@@ -840,7 +809,11 @@ fn status_body(pod: &Pod, st: &PodState) -> Value {
     let cond = |t: &str, ok: bool, since: &Value| {
         let mut c = json!({"type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": since});
         if !ok && (t == "Ready" || t == "ContainersReady") {
-            c["reason"] = json!(if st.terminated { "PodCompleted" } else { "ContainersNotReady" });
+            c["reason"] = json!(if st.terminated {
+                "PodCompleted"
+            } else {
+                "ContainersNotReady"
+            });
             c["message"] = json!(format!("containers with unready status: [{CONTAINER_NAME}]"));
         }
         c
@@ -878,13 +851,7 @@ fn status_body(pod: &Pod, st: &PodState) -> Value {
     }})
 }
 
-async fn write_status(
-    api: &Api<KPod>,
-    name: &str,
-    pod: &Pod,
-    st: &PodState,
-    _obj: &KPod,
-) -> Result<()> {
+async fn write_status(api: &Api<KPod>, name: &str, pod: &Pod, st: &PodState, _obj: &KPod) -> Result<()> {
     let body = status_body(pod, st);
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
         .await
@@ -904,15 +871,7 @@ struct WorkerCtx {
 
 async fn probe_once(pod: &Pod, probe: &ProbeSpec, port: u16) -> bool {
     let addr = SocketAddr::from((pod.ip(), port));
-    match pods::http_request(
-        &pod.network.node_netns,
-        "GET",
-        addr,
-        &probe.path,
-        probe.timeout,
-    )
-    .await
-    {
+    match pods::http_request(&pod.network.node_netns, "GET", addr, &probe.path, probe.timeout).await {
         Ok(r) => (200..400).contains(&r.status),
         Err(NetError::Timeout) | Err(_) => false,
     }
@@ -927,12 +886,7 @@ async fn pod_task(ctx: WorkerCtx, mut pod: Pod, mut st: PodState, mut stop: ones
         .as_ref()
         .map(|(p, _)| p.period)
         .unwrap_or(Duration::from_secs(1));
-    let first = Instant::now()
-        + ctx
-            .probe
-            .as_ref()
-            .map(|(p, _)| p.initial_delay)
-            .unwrap_or_default();
+    let first = Instant::now() + ctx.probe.as_ref().map(|(p, _)| p.initial_delay).unwrap_or_default();
     let mut ticker = tokio::time::interval_at(first, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut deadline: Option<Instant> = None;
@@ -1069,11 +1023,7 @@ pub struct EndpointInfo {
 }
 
 /// Every endpoint of the EndpointSlices of Service `namespace/service` (label `kubernetes.io/service-name`).
-pub async fn service_endpoints(
-    client: &Client,
-    namespace: &str,
-    service: &str,
-) -> Result<Vec<EndpointInfo>> {
+pub async fn service_endpoints(client: &Client, namespace: &str, service: &str) -> Result<Vec<EndpointInfo>> {
     let api: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
     let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
     let slices = api
@@ -1131,26 +1081,18 @@ mod tests {
         assert_eq!(cfg.http_ports, vec![8080]);
         assert_eq!(cfg.tcp_sink_port, Some(9001));
         assert!(DeploymentSpec::new("Bad_Name", 1).server_config().is_err());
-        let dup = DeploymentSpec::new("x", 1).ports(vec![
-            PortSpec::http("a", 80),
-            PortSpec::http("b", 80),
-        ]);
+        let dup = DeploymentSpec::new("x", 1).ports(vec![PortSpec::http("a", 80), PortSpec::http("b", 80)]);
         assert!(dup.server_config().is_err());
-        let dup_name = DeploymentSpec::new("x", 1).ports(vec![
-            PortSpec::http("web", 80),
-            PortSpec::http("web", 81),
-        ]);
+        let dup_name = DeploymentSpec::new("x", 1).ports(vec![PortSpec::http("web", 80), PortSpec::http("web", 81)]);
         assert!(dup_name.server_config().is_err());
-        let long_name =
-            DeploymentSpec::new("x", 1).ports(vec![PortSpec::http("a-very-long-port-name", 80)]);
+        let long_name = DeploymentSpec::new("x", 1).ports(vec![PortSpec::http("a-very-long-port-name", 80)]);
         assert!(long_name.server_config().is_err());
         let no_http = DeploymentSpec::new("x", 1).ports(vec![PortSpec::udp("u", 53)]);
         assert!(no_http.server_config().is_err(), "probe needs an HTTP port");
         assert!(no_http.clone().readiness(None).server_config().is_ok());
-        let two_echo = DeploymentSpec::new("x", 1).readiness(None).ports(vec![
-            PortSpec::tcp_echo("a", 1),
-            PortSpec::tcp_echo("b", 2),
-        ]);
+        let two_echo = DeploymentSpec::new("x", 1)
+            .readiness(None)
+            .ports(vec![PortSpec::tcp_echo("a", 1), PortSpec::tcp_echo("b", 2)]);
         assert!(two_echo.server_config().is_err());
     }
 

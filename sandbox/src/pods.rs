@@ -100,11 +100,13 @@ pub fn testpod_binary() -> Result<PathBuf> {
         return Ok(p);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    netns::run(
-        std::process::Command::new(cargo)
-            .current_dir(crate::repo_root())
-            .args(["build", "-p", "orca-sandbox", "--bin", "orca-testpod"]),
-    )
+    netns::run(std::process::Command::new(cargo).current_dir(crate::repo_root()).args([
+        "build",
+        "-p",
+        "orca-sandbox",
+        "--bin",
+        "orca-testpod",
+    ]))
     .context("building orca-testpod")?;
     let p = target.join("debug").join("orca-testpod");
     if p.is_file() {
@@ -197,14 +199,8 @@ impl ServerConfig {
         for p in &self.udp_ports {
             a.extend(["--udp-port".into(), p.to_string()]);
         }
-        a.extend([
-            "--tcp-echo-port".into(),
-            self.tcp_echo_port.unwrap_or(0).to_string(),
-        ]);
-        a.extend([
-            "--tcp-sink-port".into(),
-            self.tcp_sink_port.unwrap_or(0).to_string(),
-        ]);
+        a.extend(["--tcp-echo-port".into(), self.tcp_echo_port.unwrap_or(0).to_string()]);
+        a.extend(["--tcp-sink-port".into(), self.tcp_sink_port.unwrap_or(0).to_string()]);
         if self.start_not_ready {
             a.push("--not-ready".into());
         }
@@ -287,8 +283,7 @@ impl PodNetwork {
             host_veth: host_veth_name(pod_netns),
             ip,
         };
-        netns::ip(&["netns", "add", pod_netns])
-            .with_context(|| format!("creating namespace {pod_netns}"))?;
+        netns::ip(&["netns", "add", pod_netns]).with_context(|| format!("creating namespace {pod_netns}"))?;
         if let Err(e) = net.wire() {
             net.remove();
             return Err(e.context(format!("wiring pod namespace {pod_netns}")));
@@ -297,11 +292,7 @@ impl PodNetwork {
     }
 
     fn wire(&self) -> Result<()> {
-        let (node, pod, veth) = (
-            self.node_netns.as_str(),
-            self.netns.as_str(),
-            self.host_veth.as_str(),
-        );
+        let (node, pod, veth) = (self.node_netns.as_str(), self.netns.as_str(), self.host_veth.as_str());
         let ip = self.ip.to_string();
         netns::ip(&["-n", pod, "link", "set", "lo", "up"])?;
         netns::ip(&[
@@ -309,14 +300,7 @@ impl PodNetwork {
         ])?;
         netns::ip(&["-n", node, "link", "set", veth, "address", HOST_VETH_MAC])?;
         netns::ip(&["-n", node, "link", "set", veth, "up"])?;
-        netns::exec(
-            node,
-            &[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
-            ],
-        )?;
+        netns::exec(node, &["sysctl", "-qw", &format!("net.ipv4.conf.{veth}.proxy_arp=1")])?;
         netns::ip(&["-n", pod, "addr", "add", &format!("{ip}/32"), "dev", POD_IFACE])?;
         netns::ip(&["-n", pod, "link", "set", POD_IFACE, "up"])?;
         netns::ip(&[
@@ -333,10 +317,26 @@ impl PodNetwork {
             "permanent",
         ])?;
         netns::ip(&[
-            "-n", pod, "route", "add", POD_GATEWAY, "dev", POD_IFACE, "scope", "link",
+            "-n",
+            pod,
+            "route",
+            "add",
+            POD_GATEWAY,
+            "dev",
+            POD_IFACE,
+            "scope",
+            "link",
         ])?;
         netns::ip(&[
-            "-n", pod, "route", "add", "default", "via", POD_GATEWAY, "dev", POD_IFACE,
+            "-n",
+            pod,
+            "route",
+            "add",
+            "default",
+            "via",
+            POD_GATEWAY,
+            "dev",
+            POD_IFACE,
         ])?;
         netns::ip(&[
             "-n",
@@ -392,8 +392,7 @@ impl Pod {
         let pod_netns = pod_netns_name(namespace, name);
         let node_netns = node.netns.clone();
         let pn = pod_netns.clone();
-        let network =
-            tokio::task::spawn_blocking(move || PodNetwork::create(&node_netns, &pn, ip)).await??;
+        let network = tokio::task::spawn_blocking(move || PodNetwork::create(&node_netns, &pn, ip)).await??;
         let mut pod = Pod {
             name: name.to_string(),
             namespace: namespace.to_string(),
@@ -442,9 +441,7 @@ impl Pod {
         if let Some(mut c) = self.child.take() {
             kill_child(&mut c, Duration::ZERO).await;
         }
-        let args = self
-            .config
-            .args(&self.name, &self.namespace, self.ip(), &self.node);
+        let args = self.config.args(&self.name, &self.namespace, self.ip(), &self.node);
         let bin = self
             .testpod_bin
             .to_str()
@@ -486,9 +483,7 @@ impl Pod {
                 Some(status) => bail!(
                     "pod {}: server exited ({status}); see {}",
                     self.name,
-                    netns::log_dir()
-                        .join(format!("{}.log", self.log_name()))
-                        .display()
+                    netns::log_dir().join(format!("{}.log", self.log_name())).display()
                 ),
                 None => Ok(()),
             },
@@ -579,17 +574,8 @@ impl PodRuntime {
     }
 
     /// Start pod `namespace/name` on `node` with a fresh IP.
-    pub async fn start(
-        &self,
-        node: &str,
-        namespace: &str,
-        name: &str,
-        config: ServerConfig,
-    ) -> Result<Pod> {
-        let node = self
-            .node(node)
-            .with_context(|| format!("no node {node:?}"))?
-            .clone();
+    pub async fn start(&self, node: &str, namespace: &str, name: &str, config: ServerConfig) -> Result<Pod> {
+        let node = self.node(node).with_context(|| format!("no node {node:?}"))?.clone();
         let ip = self
             .ips
             .lock()
@@ -651,9 +637,7 @@ impl NetError {
             TimedOut | WouldBlock => NetError::Timeout,
             ConnectionReset | ConnectionAborted | BrokenPipe => NetError::Reset,
             _ => match e.raw_os_error() {
-                Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => {
-                    NetError::Other(format!("unreachable: {e}"))
-                }
+                Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) => NetError::Other(format!("unreachable: {e}")),
                 _ => NetError::Other(e.to_string()),
             },
         }
@@ -666,9 +650,8 @@ pub fn in_netns<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     let path = PathBuf::from("/run/netns").join(ns);
-    let file = std::fs::File::open(&path).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
-    })?;
+    let file = std::fs::File::open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
     std::thread::Builder::new()
         .name(format!("in-{ns}"))
         .spawn(move || {
@@ -698,11 +681,7 @@ fn tcp_socket_in(ns: &str, local: Option<SocketAddr>) -> Result<tokio::net::TcpS
 }
 
 /// Connect to `addr` from inside `ns` within `timeout`.
-pub async fn tcp_connect(
-    ns: &str,
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<tokio::net::TcpStream, NetError> {
+pub async fn tcp_connect(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<tokio::net::TcpStream, NetError> {
     tcp_connect_from(ns, None, addr, timeout).await
 }
 
@@ -743,9 +722,7 @@ pub async fn http_request(
     let mut s = tcp_connect(ns, addr, timeout).await?;
     let left = timeout.saturating_sub(t0.elapsed());
     let exchange = async {
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await.map_err(NetError::io)?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.map_err(NetError::io)?;
@@ -791,8 +768,7 @@ pub struct WhoAmI {
 
 impl WhoAmI {
     pub fn parse(body: &str) -> Result<WhoAmI> {
-        let v: serde_json::Value =
-            serde_json::from_str(body.trim()).with_context(|| format!("not JSON: {body:?}"))?;
+        let v: serde_json::Value = serde_json::from_str(body.trim()).with_context(|| format!("not JSON: {body:?}"))?;
         let s = |k: &str| -> Result<String> {
             v.get(k)
                 .and_then(|x| x.as_str())
@@ -865,8 +841,8 @@ pub async fn udp_exchange(
         Err(_) => return Err(NetError::Timeout),
         Ok(r) => r?,
     };
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|_| NetError::Other(format!("UDP reply is not JSON: {text:?}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|_| NetError::Other(format!("UDP reply is not JSON: {text:?}")))?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     Ok(UdpReply {
         pod: s("pod"),

@@ -113,11 +113,7 @@ fn parse_serve(args: &[String]) -> Result<ServeArgs, String> {
     let mut udp_given = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
+        let mut value = || it.next().cloned().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--name" => a.name = value()?,
             "--namespace" => a.namespace = value()?,
@@ -278,8 +274,8 @@ fn handle_request(
         ),
         (
             _,
-            "/" | "/hostname" | "/clientip" | "/ready" | "/healthy" | "/stats" | "/ready/fail"
-            | "/ready/ok" | "/healthy/fail" | "/healthy/ok",
+            "/" | "/hostname" | "/clientip" | "/ready" | "/healthy" | "/stats" | "/ready/fail" | "/ready/ok"
+            | "/healthy/fail" | "/healthy/ok",
         ) => (405, text, format!("method {method} not allowed on {path}\n")),
         _ => (404, text, format!("no route for {path}\n")),
     }
@@ -298,8 +294,7 @@ async fn http_conn(st: Arc<State>, stream: TcpStream, peer: SocketAddr, local_po
             Ok(Err(_)) => return,
         }
         let mut parts = line.split_whitespace();
-        let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
             let _ = wr
                 .write_all(&response(400, "text/plain", "malformed request line\n", true))
                 .await;
@@ -438,9 +433,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     });
     let mut tasks = tokio::task::JoinSet::new();
     for &p in &st.args.http_ports {
-        let l = bind_tcp(p)
-            .await
-            .map_err(|e| format!("binding HTTP port {p}: {e}"))?;
+        let l = bind_tcp(p).await.map_err(|e| format!("binding HTTP port {p}: {e}"))?;
         tasks.spawn(serve_http(st.clone(), l, p));
     }
     for &p in &st.args.udp_ports {
@@ -451,9 +444,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     for (p, sink) in [(st.args.tcp_echo_port, false), (st.args.tcp_sink_port, true)] {
         if p != 0 {
-            let l = bind_tcp(p)
-                .await
-                .map_err(|e| format!("binding TCP port {p}: {e}"))?;
+            let l = bind_tcp(p).await.map_err(|e| format!("binding TCP port {p}: {e}"))?;
             tasks.spawn(serve_tcp(st.clone(), l, sink));
         }
     }
@@ -562,9 +553,7 @@ async fn http_client(method: &str, url: &str, timeout: Duration) -> Result<(), C
         let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| ClientError::from_io(&format!("connecting to {addr}"), e))?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes())
             .await
             .map_err(|e| ClientError::from_io("sending the request", e))?;
@@ -608,11 +597,7 @@ async fn udp_client(addr: SocketAddr, payload: &str, timeout: Duration) -> Resul
     .await
 }
 
-async fn tcp_echo_client(
-    addr: SocketAddr,
-    payload: &str,
-    timeout: Duration,
-) -> Result<(), ClientError> {
+async fn tcp_echo_client(addr: SocketAddr, payload: &str, timeout: Duration) -> Result<(), ClientError> {
     with_timeout(timeout, &addr.to_string(), async {
         let mut s = TcpStream::connect(addr)
             .await
@@ -741,10 +726,7 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(1);
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("orca-testpod: starting the runtime: {e}");
@@ -787,7 +769,14 @@ mod tests {
     #[test]
     fn serve_flags_parse_and_reject_bad_input() {
         let a = parse_serve(&s(&[
-            "--name", "p1", "--http-port", "8080", "--http-port", "9090", "--udp-port", "0",
+            "--name",
+            "p1",
+            "--http-port",
+            "8080",
+            "--http-port",
+            "9090",
+            "--udp-port",
+            "0",
         ]))
         .unwrap();
         assert_eq!(a.name, "p1");
@@ -799,7 +788,10 @@ mod tests {
         assert!(parse_serve(&s(&["--http-port", "x"])).is_err());
         assert!(parse_serve(&s(&["--http-port"])).is_err());
         assert!(parse_serve(&s(&["--bogus"])).is_err());
-        assert!(parse_serve(&s(&["--http-port", "9000"])).is_err(), "clashes with tcp-echo");
+        assert!(
+            parse_serve(&s(&["--http-port", "9000"])).is_err(),
+            "clashes with tcp-echo"
+        );
         assert!(parse_serve(&s(&["--on-sigterm", "later"])).is_err());
     }
 
