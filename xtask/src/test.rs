@@ -1,0 +1,40 @@
+//! `cargo xtask test`: the whole test suite, set-up included (what `.ci/run` runs).
+//!
+//! 1. `cargo xtask setup` (idempotent);
+//! 2. `cargo build --workspace` (the agent with its eBPF programs embedded);
+//! 3. `cargo test --workspace -- --test-threads=1`: unit tests, then the integration tests that need root, the
+//!    kernel inside network namespaces and the sandbox's real kube-apiserver (one at a time: they share names);
+//! 4. `cargo xtask suite`: the Service behaviour suite against upstream kube-proxy and Orca's modes.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let started = Instant::now();
+    println!("test: cargo {} ...", args.join(" "));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .env("ORCA_REQUIRE_SANDBOX", "1")
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    println!("test: cargo {} finished in {:.1}s: {status}", args.join(" "), started.elapsed().as_secs_f64());
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn run(skip_suite: bool) -> Result<()> {
+    let started = Instant::now();
+    crate::setup::run()?;
+    cargo(&["build", "--workspace", "--bins"])?;
+    cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=1"])?;
+    if !skip_suite {
+        cargo(&["run", "--quiet", "--package", "xtask", "--", "suite"])?;
+    }
+    println!("test: everything passed in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
