@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 
 mod sandbox;
 mod setup;
+mod test;
 
 #[derive(Parser)]
 #[command(about = "Orca's build, setup, sandbox, demo, test and bench entry points")]
@@ -14,6 +15,12 @@ struct Cli {
 enum Cmd {
     /// Install everything the build, tests and demo need (idempotent).
     Setup,
+    /// Run the whole test suite, set-up included (what CI runs).
+    Test {
+        /// Skip the Service behaviour suite (unit and integration tests only).
+        #[arg(long)]
+        no_suite: bool,
+    },
     /// The sandbox cluster: `up` (until Ctrl-C), `down`, `build-k8s`.
     Sandbox {
         #[command(subcommand)]
@@ -24,6 +31,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Test { no_suite } => test::run(no_suite),
         Cmd::Sandbox { cmd } => sandbox::run(cmd),
     }
 }
