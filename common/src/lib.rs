@@ -1,2 +1,229 @@
 //! Types shared between the Orca agent (user space) and its eBPF programs (kernel space).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields, so the layout is the same
+//! on both sides and no byte of a key is left uninitialised (hash maps compare keys bytewise).
+//!
+//! Byte order: addresses and ports are stored exactly as they appear in packets (network byte
+//! order). An address `a.b.c.d` is the `u32` whose in-memory bytes are `[a, b, c, d]`, that is
+//! `u32::from_ne_bytes(octets)`; a port `p` is `p.to_be()`. The constructors below do this.
 #![no_std]
+
+/// Layout version of the maps below. The agent pins its maps under `<bpffs root>/v<ABI_VERSION>/`,
+/// so a release that changes a layout never adopts maps written by an older one.
+pub const ABI_VERSION: u32 = 1;
+
+/// Map names as they appear in the eBPF object (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
+pub const MAP_FRONTENDS: &str = "ORCA_FRONTENDS";
+pub const MAP_BACKENDS: &str = "ORCA_BACKENDS";
+pub const MAP_MEMBERS: &str = "ORCA_MEMBERS";
+pub const MAP_CT: &str = "ORCA_CT4";
+pub const MAP_AFFINITY: &str = "ORCA_AFFINITY";
+
+/// Program names in the eBPF object.
+/// Attached (TC ingress) on the host side of pod veths: traffic leaving local pods.
+pub const PROG_FROM_POD: &str = "orca_from_pod";
+/// Attached (TC ingress) on node uplinks: traffic arriving at the node.
+pub const PROG_FROM_NETDEV: &str = "orca_from_netdev";
+
+/// Map capacities.
+pub const FRONTENDS_MAX: u32 = 65_536;
+pub const BACKENDS_MAX: u32 = 262_144;
+pub const CT_MAX: u32 = 262_144;
+pub const AFFINITY_MAX: u32 = 65_536;
+
+/// Most backends a single frontend can hold (slot indices are `u16`).
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `addr.octets()` to the packet-order `u32` used in every map.
+#[inline(always)]
+pub const fn addr_from_octets(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The packet-order `u32` back to octets.
+#[inline(always)]
+pub const fn addr_octets(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// A service frontend: a (virtual) address, port and protocol that packets are sent to.
+/// Map `ORCA_FRONTENDS` (hash): `FrontendKey` -> `Frontend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    /// Destination address, packet order.
+    pub addr: u32,
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+impl FrontendKey {
+    /// `port` in host byte order.
+    pub const fn new(octets: [u8; 4], port: u16, proto: u8) -> Self {
+        Self {
+            addr: addr_from_octets(octets),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// What a frontend translates to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    /// Identifies the backend set (slots, members, affinity). Never 0 for a live frontend.
+    pub service_id: u32,
+    /// Number of usable backend slots; 0 means "no endpoints": the packet is rejected.
+    pub backend_count: u16,
+    /// `FRONTEND_F_*` bits.
+    pub flags: u16,
+    /// ClientIP session affinity timeout in seconds; 0 disables affinity.
+    pub affinity_timeout: u32,
+    /// Backends live in slots `slot_base .. slot_base + backend_count` of `ORCA_BACKENDS`. The
+    /// agent writes a new backend set into a fresh slot range, switches the frontend to it in one
+    /// map update, then frees the old range: a packet never sees a half-written set.
+    pub slot_base: u32,
+}
+
+/// Map `ORCA_BACKENDS` (hash): `BackendSlotKey` -> `Backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendSlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Backend address, packet order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl Backend {
+    /// `port` in host byte order.
+    pub const fn new(octets: [u8; 4], port: u16) -> Self {
+        Self {
+            addr: addr_from_octets(octets),
+            port: port.to_be(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Map `ORCA_MEMBERS` (hash): `MemberKey` -> slot index (informational). Present exactly while the
+/// backend belongs to the service's current set. The programs use it to decide whether a
+/// conntrack or affinity entry still points at a live backend: UDP flows and new TCP connections
+/// (SYN) move off removed backends, established TCP flows keep theirs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl MemberKey {
+    pub const fn of(service_id: u32, backend: &Backend) -> Self {
+        Self {
+            service_id,
+            addr: backend.addr,
+            port: backend.port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Conntrack entry direction: the flow as sent by the client (to a frontend).
+pub const CT_DIR_SERVICE: u8 = 0;
+/// Conntrack entry direction: replies from the backend to the client.
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Map `ORCA_CT4` (LRU hash): `CtKey` -> `CtValue`. Two entries per translated flow:
+/// - `CT_DIR_SERVICE`, keyed by client -> frontend as the client sends it; value: the backend.
+/// - `CT_DIR_REPLY`, keyed by backend -> client as the backend replies; value: the frontend,
+///   which becomes the reply's source again (reverse NAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// Service direction: backend address; reply direction: frontend address (packet order).
+    pub addr: u32,
+    /// Service direction: backend port; reply direction: frontend port (network byte order).
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+    pub _pad2: u32,
+    /// bpf_ktime_get_ns() of the last packet that used the entry.
+    pub last_seen_ns: u64,
+}
+
+/// Map `ORCA_AFFINITY` (LRU hash): `AffinityKey` -> `AffinityValue` (ClientIP session affinity).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    /// bpf_ktime_get_ns() of the client's last new connection to the service.
+    pub last_used_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are #[repr(C)], made only of integers, with explicit padding fields, so
+    // every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for Frontend {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+}
+
+// The layouts are part of the kernel/user ABI: fail the build if one changes by accident.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<FrontendKey>() == 8);
+    assert!(size_of::<Frontend>() == 16);
+    assert!(size_of::<BackendSlotKey>() == 8);
+    assert!(size_of::<Backend>() == 8);
+    assert!(size_of::<MemberKey>() == 12);
+    assert!(size_of::<CtKey>() == 16);
+    assert!(size_of::<CtValue>() == 24);
+    assert!(size_of::<AffinityKey>() == 8);
+    assert!(size_of::<AffinityValue>() == 16);
+};

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod cli;
 pub mod dataplane;
+pub mod ebpf_obj;
 pub mod http;
 pub mod metrics;
 pub mod model;

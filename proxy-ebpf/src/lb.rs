@@ -1,0 +1,47 @@
+//! Load balancing: frontend lookup, random backend choice over the frontend's slot range, and
+//! backend membership (is this backend still part of the service?).
+
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey};
+
+use crate::{maps, parse::Flow};
+
+/// The frontend the packet is addressed to, if any.
+#[inline(always)]
+pub fn lookup_frontend(flow: &Flow) -> Option<Frontend> {
+    let key = FrontendKey {
+        addr: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; hash map values stay valid during the program.
+    unsafe { maps::FRONTENDS.get(key) }.copied()
+}
+
+/// A uniformly random backend of the frontend's current set; `None` when it has none or a slot is
+/// missing (the agent writes slots before it publishes their count, so that means a bug or a race
+/// with a deletion; the caller then treats the frontend as having no endpoints).
+#[inline(always)]
+pub fn choose_backend(fe: &Frontend) -> Option<Backend> {
+    if fe.backend_count == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    let slot = fe.slot_base.wrapping_add(r % u32::from(fe.backend_count));
+    let key = BackendSlotKey {
+        service_id: fe.service_id,
+        slot,
+    };
+    // SAFETY: copied out at once.
+    unsafe { maps::BACKENDS.get(key) }.copied()
+}
+
+/// Whether `backend` is part of the service's current backend set.
+#[inline(always)]
+pub fn is_member(service_id: u32, backend: &Backend) -> bool {
+    let key = MemberKey::of(service_id, backend);
+    // SAFETY: only presence is checked.
+    unsafe { maps::MEMBERS.get(key) }.is_some()
+}

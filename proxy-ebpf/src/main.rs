@@ -1,0 +1,52 @@
+//! Orca's TC programs. The entry points are thin; each concern lives in its own module, as in
+//! Cilium's bpf/lib:
+//! - `parse`: Ethernet/IPv4/TCP/UDP parsing (fragments, IPv6 and other protocols pass untouched)
+//! - `maps`: the map definitions (types in orca-common)
+//! - `lb`: frontend lookup, backend choice, backend membership
+//! - `affinity`: ClientIP session affinity
+//! - `ct`: connection tracking (an established flow keeps its backend) and reverse NAT state
+//! - `nat`: DNAT to the backend and reverse NAT of replies, with incremental L3/L4 checksums
+//! - `reject`: ICMP port unreachable for frontends without endpoints
+//! - `datapath`: the per-packet flow that ties them together
+//!
+//! The crate is built for `bpfel-unknown-none` by proxy/build.rs. On the host it compiles to an
+//! empty binary (so `cargo clippy`/`cargo check` cover this code without a BPF target).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod affinity;
+mod ct;
+mod datapath;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
+mod reject;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+/// TC ingress on the host side of pod veths (traffic leaving local pods, and replies of local
+/// backends).
+#[classifier]
+pub fn orca_from_pod(ctx: TcContext) -> i32 {
+    datapath::handle(&ctx)
+}
+
+/// TC ingress on node uplinks (traffic arriving at the node, and replies of remote backends).
+#[classifier]
+pub fn orca_from_netdev(ctx: TcContext) -> i32 {
+    datapath::handle(&ctx)
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

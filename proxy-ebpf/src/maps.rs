@@ -1,0 +1,26 @@
+//! Map definitions. Names, sizes and key/value types come from orca-common, so the agent and the
+//! programs agree on them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use orca_common::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey,
+    AFFINITY_MAX, BACKENDS_MAX, CT_MAX, FRONTENDS_MAX,
+};
+
+#[map(name = "ORCA_FRONTENDS")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
+
+#[map(name = "ORCA_BACKENDS")]
+pub static BACKENDS: HashMap<BackendSlotKey, Backend> = HashMap::with_max_entries(BACKENDS_MAX, 0);
+
+#[map(name = "ORCA_MEMBERS")]
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(BACKENDS_MAX, 0);
+
+#[map(name = "ORCA_CT4")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CT_MAX, 0);
+
+#[map(name = "ORCA_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(AFFINITY_MAX, 0);

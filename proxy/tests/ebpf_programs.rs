@@ -1,0 +1,716 @@
+//! Datapath tests of the eBPF programs embedded in the agent: each test loads the object with aya
+//! (so the verifier of this kernel checks every program), fills the maps like the agent does, and
+//! runs the TC programs on crafted packets with BPF_PROG_TEST_RUN. Checksums of the output are
+//! recomputed here, independently of the programs' own arithmetic.
+//!
+//! Needs root (CAP_BPF + CAP_NET_ADMIN). Nothing is attached and nothing is pinned: the maps and
+//! programs disappear with the test process.
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
+use orca_common::{
+    addr_from_octets, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey, CT_DIR_REPLY,
+    CT_DIR_SERVICE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKENDS, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS,
+    PROG_FROM_NETDEV, PROG_FROM_POD,
+};
+use orca_proxy::ebpf_obj;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const CLIENT: [u8; 4] = [10, 244, 0, 7];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const BACKEND_A: [u8; 4] = [10, 244, 1, 5];
+const BACKEND_B: [u8; 4] = [10, 244, 2, 6];
+const BACKEND_C: [u8; 4] = [10, 244, 3, 7];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x07];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+// ---------------------------------------------------------------------------------------------
+// Loading and map programming.
+
+struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    fn load() -> Self {
+        assert!(
+            nix_is_root(),
+            "the eBPF datapath tests load programs into the kernel: run them as root"
+        );
+        assert!(
+            ebpf_obj::available(),
+            "orca-proxy was built with AYA_BUILD_SKIP: no eBPF object to test"
+        );
+        let mut ebpf = EbpfLoader::new()
+            // Small maps: many tests load their own copy in parallel.
+            .map_max_entries(MAP_CT, 4096)
+            .map_max_entries("ORCA_AFFINITY", 1024)
+            .map_max_entries(MAP_FRONTENDS, 1024)
+            .map_max_entries(MAP_BACKENDS, 4096)
+            .map_max_entries(MAP_MEMBERS, 4096)
+            .load(ebpf_obj::OBJECT)
+            .expect("parse and create maps of the embedded eBPF object");
+        for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from the object"))
+                .try_into()
+                .expect("a TC classifier");
+            if let Err(e) = prog.load() {
+                panic!("the verifier rejected {name}: {}", verifier_log(&e));
+            }
+        }
+        Self { ebpf }
+    }
+
+    fn map<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(self.ebpf.map_mut(name).expect(name)).expect(name)
+    }
+
+    /// Publishes a frontend with `backends` in slots `slot_base..`, in the agent's order: slots
+    /// and members, then the frontend.
+    fn set_service(
+        &mut self,
+        fe: FrontendKey,
+        service_id: u32,
+        slot_base: u32,
+        backends: &[Backend],
+        affinity_timeout: u32,
+    ) {
+        for (i, b) in backends.iter().enumerate() {
+            let slot = BackendSlotKey {
+                service_id,
+                slot: slot_base + i as u32,
+            };
+            self.map::<BackendSlotKey, Backend>(MAP_BACKENDS)
+                .insert(slot, *b, 0)
+                .unwrap();
+            self.map::<MemberKey, u32>(MAP_MEMBERS)
+                .insert(MemberKey::of(service_id, b), i as u32, 0)
+                .unwrap();
+        }
+        let value = Frontend {
+            service_id,
+            backend_count: backends.len() as u16,
+            flags: 0,
+            affinity_timeout,
+            slot_base,
+        };
+        self.map::<FrontendKey, Frontend>(MAP_FRONTENDS)
+            .insert(fe, value, 0)
+            .unwrap();
+    }
+
+    /// Removes backends from a service: slots and membership (the frontend is updated by the
+    /// caller first, as the agent does).
+    fn remove_backends(&mut self, service_id: u32, slot_base: u32, backends: &[Backend]) {
+        for (i, b) in backends.iter().enumerate() {
+            let slot = BackendSlotKey {
+                service_id,
+                slot: slot_base + i as u32,
+            };
+            let _ = self.map::<BackendSlotKey, Backend>(MAP_BACKENDS).remove(&slot);
+            self.map::<MemberKey, u32>(MAP_MEMBERS)
+                .remove(&MemberKey::of(service_id, b))
+                .unwrap();
+        }
+    }
+
+    fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn ct(&mut self, key: &CtKey) -> Option<CtValue> {
+        self.map::<CtKey, CtValue>(MAP_CT).get(key, 0).ok()
+    }
+}
+
+fn verifier_log(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            format!("{io_error}\n{verifier_log}")
+        }
+        other => format!("{other}"),
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet crafting and checking (independent of the programs' code).
+
+fn csum_add(mut acc: u32, bytes: &[u8]) -> u32 {
+    for chunk in bytes.chunks(2) {
+        let hi = u32::from(chunk[0]) << 8;
+        let lo = chunk.get(1).copied().map_or(0, u32::from);
+        acc += hi | lo;
+    }
+    acc
+}
+
+fn csum_fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+    csum_add(csum_add(0, &src), &dst) + u32::from(proto) + len as u32
+}
+
+#[derive(Clone)]
+struct Tcp {
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+impl Tcp {
+    fn syn(sport: u16, dport: u16) -> Self {
+        Self {
+            sport,
+            dport,
+            seq: 1000,
+            ack: 0,
+            flags: SYN,
+            // MSS 1460, SACK permitted, window scale 7, NOP: 12 bytes (doff 8).
+            options: vec![2, 4, 0x05, 0xb4, 4, 2, 3, 3, 7, 1, 1, 1],
+            payload: vec![],
+        }
+    }
+
+    fn data(sport: u16, dport: u16, payload: &[u8]) -> Self {
+        Self {
+            sport,
+            dport,
+            seq: 1001,
+            ack: 5001,
+            flags: ACK | 0x08,
+            options: vec![],
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn bytes(&self, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        assert_eq!(self.options.len() % 4, 0);
+        let doff = (20 + self.options.len()) / 4;
+        let mut s = Vec::new();
+        s.extend_from_slice(&self.sport.to_be_bytes());
+        s.extend_from_slice(&self.dport.to_be_bytes());
+        s.extend_from_slice(&self.seq.to_be_bytes());
+        s.extend_from_slice(&self.ack.to_be_bytes());
+        s.push((doff as u8) << 4);
+        s.push(self.flags);
+        s.extend_from_slice(&64240u16.to_be_bytes());
+        s.extend_from_slice(&[0, 0, 0, 0]);
+        s.extend_from_slice(&self.options);
+        s.extend_from_slice(&self.payload);
+        let c = csum_fold(csum_add(pseudo(src, dst, IPPROTO_TCP, s.len()), &s));
+        s[16..18].copy_from_slice(&c.to_be_bytes());
+        s
+    }
+}
+
+fn udp_bytes(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8], csum: bool) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    if csum {
+        let mut c = csum_fold(csum_add(pseudo(src, dst, IPPROTO_UDP, s.len()), &s));
+        if c == 0 {
+            c = 0xffff;
+        }
+        s[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    s
+}
+
+/// Ethernet + IPv4 (with `ip_options`, a multiple of 4 bytes) + `l4`.
+fn frame(src: [u8; 4], dst: [u8; 4], proto: u8, ip_options: &[u8], frag: u16, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&NODE_MAC);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let ihl = (20 + ip_options.len()) / 4;
+    let tot = 20 + ip_options.len() + l4.len();
+    let mut ip = vec![(4 << 4) | ihl as u8, 0];
+    ip.extend_from_slice(&(tot as u16).to_be_bytes());
+    ip.extend_from_slice(&0x1234u16.to_be_bytes());
+    ip.extend_from_slice(&frag.to_be_bytes());
+    ip.push(64);
+    ip.push(proto);
+    ip.extend_from_slice(&[0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    ip.extend_from_slice(ip_options);
+    let c = csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    f
+}
+
+fn tcp_frame(src: [u8; 4], dst: [u8; 4], tcp: &Tcp) -> Vec<u8> {
+    frame(src, dst, IPPROTO_TCP, &[], 0, &tcp.bytes(src, dst))
+}
+
+#[derive(Debug)]
+struct Seen {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    l4_csum: u16,
+}
+
+/// Parses an output frame and asserts that its IPv4 header checksum and TCP/UDP checksum verify.
+fn check(f: &[u8]) -> Seen {
+    assert!(f.len() >= 34, "frame too short: {f:?}");
+    assert_eq!(&f[12..14], &[0x08, 0x00]);
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let ip = &f[14..14 + ihl];
+    assert_eq!(csum_fold(csum_add(0, ip)), 0, "IPv4 header checksum invalid");
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &f[14 + ihl..14 + tot];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    let proto = ip[9];
+    let l4_csum = match proto {
+        IPPROTO_TCP => u16::from_be_bytes([l4[16], l4[17]]),
+        IPPROTO_UDP => u16::from_be_bytes([l4[6], l4[7]]),
+        _ => 0,
+    };
+    if proto == IPPROTO_TCP || (proto == IPPROTO_UDP && l4_csum != 0) {
+        assert_eq!(
+            csum_fold(csum_add(pseudo(src, dst, proto, l4.len()), l4)),
+            0,
+            "L4 checksum invalid"
+        );
+    }
+    Seen {
+        src: src.into(),
+        dst: dst.into(),
+        proto,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        l4_csum,
+    }
+}
+
+fn be(octets: [u8; 4], port: u16) -> Backend {
+    Backend::new(octets, port)
+}
+
+fn ct_key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8, dir: u8) -> CtKey {
+    CtKey {
+        saddr: addr_from_octets(src),
+        daddr: addr_from_octets(dst),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn verifier_accepts_every_program() {
+    let dp = Datapath::load();
+    let names: Vec<&str> = dp.ebpf.programs().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&PROG_FROM_POD) && names.contains(&PROG_FROM_NETDEV),
+        "{names:?}"
+    );
+    // Datapath::load loaded each program, so the verifier accepted all of them.
+    for (name, prog) in dp.ebpf.programs() {
+        assert!(prog.fd().is_ok(), "{name} not loaded");
+    }
+}
+
+#[test]
+fn dnat_of_tcp_syn_to_cluster_ip_and_reverse_nat_of_reply() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 1, 0, &[be(BACKEND_A, 8080)], 0);
+
+    let syn = tcp_frame(CLIENT, VIP, &Tcp::syn(40000, 80));
+    let (rc, out) = dp.run(PROG_FROM_POD, &syn);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!(seen.src, Ipv4Addr::from(CLIENT));
+    assert_eq!(seen.dst, Ipv4Addr::from(BACKEND_A));
+    assert_eq!((seen.sport, seen.dport), (40000, 8080));
+    assert_eq!(out.len(), syn.len());
+    // Everything but addresses, ports and checksums is untouched (options included).
+    assert_eq!(&out[..24], &syn[..24], "Ethernet/IP head changed");
+    assert_eq!(&out[38..50], &syn[38..50], "TCP seq/ack/flags changed");
+    assert_eq!(&out[54..], &syn[54..], "TCP options changed");
+
+    // Both conntrack directions exist.
+    let fwd = dp
+        .ct(&ct_key(CLIENT, VIP, 40000, 80, IPPROTO_TCP, CT_DIR_SERVICE))
+        .expect("service-direction entry");
+    assert_eq!((fwd.addr, fwd.port), (addr_from_octets(BACKEND_A), 8080u16.to_be()));
+    let rev = dp
+        .ct(&ct_key(BACKEND_A, CLIENT, 8080, 40000, IPPROTO_TCP, CT_DIR_REPLY))
+        .expect("reply-direction entry");
+    assert_eq!((rev.addr, rev.port), (addr_from_octets(VIP), 80u16.to_be()));
+
+    // The backend's SYN-ACK, arriving from the uplink (remote backend), leaves as the VIP's.
+    let mut synack = Tcp::syn(8080, 40000);
+    synack.flags = SYN | ACK;
+    synack.ack = 1001;
+    let reply = tcp_frame(BACKEND_A, CLIENT, &synack);
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &reply);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!(seen.src, Ipv4Addr::from(VIP));
+    assert_eq!(seen.dst, Ipv4Addr::from(CLIENT));
+    assert_eq!((seen.sport, seen.dport), (80, 40000));
+
+    // Payload-carrying packets of the flow are translated too, payload intact.
+    let data = tcp_frame(CLIENT, VIP, &Tcp::data(40000, 80, b"GET / HTTP/1.1\r\n\r\n"));
+    let (rc, out) = dp.run(PROG_FROM_POD, &data);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_A), 8080));
+    assert!(out.ends_with(b"GET / HTTP/1.1\r\n\r\n"));
+}
+
+#[test]
+fn dnat_with_ip_options() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 1, 0, &[be(BACKEND_A, 8080)], 0);
+    // Router alert option (4 bytes): IHL 6.
+    let f = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_TCP,
+        &[0x94, 0x04, 0, 0],
+        0,
+        &Tcp::syn(40001, 80).bytes(CLIENT, VIP),
+    );
+    let (rc, out) = dp.run(PROG_FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(out[14] & 0x0f, 6);
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_A), 8080));
+    assert_eq!(&out[34..38], &[0x94, 0x04, 0, 0], "IP options changed");
+}
+
+#[test]
+fn dnat_of_udp_with_and_without_checksum() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 53, IPPROTO_UDP), 7, 0, &[be(BACKEND_B, 5353)], 0);
+
+    let f = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, VIP, 33000, 53, b"query", true),
+    );
+    let (rc, out) = dp.run(PROG_FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!(seen.proto, IPPROTO_UDP);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_B), 5353));
+    assert_ne!(seen.l4_csum, 0);
+
+    // A zero UDP checksum means "no checksum" and must stay zero.
+    let f = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, VIP, 33001, 53, b"query", false),
+    );
+    let (rc, out) = dp.run(PROG_FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_B), 5353));
+    assert_eq!(seen.l4_csum, 0);
+
+    // The reply is reverse-NATed.
+    let f = frame(
+        BACKEND_B,
+        CLIENT,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(BACKEND_B, CLIENT, 5353, 33000, b"answer", true),
+    );
+    let (rc, out) = dp.run(PROG_FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 53));
+}
+
+#[test]
+fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
+    let mut dp = Datapath::load();
+    let fe = FrontendKey::new(VIP, 80, IPPROTO_TCP);
+    let old = [be(BACKEND_A, 8080), be(BACKEND_B, 8080)];
+    dp.set_service(fe, 1, 0, &old, 0);
+
+    let (rc, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(41000, 80)));
+    assert_eq!(rc, TC_ACT_OK);
+    let first = check(&out).dst;
+
+    // New set in a fresh slot range (without the chosen backend), switch, free the old slots.
+    let new = [be(BACKEND_C, 9090)];
+    dp.set_service(fe, 1, 1000, &new, 0);
+    dp.remove_backends(1, 0, &old);
+
+    // The established connection keeps its backend, for many packets.
+    for _ in 0..20 {
+        let (rc, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::data(41000, 80, b"x")));
+        assert_eq!(rc, TC_ACT_OK);
+        let seen = check(&out);
+        assert_eq!(seen.dst, first);
+        assert_eq!(seen.dport, 8080);
+    }
+    // A new connection goes to the new set.
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(41001, 80)));
+    assert_eq!((check(&out).dst, check(&out).dport), (Ipv4Addr::from(BACKEND_C), 9090));
+    // A SYN reusing the old 5-tuple (new connection) does not go to the removed backend.
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(41000, 80)));
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_C));
+}
+
+#[test]
+fn udp_flow_moves_off_a_removed_backend_but_stays_on_a_kept_one() {
+    let mut dp = Datapath::load();
+    let fe = FrontendKey::new(VIP, 53, IPPROTO_UDP);
+    let a = be(BACKEND_A, 53);
+    dp.set_service(fe, 3, 0, &[a], 0);
+    let dgram = |sport| {
+        frame(
+            CLIENT,
+            VIP,
+            IPPROTO_UDP,
+            &[],
+            0,
+            &udp_bytes(CLIENT, VIP, sport, 53, b"q", true),
+        )
+    };
+
+    let (_, out) = dp.run(PROG_FROM_POD, &dgram(34000));
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_A));
+
+    // A is kept and B added: the flow stays on A.
+    dp.set_service(fe, 3, 100, &[a, be(BACKEND_B, 53)], 0);
+    dp.remove_backends(3, 0, &[]);
+    for _ in 0..20 {
+        let (_, out) = dp.run(PROG_FROM_POD, &dgram(34000));
+        assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_A));
+    }
+    // A removed: the flow moves to B at once.
+    dp.set_service(fe, 3, 200, &[be(BACKEND_B, 53)], 0);
+    dp.remove_backends(3, 100, &[a]);
+    let (_, out) = dp.run(PROG_FROM_POD, &dgram(34000));
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_B));
+}
+
+#[test]
+fn random_choice_spreads_new_connections_over_all_backends() {
+    let mut dp = Datapath::load();
+    let backends = [be(BACKEND_A, 80), be(BACKEND_B, 80), be(BACKEND_C, 80)];
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 2, 0, &backends, 0);
+    let mut counts = [0u32; 3];
+    for sport in 0..300u16 {
+        let (rc, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(20000 + sport, 80)));
+        assert_eq!(rc, TC_ACT_OK);
+        let dst = check(&out).dst.octets();
+        let i = [BACKEND_A, BACKEND_B, BACKEND_C]
+            .iter()
+            .position(|b| *b == dst)
+            .expect("a backend");
+        counts[i] += 1;
+    }
+    // Uniform: 100 each expected; 40 is more than 7 standard deviations below.
+    assert!(counts.iter().all(|&c| c >= 40), "{counts:?}");
+}
+
+#[test]
+fn client_ip_affinity_pins_new_connections_until_the_backend_leaves() {
+    let mut dp = Datapath::load();
+    let fe = FrontendKey::new(VIP, 443, IPPROTO_TCP);
+    let backends = [be(BACKEND_A, 8443), be(BACKEND_B, 8443)];
+    dp.set_service(fe, 4, 0, &backends, 10_800);
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(45000, 443)));
+    let pinned = check(&out).dst;
+    // Without affinity 30 new connections would all pick one of two backends with p = 2^-29.
+    for sport in 1..=30u16 {
+        let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(45000 + sport, 443)));
+        assert_eq!(check(&out).dst, pinned);
+    }
+    // Another client is balanced independently: over 30 connections of distinct clients both
+    // backends appear.
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..30u8 {
+        let client = [10, 244, 9, i + 1];
+        let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(client, VIP, &Tcp::syn(45000, 443)));
+        seen.insert(check(&out).dst);
+    }
+    assert_eq!(seen.len(), 2);
+    // The pinned backend leaves: new connections go to the remaining one.
+    let (gone, stays) = if pinned == Ipv4Addr::from(BACKEND_A) {
+        (backends[0], backends[1])
+    } else {
+        (backends[1], backends[0])
+    };
+    dp.set_service(fe, 4, 100, &[stays], 10_800);
+    dp.remove_backends(4, 0, &[gone]);
+    for sport in 100..110u16 {
+        let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(45000 + sport, 443)));
+        assert_eq!(check(&out).dst.octets(), orca_common::addr_octets(stays.addr));
+    }
+}
+
+/// Checks an ICMP port-unreachable answer to `orig` (a frame sent by CLIENT to VIP).
+fn assert_port_unreachable(out: &[u8], orig: &[u8]) {
+    assert_eq!(&out[0..6], &orig[6..12], "destination MAC is the sender's");
+    assert_eq!(&out[6..12], &orig[0..6]);
+    let seen = check(out);
+    assert_eq!(seen.proto, IPPROTO_ICMP);
+    assert_eq!(seen.src, Ipv4Addr::from(VIP));
+    assert_eq!(seen.dst, Ipv4Addr::from(CLIENT));
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 3), "type 3 code 3");
+    assert_eq!(csum_fold(csum_add(0, icmp)), 0, "ICMP checksum invalid");
+    // RFC 792: the offending IP header and the first 8 bytes of its payload.
+    assert_eq!(&icmp[8..], &orig[14..14 + 28]);
+}
+
+#[test]
+fn no_endpoints_rejects_tcp_and_udp_with_icmp_port_unreachable() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 5, 0, &[], 0);
+    dp.set_service(FrontendKey::new(VIP, 53, IPPROTO_UDP), 6, 0, &[], 0);
+
+    let syn = tcp_frame(CLIENT, VIP, &Tcp::syn(46000, 80));
+    let (rc, out) = dp.run(PROG_FROM_POD, &syn);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_port_unreachable(&out, &syn);
+
+    // A small UDP datagram: the frame grows to hold the answer.
+    let dgram = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, VIP, 46001, 53, b"", true),
+    );
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &dgram);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_port_unreachable(&out, &dgram);
+
+    // Never answer a TCP reset.
+    let mut rst = Tcp::data(46002, 80, b"");
+    rst.flags = 0x04;
+    let (rc, _) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &rst));
+    assert_eq!(rc, TC_ACT_SHOT);
+    // Nothing was tracked.
+    assert!(dp
+        .ct(&ct_key(CLIENT, VIP, 46000, 80, IPPROTO_TCP, CT_DIR_SERVICE))
+        .is_none());
+}
+
+#[test]
+fn non_tcp_udp_fragments_and_non_ipv4_pass_untouched() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 1, 0, &[be(BACKEND_A, 8080)], 0);
+    dp.set_service(FrontendKey::new(VIP, 53, IPPROTO_UDP), 2, 0, &[be(BACKEND_A, 53)], 0);
+
+    let mut icmp_echo = vec![8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'];
+    let c = csum_fold(csum_add(0, &icmp_echo));
+    icmp_echo[2..4].copy_from_slice(&c.to_be_bytes());
+    let udp = udp_bytes(CLIENT, VIP, 47000, 53, b"fragmented", true);
+    let tcp = Tcp::syn(47001, 80).bytes(CLIENT, VIP);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "ICMP echo to the VIP",
+            frame(CLIENT, VIP, IPPROTO_ICMP, &[], 0, &icmp_echo),
+        ),
+        ("SCTP-like protocol 132", frame(CLIENT, VIP, 132, &[], 0, &tcp)),
+        (
+            "first fragment (MF) of UDP to the VIP",
+            frame(CLIENT, VIP, IPPROTO_UDP, &[], 0x2000, &udp),
+        ),
+        (
+            "later fragment of TCP to the VIP",
+            frame(CLIENT, VIP, IPPROTO_TCP, &[], 0x0010, &tcp),
+        ),
+        (
+            "TCP to a non-service address",
+            tcp_frame(CLIENT, [10, 96, 0, 11], &Tcp::syn(47002, 80)),
+        ),
+        (
+            "TCP to the VIP on another port",
+            tcp_frame(CLIENT, VIP, &Tcp::syn(47003, 81)),
+        ),
+        ("IPv6", {
+            let mut f = tcp_frame(CLIENT, VIP, &Tcp::syn(47004, 80));
+            f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+            f
+        }),
+        ("ARP", {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&CLIENT_MAC);
+            f.extend_from_slice(&0x0806u16.to_be_bytes());
+            f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+            f.extend_from_slice(&[0; 20]);
+            f
+        }),
+    ];
+    for (what, f) in cases {
+        for prog in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+            let (rc, out) = dp.run(prog, &f);
+            assert_eq!(rc, TC_ACT_OK, "{what} ({prog})");
+            assert_eq!(out, f, "{what} ({prog}) was modified");
+        }
+    }
+    // None of them created conntrack state.
+    let ct: HashMap<_, CtKey, CtValue> = dp.map(MAP_CT);
+    assert_eq!(ct.keys().count(), 0);
+}
