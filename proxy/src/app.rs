@@ -45,7 +45,15 @@ pub fn hostname() -> String {
 }
 
 impl Settings {
-    pub fn from_flags(f: &Flags) -> anyhow::Result<Self> {
+    pub fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
+        let merged;
+        let f = match &flags.config {
+            Some(path) => {
+                merged = crate::config::merge(flags, crate::config::load(path)?);
+                &merged
+            }
+            None => flags,
+        };
         let mode = f.proxy_mode.unwrap_or(ProxyMode::Ebpf);
         let node_name = f
             .hostname_override

@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod config;
 pub mod dataplane;
 pub mod ebpf_obj;
 pub mod http;
