@@ -1020,6 +1020,8 @@ pub struct EndpointInfo {
     pub terminating: Option<bool>,
     pub node: Option<String>,
     pub zone: Option<String>,
+    /// The slice's ports: (name, port, protocol); a port the controller could not resolve has port 0.
+    pub ports: Vec<(String, u16, String)>,
 }
 
 /// Every endpoint of the EndpointSlices of Service `namespace/service` (label `kubernetes.io/service-name`).
@@ -1033,6 +1035,18 @@ pub async fn service_endpoints(client: &Client, namespace: &str, service: &str) 
     let mut out = Vec::new();
     for s in slices {
         let slice = s.metadata.name.clone().unwrap_or_default();
+        let ports: Vec<(String, u16, String)> = s
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.name.unwrap_or_default(),
+                    p.port.and_then(|n| u16::try_from(n).ok()).unwrap_or(0),
+                    p.protocol.unwrap_or_default(),
+                )
+            })
+            .collect();
         for e in s.endpoints.unwrap_or_default() {
             let c = e.conditions.unwrap_or_default();
             out.push(EndpointInfo {
@@ -1044,6 +1058,7 @@ pub async fn service_endpoints(client: &Client, namespace: &str, service: &str) 
                 terminating: c.terminating,
                 node: e.node_name,
                 zone: e.zone,
+                ports: ports.clone(),
             });
         }
     }

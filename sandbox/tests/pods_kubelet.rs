@@ -317,3 +317,168 @@ async fn pods_answer_across_nodes_and_follow_readiness_and_termination() {
     sb.down().expect("teardown");
     assert!(netns::list_orca_netns().is_empty());
 }
+
+fn restart_count(p: &KPod) -> i32 {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .map(|c| c.restart_count)
+        .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use orca_sandbox::kubelet::PortSpec;
+    use orca_sandbox::pods::OnSigterm;
+    if !should_run() {
+        return;
+    }
+    let sb = Sandbox::up(SandboxOptions::default()).await.expect("sandbox up");
+    let topo = sb.topology().clone();
+    let client = sb.admin_client();
+    let node_a = &topo.nodes[0];
+    let t = Duration::from_secs(3);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "team"}})).unwrap();
+    namespaces.create(&PostParams::default(), &ns).await.expect("namespace");
+    let kubelet = Kubelet::with_binary(client.clone(), PodNode::from_topology(&topo), testpod());
+
+    // Two deployments behind one Service whose targetPort is the name "web": 8080 in one, 7070 in the other.
+    // No readiness probe (Ready once started); the first keeps serving while terminating.
+    let one = DeploymentSpec::new("multi", 1)
+        .namespace("team")
+        .labels(&[("app", "multi")])
+        .on_node(&node_a.name)
+        .ports(vec![PortSpec::http("web", 8080), PortSpec::http("alt", 9090)])
+        .readiness(None)
+        .on_sigterm(OnSigterm::KeepReady);
+    let two = DeploymentSpec::new("multi-seven", 1)
+        .namespace("team")
+        .labels(&[("app", "multi")])
+        .ports(vec![PortSpec::http("web", 7070)])
+        .readiness(None);
+    let p1 = kubelet.deploy(&one).await.expect("deploy multi").remove(0);
+    let p2 = kubelet.deploy(&two).await.expect("deploy multi-seven").remove(0);
+    assert_eq!(p1.netns, "orca-pod-team_".to_string() + &p1.name);
+    kubelet
+        .wait_ready("team", &p1.name, true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    kubelet
+        .wait_ready("team", &p2.name, true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    for (p, port) in [(&p1, 8080), (&p1, 9090), (&p2, 7070)] {
+        let w = pods::whoami(&node_a.netns, p.addr(port), t).await.expect("whoami");
+        assert_eq!(
+            (w.pod.as_str(), w.namespace.as_str(), w.server_port),
+            (p.name.as_str(), "team", port)
+        );
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), "team");
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "multi"},
+        "spec": {"selector": {"app": "multi"},
+                 "ports": [{"name": "web", "port": 80, "targetPort": "web", "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &svc).await.expect("service");
+    let t0 = Instant::now();
+    let eps = loop {
+        let eps = service_endpoints(&client, "team", "multi").await.unwrap();
+        if eps.len() == 2 && eps.iter().all(|e| e.ready == Some(true)) {
+            break eps;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "endpoints: {eps:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let port_of = |pod: &str| endpoint(&eps, pod).map(|e| e.ports.clone());
+    assert_eq!(
+        port_of(&p1.name),
+        Some(vec![("web".to_string(), 8080, "TCP".to_string())])
+    );
+    assert_eq!(
+        port_of(&p2.name),
+        Some(vec![("web".to_string(), 7070, "TCP".to_string())])
+    );
+    assert_ne!(
+        endpoint(&eps, &p1.name).unwrap().slice,
+        endpoint(&eps, &p2.name).unwrap().slice
+    );
+
+    // The server dies: the kubelet restarts it in the same namespace, restartCount 1, same IP.
+    let pods_api: Api<KPod> = Api::namespaced(client.clone(), "team");
+    assert_eq!(restart_count(&pods_api.get(&p1.name).await.unwrap()), 0);
+    let pids = netns::ip(&["netns", "pids", &p1.netns]).unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).to_string();
+    assert_eq!(
+        pids.split_whitespace().count(),
+        1,
+        "one server process in {}: {pids}",
+        p1.netns
+    );
+    netns::terminate(&[pids.trim().parse().unwrap()], Duration::ZERO);
+    let t0 = Instant::now();
+    loop {
+        let obj = pods_api.get(&p1.name).await.unwrap();
+        if restart_count(&obj) == 1 && orca_sandbox::kubelet::pod_ready(&obj) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no restart seen: {:?}",
+            obj.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = pods::whoami(&node_a.netns, p1.addr(8080), t)
+        .await
+        .expect("restarted server answers");
+    assert_eq!(w.pod_ip, p1.ip.to_string());
+
+    // Graceful delete of a pod that stays ready while terminating: serving + terminating, not ready, then gone.
+    let grace = Duration::from_secs(3);
+    let t0 = Instant::now();
+    kubelet.delete_pod("team", &p1.name, Some(grace)).await.unwrap();
+    loop {
+        let eps = service_endpoints(&client, "team", "multi").await.unwrap();
+        let e = endpoint(&eps, &p1.name).cloned();
+        if e.as_ref().is_some_and(|e| e.terminating == Some(true)) {
+            let e = e.unwrap();
+            assert_eq!((e.ready, e.serving), (Some(false), Some(true)), "{e:?}");
+            break;
+        }
+        assert!(t0.elapsed() < grace, "not terminating in time: {eps:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = pods::whoami(&node_a.netns, p1.addr(8080), t)
+        .await
+        .expect("serves while terminating");
+    assert_eq!(w.pod, p1.name);
+    let gone = kubelet
+        .wait_gone("team", &p1.name, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert!(
+        t0.elapsed() >= grace,
+        "gone before its grace period: {:?}",
+        t0.elapsed()
+    );
+    assert!(!netns_exists(&p1.netns));
+    eprintln!("keep-ready pod gone {:?} after delete ({gone:?} waiting)", t0.elapsed());
+
+    // Dropping the kubelet (no shutdown) still removes the pod namespaces.
+    drop(kubelet);
+    let t0 = Instant::now();
+    while netns_exists(&p2.netns) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} survived the kubelet",
+            p2.netns
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sb.down().expect("teardown");
+}

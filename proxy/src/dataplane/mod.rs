@@ -1,5 +1,7 @@
 //! The dataplane interface: one implementation per kernel mechanism (iptables, eBPF) applies the model's diffs.
 
+pub mod iptables;
+
 use std::fmt;
 
 use crate::model::state::Snapshot;

@@ -1,0 +1,440 @@
+//! Deleting stale UDP conntrack entries over ctnetlink (NETLINK_NETFILTER, `IPCTNL_MSG_CT_GET` dump +
+//! `IPCTNL_MSG_CT_DELETE` per match), hand-rolled; when netlink fails, the `conntrack -D` binary is the fallback.
+//!
+//! UDP has no connection teardown, so an entry keeps DNATing a flow to an endpoint that is gone (or keeps the
+//! flow un-DNATed after a REJECT) until it times out; kube-proxy deletes such entries after every sync, so does
+//! Orca.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Stdio;
+
+use anyhow::{bail, Context, Result};
+
+/// One kind of entry to delete: UDP, original destination `orig_dst` (any when `None`) and port `orig_dport`,
+/// DNATed to `reply_src` (any when `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UdpFilter {
+    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_dport: u16,
+    pub reply_src: Option<Ipv4Addr>,
+}
+
+impl UdpFilter {
+    fn matches(&self, e: &Entry) -> bool {
+        e.proto == 17
+            && e.orig_dport == self.orig_dport
+            && self.orig_dst.is_none_or(|d| d == e.orig_dst)
+            && self.reply_src.is_none_or(|s| s == e.reply_src)
+    }
+
+    /// The `conntrack -D` arguments of this filter.
+    fn cli_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec!["-D".into(), "-p".into(), "udp".into()];
+        if let Some(d) = self.orig_dst {
+            a.extend(["--orig-dst".into(), d.to_string()]);
+        }
+        a.extend(["--dport".into(), self.orig_dport.to_string()]);
+        if let Some(s) = self.reply_src {
+            a.extend(["--dst-nat".into(), s.to_string()]);
+        }
+        a
+    }
+}
+
+/// Deletes every IPv4 UDP conntrack entry matching one of `filters`, in namespace `netns` (or the current one).
+/// Returns how many were deleted.
+pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
+    if filters.is_empty() {
+        return Ok(0);
+    }
+    match delete_netlink(netns, filters) {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "ctnetlink failed, falling back to the conntrack binary");
+            delete_cli(netns, filters)
+        }
+    }
+}
+
+fn delete_cli(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
+    let mut deleted = 0;
+    for f in filters {
+        let mut c = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "conntrack"]);
+                c
+            }
+            None => std::process::Command::new("conntrack"),
+        };
+        c.args(f.cli_args()).stdin(Stdio::null());
+        let out = c.output().context("running conntrack -D")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        // "N flow entries have been deleted." (exit 1 when N is 0).
+        let n = err.split_whitespace().next().and_then(|w| w.parse::<usize>().ok());
+        match (out.status.success(), n) {
+            (_, Some(n)) => deleted += n,
+            (true, None) => {}
+            (false, None) => bail!("conntrack {:?} failed: {}", f.cli_args(), err.trim()),
+        }
+    }
+    Ok(deleted)
+}
+
+// --- ctnetlink -----------------------------------------------------------------------------------------------
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const AF_INET: u8 = 2;
+
+/// The parts of a conntrack entry we match on, plus the raw attributes needed to delete it.
+#[derive(Debug, Clone)]
+struct Entry {
+    proto: u8,
+    orig_dst: Ipv4Addr,
+    orig_dport: u16,
+    reply_src: Ipv4Addr,
+    /// The raw CTA_TUPLE_ORIG attribute (header included), and CTA_ZONE when present.
+    raw_orig: Vec<u8>,
+    raw_zone: Vec<u8>,
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Iterates the netlink attributes of `buf`: (type without flags, payload, whole attribute bytes).
+fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let whole = &buf[..len];
+        let payload = &buf[4..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((ty, payload, whole))
+    })
+}
+
+/// (src, dst, proto, dport) of a CTA_TUPLE_* payload.
+fn parse_tuple(t: &[u8]) -> (Ipv4Addr, Ipv4Addr, u8, u16) {
+    let (mut src, mut dst, mut proto, mut dport) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, 0u8, 0u16);
+    for (ty, p, _) in attrs(t) {
+        match ty {
+            CTA_TUPLE_IP => {
+                for (ty, p, _) in attrs(p) {
+                    if p.len() == 4 {
+                        let a = Ipv4Addr::new(p[0], p[1], p[2], p[3]);
+                        match ty {
+                            CTA_IP_V4_SRC => src = a,
+                            CTA_IP_V4_DST => dst = a,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (ty, p, _) in attrs(p) {
+                    match (ty, p.len()) {
+                        (CTA_PROTO_NUM, 1) => proto = p[0],
+                        (CTA_PROTO_DST_PORT, 2) => dport = u16::from_be_bytes([p[0], p[1]]),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (src, dst, proto, dport)
+}
+
+fn parse_entry(payload: &[u8]) -> Option<Entry> {
+    // nfgenmsg (4 bytes) then attributes.
+    let mut e = Entry {
+        proto: 0,
+        orig_dst: Ipv4Addr::UNSPECIFIED,
+        orig_dport: 0,
+        reply_src: Ipv4Addr::UNSPECIFIED,
+        raw_orig: Vec::new(),
+        raw_zone: Vec::new(),
+    };
+    let mut have_orig = false;
+    for (ty, p, whole) in attrs(payload.get(4..)?) {
+        match ty {
+            CTA_TUPLE_ORIG => {
+                let (_, dst, proto, dport) = parse_tuple(p);
+                e.orig_dst = dst;
+                e.proto = proto;
+                e.orig_dport = dport;
+                e.raw_orig = whole.to_vec();
+                have_orig = true;
+            }
+            CTA_TUPLE_REPLY => {
+                let (src, _, _, _) = parse_tuple(p);
+                e.reply_src = src;
+            }
+            CTA_ZONE => e.raw_zone = whole.to_vec(),
+            _ => {}
+        }
+    }
+    have_orig.then_some(e)
+}
+
+struct NlSocket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+fn open_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the returned descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+    // SAFETY: valid fd, pointer to a live timeval of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Opens the socket inside `/run/netns/NAME` (a netlink socket stays in the namespace it was created in).
+fn open_socket_in(netns: Option<&str>) -> Result<OwnedFd> {
+    let Some(ns) = netns else {
+        return Ok(open_socket()?);
+    };
+    let path = format!("/run/netns/{ns}");
+    let nsfile = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<OwnedFd> {
+            // SAFETY: setns on this (short-lived, scoped) thread only; the file descriptor is valid.
+            if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns({path}): {}", io::Error::last_os_error());
+            }
+            Ok(open_socket()?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    })
+}
+
+impl NlSocket {
+    fn send(&mut self, msg_type: u16, flags: u16, attrs: &[&[u8]]) -> io::Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let body: usize = attrs.iter().map(|a| align4(a.len())).sum();
+        let len = 16 + 4 + body;
+        let mut m = Vec::with_capacity(len);
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
+        m.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        m.extend_from_slice(&self.seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[AF_INET, 0, 0, 0]);
+        for a in attrs {
+            m.extend_from_slice(a);
+            m.resize(align4(m.len()), 0);
+        }
+        // SAFETY: zeroed sockaddr_nl is valid; the kernel is pid 0.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: valid fd, buffer and address of the sizes passed.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                m.as_ptr().cast(),
+                m.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(self.seq)
+    }
+
+    /// Receives messages for `seq` and hands each (type, payload) to `f` until DONE (dump) or an ACK/error.
+    fn recv(&mut self, seq: u32, mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: valid fd and buffer of the length passed.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut b = &buf[..n as usize];
+            while b.len() >= 16 {
+                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                let ty = u16::from_ne_bytes([b[4], b[5]]);
+                let mseq = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
+                if len < 16 || len > b.len() {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
+                }
+                let payload = &b[16..len];
+                b = &b[align4(len).min(b.len())..];
+                if mseq != seq {
+                    continue;
+                }
+                match ty {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let code = payload
+                            .get(..4)
+                            .map(|c| i32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+                            .unwrap_or(0);
+                        return if code == 0 {
+                            Ok(())
+                        } else {
+                            Err(io::Error::from_raw_os_error(-code))
+                        };
+                    }
+                    _ => f(ty, payload),
+                }
+            }
+        }
+    }
+}
+
+fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
+    let mut sock = NlSocket {
+        fd: open_socket_in(netns)?,
+        seq: std::process::id(),
+    };
+    let seq = sock
+        .send(IPCTNL_MSG_CT_GET, NLM_F_DUMP, &[])
+        .context("sending the conntrack dump request")?;
+    let mut victims = Vec::new();
+    let mut total = 0usize;
+    sock.recv(seq, |_, payload| {
+        total += 1;
+        if let Some(e) = parse_entry(payload) {
+            if filters.iter().any(|f| f.matches(&e)) {
+                victims.push(e);
+            }
+        }
+    })
+    .context("reading the conntrack dump")?;
+    let mut deleted = 0;
+    for e in &victims {
+        let mut parts: Vec<&[u8]> = vec![&e.raw_orig];
+        if !e.raw_zone.is_empty() {
+            parts.push(&e.raw_zone);
+        }
+        let seq = sock.send(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, &parts)?;
+        match sock.recv(seq, |_, _| {}) {
+            Ok(()) => deleted += 1,
+            // Gone in the meantime.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).context("deleting a conntrack entry"),
+        }
+    }
+    tracing::debug!(scanned = total, deleted, "conntrack cleanup");
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();
+        v.extend_from_slice(&ty.to_ne_bytes());
+        v.extend_from_slice(payload);
+        v.resize(align4(v.len()), 0);
+        v
+    }
+
+    fn tuple(src: [u8; 4], dst: [u8; 4], proto: u8, dport: u16) -> Vec<u8> {
+        let ip = [attr(CTA_IP_V4_SRC, &src), attr(CTA_IP_V4_DST, &dst)].concat();
+        let pr = [
+            attr(CTA_PROTO_NUM, &[proto]),
+            attr(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
+        ]
+        .concat();
+        [attr(CTA_TUPLE_IP | 0x8000, &ip), attr(CTA_TUPLE_PROTO | 0x8000, &pr)].concat()
+    }
+
+    #[test]
+    fn parses_entries_and_matches_filters() {
+        let orig = attr(CTA_TUPLE_ORIG | 0x8000, &tuple([10, 0, 0, 9], [10, 96, 0, 10], 17, 53));
+        let reply = attr(
+            CTA_TUPLE_REPLY | 0x8000,
+            &tuple([10, 244, 1, 5], [10, 0, 0, 9], 17, 40000),
+        );
+        let payload = [vec![AF_INET, 0, 0, 0], orig.clone(), reply].concat();
+        let e = parse_entry(&payload).unwrap();
+        assert_eq!(
+            (e.proto, e.orig_dst, e.orig_dport),
+            (17, Ipv4Addr::new(10, 96, 0, 10), 53)
+        );
+        assert_eq!(e.reply_src, Ipv4Addr::new(10, 244, 1, 5));
+        assert_eq!(e.raw_orig, orig);
+        let svc = UdpFilter {
+            orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10)),
+            orig_dport: 53,
+            reply_src: None,
+        };
+        assert!(svc.matches(&e));
+        assert!(UdpFilter {
+            reply_src: Some(Ipv4Addr::new(10, 244, 1, 5)),
+            ..svc
+        }
+        .matches(&e));
+        assert!(!UdpFilter {
+            reply_src: Some(Ipv4Addr::new(10, 244, 1, 6)),
+            ..svc
+        }
+        .matches(&e));
+        assert!(!UdpFilter { orig_dport: 54, ..svc }.matches(&e));
+        assert!(UdpFilter { orig_dst: None, ..svc }.matches(&e));
+        assert_eq!(
+            UdpFilter {
+                reply_src: Some(Ipv4Addr::new(10, 244, 1, 5)),
+                ..svc
+            }
+            .cli_args()
+            .join(" "),
+            "-D -p udp --orig-dst 10.96.0.10 --dport 53 --dst-nat 10.244.1.5"
+        );
+        // Garbage never panics.
+        assert!(parse_entry(&[1, 2]).is_none());
+        assert!(parse_entry(&[0, 0, 0, 0, 255, 255, 1]).is_none());
+    }
+}

@@ -1,0 +1,436 @@
+//! The iptables dataplane: kube-proxy's iptables mode, with Orca's own chains (`ORCA-*`, never `KUBE-*`).
+//!
+//! - [`rules`] turns the desired state into `iptables-restore` input for the `filter` and `nat` tables, rule for
+//!   rule as kube-proxy's `pkg/proxy/iptables/proxier.go` does.
+//! - Every sync is one `iptables-restore -w 5 --noflush --counters` transaction. A full sync (start-up,
+//!   `--sync-period`, after a failed partial sync) rewrites every Orca chain and deletes the stale ones (found
+//!   with `iptables-save -t nat`/`filter`); a partial sync ([`Dataplane::apply`]) rewrites the dispatch chains
+//!   (`ORCA-SERVICES`, `ORCA-NODEPORTS`, every filter chain) and the own chains of the changed service ports only,
+//!   and deletes the chains of removed ones (and the chains changed ports no longer use).
+//! - The jump rules from the built-in chains are checked with `-C` and inserted with `-I` on every sync.
+//! - The flavour (nft or legacy) is detected as kube-proxy's iptables wrapper does ([`exec::Exec::detect`]).
+//! - After a sync, stale UDP conntrack entries are deleted ([`conntrack`]).
+//! - IPv4 only for now: IPv6 service ports/endpoints are skipped (`ip6tables-restore` is not driven yet).
+//!
+//! Scale (measured by `proxy/tests/iptables_netns.rs::scale_full_sync`, inside a network namespace, nft
+//! backend, iptables 1.8.9, 2 cores; 2 endpoints per service port, one cluster CIDR, every 4th port a NodePort):
+//! see `bench/results/iptables-scale.md` for the numbers.
+
+pub mod conntrack;
+pub mod exec;
+pub mod hash;
+pub mod rules;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use self::conntrack::UdpFilter;
+use self::exec::{chains_with_prefix, Exec, Flavour};
+use self::rules::{Generator, GeneratorOptions, Ruleset, FILTER_CHAINS, JUMPS, PREFIX};
+use super::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
+use crate::model::state::{ServicePortState, Snapshot};
+use crate::model::tracker::Diff;
+use crate::model::{NodeInfo, Protocol, ServicePortName};
+
+/// Options of the iptables dataplane that are not kube-proxy flags.
+#[derive(Debug, Clone, Default)]
+pub struct IptablesOptions {
+    /// Run every command in this network namespace (`ip netns exec NAME ...`); `None`: the agent's own.
+    pub netns: Option<String>,
+    /// Force a flavour instead of detecting it.
+    pub flavour: Option<Flavour>,
+}
+
+/// What the last sync sent, for logs and tests.
+#[derive(Debug, Clone, Default)]
+pub struct LastSync {
+    pub full: bool,
+    /// The restore input.
+    pub input: String,
+    /// Its line count.
+    pub lines: usize,
+    /// Rules in the input.
+    pub rules_written: usize,
+    /// Rules Orca owns after the sync.
+    pub rules_total: usize,
+    pub chains_deleted: usize,
+    pub conntrack_deleted: usize,
+    pub duration: std::time::Duration,
+}
+
+/// The iptables dataplane.
+pub struct IptablesDataplane {
+    cfg: DataplaneConfig,
+    exec: Exec,
+    gen_opts: GeneratorOptions,
+    /// The nat chains of every programmed service port.
+    installed: HashMap<ServicePortName, Vec<String>>,
+    /// The desired state of the last successful sync (for conntrack cleanup).
+    applied: Option<Snapshot>,
+    synced: bool,
+    route_localnet_done: bool,
+    last: LastSync,
+}
+
+impl IptablesDataplane {
+    pub fn new(cfg: DataplaneConfig, opts: IptablesOptions) -> Result<Self> {
+        let mut exec = Exec::detect(opts.netns.as_deref());
+        if let Some(f) = opts.flavour {
+            if f != exec.flavour() {
+                exec = Exec::with_flavour(opts.netns.as_deref(), f);
+            }
+        }
+        let version = exec
+            .version_string()
+            .context("iptables is not usable (is it installed, and are we root?)")?;
+        let liberal = exec
+            .sysctl_get("net.netfilter.nf_conntrack_tcp_be_liberal")
+            .is_some_and(|v| v != "0");
+        let gen_opts = GeneratorOptions {
+            random_fully: exec.has_random_fully(),
+            conntrack_tcp_liberal: liberal,
+        };
+        tracing::info!(
+            flavour = exec.flavour().as_str(),
+            version,
+            random_fully = gen_opts.random_fully,
+            conntrack_tcp_liberal = liberal,
+            netns = ?exec.netns(),
+            "iptables dataplane"
+        );
+        Ok(Self {
+            cfg,
+            exec,
+            gen_opts,
+            installed: HashMap::new(),
+            applied: None,
+            synced: false,
+            route_localnet_done: false,
+            last: LastSync::default(),
+        })
+    }
+
+    pub fn flavour(&self) -> Flavour {
+        self.exec.flavour()
+    }
+
+    pub fn exec(&self) -> &Exec {
+        &self.exec
+    }
+
+    /// What the last sync sent.
+    pub fn last_sync(&self) -> &LastSync {
+        &self.last
+    }
+
+    fn local_addrs(&self) -> Vec<IpAddr> {
+        let needed = self.cfg.nodeport_addresses.iter().any(|c| c.is_ipv4() && c.prefix != 0);
+        if !needed {
+            return Vec::new();
+        }
+        self.exec.local_addrs().unwrap_or_else(|e| {
+            tracing::error!(error = %format!("{e:#}"), "cannot list local addresses: NodePorts on --nodeport-addresses are off");
+            Vec::new()
+        })
+    }
+
+    fn generate(&self, desired: &Snapshot, node: &NodeInfo, write: &dyn Fn(&ServicePortName) -> bool) -> Ruleset {
+        let addrs = self.local_addrs();
+        let mut g = Generator::new(&self.cfg, node, &addrs, self.gen_opts);
+        g.generate(desired, write)
+    }
+
+    fn ensure_jumps(&self) -> Result<()> {
+        for j in JUMPS {
+            let args = j.args();
+            if !self.exec.check_rule(j.table, j.from, &args)? {
+                self.exec
+                    .insert_rule(j.table, j.from, &args)
+                    .with_context(|| format!("inserting the jump {} -> {}", j.from, j.to))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_route_localnet(&mut self, needed: bool) -> Result<()> {
+        if needed && !self.route_localnet_done {
+            tracing::info!("setting route_localnet=1 for NodePorts on 127.0.0.1 (--nodeport-addresses includes it)");
+            self.exec.sysctl_set("net.ipv4.conf.all.route_localnet", "1")?;
+            self.route_localnet_done = true;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self, desired: &Snapshot, node: &NodeInfo, diff: Option<&Diff>) -> Result<SyncStats> {
+        let start = Instant::now();
+        let full = diff.is_none() || !self.synced;
+        let (ruleset, stale_filter, stale_nat) = if full {
+            let rs = self.generate(desired, node, &|_| true);
+            let existing_nat = chains_with_prefix(&self.exec.save("nat")?, PREFIX);
+            let existing_filter = chains_with_prefix(&self.exec.save("filter")?, PREFIX);
+            let mut active: HashSet<&str> = rs.top_nat_chains().into_iter().collect();
+            for cs in rs.port_chains.values() {
+                active.extend(cs.iter().map(String::as_str));
+            }
+            let stale_nat: Vec<String> = existing_nat
+                .into_iter()
+                .filter(|c| !active.contains(c.as_str()))
+                .collect();
+            let stale_filter: Vec<String> = existing_filter
+                .into_iter()
+                .filter(|c| !FILTER_CHAINS.contains(&c.as_str()))
+                .collect();
+            (rs, stale_filter, stale_nat)
+        } else {
+            let diff = diff.expect("partial sync has a diff");
+            let mut changed: HashSet<&ServicePortName> = diff.upserted.iter().map(|s| s.name()).collect();
+            // Anything desired but never programmed (should not happen) is written too.
+            for k in desired.keys() {
+                if !self.installed.contains_key(k) {
+                    changed.insert(k);
+                }
+            }
+            let rs = self.generate(desired, node, &|n| changed.contains(n));
+            let mut stale = BTreeSet::new();
+            for name in &changed {
+                let new: HashSet<&String> = rs.port_chains.get(*name).into_iter().flatten().collect();
+                for c in self.installed.get(*name).into_iter().flatten() {
+                    if !new.contains(c) {
+                        stale.insert(c.clone());
+                    }
+                }
+            }
+            for name in &diff.removed {
+                if desired.contains_key(name) {
+                    continue;
+                }
+                stale.extend(self.installed.get(name).into_iter().flatten().cloned());
+            }
+            (rs, Vec::new(), stale.into_iter().collect())
+        };
+        let (input, lines) = ruleset.restore_input(&stale_filter, &stale_nat);
+        self.exec.restore(&input)?;
+        self.ensure_jumps()?;
+        self.ensure_route_localnet(ruleset.localhost_nodeports)?;
+
+        if full {
+            self.installed = ruleset.port_chains.clone();
+        } else if let Some(diff) = diff {
+            for name in &diff.removed {
+                if !desired.contains_key(name) {
+                    self.installed.remove(name);
+                }
+            }
+            for (k, v) in &ruleset.port_chains {
+                self.installed.insert(k.clone(), v.clone());
+            }
+        }
+        self.synced = true;
+
+        let filters = match (&self.applied, diff) {
+            (Some(old), Some(diff)) if !full => {
+                let names = diff.upserted.iter().map(|s| s.name()).chain(diff.removed.iter());
+                conntrack_filters(names, old, desired)
+            }
+            (Some(old), _) => conntrack_filters(old.keys().chain(desired.keys()), old, desired),
+            (None, _) => Vec::new(),
+        };
+        let conntrack_deleted = if filters.is_empty() {
+            0
+        } else {
+            conntrack::delete_udp(self.exec.netns(), &filters).unwrap_or_else(|e| {
+                tracing::error!(error = %format!("{e:#}"), "deleting stale UDP conntrack entries failed");
+                0
+            })
+        };
+        self.applied = Some(desired.clone());
+
+        self.last = LastSync {
+            full,
+            input,
+            lines,
+            rules_written: ruleset.rules_written,
+            rules_total: ruleset.rules_total,
+            chains_deleted: stale_filter.len() + stale_nat.len(),
+            conntrack_deleted,
+            duration: start.elapsed(),
+        };
+        tracing::debug!(
+            full,
+            lines,
+            rules_written = ruleset.rules_written,
+            rules_total = ruleset.rules_total,
+            chains_deleted = self.last.chains_deleted,
+            conntrack_deleted,
+            elapsed = ?self.last.duration,
+            "iptables sync"
+        );
+        Ok(SyncStats {
+            objects_written: ruleset.rules_written,
+            service_ports: desired.len(),
+        })
+    }
+}
+
+fn v4_of(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    ips.iter().filter_map(|ip| match ip {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// Every IPv4 frontend address of a service port: cluster IP, external IPs, load-balancer IPs.
+fn frontends(st: &ServicePortState) -> Vec<Ipv4Addr> {
+    let p = &st.port;
+    let mut v: Vec<Ipv4Addr> = v4_of(&p.cluster_ips).take(1).collect();
+    v.extend(v4_of(&p.external_ips));
+    v.extend(v4_of(&p.load_balancer_ips));
+    v
+}
+
+fn reachable_v4(st: &ServicePortState) -> BTreeSet<(Ipv4Addr, u16)> {
+    st.selected
+        .all_reachable
+        .iter()
+        .filter_map(|e| match e.ip {
+            IpAddr::V4(a) => Some((a, e.port)),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// kube-proxy's UDP conntrack cleanup for the service ports `names`, comparing `old` with `new`:
+/// - an endpoint that is no longer reachable: entries to every frontend (and the NodePort) DNATed to it;
+/// - a first endpoint after none: entries to every frontend (and the NodePort), which cached the REJECT.
+pub fn conntrack_filters<'a>(
+    names: impl Iterator<Item = &'a ServicePortName>,
+    old: &Snapshot,
+    new: &Snapshot,
+) -> Vec<UdpFilter> {
+    let mut out = BTreeSet::new();
+    for name in names {
+        if name.protocol != Protocol::Udp {
+            continue;
+        }
+        let (o, n) = (old.get(name), new.get(name));
+        let old_eps = o.map(|s| reachable_v4(s)).unwrap_or_default();
+        let new_eps = n.map(|s| reachable_v4(s)).unwrap_or_default();
+        if let Some(o) = o {
+            let new_ips: HashSet<Ipv4Addr> = new_eps.iter().map(|(ip, _)| *ip).collect();
+            for (ip, _) in old_eps.iter().filter(|e| !new_eps.contains(e)) {
+                if new_ips.contains(ip) {
+                    continue;
+                }
+                for f in frontends(o) {
+                    out.insert(UdpFilter {
+                        orig_dst: Some(f),
+                        orig_dport: o.port.port,
+                        reply_src: Some(*ip),
+                    });
+                }
+                if let Some(np) = o.port.node_port {
+                    out.insert(UdpFilter {
+                        orig_dst: None,
+                        orig_dport: np,
+                        reply_src: Some(*ip),
+                    });
+                }
+            }
+        }
+        if let Some(n) = n {
+            if old_eps.is_empty() && !new_eps.is_empty() {
+                for f in frontends(n) {
+                    out.insert(UdpFilter {
+                        orig_dst: Some(f),
+                        orig_dport: n.port.port,
+                        reply_src: None,
+                    });
+                }
+                if let Some(np) = n.port.node_port {
+                    out.insert(UdpFilter {
+                        orig_dst: None,
+                        orig_dport: np,
+                        reply_src: None,
+                    });
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+impl Dataplane for IptablesDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Iptables
+    }
+
+    fn full_sync(&mut self, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+        self.sync(desired, node, None)
+    }
+
+    fn apply(&mut self, diff: &Diff, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+        self.sync(desired, node, Some(diff))
+    }
+
+    /// Removes the jump rules, then flushes and deletes every `ORCA-*` chain of the filter and nat tables.
+    fn cleanup(&mut self) -> Result<()> {
+        let mut errors = Vec::new();
+        for j in JUMPS {
+            let args = j.args();
+            for _ in 0..8 {
+                match self.exec.check_rule(j.table, j.from, &args) {
+                    Ok(true) => {
+                        if let Err(e) = self.exec.delete_rule(j.table, j.from, &args) {
+                            errors.push(format!("{e:#}"));
+                            break;
+                        }
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        errors.push(format!("{e:#}"));
+                        break;
+                    }
+                }
+            }
+        }
+        let mut input = String::new();
+        for table in ["filter", "nat"] {
+            match self.exec.save(table) {
+                Ok(save) => {
+                    let chains = chains_with_prefix(&save, PREFIX);
+                    if chains.is_empty() {
+                        continue;
+                    }
+                    input.push_str(&format!("*{table}\n"));
+                    for c in &chains {
+                        input.push_str(&format!(":{c} - [0:0]\n"));
+                    }
+                    for c in &chains {
+                        input.push_str(&format!("-X {c}\n"));
+                    }
+                    input.push_str("COMMIT\n");
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if !input.is_empty() {
+            if let Err(e) = self.exec.restore(&input) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        self.installed.clear();
+        self.applied = None;
+        self.synced = false;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("iptables cleanup: {}", errors.join("; "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,882 @@
+//! The rule generator: desired state -> `iptables-restore` input for the `filter` and `nat` tables.
+//!
+//! It follows kube-proxy's iptables proxier (`pkg/proxy/iptables/proxier.go`) rule for rule, with Orca's chain
+//! prefix (`ORCA-` instead of `KUBE-`): the same chains, the same matches in the same order, the same comments
+//! (with `orca` instead of `kubernetes` in the fixed ones), the same probability formatting. IPv4 only.
+//!
+//! Per service port (hash `H` of `namespace/name[:port]` + protocol, see [`super::hash`]):
+//! - `ORCA-SVC-H`: Cluster-policy endpoints, `ORCA-SVL-H`: Local-policy endpoints;
+//! - `ORCA-EXT-H`: every external destination (NodePort, external IPs, load-balancer IPs) lands here;
+//! - `ORCA-FW-H`: loadBalancerSourceRanges, in front of `ORCA-EXT-H` for load-balancer IPs;
+//! - `ORCA-SEP-H'`: one per endpoint (hash also over `ip:port`): hairpin mark, affinity `recent` set, DNAT.
+//!
+//! Dispatch chains `ORCA-SERVICES` / `ORCA-NODEPORTS` (nat) and every `filter` chain are rewritten whole on every
+//! sync; the per-service-port chains only when the caller says the port changed (see [`Generator::generate`]).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::hash::hash16;
+use crate::dataplane::DataplaneConfig;
+use crate::model::selection::categorize;
+use crate::model::state::{ServicePortState, Snapshot};
+use crate::model::{Cidr, Endpoint, NodeInfo, Protocol, ServicePortName};
+
+pub const PREFIX: &str = "ORCA-";
+pub const SERVICES: &str = "ORCA-SERVICES";
+pub const EXTERNAL_SERVICES: &str = "ORCA-EXTERNAL-SERVICES";
+pub const NODEPORTS: &str = "ORCA-NODEPORTS";
+pub const POSTROUTING: &str = "ORCA-POSTROUTING";
+pub const MARK_MASQ: &str = "ORCA-MARK-MASQ";
+pub const FORWARD: &str = "ORCA-FORWARD";
+pub const PROXY_FIREWALL: &str = "ORCA-PROXY-FIREWALL";
+pub const FIREWALL: &str = "ORCA-FIREWALL";
+/// Only with several IPv4 `--cluster-cidr`s: returns for pod sources, marks everything else for masquerade
+/// (one `! -s` match cannot name several ranges).
+pub const MASQ_OFF_CLUSTER: &str = "ORCA-MASQ-OFF-CLUSTER";
+
+/// The nat chains that exist whatever the services (besides [`MASQ_OFF_CLUSTER`] when needed).
+pub const NAT_TOP_CHAINS: [&str; 4] = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
+/// The filter chains, all rewritten on every sync.
+pub const FILTER_CHAINS: [&str; 6] = [
+    SERVICES,
+    EXTERNAL_SERVICES,
+    FORWARD,
+    NODEPORTS,
+    PROXY_FIREWALL,
+    FIREWALL,
+];
+
+/// kube-proxy's threshold: above this many endpoints, per-endpoint rules carry no comment.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// A jump from a built-in chain to one of ours; checked with `-C` and inserted with `-I` on every sync.
+#[derive(Debug, Clone, Copy)]
+pub struct Jump {
+    pub table: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub comment: &'static str,
+    pub ctstate_new: bool,
+}
+
+impl Jump {
+    /// The rule's arguments after `-t TABLE -X CHAIN`.
+    pub fn args(&self) -> Vec<&'static str> {
+        let mut a = Vec::with_capacity(10);
+        if self.ctstate_new {
+            a.extend(["-m", "conntrack", "--ctstate", "NEW"]);
+        }
+        a.extend(["-m", "comment", "--comment", self.comment, "-j", self.to]);
+        a
+    }
+}
+
+const fn jump(table: &'static str, to: &'static str, from: &'static str, comment: &'static str, new: bool) -> Jump {
+    Jump {
+        table,
+        from,
+        to,
+        comment,
+        ctstate_new: new,
+    }
+}
+
+/// kube-proxy's iptablesJumpChains (plus the kubelet-duplicated firewall chain), in the same order.
+pub const JUMPS: [Jump; 14] = [
+    jump(
+        "filter",
+        EXTERNAL_SERVICES,
+        "INPUT",
+        "orca externally-visible service portals",
+        true,
+    ),
+    jump(
+        "filter",
+        EXTERNAL_SERVICES,
+        "FORWARD",
+        "orca externally-visible service portals",
+        true,
+    ),
+    jump("filter", NODEPORTS, "INPUT", "orca health check service ports", false),
+    jump("filter", SERVICES, "FORWARD", "orca service portals", true),
+    jump("filter", SERVICES, "OUTPUT", "orca service portals", true),
+    jump("filter", FORWARD, "FORWARD", "orca forwarding rules", false),
+    jump("filter", PROXY_FIREWALL, "INPUT", "orca load balancer firewall", true),
+    jump("filter", PROXY_FIREWALL, "OUTPUT", "orca load balancer firewall", true),
+    jump("filter", PROXY_FIREWALL, "FORWARD", "orca load balancer firewall", true),
+    jump("nat", SERVICES, "OUTPUT", "orca service portals", false),
+    jump("nat", SERVICES, "PREROUTING", "orca service portals", false),
+    jump("nat", POSTROUTING, "POSTROUTING", "orca postrouting rules", false),
+    jump("filter", FIREWALL, "INPUT", "orca localnet firewall", false),
+    jump("filter", FIREWALL, "OUTPUT", "orca localnet firewall", false),
+];
+
+/// Facts about the host's iptables that change the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GeneratorOptions {
+    /// `MASQUERADE --random-fully` is supported (iptables >= 1.6.2).
+    pub random_fully: bool,
+    /// `nf_conntrack_tcp_be_liberal` is set: no DROP rule for INVALID packets.
+    pub conntrack_tcp_liberal: bool,
+}
+
+impl Default for GeneratorOptions {
+    fn default() -> Self {
+        Self {
+            random_fully: true,
+            conntrack_tcp_liberal: false,
+        }
+    }
+}
+
+/// Where NodePorts answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NodePortDest {
+    /// Every local address (`-m addrtype --dst-type LOCAL`), loopback excluded unless `localhost`.
+    All { localhost: bool },
+    /// The local addresses inside `--nodeport-addresses`.
+    Ips(Vec<Ipv4Addr>),
+}
+
+/// Whether `--nodeport-addresses` asks for NodePorts on 127.0.0.1 (kube-proxy's ContainsIPv4Loopback); then
+/// `route_localnet` must be set and the localnet firewall rule installed. Empty (the default) means no.
+pub fn localhost_nodeports(cfg: &DataplaneConfig) -> bool {
+    let loopback_start = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0));
+    cfg.nodeport_addresses
+        .iter()
+        .filter(|c| c.is_ipv4())
+        .any(|c| c.addr.is_loopback() || c.contains(loopback_start))
+}
+
+/// The output of one generation: the four parts of the restore input.
+#[derive(Debug, Default, Clone)]
+pub struct Ruleset {
+    filter_chains: String,
+    filter_rules: String,
+    nat_chains: String,
+    nat_rules: String,
+    chain_lines: usize,
+    /// The nat chains of every service port whose chains were written, by service port.
+    pub port_chains: HashMap<ServicePortName, Vec<String>>,
+    /// Whether [`MASQ_OFF_CLUSTER`] was written.
+    pub masq_off_cluster: bool,
+    /// Rules (`-A` lines) in the input.
+    pub rules_written: usize,
+    /// Every rule Orca owns after this sync (filter + nat, including per-service rules not rewritten).
+    pub rules_total: usize,
+    /// Whether 127.0.0.1 NodePorts are on (`route_localnet` must be 1).
+    pub localhost_nodeports: bool,
+}
+
+impl Ruleset {
+    /// The nat chains this ruleset keeps that are not per service port.
+    pub fn top_nat_chains(&self) -> Vec<&'static str> {
+        let mut v = NAT_TOP_CHAINS.to_vec();
+        if self.masq_off_cluster {
+            v.push(MASQ_OFF_CLUSTER);
+        }
+        v
+    }
+
+    /// The complete `iptables-restore --noflush` input (`*filter ... COMMIT`, `*nat ... COMMIT`), flushing and
+    /// deleting the `stale_*` chains at the end of each table, and its line count.
+    pub fn restore_input(&self, stale_filter: &[String], stale_nat: &[String]) -> (String, usize) {
+        let stale = stale_filter.len() + stale_nat.len();
+        let mut t = String::with_capacity(
+            self.filter_chains.len()
+                + self.filter_rules.len()
+                + self.nat_chains.len()
+                + self.nat_rules.len()
+                + 64 * stale
+                + 32,
+        );
+        t.push_str("*filter\n");
+        t.push_str(&self.filter_chains);
+        for c in stale_filter {
+            let _ = writeln!(t, ":{c} - [0:0]");
+        }
+        t.push_str(&self.filter_rules);
+        for c in stale_filter {
+            let _ = writeln!(t, "-X {c}");
+        }
+        t.push_str("COMMIT\n*nat\n");
+        t.push_str(&self.nat_chains);
+        for c in stale_nat {
+            let _ = writeln!(t, ":{c} - [0:0]");
+        }
+        t.push_str(&self.nat_rules);
+        for c in stale_nat {
+            let _ = writeln!(t, "-X {c}");
+        }
+        t.push_str("COMMIT\n");
+        (t, 4 + self.chain_lines + self.rules_written + 2 * stale)
+    }
+}
+
+#[derive(Default)]
+struct Buf {
+    s: String,
+    lines: usize,
+}
+
+impl Buf {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            s: String::with_capacity(n),
+            lines: 0,
+        }
+    }
+
+    fn chain(&mut self, name: &str) {
+        self.s.push(':');
+        self.s.push_str(name);
+        self.s.push_str(" - [0:0]\n");
+        self.lines += 1;
+    }
+
+    /// Starts `-A chain`; finish with [`Buf::end`].
+    fn a(&mut self, chain: &str) -> &mut String {
+        self.s.push_str("-A ");
+        self.s.push_str(chain);
+        &mut self.s
+    }
+
+    fn end(&mut self) {
+        self.s.push('\n');
+        self.lines += 1;
+    }
+}
+
+/// Everything about one service port the rules need, IPv4 only.
+struct PortView<'a> {
+    st: &'a ServicePortState,
+    name: String,
+    proto: &'static str,
+    cluster_ip: Ipv4Addr,
+    external_ips: Vec<Ipv4Addr>,
+    lb_ips: Vec<Ipv4Addr>,
+    source_ranges: Vec<Cidr>,
+    cluster: Vec<Endpoint>,
+    local: Vec<Endpoint>,
+    reachable: Vec<Endpoint>,
+    has_any: bool,
+}
+
+fn v4(ips: &[IpAddr]) -> Vec<Ipv4Addr> {
+    ips.iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+fn proto_lower(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// kube-proxy's ServicePortName.String(): `namespace/name` plus `:port` for a named port.
+pub fn port_name_string(n: &ServicePortName) -> String {
+    let mut s = String::with_capacity(n.service.namespace.len() + n.service.name.len() + n.port.len() + 2);
+    s.push_str(&n.service.namespace);
+    s.push('/');
+    s.push_str(&n.service.name);
+    if !n.port.is_empty() {
+        s.push(':');
+        s.push_str(&n.port);
+    }
+    s
+}
+
+fn port_chain(prefix: &str, name: &str, proto: &str) -> String {
+    let mut c = String::with_capacity(prefix.len() + 16);
+    c.push_str(prefix);
+    c.push_str(&hash16(&[name.as_bytes(), proto.as_bytes()]));
+    c
+}
+
+/// `ORCA-SVC-…` of a service port.
+pub fn svc_chain(n: &ServicePortName) -> String {
+    port_chain("ORCA-SVC-", &port_name_string(n), proto_lower(n.protocol))
+}
+
+/// `ORCA-SEP-…` of one endpoint (`ip:port`) of a service port.
+pub fn sep_chain(n: &ServicePortName, endpoint: &str) -> String {
+    sep_chain_of(&port_name_string(n), proto_lower(n.protocol), endpoint)
+}
+
+fn sep_chain_of(name: &str, proto: &str, endpoint: &str) -> String {
+    let mut c = String::with_capacity(25);
+    c.push_str("ORCA-SEP-");
+    c.push_str(&hash16(&[name.as_bytes(), proto.as_bytes(), endpoint.as_bytes()]));
+    c
+}
+
+/// The rule generator for one node.
+pub struct Generator<'a> {
+    cfg: &'a DataplaneConfig,
+    node: &'a NodeInfo,
+    opts: GeneratorOptions,
+    masq_mark: String,
+    /// IPv4 `--cluster-cidr`s: the local-traffic detector.
+    cluster_cidrs: Vec<Cidr>,
+    node_ip: Option<Ipv4Addr>,
+    nodeports: NodePortDest,
+    localhost_nodeports: bool,
+    probabilities: Vec<String>,
+}
+
+impl<'a> Generator<'a> {
+    /// `local_addrs` are the addresses of the node's interfaces (what `--nodeport-addresses` selects from);
+    /// the node's own IP (for loadBalancerSourceRanges) is the first IPv4 address of `node.addresses`.
+    pub fn new(cfg: &'a DataplaneConfig, node: &'a NodeInfo, local_addrs: &[IpAddr], opts: GeneratorOptions) -> Self {
+        let bit = cfg.masquerade_bit.min(31);
+        if bit != cfg.masquerade_bit {
+            tracing::warn!(bit = cfg.masquerade_bit, "masquerade bit out of range 0..=31, using 31");
+        }
+        let masq_mark = format!("{:#08x}", 1u32 << bit);
+        let localhost = localhost_nodeports(cfg);
+        let np_cidrs: Vec<Cidr> = cfg.nodeport_addresses.iter().filter(|c| c.is_ipv4()).copied().collect();
+        let nodeports = if np_cidrs.is_empty() {
+            NodePortDest::All { localhost: false }
+        } else if np_cidrs.iter().any(|c| c.prefix == 0) {
+            NodePortDest::All { localhost }
+        } else {
+            let mut ips = Vec::new();
+            for ip in v4(local_addrs) {
+                if !np_cidrs.iter().any(|c| c.contains(IpAddr::V4(ip))) || ips.contains(&ip) {
+                    continue;
+                }
+                ips.push(ip);
+            }
+            if ips.is_empty() {
+                tracing::warn!(cidrs = ?np_cidrs, "no local address matches --nodeport-addresses: NodePorts answer nowhere");
+            }
+            NodePortDest::Ips(ips)
+        };
+        Self {
+            cfg,
+            node,
+            opts,
+            masq_mark,
+            cluster_cidrs: cfg.cluster_cidrs.iter().filter(|c| c.is_ipv4()).copied().collect(),
+            node_ip: v4(&node.addresses).first().copied(),
+            nodeports,
+            localhost_nodeports: localhost,
+            probabilities: vec!["<bad value>".into()],
+        }
+    }
+
+    /// kube-proxy's probability string for the i-th of n remaining endpoints: `1/n` with 10 decimals.
+    fn probability(&mut self, n: usize) -> &str {
+        while self.probabilities.len() <= n {
+            let k = self.probabilities.len();
+            self.probabilities.push(format!("{:.10}", 1.0 / k as f64));
+        }
+        &self.probabilities[n]
+    }
+
+    fn view<'s>(&self, st: &'s ServicePortState) -> Option<PortView<'s>> {
+        let p = &st.port;
+        let cluster_ip = *v4(&p.cluster_ips).first()?;
+        let (cluster, local, reachable, has_any) = if st.endpoints.iter().all(|e| e.ip.is_ipv4()) {
+            let s = &st.selected;
+            (s.cluster.clone(), s.local.clone(), s.all_reachable.clone(), s.has_any)
+        } else {
+            // A dual-stack Service: categorise the IPv4 endpoints alone, as kube-proxy's per-family proxier does.
+            let eps: Vec<Endpoint> = st.endpoints.iter().filter(|e| e.ip.is_ipv4()).cloned().collect();
+            let c = categorize(&eps, p, self.node);
+            (c.cluster, c.local, c.all_reachable, c.has_any)
+        };
+        Some(PortView {
+            st,
+            name: port_name_string(&p.name),
+            proto: proto_lower(p.protocol),
+            cluster_ip,
+            external_ips: v4(&p.external_ips),
+            lb_ips: v4(&p.load_balancer_ips),
+            source_ranges: p
+                .load_balancer_source_ranges
+                .iter()
+                .filter(|c| c.is_ipv4())
+                .copied()
+                .collect(),
+            cluster,
+            local,
+            reachable,
+            has_any,
+        })
+    }
+
+    /// Generates the restore input for `desired`.
+    ///
+    /// `write_port(name)` says whether a service port's own chains (SVC/SVL/EXT/FW/SEP) are written; those not
+    /// written are left as they are in the kernel (`--noflush`), exactly like kube-proxy's partial sync.
+    pub fn generate(&mut self, desired: &Snapshot, write_port: &dyn Fn(&ServicePortName) -> bool) -> Ruleset {
+        let n = desired.len();
+        let mut filter_chains = Buf::with_capacity(512);
+        let mut filter_rules = Buf::with_capacity(4096 + n * 64);
+        let mut nat_chains = Buf::with_capacity(1024 + n * 64);
+        let mut nat_rules = Buf::with_capacity(4096 + n * 400);
+        let mut own_rules = Buf::with_capacity(n * 400);
+        let mut scratch_chains = Buf::with_capacity(1024);
+        let mut scratch = Buf::with_capacity(4096);
+        let mut port_chains = HashMap::new();
+        let mut skipped_rules = 0usize;
+
+        for c in FILTER_CHAINS {
+            filter_chains.chain(c);
+        }
+        for c in NAT_TOP_CHAINS {
+            nat_chains.chain(c);
+        }
+        let mark = self.masq_mark.clone();
+        let _ = write!(nat_rules.a(POSTROUTING), " -m mark ! --mark {mark}/{mark} -j RETURN");
+        nat_rules.end();
+        let _ = write!(nat_rules.a(POSTROUTING), " -j MARK --xor-mark {mark}");
+        nat_rules.end();
+        nat_rules
+            .a(POSTROUTING)
+            .push_str(" -m comment --comment \"orca service traffic requiring SNAT\" -j MASQUERADE");
+        if self.opts.random_fully {
+            nat_rules.s.push_str(" --random-fully");
+        }
+        nat_rules.end();
+        let _ = write!(nat_rules.a(MARK_MASQ), " -j MARK --or-mark {mark}");
+        nat_rules.end();
+        if self.cluster_cidrs.len() > 1 && !self.cfg.masquerade_all {
+            nat_chains.chain(MASQ_OFF_CLUSTER);
+            for c in &self.cluster_cidrs {
+                let _ = write!(nat_rules.a(MASQ_OFF_CLUSTER), " -s {c} -j RETURN");
+                nat_rules.end();
+            }
+            let _ = write!(nat_rules.a(MASQ_OFF_CLUSTER), " -j {MARK_MASQ}");
+            nat_rules.end();
+        }
+
+        if self.localhost_nodeports {
+            // kube-proxy's (and kubelet's) guard against the route_localnet hole (kubernetes issue 90259).
+            filter_rules.a(FIREWALL).push_str(
+                " -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 \
+                 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            );
+            filter_rules.end();
+        }
+
+        let total_endpoints: usize = desired.values().map(|s| s.endpoints.len()).sum();
+        let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
+
+        for (pname, st) in desired {
+            let Some(v) = self.view(st) else {
+                tracing::debug!(service = %pname, "no IPv4 cluster IP: not programmed by the IPv4 iptables dataplane");
+                continue;
+            };
+            let write = write_port(pname);
+            let mut chains = Vec::new();
+            if write {
+                self.port_rules(
+                    &v,
+                    large,
+                    &mut filter_rules,
+                    &mut nat_rules,
+                    &mut nat_chains,
+                    &mut own_rules,
+                    &mut chains,
+                );
+                port_chains.insert(pname.clone(), chains);
+            } else {
+                scratch_chains.s.clear();
+                scratch.s.clear();
+                scratch.lines = 0;
+                self.port_rules(
+                    &v,
+                    large,
+                    &mut filter_rules,
+                    &mut nat_rules,
+                    &mut scratch_chains,
+                    &mut scratch,
+                    &mut chains,
+                );
+                skipped_rules += scratch.lines;
+            }
+        }
+
+        // Tail call to the NodePorts chain: must stay the last rule of ORCA-SERVICES.
+        const NP_COMMENT: &str = "\"orca service nodeports; NOTE: this must be the last rule in this chain\"";
+        match &self.nodeports {
+            NodePortDest::All { localhost } => {
+                let r = nat_rules.a(SERVICES);
+                let _ = write!(r, " -m comment --comment {NP_COMMENT} -m addrtype --dst-type LOCAL");
+                if !localhost {
+                    r.push_str(" ! -d 127.0.0.0/8");
+                }
+                let _ = write!(r, " -j {NODEPORTS}");
+                nat_rules.end();
+            }
+            NodePortDest::Ips(ips) => {
+                for ip in ips {
+                    if ip.is_loopback() && !self.localhost_nodeports {
+                        continue;
+                    }
+                    let _ = write!(
+                        nat_rules.a(SERVICES),
+                        " -m comment --comment {NP_COMMENT} -d {ip} -j {NODEPORTS}"
+                    );
+                    nat_rules.end();
+                }
+            }
+        }
+
+        if !self.opts.conntrack_tcp_liberal {
+            filter_rules
+                .a(FORWARD)
+                .push_str(" -m conntrack --ctstate INVALID -j DROP");
+            filter_rules.end();
+        }
+        let _ = write!(
+            filter_rules.a(FORWARD),
+            " -m comment --comment \"orca forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+        );
+        filter_rules.end();
+        filter_rules.a(FORWARD).push_str(
+            " -m comment --comment \"orca forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        );
+        filter_rules.end();
+
+        nat_rules.s.push_str(&own_rules.s);
+        nat_rules.lines += own_rules.lines;
+        drop(own_rules);
+        let rules_written = filter_rules.lines + nat_rules.lines;
+        Ruleset {
+            filter_chains: filter_chains.s,
+            filter_rules: filter_rules.s,
+            nat_chains: nat_chains.s,
+            nat_rules: nat_rules.s,
+            chain_lines: filter_chains.lines + nat_chains.lines,
+            port_chains,
+            masq_off_cluster: self.cluster_cidrs.len() > 1 && !self.cfg.masquerade_all,
+            rules_written,
+            rules_total: rules_written + skipped_rules,
+            localhost_nodeports: self.localhost_nodeports,
+        }
+    }
+
+    /// The rules of one service port: filter rules, dispatch rules into ORCA-SERVICES / ORCA-NODEPORTS (`nat`),
+    /// and its own chains (`own_chains`, `own`). Its own chain names go to `chains`.
+    #[allow(clippy::too_many_arguments)]
+    fn port_rules(
+        &mut self,
+        v: &PortView<'_>,
+        large: bool,
+        filter: &mut Buf,
+        nat: &mut Buf,
+        nat_chains: &mut Buf,
+        own: &mut Buf,
+        chains: &mut Vec<String>,
+    ) {
+        let p = &v.st.port;
+        let name = v.name.as_str();
+        let proto = v.proto;
+        let port = p.port;
+        let svc = port_chain("ORCA-SVC-", name, proto);
+        let svl = port_chain("ORCA-SVL-", name, proto);
+        let ext = port_chain("ORCA-EXT-", name, proto);
+        let fw = port_chain("ORCA-FW-", name, proto);
+
+        let uses_cluster_chain = !v.cluster.is_empty() && p.uses_cluster_endpoints();
+        let uses_local_chain = !v.local.is_empty() && p.uses_local_endpoints();
+        let has_endpoints = v.has_any;
+
+        let mut internal_chain = &svc;
+        let mut has_internal = has_endpoints;
+        if p.internal_policy_local() {
+            internal_chain = &svl;
+            has_internal &= !v.local.is_empty();
+        }
+        let mut external_policy_chain = &svc;
+        let mut has_external = has_endpoints;
+        if p.external_policy_local() {
+            external_policy_chain = &svl;
+            has_external &= !v.local.is_empty();
+        }
+        let uses_ext_chain = has_endpoints && p.externally_accessible();
+        let uses_fw_chain = has_endpoints && !v.lb_ips.is_empty() && !v.source_ranges.is_empty();
+        let lb_chain = if uses_fw_chain { &fw } else { &ext };
+
+        let (int_target, int_comment, ext_target, ext_comment) = if !has_endpoints {
+            let c = format!("\"{name} has no endpoints\"");
+            ("REJECT", c.clone(), "REJECT", c)
+        } else {
+            let c = format!("\"{name} has no local endpoints\"");
+            ("DROP", c.clone(), "DROP", c)
+        };
+
+        // ClusterIP.
+        if has_internal {
+            let _ = write!(
+                nat.a(SERVICES),
+                " -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {port} -j {internal_chain}",
+                v.cluster_ip
+            );
+            nat.end();
+        } else {
+            let _ = write!(
+                filter.a(SERVICES),
+                " -m comment --comment {int_comment} -m {proto} -p {proto} -d {} --dport {port} -j {int_target}",
+                v.cluster_ip
+            );
+            filter.end();
+        }
+
+        // External IPs.
+        for ip in &v.external_ips {
+            if has_endpoints {
+                let _ = write!(
+                    nat.a(SERVICES),
+                    " -m comment --comment \"{name} external IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {ext}"
+                );
+                nat.end();
+            }
+            if !has_external {
+                let _ = write!(
+                    filter.a(EXTERNAL_SERVICES),
+                    " -m comment --comment {ext_comment} -m {proto} -p {proto} -d {ip} --dport {port} -j {ext_target}"
+                );
+                filter.end();
+            }
+        }
+
+        // Load-balancer ingress IPs.
+        for ip in &v.lb_ips {
+            if has_endpoints {
+                let _ = write!(
+                    nat.a(SERVICES),
+                    " -m comment --comment \"{name} loadbalancer IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {lb_chain}"
+                );
+                nat.end();
+            }
+            if uses_fw_chain {
+                let _ = write!(
+                    filter.a(PROXY_FIREWALL),
+                    " -m comment --comment \"{name} traffic not accepted by {fw}\" -m {proto} -p {proto} -d {ip} --dport {port} -j DROP"
+                );
+                filter.end();
+            }
+        }
+        if !has_external {
+            for ip in &v.lb_ips {
+                let _ = write!(
+                    filter.a(EXTERNAL_SERVICES),
+                    " -m comment --comment {ext_comment} -m {proto} -p {proto} -d {ip} --dport {port} -j {ext_target}"
+                );
+                filter.end();
+            }
+        }
+
+        // NodePort.
+        if let Some(np) = p.node_port {
+            if has_endpoints {
+                let _ = write!(
+                    nat.a(NODEPORTS),
+                    " -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {ext}"
+                );
+                nat.end();
+            }
+            if !has_external {
+                let _ = write!(
+                    filter.a(EXTERNAL_SERVICES),
+                    " -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {ext_target}"
+                );
+                filter.end();
+            }
+        }
+
+        // Health check NodePort: always accepted.
+        if let Some(hc) = p.health_check_node_port {
+            let _ = write!(
+                filter.a(NODEPORTS),
+                " -m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"
+            );
+            filter.end();
+        }
+
+        // Everything below lives in the service port's own chains.
+        let nat = own;
+
+        if has_internal {
+            let args = format!(
+                " -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {port}",
+                v.cluster_ip
+            );
+            if self.cfg.masquerade_all {
+                let _ = write!(nat.a(internal_chain), "{args} -j {MARK_MASQ}");
+                nat.end();
+            } else if self.cluster_cidrs.len() == 1 {
+                let _ = write!(
+                    nat.a(internal_chain),
+                    "{args} ! -s {} -j {MARK_MASQ}",
+                    self.cluster_cidrs[0]
+                );
+                nat.end();
+            } else if self.cluster_cidrs.len() > 1 {
+                let _ = write!(nat.a(internal_chain), "{args} -j {MASQ_OFF_CLUSTER}");
+                nat.end();
+            }
+        }
+
+        if uses_ext_chain {
+            nat_chains.chain(&ext);
+            chains.push(ext.clone());
+            if !p.external_policy_local() {
+                let _ = write!(
+                    nat.a(&ext),
+                    " -m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"
+                );
+                nat.end();
+            } else {
+                if uses_cluster_chain {
+                    for c in &self.cluster_cidrs {
+                        let _ = write!(
+                            nat.a(&ext),
+                            " -m comment --comment \"pod traffic for {name} external destinations\" -s {c} -j {svc}"
+                        );
+                        nat.end();
+                    }
+                }
+                let _ = write!(
+                    nat.a(&ext),
+                    " -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {MARK_MASQ}"
+                );
+                nat.end();
+                if uses_cluster_chain {
+                    let _ = write!(
+                        nat.a(&ext),
+                        " -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {svc}"
+                    );
+                    nat.end();
+                }
+            }
+            if has_external {
+                let _ = write!(nat.a(&ext), " -j {external_policy_chain}");
+                nat.end();
+            }
+        }
+
+        if uses_fw_chain {
+            nat_chains.chain(&fw);
+            chains.push(fw.clone());
+            let mut allow_from_node = false;
+            for c in &v.source_ranges {
+                let _ = write!(
+                    nat.a(&fw),
+                    " -m comment --comment \"{name} loadbalancer IP\" -s {c} -j {ext}"
+                );
+                nat.end();
+                if self.node_ip.is_some_and(|ip| c.contains(IpAddr::V4(ip))) {
+                    allow_from_node = true;
+                }
+            }
+            if allow_from_node {
+                for ip in &v.lb_ips {
+                    let _ = write!(
+                        nat.a(&fw),
+                        " -m comment --comment \"{name} loadbalancer IP\" -s {ip} -j {ext}"
+                    );
+                    nat.end();
+                }
+            }
+            let _ = write!(
+                nat.a(&fw),
+                " -m comment --comment \"other traffic to {name} will be dropped by {PROXY_FIREWALL}\""
+            );
+            nat.end();
+        }
+
+        let affinity = p.session_affinity.map(|d| d.as_secs());
+        if uses_cluster_chain {
+            nat_chains.chain(&svc);
+            chains.push(svc.clone());
+            self.endpoint_dispatch(nat, name, proto, &svc, &v.cluster, affinity, large);
+        }
+        if uses_local_chain {
+            nat_chains.chain(&svl);
+            chains.push(svl.clone());
+            self.endpoint_dispatch(nat, name, proto, &svl, &v.local, affinity, large);
+        }
+
+        let comment = if large {
+            String::new()
+        } else {
+            format!(" -m comment --comment {name}")
+        };
+        for ep in &v.reachable {
+            let addr = ep.addr_string();
+            let sep = sep_chain_of(name, proto, &addr);
+            nat_chains.chain(&sep);
+            let _ = write!(nat.a(&sep), "{comment} -s {} -j {MARK_MASQ}", ep.ip);
+            nat.end();
+            let r = nat.a(&sep);
+            r.push_str(&comment);
+            if affinity.is_some() {
+                let _ = write!(r, " -m recent --name {sep} --set");
+            }
+            let _ = write!(r, " -m {proto} -p {proto} -j DNAT --to-destination {addr}");
+            nat.end();
+            chains.push(sep);
+        }
+    }
+
+    /// kube-proxy's writeServiceToEndpointRules: affinity checks first, then the random choice.
+    #[allow(clippy::too_many_arguments)]
+    fn endpoint_dispatch(
+        &mut self,
+        nat: &mut Buf,
+        name: &str,
+        proto: &str,
+        chain: &str,
+        eps: &[Endpoint],
+        affinity: Option<u64>,
+        large: bool,
+    ) {
+        let seps: Vec<(String, String)> = eps
+            .iter()
+            .map(|e| {
+                let a = e.addr_string();
+                (sep_chain_of(name, proto, &a), a)
+            })
+            .collect();
+        if let Some(secs) = affinity {
+            for (sep, addr) in &seps {
+                let r = nat.a(chain);
+                if !large {
+                    let _ = write!(r, " -m comment --comment \"{name} -> {addr}\"");
+                }
+                let _ = write!(r, " -m recent --name {sep} --rcheck --seconds {secs} --reap -j {sep}");
+                nat.end();
+            }
+        }
+        let n = seps.len();
+        for (i, (sep, addr)) in seps.iter().enumerate() {
+            let prob = if i + 1 < n {
+                Some(self.probability(n - i).to_string())
+            } else {
+                None
+            };
+            let r = nat.a(chain);
+            if !large {
+                let _ = write!(r, " -m comment --comment \"{name} -> {addr}\"");
+            }
+            if let Some(prob) = prob {
+                let _ = write!(r, " -m statistic --mode random --probability {prob}");
+            }
+            let _ = write!(r, " -j {sep}");
+            nat.end();
+        }
+    }
+}
