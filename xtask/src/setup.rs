@@ -36,12 +36,23 @@ pub const APT_PACKAGES: &[&str] = &[
     "build-essential",
     "pkg-config",
     "git",
+    // Unpacking the Go toolchain.
+    "unzip",
 ];
 
 /// The nightly that builds the eBPF programs (`-Z build-std=core` needs rust-src) and whose LLVM
 /// bpf-linker links against. `rustc +nightly-2026-05-20 -vV` reports 1.97.0-nightly (e50aa6fba
 /// 2026-05-19) with LLVM 22.1.4. proxy/build.rs reads this constant from this file.
 pub const NIGHTLY: &str = "nightly-2026-05-20";
+
+/// The Go toolchain that builds the sandbox's Kubernetes binaries (sandbox/k8s/go.mod says
+/// `go 1.26.0`). When no Go >= 1.26 is installed, setup fetches this release as the
+/// `golang.org/toolchain` module zip from the Go module proxy (the way `go` itself fetches
+/// toolchains), checks its SHA-256 and installs it under /usr/local/lib/orca-go with a
+/// /usr/local/bin/go symlink.
+pub const GO_VERSION: &str = "1.26.8";
+const GO_MIN_MINOR: u32 = 26;
+const GO_TOOLCHAIN_SHA256_LINUX_AMD64: &str = "30c2b1bf7dcc88d3eb0a1364e47ddd9128edb3110a30e8a0ef61cd5856b31de7";
 
 /// The bpf-linker release installed with `cargo install`.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -56,6 +67,12 @@ pub fn run() -> Result<()> {
     step("host Rust toolchain", || ensure_host_toolchain(&root))?;
     step("eBPF nightly toolchain", ensure_nightly)?;
     step("bpf-linker", || ensure_bpf_linker(&root))?;
+    step("Go toolchain", || ensure_go(&root))?;
+    step("Kubernetes binaries (sandbox)", || {
+        let dir = orca_sandbox::build::ensure_k8s_binaries()?;
+        println!("setup:   in {}", dir.display());
+        Ok(())
+    })?;
     println!("setup: done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -346,4 +363,93 @@ fn ensure_bpf_linker(root: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `Some(minor)` when `go` runs and is Go 1.x.
+fn go_minor(go: &Path) -> Option<u32> {
+    let out = output_of(go, &["version"])?;
+    // "go version go1.26.8 linux/amd64"
+    let v = out.split_whitespace().nth(2)?.strip_prefix("go1.")?;
+    v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+fn ensure_go(root: &Path) -> Result<()> {
+    if let Some(minor) = go_minor(Path::new("go")) {
+        if minor >= GO_MIN_MINOR {
+            println!("setup:   go1.{minor} in PATH");
+            return Ok(());
+        }
+        println!("setup:   go1.{minor} in PATH is too old (need go1.{GO_MIN_MINOR})");
+    }
+    let link = Path::new("/usr/local/bin/go");
+    for existing in [Path::new("/usr/local/go/bin/go")] {
+        if go_minor(existing).is_some_and(|m| m >= GO_MIN_MINOR) {
+            println!("setup:   linking {} -> {}", link.display(), existing.display());
+            return link_go(existing.parent().context("go binary has no parent")?);
+        }
+    }
+    if env::consts::ARCH != "x86_64" {
+        bail!(
+            "no Go >= 1.{GO_MIN_MINOR} found; setup only knows the checksum of the linux-amd64 \
+             toolchain: install Go {GO_VERSION} (https://go.dev/dl) and run setup again"
+        );
+    }
+    let cache = root.join(".cache");
+    fs::create_dir_all(&cache)?;
+    let zip = cache.join(format!("go{GO_VERSION}.linux-amd64.zip"));
+    let url = format!("https://proxy.golang.org/golang.org/toolchain/@v/v0.0.1-go{GO_VERSION}.linux-amd64.zip");
+    if sha256_of(&zip).as_deref() != Some(GO_TOOLCHAIN_SHA256_LINUX_AMD64) {
+        println!("setup:   downloading {url}");
+        let part = zip.with_extension("zip.part");
+        run_cmd(
+            Command::new("curl")
+                .args(["-sSfL", "--retry", "3", "-o"])
+                .arg(&part)
+                .arg(&url),
+        )?;
+        let got = sha256_of(&part).unwrap_or_default();
+        if got != GO_TOOLCHAIN_SHA256_LINUX_AMD64 {
+            let _ = fs::remove_file(&part);
+            bail!("{url}: SHA-256 {got}, expected {GO_TOOLCHAIN_SHA256_LINUX_AMD64}");
+        }
+        fs::rename(&part, &zip)?;
+    }
+    let unpack = cache.join(format!("go{GO_VERSION}.unpack"));
+    let _ = fs::remove_dir_all(&unpack);
+    run_cmd(Command::new("unzip").arg("-q").arg(&zip).arg("-d").arg(&unpack))?;
+    let goroot_src = unpack
+        .join("golang.org")
+        .join(format!("toolchain@v0.0.1-go{GO_VERSION}.linux-amd64"));
+    let dest = PathBuf::from(format!("/usr/local/lib/orca-go/go{GO_VERSION}"));
+    run_cmd(privileged("mkdir").arg("-p").arg("/usr/local/lib/orca-go"))?;
+    run_cmd(privileged("rm").arg("-rf").arg(&dest))?;
+    run_cmd(privileged("mv").arg(&goroot_src).arg(&dest))?;
+    let _ = fs::remove_dir_all(&unpack);
+    link_go(&dest.join("bin"))?;
+    match go_minor(link) {
+        Some(m) if m >= GO_MIN_MINOR => Ok(()),
+        _ => bail!(
+            "installed Go {GO_VERSION} in {} but {} does not run",
+            dest.display(),
+            link.display()
+        ),
+    }
+}
+
+/// Symlinks go and gofmt of `bin_dir` into /usr/local/bin (go finds its GOROOT through the link).
+fn link_go(bin_dir: &Path) -> Result<()> {
+    for tool in ["go", "gofmt"] {
+        run_cmd(
+            privileged("ln")
+                .arg("-sfn")
+                .arg(bin_dir.join(tool))
+                .arg(format!("/usr/local/bin/{tool}")),
+        )?;
+    }
+    Ok(())
+}
+
+fn sha256_of(path: &Path) -> Option<String> {
+    let out = output_of("sha256sum", &[&path.to_string_lossy()])?;
+    out.split_whitespace().next().map(str::to_owned)
 }
