@@ -169,7 +169,7 @@ pub fn ensure_k8s_binaries() -> Result<PathBuf> {
             t.package
         );
         let out = dir.join(t.name);
-        let tmp = dir.join(format!(".{}.tmp", t.name));
+        let tmp = dir.join(format!(".{}.{}.tmp", t.name, std::process::id()));
         let status = go_command(&go_module_dir().join(t.module_dir))
             .args(["build", "-trimpath", "-ldflags"])
             .arg(ldflags(t))

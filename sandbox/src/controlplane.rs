@@ -473,7 +473,7 @@ impl Sandbox {
         tokio::task::spawn_blocking(move || topo.create())
             .await?
             .context("creating the network topology")?;
-        tracing::info!("topology up in {:?}", t0.elapsed());
+        progress("topology up", t0);
 
         let cp_ns = self.topology.control_plane.netns.clone();
         let cp_ip = self.topology.control_plane.ip;
@@ -516,7 +516,7 @@ impl Sandbox {
             async move { c.connect(etcd_addr).await.map(|_| ()) }
         })
         .await?;
-        tracing::info!("etcd up at {:?}", t0.elapsed());
+        progress("etcd up", t0);
 
         let f = &self.files;
         let topo = &self.topology;
@@ -529,6 +529,13 @@ impl Sandbox {
             format!("--tls-cert-file={}", path_str(&f.path("apiserver.crt"))?),
             format!("--tls-private-key-file={}", path_str(&f.path("apiserver.key"))?),
             format!("--client-ca-file={}", path_str(&f.ca_cert())?),
+            // Published in kube-system/extension-apiserver-authentication, which the controller-manager reads;
+            // no front-proxy certificate is issued, so nothing can use these headers.
+            format!("--requestheader-client-ca-file={}", path_str(&f.ca_cert())?),
+            "--requestheader-allowed-names=front-proxy-client".into(),
+            "--requestheader-username-headers=X-Remote-User".into(),
+            "--requestheader-group-headers=X-Remote-Group".into(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
             "--authorization-mode=RBAC".into(),
             format!("--service-cluster-ip-range={}", topo.service_cidr),
             format!(
@@ -563,7 +570,7 @@ impl Sandbox {
             }
         })
         .await?;
-        tracing::info!("kube-apiserver ready at {:?}", t0.elapsed());
+        progress("kube-apiserver ready", t0);
 
         let f = &self.files;
         let kcm_kubeconfig = path_str(&f.controller_manager_kubeconfig())?;
@@ -577,7 +584,8 @@ impl Sandbox {
             format!("--controllers={}", CONTROLLERS.join(",")),
             format!("--root-ca-file={}", path_str(&f.ca_cert())?),
             format!("--service-account-private-key-file={}", path_str(&f.path("sa.key"))?),
-            "--use-service-account-credentials=false".into(),
+            // Each controller runs as its own service account (system:controller:<name>), with upstream's RBAC roles.
+            "--use-service-account-credentials=true".into(),
             "--profiling=false".into(),
             format!("--v={}", opts.verbosity),
         ];
@@ -591,10 +599,10 @@ impl Sandbox {
             }
         })
         .await?;
-        tracing::info!("kube-controller-manager working at {:?}", t0.elapsed());
+        progress("kube-controller-manager working", t0);
 
         self.register_nodes(&client).await?;
-        tracing::info!("sandbox up in {:?}", t0.elapsed());
+        progress("sandbox up", t0);
         Ok(())
     }
 
@@ -796,6 +804,10 @@ impl Drop for Sandbox {
             tracing::info!("sandbox torn down on drop ({} items)", removed.len());
         }
     }
+}
+
+fn progress(what: &str, t0: Instant) {
+    eprintln!("[orca-sandbox] {what} ({:.1}s)", t0.elapsed().as_secs_f64());
 }
 
 fn path_str(p: &Path) -> Result<String> {

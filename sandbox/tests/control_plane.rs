@@ -3,8 +3,10 @@
 //!
 //! Skipped (with a message) only when the binaries are absent and ORCA_REQUIRE_SANDBOX is unset; with
 //! ORCA_REQUIRE_SANDBOX set it builds them if needed and fails rather than skips.
-use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use orca_sandbox::controlplane::NetnsConnector;
 use orca_sandbox::{build, netns, Sandbox, SandboxOptions};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -87,6 +89,60 @@ async fn sandbox_comes_up_answers_and_leaves_nothing_behind() {
         .delete("sandbox-probe", &DeleteParams::default())
         .await
         .expect("delete svc");
+
+    // The real EndpointSlice controller (running as its own service account) turns a Service and a ready Pod
+    // on node-a into a slice carrying the pod's IP, node and zone.
+    let pod_ip = topo.nodes[0].pod_cidr.host(10).unwrap().to_string();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe-pod", "labels": {"app": "probe"}},
+        "spec": {"nodeName": topo.nodes[0].name,
+                 "containers": [{"name": "c", "image": "orca/none",
+                                 "ports": [{"name": "http", "containerPort": 8080}]}]},
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.expect("create pod");
+    let now = serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap();
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+    }});
+    pods.patch_status("probe-pod", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+    let probe_svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "probe"},
+        "spec": {"selector": {"app": "probe"}, "ports": [{"port": 80, "targetPort": "http"}]},
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &probe_svc)
+        .await
+        .expect("create probe svc");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let lp = ListParams::default().labels("kubernetes.io/service-name=probe");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let endpoint = loop {
+        let list = slices.list(&lp).await.expect("list slices");
+        let found = list.items.iter().find_map(|s| {
+            let port = s.ports.as_ref()?.first()?.port?;
+            let ep = s.endpoints.as_ref()?.iter().find(|e| e.addresses.contains(&pod_ip))?;
+            Some((port, ep.clone()))
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no EndpointSlice for probe: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(endpoint.0, 8080, "named targetPort resolved");
+    let ep = endpoint.1;
+    assert_eq!(ep.conditions.and_then(|c| c.ready), Some(true));
+    assert_eq!(ep.node_name.as_deref(), Some(topo.nodes[0].name.as_str()));
+    assert_eq!(ep.zone.as_deref(), Some(topo.nodes[0].zone.as_str()));
 
     // The apiserver's own Service is the first address of the range.
     let kube_svc = services.get("kubernetes").await.expect("kubernetes svc");
