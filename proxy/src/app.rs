@@ -212,7 +212,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let health = Arc::new(SyncHealth::default());
     start_servers(&s, health.clone(), metrics.clone()).await;
     let watchers = tokio::spawn(watch::run(client, s.node_name.clone(), shared.clone()));
-    let runner = tokio::spawn(crate::sync::run(shared, dataplane, s.sync, health, metrics));
+    let hc = crate::healthcheck::HealthCheckServers::new(
+        health.clone(),
+        s.sync.sync_period * 2,
+        s.dataplane.nodeport_addresses.clone(),
+    );
+    let runner = tokio::spawn(crate::sync::run(shared, dataplane, s.sync, health, metrics, hc));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),

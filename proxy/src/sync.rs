@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::dataplane::Dataplane;
+use crate::healthcheck::HealthCheckServers;
 use crate::metrics::Metrics;
 use crate::watch::Shared;
 
@@ -102,6 +103,7 @@ pub async fn run(
     cfg: SyncConfig,
     health: Arc<SyncHealth>,
     metrics: Arc<Metrics>,
+    mut health_checks: HealthCheckServers,
 ) {
     health.queued();
     shared.wait_synced().await;
@@ -150,6 +152,7 @@ pub async fn run(
                 }
                 metrics.service_ports.set(desired.len() as i64);
                 health.updated();
+                health_checks.sync(&desired, &node.addresses);
                 if full || !diff.is_empty() {
                     tracing::debug!(
                         full,
