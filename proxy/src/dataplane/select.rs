@@ -1,6 +1,7 @@
 //! Chooses and builds the dataplane: eBPF by default, iptables when asked or when eBPF cannot run.
 
 use crate::app::Settings;
+use crate::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use crate::dataplane::{Dataplane, ProxyMode};
 
 /// Builds the dataplane for `s.mode`; returns it with the reason for a fallback, if one happened.
@@ -19,8 +20,9 @@ pub fn create(s: &Settings) -> anyhow::Result<(Box<dyn Dataplane>, Option<String
     }
 }
 
-fn iptables(_s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
-    anyhow::bail!("the iptables dataplane is not part of this build yet")
+fn iptables(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    let dp = IptablesDataplane::new(s.dataplane.clone(), IptablesOptions::default())?;
+    Ok(Box::new(dp))
 }
 
 fn ebpf(_s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
@@ -28,6 +30,8 @@ fn ebpf(_s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
 }
 
 /// `orca-proxy cleanup`: removes what every dataplane may have left.
-pub fn cleanup_all(_s: &Settings) -> anyhow::Result<()> {
-    anyhow::bail!("no dataplane is part of this build yet")
+pub fn cleanup_all(s: &Settings) -> anyhow::Result<()> {
+    IptablesDataplane::new(s.dataplane.clone(), IptablesOptions::default())?.cleanup()?;
+    tracing::info!("removed Orca's iptables chains and rules");
+    Ok(())
 }
