@@ -602,6 +602,35 @@ impl Kubelet {
         Ok(())
     }
 
+    /// Bring a deployment to `replicas` pods: start new ones (placed by the spec), or delete pods (last
+    /// by name first) gracefully (with the spec's grace period; returns without waiting for them to go). Terminating pods do not
+    /// count. Returns the pods that now make up the deployment.
+    pub async fn scale(&self, spec: &DeploymentSpec, replicas: usize) -> Result<Vec<PodInfo>> {
+        let api: Api<KPod> = Api::namespaced(self.client.clone(), &spec.namespace);
+        let mut live = Vec::new();
+        for p in self.pods_of(&spec.namespace, &spec.name) {
+            let terminating = api
+                .get_opt(&p.name)
+                .await?
+                .is_none_or(|o| o.metadata.deletion_timestamp.is_some());
+            if !terminating {
+                live.push(p);
+            }
+        }
+        if live.len() < replicas {
+            let more = DeploymentSpec {
+                replicas: replicas - live.len(),
+                ..spec.clone()
+            };
+            live.extend(self.deploy(&more).await?);
+        }
+        while live.len() > replicas {
+            let Some(p) = live.pop() else { break };
+            self.delete_pod(&p.namespace, &p.name, Some(spec.grace_period)).await?;
+        }
+        Ok(live)
+    }
+
     /// Delete every pod of a deployment gracefully.
     pub async fn delete_deployment(&self, namespace: &str, deployment: &str, grace: Option<Duration>) -> Result<()> {
         for p in self.pods_of(namespace, deployment) {

@@ -855,6 +855,42 @@ pub async fn udp_exchange(
     })
 }
 
+/// What `n` requests to one address returned: answers per pod, and failures by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spread {
+    /// Pod name -> number of answers.
+    pub per_pod: std::collections::BTreeMap<String, usize>,
+    /// Failure (as text: "connection refused", "timed out", ...) -> count.
+    pub failures: std::collections::BTreeMap<String, usize>,
+    /// Every distinct client address the servers reported seeing.
+    pub client_ips: BTreeSet<std::net::IpAddr>,
+}
+
+impl Spread {
+    pub fn answered(&self) -> usize {
+        self.per_pod.values().sum()
+    }
+    pub fn failed(&self) -> usize {
+        self.failures.values().sum()
+    }
+}
+
+/// `requests` sequential `GET /` to `addr` from inside `ns` (new connection each, so a load balancer picks again
+/// every time), each within `timeout`: which pods answered how often. Bounded by `requests * timeout`.
+pub async fn spread(ns: &str, addr: SocketAddr, requests: usize, timeout: Duration) -> Spread {
+    let mut s = Spread::default();
+    for _ in 0..requests {
+        match whoami(ns, addr, timeout).await {
+            Ok(w) => {
+                *s.per_pod.entry(w.pod).or_default() += 1;
+                s.client_ips.insert(w.client.ip());
+            }
+            Err(e) => *s.failures.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    s
+}
+
 /// Run a command inside any namespace (a node, the client, a pod): `ip netns exec <ns> ...`.
 pub fn exec_in(ns: &str, cmd: &[&str]) -> Result<Output> {
     netns::exec(ns, cmd)

@@ -358,7 +358,8 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
         .namespace("team")
         .labels(&[("app", "multi")])
         .ports(vec![PortSpec::http("web", 7070)])
-        .readiness(None);
+        .readiness(None)
+        .grace_period(Duration::from_secs(1));
     let p1 = kubelet.deploy(&one).await.expect("deploy multi").remove(0);
     let p2 = kubelet.deploy(&two).await.expect("deploy multi-seven").remove(0);
     assert_eq!(p1.netns, "orca-pod-team_".to_string() + &p1.name);
@@ -468,6 +469,33 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
     );
     assert!(!netns_exists(&p1.netns));
     eprintln!("keep-ready pod gone {:?} after delete ({gone:?} waiting)", t0.elapsed());
+
+    // Scaling: up to 3 (new pods Ready, requests to each answered by that pod), down to 1 (two leave).
+    let three = kubelet.scale(&two, 3).await.expect("scale up");
+    assert_eq!(three.len(), 3);
+    for p in &three {
+        kubelet
+            .wait_ready("team", &p.name, true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let s = pods::spread(&node_a.netns, p.addr(7070), 5, t).await;
+        assert_eq!((s.per_pod.get(&p.name), s.failed()), (Some(&5), 0), "{s:?}");
+    }
+    let s = pods::spread(&node_a.netns, three[0].addr(7071), 3, t).await;
+    assert_eq!(
+        (s.answered(), s.failures.get("connection refused")),
+        (0, Some(&3)),
+        "{s:?}"
+    );
+    let one_left = kubelet.scale(&two, 1).await.expect("scale down");
+    assert_eq!(one_left.len(), 1);
+    for p in three.iter().filter(|p| p.name != one_left[0].name) {
+        kubelet
+            .wait_gone("team", &p.name, Duration::from_secs(10))
+            .await
+            .expect("scaled-down pod leaves");
+    }
+    assert_eq!(kubelet.pods_of("team", "multi-seven"), one_left);
 
     // Dropping the kubelet (no shutdown) still removes the pod namespaces.
     drop(kubelet);
