@@ -14,6 +14,7 @@ pub mod controlplane;
 pub mod kubelet;
 pub mod netns;
 pub mod pods;
+pub mod suite;
 pub mod topology;
 
 pub use controlplane::{Sandbox, SandboxOptions};

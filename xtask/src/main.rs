@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 
 mod sandbox;
 mod setup;
+mod suite;
 mod test;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: sandbox::SandboxCmd,
     },
+    /// The Service behaviour suite: every scenario against every proxy on one sandbox, with a summary table.
+    Suite(suite::SuiteArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { no_suite } => test::run(no_suite),
         Cmd::Sandbox { cmd } => sandbox::run(cmd),
+        Cmd::Suite(args) => suite::run(args),
     }
 }

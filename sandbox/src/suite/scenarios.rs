@@ -1,0 +1,616 @@
+//! The scenarios. Each one deploys its pods and Services into its own namespace, asserts what a user would check,
+//! and leaves the cleanup of its namespace to the runner.
+use crate::kubelet::{DeploymentSpec, Placement, PodInfo, PortSpec, ProbeSpec};
+use crate::pods::{self, NetError};
+use crate::suite::ctx::{
+    cluster_ip, eventually, expect_backends, expect_refused, expect_unanswered, health_check_node_port, names,
+    node_port, sa, sample, Ctx, CONVERGE,
+};
+use anyhow::{bail, ensure, Context, Result};
+use futures::future::BoxFuture;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A scenario: a name (also its namespace prefix), what it checks, and its body.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(Arc<Ctx>) -> BoxFuture<'static, Result<()>>,
+}
+
+/// Every scenario, in the order the suite runs them.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "seed",
+            about: "kuard, alpaca-prod x3, bandicoot-prod x2: spread, readiness flip, NodePort, LoadBalancer",
+            run: |c| Box::pin(seed(c)),
+        },
+        Scenario {
+            name: "no-endpoints",
+            about: "a Service without endpoints refuses connections (ClusterIP and NodePort) instead of timing out",
+            run: |c| Box::pin(no_endpoints(c)),
+        },
+        Scenario {
+            name: "affinity",
+            about: "sessionAffinity ClientIP sticks (ClusterIP and NodePort), switched off spreads, on again sticks",
+            run: |c| Box::pin(affinity(c)),
+        },
+        Scenario {
+            name: "proxy-name",
+            about: "Services labelled service-proxy-name or headless are ignored; removing the label serves them",
+            run: |c| Box::pin(proxy_name(c)),
+        },
+        Scenario {
+            name: "itp-local",
+            about: "internalTrafficPolicy=Local: only node-local endpoints, nothing from a node without one",
+            run: |c| Box::pin(itp_local(c)),
+        },
+        Scenario {
+            name: "etp-local",
+            about: "externalTrafficPolicy=Local: client IP preserved, no answer on a node without endpoints, healthCheckNodePort 200/503",
+            run: |c| Box::pin(etp_local(c)),
+        },
+        Scenario {
+            name: "source-ip",
+            about: "the backend sees the client pod's IP through a ClusterIP (local and remote endpoints)",
+            run: |c| Box::pin(source_ip(c)),
+        },
+        Scenario {
+            name: "hairpin",
+            about: "a pod reaches itself through its own Service",
+            run: |c| Box::pin(hairpin(c)),
+        },
+        Scenario {
+            name: "multiport",
+            about: "two Service ports with named targetPorts resolving to different container ports per endpoint",
+            run: |c| Box::pin(multiport(c)),
+        },
+        Scenario {
+            name: "ports-update",
+            about: "a port added to a Service answers; a removed one stops answering",
+            run: |c| Box::pin(ports_update(c)),
+        },
+        Scenario {
+            name: "recreate",
+            about: "a deleted Service stops answering; recreated under the same name it answers again",
+            run: |c| Box::pin(recreate(c)),
+        },
+        Scenario {
+            name: "nodeport-release",
+            about: "a NodePort freed by a delete is reusable by another Service, which then answers on it",
+            run: |c| Box::pin(nodeport_release(c)),
+        },
+        Scenario {
+            name: "udp-cycle",
+            about: "UDP to a NodePort from a fixed source port reaches the new pod after the old one is deleted",
+            run: |c| Box::pin(udp_cycle(c)),
+        },
+    ]
+}
+
+/// A Deployment-like spec with a fast readiness probe (500 ms period, failure threshold 3).
+pub fn spec(name: &str, replicas: usize) -> DeploymentSpec {
+    DeploymentSpec::new(name, replicas).readiness(Some(ProbeSpec::with_period(Duration::from_millis(500))))
+}
+
+/// A ClusterIP Service JSON: `app=<app>` selector, port `port` to targetPort 8080.
+fn simple_service(name: &str, app: &str, port: u16) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}]},
+    })
+}
+
+/// The load-balancer ingress IP the seed writes (inside the topology's LB range, routed from the client).
+pub const SEED_LB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 10);
+
+/// The seed's objects.
+pub struct SeedApp {
+    pub kuard: PodInfo,
+    pub alpaca: Vec<PodInfo>,
+    pub bandicoot: Vec<PodInfo>,
+}
+
+/// Deploy the seed example: kuard, alpaca-prod (3, ver=1 app=alpaca env=prod), bandicoot-prod (2, ver=2
+/// app=bandicoot env=prod) and ClusterIP Services for both deployments (port 8080, like `kubectl expose`).
+pub async fn deploy_seed(ctx: &Ctx) -> Result<SeedApp> {
+    let kuard = ctx
+        .deploy(spec("kuard", 1).labels(&[("run", "kuard")]).on_node("node-a"))
+        .await?
+        .remove(0);
+    let mut a = spec("alpaca-prod", 3).labels(&[("ver", "1"), ("app", "alpaca"), ("env", "prod")]);
+    a.placement = Placement::Nodes(vec!["node-a".into(), "node-b".into()]);
+    let alpaca = ctx.deploy(a).await?;
+    let mut b = spec("bandicoot-prod", 2).labels(&[("ver", "2"), ("app", "bandicoot"), ("env", "prod")]);
+    b.placement = Placement::Nodes(vec!["node-a".into(), "node-b".into()]);
+    let bandicoot = ctx.deploy(b).await?;
+    for (name, sel) in [
+        ("alpaca-prod", json!({"ver": "1", "app": "alpaca", "env": "prod"})),
+        ("bandicoot-prod", json!({"ver": "2", "app": "bandicoot", "env": "prod"})),
+    ] {
+        ctx.create_service(json!({
+            "metadata": {"name": name, "labels": sel},
+            "spec": {"selector": sel, "ports": [{"port": 8080, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await?;
+    }
+    ctx.wait_endpoints("alpaca-prod", 3).await?;
+    ctx.wait_endpoints("bandicoot-prod", 2).await?;
+    Ok(SeedApp {
+        kuard,
+        alpaca,
+        bandicoot,
+    })
+}
+
+async fn seed(ctx: Arc<Ctx>) -> Result<()> {
+    let app = deploy_seed(&ctx).await?;
+    let a_ip = cluster_ip(&ctx.get_service("alpaca-prod").await?)?;
+    let b_ip = cluster_ip(&ctx.get_service("bandicoot-prod").await?)?;
+    let from = app.kuard.netns.as_str();
+    let all_alpaca = names(&app.alpaca);
+    let s = expect_backends(from, sa(a_ip, 8080), &all_alpaca).await?;
+    ctx.step(format!("alpaca-prod {a_ip}:8080 from kuard: {s}"));
+    let s = expect_backends(from, sa(b_ip, 8080), &names(&app.bandicoot)).await?;
+    ctx.step(format!("bandicoot-prod {b_ip}:8080 from kuard: {s}"));
+
+    // One alpaca pod fails its readiness probe: it leaves the answers, and comes back once it recovers.
+    let victim = &app.alpaca[0];
+    let rest: BTreeSet<String> = names(&app.alpaca[1..]);
+    let t = Instant::now();
+    ctx.kubelet.set_ready(&ctx.ns, &victim.name, false).await?;
+    expect_backends(from, sa(a_ip, 8080), &rest)
+        .await
+        .with_context(|| format!("{} failing readiness should leave the answers", victim.name))?;
+    ctx.step(format!(
+        "{} failing /ready: out of the answers after {:.1}s",
+        victim.name,
+        t.elapsed().as_secs_f64()
+    ));
+    let t = Instant::now();
+    ctx.kubelet.set_ready(&ctx.ns, &victim.name, true).await?;
+    expect_backends(from, sa(a_ip, 8080), &all_alpaca)
+        .await
+        .with_context(|| format!("{} recovered should answer again", victim.name))?;
+    ctx.step(format!(
+        "{} recovered: back after {:.1}s",
+        victim.name,
+        t.elapsed().as_secs_f64()
+    ));
+
+    // NodePort: every node's IP answers from the external client, with every replica.
+    let svc = ctx
+        .patch_service("alpaca-prod", json!({"spec": {"type": "NodePort"}}))
+        .await?;
+    let np = node_port(&svc, None)?;
+    for node in &ctx.topo.nodes {
+        let s = expect_backends(ctx.client_ns(), sa(node.ip, np), &all_alpaca).await?;
+        ctx.step(format!("NodePort {}:{np} from the client: {s}", node.ip));
+    }
+
+    // LoadBalancer: the harness writes the ingress IP; the client reaches it (routed to node-a).
+    ctx.patch_service("alpaca-prod", json!({"spec": {"type": "LoadBalancer"}}))
+        .await?;
+    ctx.set_lb_ingress("alpaca-prod", SEED_LB_IP).await?;
+    let s = expect_backends(ctx.client_ns(), sa(SEED_LB_IP, 8080), &all_alpaca).await?;
+    ctx.step(format!("LoadBalancer {SEED_LB_IP}:8080 from the client: {s}"));
+    Ok(())
+}
+
+async fn no_endpoints(ctx: Arc<Ctx>) -> Result<()> {
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx
+        .create_service(json!({
+            "metadata": {"name": "no-endpoints"},
+            "spec": {"type": "NodePort", "selector": {"app": "nothing-matches-this"},
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await?;
+    let ip = cluster_ip(&svc)?;
+    let np = node_port(&svc, None)?;
+    expect_refused(&client.netns, sa(ip, 80)).await?;
+    ctx.step(format!("ClusterIP {ip}:80 from a pod: refused"));
+    for node in &ctx.topo.nodes {
+        expect_refused(ctx.client_ns(), sa(node.ip, np)).await?;
+        ctx.step(format!("NodePort {}:{np} from the client: refused", node.ip));
+    }
+    Ok(())
+}
+
+/// Poll until `n` requests from `from` to `addr` all land on one pod; returns it.
+async fn expect_sticky(from: &str, addr: std::net::SocketAddr, n: usize) -> Result<String> {
+    eventually(
+        &format!("requests from {from} to {addr} sticking to one pod"),
+        CONVERGE,
+        || async {
+            let s = sample(from, addr, n).await;
+            if s.failed() == 0 && s.answers.len() == 1 {
+                Ok(s.pods().into_iter().next().unwrap_or_default())
+            } else {
+                bail!("got {s}")
+            }
+        },
+    )
+    .await
+}
+
+async fn affinity(ctx: Arc<Ctx>) -> Result<()> {
+    let backends = ctx.deploy(spec("affinity", 3)).await?;
+    let all = names(&backends);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let mut svc = simple_service("affinity", "affinity", 80);
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["sessionAffinity"] = json!("ClientIP");
+    let svc = ctx.create_service(svc).await?;
+    let (ip, np) = (cluster_ip(&svc)?, node_port(&svc, None)?);
+    ctx.wait_endpoints("affinity", 3).await?;
+    let pod = expect_sticky(&client.netns, sa(ip, 80), 30).await?;
+    ctx.step(format!(
+        "ClusterIP with ClientIP affinity: 30 requests all answered by {pod}"
+    ));
+    let node_a = ctx.node("node-a")?.ip;
+    let pod = expect_sticky(ctx.client_ns(), sa(node_a, np), 30).await?;
+    ctx.step(format!(
+        "NodePort with ClientIP affinity: 30 requests all answered by {pod}"
+    ));
+
+    ctx.patch_service(
+        "affinity",
+        json!({"spec": {"sessionAffinity": "None", "sessionAffinityConfig": null}}),
+    )
+    .await?;
+    let s = expect_backends(&client.netns, sa(ip, 80), &all).await?;
+    ctx.step(format!("affinity off, ClusterIP: {s}"));
+    let s = expect_backends(ctx.client_ns(), sa(node_a, np), &all).await?;
+    ctx.step(format!("affinity off, NodePort: {s}"));
+
+    ctx.patch_service("affinity", json!({"spec": {"sessionAffinity": "ClientIP"}}))
+        .await?;
+    let pod = expect_sticky(&client.netns, sa(ip, 80), 30).await?;
+    ctx.step(format!("affinity on again: all answered by {pod}"));
+    Ok(())
+}
+
+async fn proxy_name(ctx: Arc<Ctx>) -> Result<()> {
+    let backends = ctx.deploy(spec("web", 2)).await?;
+    let all = names(&backends);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let mut other = simple_service("other-proxy", "web", 80);
+    other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "foo-bar"});
+    let other = ctx.create_service(other).await?;
+    let mut headless = simple_service("headless-label", "web", 80);
+    headless["metadata"]["labels"] = json!({"service.kubernetes.io/headless": ""});
+    let headless = ctx.create_service(headless).await?;
+    let plain = ctx.create_service(simple_service("plain", "web", 80)).await?;
+    ctx.wait_endpoints("plain", 2).await?;
+    // Once the plain Service answers, the proxy has synced every Service created before it.
+    let s = expect_backends(&client.netns, sa(cluster_ip(&plain)?, 80), &all).await?;
+    ctx.step(format!("plain Service: {s}"));
+    for (what, svc) in [("service-proxy-name=foo-bar", &other), ("headless", &headless)] {
+        let ip = cluster_ip(svc)?;
+        let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
+        ctx.step(format!("Service labelled {what} ({ip}): not served ({})", errs[0]));
+    }
+    ctx.patch_service(
+        "other-proxy",
+        json!({"metadata": {"labels": {"service.kubernetes.io/service-proxy-name": null}}}),
+    )
+    .await?;
+    let s = expect_backends(&client.netns, sa(cluster_ip(&other)?, 80), &all).await?;
+    ctx.step(format!("service-proxy-name label removed: {s}"));
+    Ok(())
+}
+
+async fn itp_local(ctx: Arc<Ctx>) -> Result<()> {
+    let backend = ctx.deploy(spec("backend", 1).on_node("node-b")).await?;
+    let all = names(&backend);
+    let ca = ctx.client_pod("client-a", "node-a").await?;
+    let cb = ctx.client_pod("client-b", "node-b").await?;
+    let svc = ctx.create_service(simple_service("itp", "backend", 80)).await?;
+    let addr = sa(cluster_ip(&svc)?, 80);
+    ctx.wait_endpoints("itp", 1).await?;
+    expect_backends(&ca.netns, addr, &all).await?;
+    expect_backends(&cb.netns, addr, &all).await?;
+    ctx.step("internalTrafficPolicy Cluster: both nodes' pods reach the node-b backend");
+    ctx.patch_service("itp", json!({"spec": {"internalTrafficPolicy": "Local"}}))
+        .await?;
+    let errs = expect_unanswered(&ca.netns, addr).await?;
+    ctx.step(format!(
+        "Local, from node-a (no local endpoint): not answered ({})",
+        errs[0]
+    ));
+    let s = expect_backends(&cb.netns, addr, &all).await?;
+    ctx.step(format!("Local, from node-b: {s}"));
+    Ok(())
+}
+
+async fn etp_local(ctx: Arc<Ctx>) -> Result<()> {
+    let backend = ctx.deploy(spec("backend", 1).on_node("node-b")).await?;
+    let all = names(&backend);
+    let mut svc = simple_service("etp", "backend", 80);
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    let svc = ctx.create_service(svc).await?;
+    let np = node_port(&svc, None)?;
+    let hc = health_check_node_port(&svc)?;
+    ctx.wait_endpoints("etp", 1).await?;
+    let (a, b) = (ctx.node("node-a")?.ip, ctx.node("node-b")?.ip);
+    let client_ip = IpAddr::V4(ctx.topo.client.ip);
+    let s = expect_backends(ctx.client_ns(), sa(b, np), &all).await?;
+    ensure!(
+        s.sources == BTreeSet::from([client_ip]),
+        "the backend saw {:?}, not the client's {client_ip}",
+        s.sources
+    );
+    ctx.step(format!(
+        "NodePort on node-b (local endpoint): {s}, source {client_ip} preserved"
+    ));
+    let errs = expect_unanswered(ctx.client_ns(), sa(a, np)).await?;
+    ctx.step(format!(
+        "NodePort on node-a (no local endpoint): not answered ({})",
+        errs[0]
+    ));
+    for (ip, want) in [(b, 200u16), (a, 503u16)] {
+        let body = eventually(
+            &format!("healthCheckNodePort {ip}:{hc} answering {want}"),
+            CONVERGE,
+            || async {
+                match pods::http_request(ctx.client_ns(), "GET", sa(ip, hc), "/", Duration::from_secs(2)).await {
+                    Ok(r) if r.status == want => Ok(r.body),
+                    Ok(r) => bail!("HTTP {} {}", r.status, r.body.trim()),
+                    Err(e) => bail!("{e}"),
+                }
+            },
+        )
+        .await?;
+        ctx.step(format!("healthCheckNodePort {ip}:{hc}: {want} {}", body.trim()));
+    }
+    Ok(())
+}
+
+async fn source_ip(ctx: Arc<Ctx>) -> Result<()> {
+    let mut s = spec("echo-source", 2);
+    s.placement = Placement::Nodes(vec!["node-a".into(), "node-b".into()]);
+    let backends = ctx.deploy(s).await?;
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx
+        .create_service(simple_service("echo-source", "echo-source", 80))
+        .await?;
+    ctx.wait_endpoints("echo-source", 2).await?;
+    let s = expect_backends(&client.netns, sa(cluster_ip(&svc)?, 80), &names(&backends)).await?;
+    let want = BTreeSet::from([IpAddr::V4(client.ip)]);
+    ensure!(
+        s.sources == want,
+        "backends saw {:?}, not the client pod's {}",
+        s.sources,
+        client.ip
+    );
+    ctx.step(format!("{s}: every backend (node-a and node-b) saw {}", client.ip));
+    Ok(())
+}
+
+async fn hairpin(ctx: Arc<Ctx>) -> Result<()> {
+    let pod = ctx.deploy(spec("hairpin", 1)).await?.remove(0);
+    let svc = ctx.create_service(simple_service("hairpin", "hairpin", 80)).await?;
+    ctx.wait_endpoints("hairpin", 1).await?;
+    let s = expect_backends(
+        &pod.netns,
+        sa(cluster_ip(&svc)?, 80),
+        &BTreeSet::from([pod.name.clone()]),
+    )
+    .await?;
+    ctx.step(format!(
+        "{} through its own Service: {s}, source seen {:?}",
+        pod.name, s.sources
+    ));
+    Ok(())
+}
+
+async fn multiport(ctx: Arc<Ctx>) -> Result<()> {
+    let a = ctx
+        .deploy(
+            spec("multi-a", 1)
+                .labels(&[("app", "multiport")])
+                .ports(vec![PortSpec::http("web", 8080), PortSpec::http("alt", 9090)]),
+        )
+        .await?
+        .remove(0);
+    let b = ctx
+        .deploy(
+            spec("multi-b", 1)
+                .labels(&[("app", "multiport")])
+                .ports(vec![PortSpec::http("web", 8085), PortSpec::http("alt", 9095)]),
+        )
+        .await?
+        .remove(0);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx
+        .create_service(json!({
+            "metadata": {"name": "multiport"},
+            "spec": {"selector": {"app": "multiport"}, "ports": [
+                {"name": "p80", "port": 80, "targetPort": "web", "protocol": "TCP"},
+                {"name": "p81", "port": 81, "targetPort": "alt", "protocol": "TCP"},
+            ]},
+        }))
+        .await?;
+    ctx.wait_endpoints("multiport", 2).await?;
+    let ip = cluster_ip(&svc)?;
+    let both = BTreeSet::from([a.name.clone(), b.name.clone()]);
+    for (port, pa, pb) in [(80u16, 8080u16, 8085u16), (81, 9090, 9095)] {
+        let s = expect_backends(&client.netns, sa(ip, port), &both).await?;
+        for (pod, want) in [(&a, pa), (&b, pb)] {
+            let got = s.ports.get(&pod.name).cloned().unwrap_or_default();
+            ensure!(
+                got == BTreeSet::from([want]),
+                "service port {port} reached {} on ports {got:?}, expected its {want}",
+                pod.name
+            );
+        }
+        ctx.step(format!(
+            "port {port}: {s}; {} answered on {pa}, {} on {pb}",
+            a.name, b.name
+        ));
+    }
+    Ok(())
+}
+
+async fn ports_update(ctx: Arc<Ctx>) -> Result<()> {
+    let pod = ctx
+        .deploy(spec("ports", 1).ports(vec![PortSpec::http("web", 8080), PortSpec::http("alt", 9090)]))
+        .await?
+        .remove(0);
+    let only = BTreeSet::from([pod.name.clone()]);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx
+        .create_service(json!({
+            "metadata": {"name": "ports"},
+            "spec": {"selector": {"app": "ports"}, "ports": [{"name": "a", "port": 80, "targetPort": "web"}]},
+        }))
+        .await?;
+    let ip = cluster_ip(&svc)?;
+    ctx.wait_endpoints("ports", 1).await?;
+    expect_backends(&client.netns, sa(ip, 80), &only).await?;
+    ctx.step("port 80 answers");
+    ctx.patch_service(
+        "ports",
+        json!({"spec": {"ports": [{"name": "a", "port": 80, "targetPort": "web"}, {"name": "b", "port": 81, "targetPort": "alt"}]}}),
+    )
+    .await?;
+    let s = expect_backends(&client.netns, sa(ip, 81), &only).await?;
+    ensure!(
+        s.ports.get(&pod.name) == Some(&BTreeSet::from([9090])),
+        "added port 81 reached {:?}, not 9090",
+        s.ports
+    );
+    ctx.step("added port 81 answers (container port 9090)");
+    ctx.patch_service(
+        "ports",
+        json!({"spec": {"ports": [{"name": "b", "port": 81, "targetPort": "alt"}]}}),
+    )
+    .await?;
+    let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
+    ctx.step(format!("removed port 80: not answered ({})", errs[0]));
+    expect_backends(&client.netns, sa(ip, 81), &only).await?;
+    ctx.step("port 81 still answers");
+    Ok(())
+}
+
+async fn recreate(ctx: Arc<Ctx>) -> Result<()> {
+    let backends = ctx.deploy(spec("recreate", 2)).await?;
+    let all = names(&backends);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx.create_service(simple_service("recreate", "recreate", 80)).await?;
+    let ip = cluster_ip(&svc)?;
+    ctx.wait_endpoints("recreate", 2).await?;
+    expect_backends(&client.netns, sa(ip, 80), &all).await?;
+    ctx.delete_service("recreate").await?;
+    let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
+    ctx.step(format!("deleted: {ip}:80 not answered ({})", errs[0]));
+    let svc = ctx.create_service(simple_service("recreate", "recreate", 80)).await?;
+    let ip2 = cluster_ip(&svc)?;
+    ctx.wait_endpoints("recreate", 2).await?;
+    let s = expect_backends(&client.netns, sa(ip2, 80), &all).await?;
+    ctx.step(format!("recreated ({ip2}): {s}"));
+    Ok(())
+}
+
+async fn nodeport_release(ctx: Arc<Ctx>) -> Result<()> {
+    let first = ctx.deploy(spec("first", 1)).await?;
+    let second = ctx.deploy(spec("second", 1)).await?;
+    let mut svc = simple_service("np-first", "first", 80);
+    svc["spec"]["type"] = json!("NodePort");
+    let svc = ctx.create_service(svc).await?;
+    let np = node_port(&svc, None)?;
+    ctx.wait_endpoints("np-first", 1).await?;
+    let a = ctx.node("node-a")?.ip;
+    expect_backends(ctx.client_ns(), sa(a, np), &names(&first)).await?;
+    ctx.delete_service("np-first").await?;
+    let errs = expect_unanswered(ctx.client_ns(), sa(a, np)).await?;
+    ctx.step(format!("deleted: NodePort {np} not answered ({})", errs[0]));
+    let mut svc = simple_service("np-second", "second", 80);
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["ports"][0]["nodePort"] = json!(np);
+    ctx.create_service(svc)
+        .await
+        .with_context(|| format!("nodePort {np} was not released by the delete"))?;
+    ctx.wait_endpoints("np-second", 1).await?;
+    for node in &ctx.topo.nodes {
+        let s = expect_backends(ctx.client_ns(), sa(node.ip, np), &names(&second)).await?;
+        ctx.step(format!("NodePort {np} reused by np-second on {}: {s}", node.ip));
+    }
+    Ok(())
+}
+
+async fn udp_cycle(ctx: Arc<Ctx>) -> Result<()> {
+    let a = ctx
+        .deploy(spec("udp-a", 1).labels(&[("app", "udp-server")]).on_node("node-b"))
+        .await?
+        .remove(0);
+    let svc = ctx
+        .create_service(json!({
+            "metadata": {"name": "udp"},
+            "spec": {"type": "NodePort", "selector": {"app": "udp-server"},
+                     "ports": [{"name": "udp", "port": 8081, "targetPort": 8081, "protocol": "UDP"}]},
+        }))
+        .await?;
+    let np = node_port(&svc, None)?;
+    ctx.wait_endpoints("udp", 1).await?;
+    let target = sa(ctx.node("node-a")?.ip, np);
+    let local = sa(ctx.topo.client.ip, 40_001);
+    let client_ns = ctx.client_ns().to_string();
+    let first = eventually(
+        &format!("UDP {target} from {local} answered by {}", a.name),
+        CONVERGE,
+        || async {
+            match pods::udp_exchange(&client_ns, Some(local), target, "ping", Duration::from_secs(1)).await {
+                Ok(r) if r.pod == a.name => Ok(r),
+                Ok(r) => bail!("answered by {}", r.pod),
+                Err(e) => bail!("{e}"),
+            }
+        },
+    )
+    .await?;
+    ctx.step(format!("UDP from {local} to {target}: answered by {}", first.pod));
+    let b = ctx
+        .deploy(spec("udp-b", 1).labels(&[("app", "udp-server")]).on_node("node-a"))
+        .await?
+        .remove(0);
+    ctx.wait_endpoints("udp", 2).await?;
+    // The flow keeps going to the first pod (conntrack) while it exists.
+    let r = pods::udp_exchange(&client_ns, Some(local), target, "ping", Duration::from_secs(1)).await;
+    ctx.step(format!(
+        "second pod {} ready; the flow is answered by {}",
+        b.name,
+        match &r {
+            Ok(r) => r.pod.clone(),
+            Err(e) => e.to_string(),
+        }
+    ));
+    let t = Instant::now();
+    ctx.kubelet.delete_pod(&ctx.ns, &a.name, Some(Duration::ZERO)).await?;
+    ctx.kubelet.wait_gone(&ctx.ns, &a.name, Duration::from_secs(30)).await?;
+    let r = eventually(
+        &format!("UDP flow from {local} answered by {}", b.name),
+        CONVERGE,
+        || async {
+            match pods::udp_exchange(&client_ns, Some(local), target, "ping", Duration::from_millis(700)).await {
+                Ok(r) if r.pod == b.name => Ok(r),
+                Ok(r) => bail!("answered by {}", r.pod),
+                Err(NetError::Timeout) => bail!("timed out (stale conntrack entry to the deleted pod?)"),
+                Err(e) => bail!("{e}"),
+            }
+        },
+    )
+    .await?;
+    ctx.step(format!(
+        "{} deleted: the same flow reached {} after {:.1}s",
+        a.name,
+        r.pod,
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
