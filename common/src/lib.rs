@@ -53,7 +53,7 @@ pub const fn addr_octets(addr: u32) -> [u8; 4] {
 /// A service frontend: a (virtual) address, port and protocol that packets are sent to.
 /// Map `ORCA_FRONTENDS` (hash): `FrontendKey` -> `Frontend`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
     /// Destination address, packet order.
     pub addr: u32,
@@ -78,7 +78,7 @@ impl FrontendKey {
 
 /// What a frontend translates to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     /// Identifies the backend set (slots, members, affinity). Never 0 for a live frontend.
     pub service_id: u32,
@@ -96,14 +96,14 @@ pub struct Frontend {
 
 /// Map `ORCA_BACKENDS` (hash): `BackendSlotKey` -> `Backend`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendSlotKey {
     pub service_id: u32,
     pub slot: u32,
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     /// Backend address, packet order.
     pub addr: u32,
@@ -128,7 +128,7 @@ impl Backend {
 /// conntrack or affinity entry still points at a live backend: UDP flows and new TCP connections
 /// (SYN) move off removed backends, established TCP flows keep theirs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MemberKey {
     pub service_id: u32,
     pub addr: u32,
@@ -157,7 +157,7 @@ pub const CT_DIR_REPLY: u8 = 1;
 /// - `CT_DIR_REPLY`, keyed by backend -> client as the backend replies; value: the frontend,
 ///   which becomes the reply's source again (reverse NAT).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
     pub saddr: u32,
     pub daddr: u32,
@@ -169,7 +169,7 @@ pub struct CtKey {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtValue {
     /// Service direction: backend address; reply direction: frontend address (packet order).
     pub addr: u32,
@@ -184,14 +184,14 @@ pub struct CtValue {
 
 /// Map `ORCA_AFFINITY` (LRU hash): `AffinityKey` -> `AffinityValue` (ClientIP session affinity).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     pub service_id: u32,
     pub client_addr: u32,
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityValue {
     pub backend: Backend,
     /// bpf_ktime_get_ns() of the client's last new connection to the service.

@@ -1,5 +1,6 @@
 //! The dataplane interface: one implementation per kernel mechanism (iptables, eBPF) applies the model's diffs.
 
+pub mod ebpf;
 pub mod iptables;
 
 use std::fmt;

@@ -1,0 +1,252 @@
+//! Kernel side of the eBPF dataplane: bpffs, loading with pinned maps, TC attachment (TCX with
+//! pinned links where the kernel has it, clsact otherwise), interface discovery.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{self, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::sys::SyscallError;
+use aya::{Ebpf, EbpfLoader};
+use orca_common::{ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS};
+
+use crate::ebpf_obj;
+
+pub const ALL_MAPS: [&str; 5] = [MAP_FRONTENDS, MAP_BACKENDS, MAP_MEMBERS, MAP_CT, MAP_AFFINITY];
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// `<root>/v<ABI_VERSION>`: everything this release pins. A release with another layout uses
+/// another directory, so it never adopts maps it cannot read.
+pub fn versioned_dir(root: &Path) -> PathBuf {
+    root.join(format!("v{ABI_VERSION}"))
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct; the path is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Makes sure `root` is on a bpffs; mounts one there when it is not. Returns whether it mounted.
+pub fn ensure_bpffs(root: &Path) -> Result<bool> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    if is_bpffs(root) {
+        return Ok(false);
+    }
+    let target = CString::new(root.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("mounting bpffs on {}", root.display()));
+    }
+    tracing::info!(path = %root.display(), "mounted bpffs");
+    Ok(true)
+}
+
+/// Loads the embedded object, creating its maps or adopting the pinned ones under `dir/maps`,
+/// and loads (verifies) every program.
+pub fn load(dir: &Path) -> Result<Ebpf> {
+    if !ebpf_obj::available() {
+        bail!("this orca-proxy was built without its eBPF programs (AYA_BUILD_SKIP)");
+    }
+    let maps_dir = dir.join("maps");
+    std::fs::create_dir_all(&maps_dir).with_context(|| format!("creating {}", maps_dir.display()))?;
+    let mut loader = EbpfLoader::new();
+    for m in ALL_MAPS {
+        loader.map_pin_path(m, maps_dir.join(m));
+    }
+    let mut ebpf = loader
+        .load(ebpf_obj::OBJECT)
+        .with_context(|| format!("loading the eBPF object (maps pinned under {})", maps_dir.display()))?;
+    for name in [orca_common::PROG_FROM_POD, orca_common::PROG_FROM_NETDEV] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().map_err(|e| match e {
+            aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+                anyhow::anyhow!("the verifier rejected {name}: {io_error}\n{verifier_log}")
+            }
+            other => anyhow::Error::new(other).context(format!("loading {name}")),
+        })?;
+    }
+    Ok(ebpf)
+}
+
+/// The role of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Host side of a pod veth.
+    Pod,
+    /// Node uplink.
+    Netdev,
+}
+
+impl Role {
+    pub fn program(self) -> &'static str {
+        match self {
+            Role::Pod => orca_common::PROG_FROM_POD,
+            Role::Netdev => orca_common::PROG_FROM_NETDEV,
+        }
+    }
+}
+
+/// Interfaces of the calling thread's network namespace (if_nameindex is netns-aware; sysfs is
+/// not).
+pub fn interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            if !(*p).if_name.is_null() {
+                out.push(CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Interfaces carrying an IPv4 default route in the calling thread's network namespace.
+pub fn default_route_interfaces() -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/route") else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Attachments, by interface name.
+pub struct Attacher {
+    links_dir: PathBuf,
+    tcx: bool,
+    attached: BTreeMap<String, Role>,
+}
+
+impl Attacher {
+    pub fn new(dir: &Path) -> Result<Self> {
+        let links_dir = dir.join("links");
+        std::fs::create_dir_all(&links_dir).with_context(|| format!("creating {}", links_dir.display()))?;
+        Ok(Self {
+            links_dir,
+            tcx: aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)),
+            attached: BTreeMap::new(),
+        })
+    }
+
+    pub fn attached(&self) -> &BTreeMap<String, Role> {
+        &self.attached
+    }
+
+    fn pin_path(&self, ifname: &str) -> PathBuf {
+        self.links_dir.join(format!("{ifname}-ingress"))
+    }
+
+    /// Attaches the program of `role` on `ifname`'s ingress. With TCX the link is pinned, and a
+    /// link pinned by a previous agent is switched to the new program atomically: no packet goes
+    /// unprocessed across an agent restart.
+    pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str, role: Role) -> Result<()> {
+        if self.attached.get(ifname) == Some(&role) {
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(role.program())
+            .context("program missing")?
+            .try_into()?;
+        if self.tcx {
+            let pin = self.pin_path(ifname);
+            let id = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link = FdLink::from(old).try_into().context("pinned link is not a TC link")?;
+                    prog.attach_to_link(link)
+                        .with_context(|| format!("replacing the program of the pinned link {}", pin.display()))?
+                }
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    prog.attach_with_options(
+                        ifname,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching {} to {ifname} (TCX ingress)", role.program()))?
+                }
+                Err(e) => return Err(e).with_context(|| format!("opening pinned link {}", pin.display())),
+            };
+            let link = prog.take_link(id)?;
+            let fd: FdLink = link.try_into().context("TCX link is not an fd link")?;
+            // Re-pinning an adopted link: drop the old pin first.
+            let _ = std::fs::remove_file(&pin);
+            fd.pin(&pin)
+                .with_context(|| format!("pinning the link of {ifname} at {}", pin.display()))?;
+        } else {
+            // Older kernels: clsact + direct-action filter. The filter stays after the agent exits
+            // (the link is forgotten, not detached) and is replaced on the next start.
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                tracing::debug!(interface = ifname, error = %e, "clsact (probably present already)");
+            }
+            let id = prog
+                .attach(ifname, TcAttachType::Ingress)
+                .with_context(|| format!("attaching {} to {ifname} (clsact ingress)", role.program()))?;
+            std::mem::forget(prog.take_link(id)?);
+        }
+        tracing::info!(interface = ifname, program = role.program(), tcx = self.tcx, "attached");
+        self.attached.insert(ifname.to_string(), role);
+        Ok(())
+    }
+
+    /// Forgets interfaces that disappeared (their links went with them) and removes their pins.
+    pub fn forget_missing(&mut self, present: &[String]) {
+        let gone: Vec<String> = self.attached.keys().filter(|n| !present.contains(n)).cloned().collect();
+        for n in gone {
+            let _ = std::fs::remove_file(self.pin_path(&n));
+            self.attached.remove(&n);
+            tracing::info!(interface = %n, "interface gone");
+        }
+    }
+
+    /// Detaches everything: pinned links are opened, unpinned and closed.
+    pub fn detach_all(&mut self) -> Result<()> {
+        if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
+            for e in dir.flatten() {
+                let path = e.path();
+                match PinnedLink::from_pin(&path) {
+                    Ok(link) => {
+                        // Unpinning and dropping the last fd detaches the link.
+                        let fd = link.unpin().with_context(|| format!("unpinning {}", path.display()))?;
+                        drop(fd);
+                    }
+                    Err(_) => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+        self.attached.clear();
+        Ok(())
+    }
+}

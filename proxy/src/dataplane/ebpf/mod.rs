@@ -1,0 +1,263 @@
+//! The eBPF dataplane (`--proxy-mode ebpf`): loads the TC programs embedded in the agent, pins
+//! their maps under a configurable bpffs root (adopted by a restarted agent), attaches them on pod
+//! veths (host side) and node uplinks, and keeps the maps in line with the desired state.
+//!
+//! Layout under the root (default `/sys/fs/bpf/orca`): `v<ABI>/maps/<MAP>` and
+//! `v<ABI>/links/<ifname>-ingress`.
+
+pub mod loader;
+pub mod services;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap as AyaHashMap, MapData};
+use aya::Ebpf;
+use orca_common::{
+    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAP_BACKENDS, MAP_FRONTENDS, MAP_MEMBERS,
+};
+
+use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
+use crate::model::state::Snapshot;
+use crate::model::tracker::Diff;
+use crate::model::NodeInfo;
+
+use loader::{Attacher, Role};
+use services::{MapOps, Programmer};
+
+/// Where and on which interfaces the programs go.
+#[derive(Debug, Clone)]
+pub struct EbpfOptions {
+    /// bpffs directory for pins; mounted when it is not on a bpffs.
+    pub bpf_root: PathBuf,
+    /// Interfaces whose name starts with one of these are pod veths (host side).
+    pub pod_interface_prefixes: Vec<String>,
+    /// Explicit pod interfaces (in addition to the prefixes).
+    pub pod_interfaces: Vec<String>,
+    /// Node uplinks; empty means the interfaces carrying the IPv4 default route.
+    pub uplinks: Vec<String>,
+}
+
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        Self {
+            bpf_root: PathBuf::from("/sys/fs/bpf/orca"),
+            // Calico, plain veth CNIs (bridge/ptp: veth*), Cilium-style lxc*, the sandbox's pods.
+            pod_interface_prefixes: ["cali", "veth", "lxc", "orca-p"].map(String::from).to_vec(),
+            pod_interfaces: vec![],
+            uplinks: vec![],
+        }
+    }
+}
+
+pub struct EbpfDataplane {
+    cfg: DataplaneConfig,
+    opts: EbpfOptions,
+    ebpf: Ebpf,
+    programmer: Programmer,
+    attacher: Attacher,
+    mounted_bpffs: bool,
+}
+
+impl EbpfDataplane {
+    /// Mounts bpffs if needed, loads (verifies) the programs, adopts pinned maps and attaches to
+    /// the interfaces present now. Any failure here is the reason to fall back to iptables.
+    pub fn new(cfg: DataplaneConfig, opts: EbpfOptions) -> Result<Self> {
+        let mounted_bpffs = loader::ensure_bpffs(&opts.bpf_root)?;
+        let dir = loader::versioned_dir(&opts.bpf_root);
+        let mut ebpf = loader::load(&dir)?;
+        let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf });
+        let attacher = Attacher::new(&dir)?;
+        let mut dp = Self {
+            cfg,
+            opts,
+            ebpf,
+            programmer,
+            attacher,
+            mounted_bpffs,
+        };
+        dp.attach_interfaces()?;
+        Ok(dp)
+    }
+
+    /// Whether `new` mounted the bpffs (the caller may unmount it after `cleanup`).
+    pub fn mounted_bpffs(&self) -> bool {
+        self.mounted_bpffs
+    }
+
+    /// Attaches to pod veths and uplinks that appeared since the last call; forgets vanished ones.
+    pub fn attach_interfaces(&mut self) -> Result<()> {
+        let present = loader::interfaces();
+        self.attacher.forget_missing(&present);
+        let uplinks = if self.opts.uplinks.is_empty() {
+            loader::default_route_interfaces()
+        } else {
+            self.opts.uplinks.clone()
+        };
+        let mut wanted: Vec<(String, Role)> = Vec::new();
+        for name in &present {
+            let is_pod = self.opts.pod_interfaces.contains(name)
+                || self
+                    .opts
+                    .pod_interface_prefixes
+                    .iter()
+                    .any(|p| !p.is_empty() && name.starts_with(p.as_str()));
+            if is_pod {
+                wanted.push((name.clone(), Role::Pod));
+            } else if uplinks.contains(name) {
+                wanted.push((name.clone(), Role::Netdev));
+            }
+        }
+        for (name, role) in wanted {
+            // One interface failing (it vanished meanwhile, ...) must not stop the others.
+            if let Err(e) = self.attacher.attach(&mut self.ebpf, &name, role) {
+                tracing::warn!(interface = %name, error = %format!("{e:#}"), "cannot attach");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        self.attacher.attached().keys().cloned().collect()
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Ebpf
+    }
+
+    fn full_sync(&mut self, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+        self.attach_interfaces()?;
+        let mut maps = AyaMaps { ebpf: &mut self.ebpf };
+        let mut written = 0;
+        for name in self.programmer.names() {
+            if !desired.contains_key(&name) {
+                written += self.programmer.remove(&mut maps, &name)?.entries;
+            }
+        }
+        for st in desired.values() {
+            written += self.programmer.upsert(&mut maps, st, node, &self.cfg)?.entries;
+        }
+        written += self.programmer.sweep(&mut maps)?.entries;
+        Ok(SyncStats {
+            objects_written: written,
+            service_ports: self.programmer.service_ports(),
+        })
+    }
+
+    fn apply(&mut self, diff: &Diff, _desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+        self.attach_interfaces()?;
+        let mut maps = AyaMaps { ebpf: &mut self.ebpf };
+        let mut written = 0;
+        for name in &diff.removed {
+            written += self.programmer.remove(&mut maps, name)?.entries;
+        }
+        for st in &diff.upserted {
+            written += self.programmer.upsert(&mut maps, st, node, &self.cfg)?.entries;
+        }
+        Ok(SyncStats {
+            objects_written: written,
+            service_ports: self.programmer.service_ports(),
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<()> {
+        self.attacher.detach_all()?;
+        remove_pins(&self.opts.bpf_root)
+    }
+}
+
+/// Removes this release's pins under `root` (maps, links) and the directories, whatever process
+/// created them. Links are detached by unpinning them (nothing else holds them).
+pub fn remove_pins(root: &std::path::Path) -> Result<()> {
+    let dir = loader::versioned_dir(root);
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mut att = Attacher::new(&dir)?;
+    att.detach_all()?;
+    for m in loader::ALL_MAPS {
+        let p = dir.join("maps").join(m);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    for sub in ["maps", "links"] {
+        let _ = std::fs::remove_dir(dir.join(sub));
+    }
+    let _ = std::fs::remove_dir(&dir);
+    Ok(())
+}
+
+/// The kernel maps as [`MapOps`].
+struct AyaMaps<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl AyaMaps<'_> {
+    fn map<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> Result<AyaHashMap<&mut MapData, K, V>> {
+        let m = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+        AyaHashMap::try_from(m).with_context(|| format!("map {name}"))
+    }
+
+    fn map_ref<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Option<AyaHashMap<&MapData, K, V>> {
+        AyaHashMap::try_from(self.ebpf.map(name)?).ok()
+    }
+}
+
+/// Deleting an absent key is not an error here (the goal state is reached).
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl MapOps for AyaMaps<'_> {
+    fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> Result<()> {
+        self.map(MAP_FRONTENDS)?
+            .insert(k, v, 0)
+            .context("updating ORCA_FRONTENDS")
+    }
+    fn del_frontend(&mut self, k: &FrontendKey) -> Result<()> {
+        ignore_missing(self.map::<FrontendKey, Frontend>(MAP_FRONTENDS)?.remove(k))
+    }
+    fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> Result<()> {
+        self.map(MAP_BACKENDS)?
+            .insert(k, v, 0)
+            .context("updating ORCA_BACKENDS")
+    }
+    fn del_slot(&mut self, k: &BackendSlotKey) -> Result<()> {
+        ignore_missing(self.map::<BackendSlotKey, Backend>(MAP_BACKENDS)?.remove(k))
+    }
+    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend> {
+        self.map_ref::<BackendSlotKey, Backend>(MAP_BACKENDS)?.get(k, 0).ok()
+    }
+    fn put_member(&mut self, k: MemberKey, slot: u32) -> Result<()> {
+        self.map(MAP_MEMBERS)?
+            .insert(k, slot, 0)
+            .context("updating ORCA_MEMBERS")
+    }
+    fn del_member(&mut self, k: &MemberKey) -> Result<()> {
+        ignore_missing(self.map::<MemberKey, u32>(MAP_MEMBERS)?.remove(k))
+    }
+    fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
+        self.map_ref::<FrontendKey, Frontend>(MAP_FRONTENDS)
+            .map(|m| m.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+    fn slots(&self) -> Vec<BackendSlotKey> {
+        self.map_ref::<BackendSlotKey, Backend>(MAP_BACKENDS)
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+    fn members(&self) -> Vec<MemberKey> {
+        self.map_ref::<MemberKey, u32>(MAP_MEMBERS)
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

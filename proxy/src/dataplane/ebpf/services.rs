@@ -1,0 +1,385 @@
+//! Service ports -> map entries, with the update order that never exposes a half-written Service:
+//! new backend slots (and members) first, then the frontend entries switch to them in one map
+//! update each, then the old slots (and members that left) are freed.
+//!
+//! The logic runs over the [`MapOps`] trait: the kernel maps in production, an in-memory model in
+//! the unit tests (which check the ordering invariant after every single map operation).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAX_BACKENDS_PER_SERVICE};
+
+use crate::dataplane::DataplaneConfig;
+use crate::model::state::ServicePortState;
+use crate::model::{NodeInfo, Protocol, ServicePortName};
+
+/// The two halves of a service's slot space; a new backend set goes to the half not in use.
+const SLOT_HALF: u32 = 1 << 16;
+
+/// Map operations the programmer needs. Errors are strings with context (they end up in logs).
+pub trait MapOps {
+    fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> anyhow::Result<()>;
+    fn del_frontend(&mut self, k: &FrontendKey) -> anyhow::Result<()>;
+    fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> anyhow::Result<()>;
+    fn del_slot(&mut self, k: &BackendSlotKey) -> anyhow::Result<()>;
+    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend>;
+    fn put_member(&mut self, k: MemberKey, slot: u32) -> anyhow::Result<()>;
+    fn del_member(&mut self, k: &MemberKey) -> anyhow::Result<()>;
+    fn frontends(&self) -> Vec<(FrontendKey, Frontend)>;
+    fn slots(&self) -> Vec<BackendSlotKey>;
+    fn members(&self) -> Vec<MemberKey>;
+}
+
+/// Which endpoints a frontend uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SetKind {
+    /// ClusterIPs: internal endpoints (iTP).
+    Internal,
+    /// NodePorts, load-balancer IPs, external IPs: external endpoints (eTP).
+    External,
+}
+
+/// A backend set as published in the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PublishedSet {
+    id: u32,
+    base: u32,
+    backends: Vec<Backend>,
+}
+
+#[derive(Debug, Default)]
+struct PortEntry {
+    sets: BTreeMap<SetKind, PublishedSet>,
+    frontends: BTreeMap<FrontendKey, SetKind>,
+}
+
+/// What a sync wrote, for stats.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub entries: usize,
+}
+
+/// The programmer: remembers what it published per service port.
+#[derive(Debug, Default)]
+pub struct Programmer {
+    ports: HashMap<ServicePortName, PortEntry>,
+    /// Who owns each frontend key (two ports could claim one address:port by misconfiguration).
+    owners: HashMap<FrontendKey, ServicePortName>,
+    /// Frontends found in pinned maps at start-up, not yet claimed: their service ids and slot
+    /// ranges are reused so a restarted agent keeps affinity and switches sets without a gap.
+    adoptable: HashMap<FrontendKey, Frontend>,
+    used_ids: BTreeSet<u32>,
+    next_id: u32,
+}
+
+impl Programmer {
+    /// Starts from whatever the (possibly pinned) maps already hold.
+    pub fn adopt(maps: &dyn MapOps) -> Self {
+        let adoptable: HashMap<_, _> = maps.frontends().into_iter().collect();
+        let max_id = adoptable.values().map(|f| f.service_id).max().unwrap_or(0);
+        let max_slot_id = maps.slots().iter().map(|s| s.service_id).max().unwrap_or(0);
+        Self {
+            adoptable,
+            next_id: max_id.max(max_slot_id) + 1,
+            ..Self::default()
+        }
+    }
+
+    pub fn service_ports(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn alloc_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id.max(1);
+            self.next_id = id.wrapping_add(1).max(1);
+            if !self.used_ids.contains(&id) && !self.adoptable.values().any(|f| f.service_id == id) {
+                self.used_ids.insert(id);
+                return id;
+            }
+        }
+    }
+
+    /// Publishes (or updates) one service port.
+    pub fn upsert(
+        &mut self,
+        maps: &mut dyn MapOps,
+        st: &ServicePortState,
+        node: &NodeInfo,
+        cfg: &DataplaneConfig,
+    ) -> anyhow::Result<Written> {
+        let name = st.name().clone();
+        let mut w = Written::default();
+        let proto = match st.port.protocol {
+            Protocol::Tcp => orca_common::IPPROTO_TCP,
+            Protocol::Udp => orca_common::IPPROTO_UDP,
+            Protocol::Sctp => {
+                tracing::debug!(service = %name, "SCTP is not handled by the eBPF dataplane");
+                return self.remove(maps, &name);
+            }
+        };
+        let desired_frontends = frontends_of(st, proto, node, cfg);
+        let affinity = st
+            .port
+            .session_affinity
+            .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+        let mut wanted_sets: BTreeMap<SetKind, Vec<Backend>> = BTreeMap::new();
+        for kind in desired_frontends.values() {
+            wanted_sets.entry(*kind).or_insert_with(|| {
+                let eps = match kind {
+                    SetKind::Internal => st.internal_endpoints(),
+                    SetKind::External => st.external_endpoints(),
+                };
+                backends_of(&name, eps)
+            });
+        }
+
+        let mut entry = self.ports.remove(&name).unwrap_or_default();
+        // 1. New slots and members for every set whose backends changed.
+        let mut to_free: Vec<PublishedSet> = Vec::new();
+        for (kind, backends) in &wanted_sets {
+            let current = entry.sets.get(kind).cloned().or_else(|| {
+                // A restarted agent: reuse the id and slot range a pinned frontend of this set uses.
+                desired_frontends
+                    .iter()
+                    .filter(|(_, k)| *k == kind)
+                    .find_map(|(fk, _)| self.adoptable.get(fk).copied())
+                    .filter(|fe| !self.used_ids.contains(&fe.service_id))
+                    .map(|fe| {
+                        self.used_ids.insert(fe.service_id);
+                        PublishedSet {
+                            id: fe.service_id,
+                            base: fe.slot_base,
+                            backends: (0..u32::from(fe.backend_count))
+                                .filter_map(|i| {
+                                    maps.get_slot(&BackendSlotKey {
+                                        service_id: fe.service_id,
+                                        slot: fe.slot_base.wrapping_add(i),
+                                    })
+                                })
+                                .collect(),
+                        }
+                    })
+            });
+            let next = match &current {
+                Some(cur) if &cur.backends == backends => {
+                    entry.sets.insert(*kind, cur.clone());
+                    continue;
+                }
+                Some(cur) => PublishedSet {
+                    id: cur.id,
+                    base: if cur.base == 0 { SLOT_HALF } else { 0 },
+                    backends: backends.clone(),
+                },
+                None => PublishedSet {
+                    id: self.alloc_id(),
+                    base: 0,
+                    backends: backends.clone(),
+                },
+            };
+            for (i, b) in next.backends.iter().enumerate() {
+                let slot = BackendSlotKey {
+                    service_id: next.id,
+                    slot: next.base + i as u32,
+                };
+                maps.put_slot(slot, *b)?;
+                maps.put_member(MemberKey::of(next.id, b), i as u32)?;
+                w.entries += 2;
+            }
+            if let Some(cur) = current {
+                to_free.push(cur);
+            }
+            entry.sets.insert(*kind, next);
+        }
+
+        // 2. Frontends switch to the new sets.
+        for (fk, kind) in &desired_frontends {
+            let set = &entry.sets[kind];
+            if let Some(owner) = self.owners.get(fk) {
+                if owner != &name {
+                    tracing::warn!(service = %name, owner = %owner, frontend = ?fk, "frontend already used by another service port");
+                    continue;
+                }
+            }
+            let value = Frontend {
+                service_id: set.id,
+                backend_count: set.backends.len() as u16,
+                flags: 0,
+                affinity_timeout: affinity,
+                slot_base: set.base,
+            };
+            maps.put_frontend(*fk, value)?;
+            self.adoptable.remove(fk);
+            self.owners.insert(*fk, name.clone());
+            w.entries += 1;
+        }
+        for fk in entry.frontends.keys() {
+            if !desired_frontends.contains_key(fk) && self.owners.get(fk) == Some(&name) {
+                maps.del_frontend(fk)?;
+                self.owners.remove(fk);
+                w.entries += 1;
+            }
+        }
+        entry.frontends = desired_frontends
+            .into_iter()
+            .filter(|(fk, _)| self.owners.get(fk) == Some(&name))
+            .collect();
+
+        // 3. Free old slot ranges and members that left; drop sets no frontend uses any more.
+        for old in to_free {
+            let keep: BTreeSet<MemberKey> = entry
+                .sets
+                .values()
+                .filter(|s| s.id == old.id)
+                .flat_map(|s| s.backends.iter().map(|b| MemberKey::of(s.id, b)))
+                .collect();
+            w.entries += free_set(maps, &old, &keep)?;
+        }
+        let unused: Vec<SetKind> = entry
+            .sets
+            .keys()
+            .filter(|k| !wanted_sets.contains_key(k))
+            .copied()
+            .collect();
+        for kind in unused {
+            if let Some(set) = entry.sets.remove(&kind) {
+                w.entries += free_set(maps, &set, &BTreeSet::new())?;
+                self.used_ids.remove(&set.id);
+            }
+        }
+        self.ports.insert(name, entry);
+        Ok(w)
+    }
+
+    /// Removes a service port: frontends first, then its slots and members.
+    pub fn remove(&mut self, maps: &mut dyn MapOps, name: &ServicePortName) -> anyhow::Result<Written> {
+        let mut w = Written::default();
+        let Some(entry) = self.ports.remove(name) else {
+            return Ok(w);
+        };
+        for fk in entry.frontends.keys() {
+            if self.owners.get(fk) == Some(name) {
+                maps.del_frontend(fk)?;
+                self.owners.remove(fk);
+                w.entries += 1;
+            }
+        }
+        for set in entry.sets.values() {
+            w.entries += free_set(maps, set, &BTreeSet::new())?;
+            self.used_ids.remove(&set.id);
+        }
+        Ok(w)
+    }
+
+    pub fn names(&self) -> Vec<ServicePortName> {
+        self.ports.keys().cloned().collect()
+    }
+
+    /// Deletes every entry no published service port accounts for: leftovers of a previous run
+    /// (after `full_sync` has claimed what is still desired) or of a failed update.
+    pub fn sweep(&mut self, maps: &mut dyn MapOps) -> anyhow::Result<Written> {
+        let mut w = Written::default();
+        for (fk, _) in maps.frontends() {
+            if !self.owners.contains_key(&fk) {
+                maps.del_frontend(&fk)?;
+                w.entries += 1;
+            }
+        }
+        self.adoptable.clear();
+        let mut live_slots: BTreeSet<BackendSlotKey> = BTreeSet::new();
+        let mut live_members: BTreeSet<MemberKey> = BTreeSet::new();
+        for entry in self.ports.values() {
+            for set in entry.sets.values() {
+                for (i, b) in set.backends.iter().enumerate() {
+                    live_slots.insert(BackendSlotKey {
+                        service_id: set.id,
+                        slot: set.base + i as u32,
+                    });
+                    live_members.insert(MemberKey::of(set.id, b));
+                }
+            }
+        }
+        for k in maps.slots() {
+            if !live_slots.contains(&k) {
+                maps.del_slot(&k)?;
+                w.entries += 1;
+            }
+        }
+        for k in maps.members() {
+            if !live_members.contains(&k) {
+                maps.del_member(&k)?;
+                w.entries += 1;
+            }
+        }
+        Ok(w)
+    }
+}
+
+fn free_set(maps: &mut dyn MapOps, set: &PublishedSet, keep: &BTreeSet<MemberKey>) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for (i, b) in set.backends.iter().enumerate() {
+        maps.del_slot(&BackendSlotKey {
+            service_id: set.id,
+            slot: set.base + i as u32,
+        })?;
+        let mk = MemberKey::of(set.id, b);
+        if !keep.contains(&mk) {
+            maps.del_member(&mk)?;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The frontends of a service port on this node (IPv4).
+fn frontends_of(
+    st: &ServicePortState,
+    proto: u8,
+    node: &NodeInfo,
+    cfg: &DataplaneConfig,
+) -> BTreeMap<FrontendKey, SetKind> {
+    let p = &st.port;
+    let mut out = BTreeMap::new();
+    for ip in p.cluster_ips.iter().filter_map(v4) {
+        out.insert(FrontendKey::new(ip.octets(), p.port, proto), SetKind::Internal);
+    }
+    for ip in p.load_balancer_ips.iter().chain(&p.external_ips).filter_map(v4) {
+        out.insert(FrontendKey::new(ip.octets(), p.port, proto), SetKind::External);
+    }
+    if let Some(np) = p.node_port {
+        for ip in &node.addresses {
+            let Some(a) = v4(ip) else { continue };
+            let allowed = cfg.nodeport_addresses.is_empty() || cfg.nodeport_addresses.iter().any(|c| c.contains(*ip));
+            if allowed {
+                out.insert(FrontendKey::new(a.octets(), np, proto), SetKind::External);
+            }
+        }
+    }
+    out
+}
+
+/// IPv4 endpoints as backends, deduplicated, at most `MAX_BACKENDS_PER_SERVICE`.
+fn backends_of(name: &ServicePortName, eps: &[crate::model::Endpoint]) -> Vec<Backend> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for ep in eps {
+        let Some(a) = v4(&ep.ip) else { continue };
+        let b = Backend::new(a.octets(), ep.port);
+        if seen.insert((b.addr, b.port)) {
+            out.push(b);
+        }
+    }
+    if out.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        tracing::warn!(service = %name, endpoints = out.len(), "too many endpoints; using the first {MAX_BACKENDS_PER_SERVICE}");
+        out.truncate(MAX_BACKENDS_PER_SERVICE as usize);
+    }
+    out
+}

@@ -1,0 +1,322 @@
+//! Unit tests of the map programmer over an in-memory model of the maps that checks, after every
+//! single map operation, that no frontend can reach a missing slot or a slot whose backend is not
+//! a member: the "never a half-written Service" guarantee.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use orca_common::{addr_from_octets, Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey};
+
+use super::services::{MapOps, Programmer};
+use crate::dataplane::DataplaneConfig;
+use crate::model::state::ServicePortState;
+use crate::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
+
+#[derive(Default, Clone)]
+struct FakeMaps {
+    fe: BTreeMap<FrontendKey, Frontend>,
+    slots: BTreeMap<BackendSlotKey, Backend>,
+    members: BTreeSet<MemberKey>,
+    ops: usize,
+}
+
+impl FakeMaps {
+    fn check(&self) {
+        for (k, f) in &self.fe {
+            for i in 0..u32::from(f.backend_count) {
+                let sk = BackendSlotKey {
+                    service_id: f.service_id,
+                    slot: f.slot_base + i,
+                };
+                let b = self
+                    .slots
+                    .get(&sk)
+                    .unwrap_or_else(|| panic!("op {}: frontend {k:?} reaches missing slot {sk:?}", self.ops));
+                assert!(
+                    self.members.contains(&MemberKey::of(f.service_id, b)),
+                    "op {}: slot {sk:?} holds a non-member",
+                    self.ops
+                );
+            }
+        }
+    }
+    fn op(&mut self) -> anyhow::Result<()> {
+        self.ops += 1;
+        self.check();
+        Ok(())
+    }
+}
+
+impl MapOps for FakeMaps {
+    fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> anyhow::Result<()> {
+        self.fe.insert(k, v);
+        self.op()
+    }
+    fn del_frontend(&mut self, k: &FrontendKey) -> anyhow::Result<()> {
+        self.fe.remove(k);
+        self.op()
+    }
+    fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> anyhow::Result<()> {
+        self.slots.insert(k, v);
+        self.op()
+    }
+    fn del_slot(&mut self, k: &BackendSlotKey) -> anyhow::Result<()> {
+        self.slots.remove(k);
+        self.op()
+    }
+    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend> {
+        self.slots.get(k).copied()
+    }
+    fn put_member(&mut self, k: MemberKey, _slot: u32) -> anyhow::Result<()> {
+        self.members.insert(k);
+        self.op()
+    }
+    fn del_member(&mut self, k: &MemberKey) -> anyhow::Result<()> {
+        self.members.remove(k);
+        self.op()
+    }
+    fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
+        self.fe.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+    fn slots(&self) -> Vec<BackendSlotKey> {
+        self.slots.keys().copied().collect()
+    }
+    fn members(&self) -> Vec<MemberKey> {
+        self.members.iter().copied().collect()
+    }
+}
+
+fn name(n: &str) -> ServicePortName {
+    ServicePortName {
+        service: ServiceName::new("ns", n),
+        port: "http".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn port(n: &str, vip: &str) -> ServicePort {
+    ServicePort {
+        name: name(n),
+        cluster_ips: vec![vip.parse().unwrap()],
+        port: 80,
+        protocol: Protocol::Tcp,
+        node_port: None,
+        load_balancer_ips: vec![],
+        external_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        session_affinity: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
+        traffic_distribution: None,
+    }
+}
+
+fn ep(ip: &str, local: bool) -> Endpoint {
+    Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 8080,
+        ready: true,
+        serving: true,
+        terminating: false,
+        is_local: local,
+        node_name: Some(if local { "node-a" } else { "node-b" }.into()),
+        zone: None,
+        zone_hints: BTreeSet::new(),
+        node_hints: BTreeSet::new(),
+    }
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        addresses: vec!["192.168.50.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+    }
+}
+
+fn state(p: ServicePort, eps: Vec<Endpoint>) -> ServicePortState {
+    ServicePortState::new(p, eps, &node())
+}
+
+fn fk(ip: &str, port: u16) -> FrontendKey {
+    let a: Ipv4Addr = ip.parse().unwrap();
+    FrontendKey::new(a.octets(), port, orca_common::IPPROTO_TCP)
+}
+
+/// The backends a frontend currently resolves to, as "ip" strings.
+fn resolve(m: &FakeMaps, k: &FrontendKey) -> Vec<String> {
+    let f = m.fe.get(k).expect("frontend present");
+    let mut v: Vec<String> = (0..u32::from(f.backend_count))
+        .map(|i| {
+            let b = m.slots[&BackendSlotKey {
+                service_id: f.service_id,
+                slot: f.slot_base + i,
+            }];
+            Ipv4Addr::from(orca_common::addr_octets(b.addr)).to_string()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn endpoint_changes_switch_sets_without_ever_exposing_a_partial_one() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let cfg = DataplaneConfig::default();
+    let vip = fk("10.96.0.10", 80);
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["10.244.1.1", "10.244.1.2"],
+        vec!["10.244.1.1", "10.244.1.2", "10.244.1.3"],
+        vec!["10.244.1.3"],
+        vec!["10.244.2.1", "10.244.2.2", "10.244.2.3", "10.244.2.4"],
+        vec![],
+        vec!["10.244.1.1"],
+    ];
+    for ips in steps {
+        let eps = ips.iter().map(|ip| ep(ip, false)).collect();
+        p.upsert(&mut m, &state(port("web", "10.96.0.10"), eps), &node(), &cfg)
+            .unwrap();
+        let mut want: Vec<String> = ips.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(resolve(&m, &vip), want);
+        // Nothing stale is left: exactly one slot and one member per backend.
+        assert_eq!(m.slots.len(), ips.len());
+        assert_eq!(m.members.len(), ips.len());
+    }
+    assert_eq!(m.fe[&vip].backend_count, 1);
+    p.remove(&mut m, &name("web")).unwrap();
+    assert!(m.fe.is_empty() && m.slots.is_empty() && m.members.is_empty());
+}
+
+#[test]
+fn frontends_per_kind_and_external_policy_local() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let mut sp = port("np", "10.96.0.20");
+    sp.node_port = Some(30080);
+    sp.external_ips = vec!["203.0.113.7".parse().unwrap()];
+    sp.load_balancer_ips = vec!["198.51.100.9".parse().unwrap(), "2001:db8::9".parse().unwrap()];
+    sp.external_policy = TrafficPolicy::Local;
+    sp.session_affinity = Some(Duration::from_secs(600));
+    let eps = vec![ep("10.244.1.1", true), ep("10.244.2.1", false)];
+    p.upsert(&mut m, &state(sp, eps), &node(), &DataplaneConfig::default())
+        .unwrap();
+    // ClusterIP: every endpoint; NodePort on the node's IPv4 address, external and LB IPs: local
+    // endpoints only (eTP=Local). IPv6 addresses are not programmed.
+    assert_eq!(resolve(&m, &fk("10.96.0.20", 80)), ["10.244.1.1", "10.244.2.1"]);
+    for k in [
+        fk("192.168.50.10", 30080),
+        fk("203.0.113.7", 80),
+        fk("198.51.100.9", 80),
+    ] {
+        assert_eq!(resolve(&m, &k), ["10.244.1.1"], "{k:?}");
+    }
+    assert_eq!(m.fe.len(), 4);
+    assert!(m.fe.values().all(|f| f.affinity_timeout == 600));
+    // The internal and external sets have distinct ids.
+    let ids: BTreeSet<u32> = m.fe.values().map(|f| f.service_id).collect();
+    assert_eq!(ids.len(), 2);
+}
+
+#[test]
+fn nodeport_addresses_restrict_node_port_frontends() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let mut sp = port("np", "10.96.0.21");
+    sp.node_port = Some(30081);
+    let n = NodeInfo {
+        addresses: vec!["192.168.50.10".parse().unwrap(), "10.0.0.10".parse().unwrap()],
+        ..node()
+    };
+    let cfg = DataplaneConfig {
+        nodeport_addresses: vec![crate::model::Cidr::new("10.0.0.0".parse().unwrap(), 8).unwrap()],
+        ..DataplaneConfig::default()
+    };
+    p.upsert(
+        &mut m,
+        &ServicePortState::new(sp, vec![ep("10.244.1.1", false)], &n),
+        &n,
+        &cfg,
+    )
+    .unwrap();
+    assert!(m.fe.contains_key(&fk("10.0.0.10", 30081)));
+    assert!(!m.fe.contains_key(&fk("192.168.50.10", 30081)));
+}
+
+#[test]
+fn a_restarted_programmer_adopts_ids_and_sweeps_leftovers() {
+    let mut m = FakeMaps::default();
+    let cfg = DataplaneConfig::default();
+    let mut first = Programmer::default();
+    first
+        .upsert(
+            &mut m,
+            &state(port("a", "10.96.0.30"), vec![ep("10.244.1.1", false)]),
+            &node(),
+            &cfg,
+        )
+        .unwrap();
+    first
+        .upsert(
+            &mut m,
+            &state(port("gone", "10.96.0.31"), vec![ep("10.244.1.9", false)]),
+            &node(),
+            &cfg,
+        )
+        .unwrap();
+    let id_a = m.fe[&fk("10.96.0.30", 80)].service_id;
+
+    // A new agent: adopts the maps, the desired state only has "a", with one more endpoint.
+    let mut second = Programmer::adopt(&m);
+    let ops_before = m.ops;
+    second
+        .upsert(
+            &mut m,
+            &state(port("a", "10.96.0.30"), vec![ep("10.244.1.1", false)]),
+            &node(),
+            &cfg,
+        )
+        .unwrap();
+    // Unchanged backends: only the frontend entry is rewritten (same id and slots).
+    assert_eq!(m.ops - ops_before, 1);
+    assert_eq!(m.fe[&fk("10.96.0.30", 80)].service_id, id_a);
+    second
+        .upsert(
+            &mut m,
+            &state(
+                port("a", "10.96.0.30"),
+                vec![ep("10.244.1.1", false), ep("10.244.1.2", false)],
+            ),
+            &node(),
+            &cfg,
+        )
+        .unwrap();
+    assert_eq!(m.fe[&fk("10.96.0.30", 80)].service_id, id_a);
+    assert_eq!(resolve(&m, &fk("10.96.0.30", 80)), ["10.244.1.1", "10.244.1.2"]);
+    // "gone" is still there until the sweep of the full sync removes it.
+    assert!(m.fe.contains_key(&fk("10.96.0.31", 80)));
+    second.sweep(&mut m).unwrap();
+    assert!(!m.fe.contains_key(&fk("10.96.0.31", 80)));
+    assert_eq!(m.slots.len(), 2);
+    assert_eq!(m.members.len(), 2);
+    // New ids never collide with adopted ones.
+    second
+        .upsert(
+            &mut m,
+            &state(port("b", "10.96.0.32"), vec![ep("10.244.1.3", false)]),
+            &node(),
+            &cfg,
+        )
+        .unwrap();
+    assert_ne!(m.fe[&fk("10.96.0.32", 80)].service_id, id_a);
+    assert_eq!(
+        m.members
+            .iter()
+            .filter(|k| k.addr == addr_from_octets([10, 244, 1, 3]))
+            .count(),
+        1
+    );
+}
