@@ -169,6 +169,8 @@ pub struct DeploymentSpec {
     pub on_sigterm: OnSigterm,
     /// Start the server with `/ready` failing.
     pub start_not_ready: bool,
+    /// `hostNetwork: true`: the server runs in the node's namespace and the pod's IP is the node's.
+    pub host_network: bool,
 }
 
 impl DeploymentSpec {
@@ -185,6 +187,7 @@ impl DeploymentSpec {
             grace_period: Duration::from_secs(30),
             on_sigterm: OnSigterm::FailReady,
             start_not_ready: false,
+            host_network: false,
         }
     }
 
@@ -216,6 +219,11 @@ impl DeploymentSpec {
 
     pub fn grace_period(mut self, g: Duration) -> Self {
         self.grace_period = g;
+        self
+    }
+
+    pub fn host_network(mut self, on: bool) -> Self {
+        self.host_network = on;
         self
     }
 
@@ -450,7 +458,14 @@ impl Kubelet {
         let obj = pod_object(spec, name, node)?;
         let created = create_with_retry(&api, &obj).await?;
         let uid = created.metadata.uid.clone().unwrap_or_default();
-        let pod = match self.runtime.start(node, &spec.namespace, name, cfg.clone()).await {
+        let started = if spec.host_network {
+            self.runtime
+                .start_host_network(node, &spec.namespace, name, cfg.clone())
+                .await
+        } else {
+            self.runtime.start(node, &spec.namespace, name, cfg.clone()).await
+        };
+        let pod = match started {
             Ok(p) => p,
             Err(e) => {
                 let _ = delete_now(&api, name, &uid).await;
@@ -473,7 +488,7 @@ impl Kubelet {
             None => None,
         };
         let mut state = PodState::new(probe.is_none());
-        if let Err(e) = write_status(&api, name, &pod, &state, &created).await {
+        if let Err(e) = write_status(&api, name, &pod, &state).await {
             self.runtime.stop(pod, Duration::ZERO).await;
             let _ = delete_now(&api, name, &uid).await;
             return Err(e);
@@ -487,7 +502,6 @@ impl Kubelet {
             key: key.clone(),
             uid,
             probe,
-            object: created,
         };
         let task = tokio::spawn(pod_task(ctx, pod, state, stop_rx));
         self.lock_workers().insert(
@@ -735,6 +749,7 @@ fn pod_object(spec: &DeploymentSpec, name: &str, node: &str) -> Result<KPod> {
         "metadata": {"name": name, "namespace": spec.namespace, "labels": labels},
         "spec": {
             "nodeName": node,
+            "hostNetwork": spec.host_network,
             "restartPolicy": "Always",
             "terminationGracePeriodSeconds": spec.grace_period.as_secs(),
             "automountServiceAccountToken": false,
@@ -880,7 +895,7 @@ fn status_body(pod: &Pod, st: &PodState) -> Value {
     }})
 }
 
-async fn write_status(api: &Api<KPod>, name: &str, pod: &Pod, st: &PodState, _obj: &KPod) -> Result<()> {
+async fn write_status(api: &Api<KPod>, name: &str, pod: &Pod, st: &PodState) -> Result<()> {
     let body = status_body(pod, st);
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&body))
         .await
@@ -895,7 +910,6 @@ struct WorkerCtx {
     key: PodKey,
     uid: String,
     probe: Option<(ProbeSpec, u16)>,
-    object: KPod,
 }
 
 async fn probe_once(pod: &Pod, probe: &ProbeSpec, port: u16) -> bool {
@@ -949,25 +963,26 @@ async fn pod_task(ctx: WorkerCtx, mut pod: Pod, mut st: PodState, mut stop: ones
                     }
                     tracing::warn!("pod {name}: server exited; restarting it");
                     if let Err(e) = pod.start_server().await {
-                        tracing::warn!("pod {name}: restart failed: {e:#}");
+                        tracing::warn!("pod {name}: restart failed (next try in {period:?}): {e:#}");
                     }
                     st.successes = 0;
                     st.failures = 0;
                     if ctx.probe.is_some() && st.ready {
                         st.set_ready(false);
                     }
-                    if let Err(e) = write_status(&ctx.api, &name, &pod, &st, &ctx.object).await {
-                        tracing::warn!("{e:#}");
-                    }
-                    continue;
-                }
-                if let Some((probe, port)) = &ctx.probe {
+                    st.status_written = false;
+                } else if let Some((probe, port)) = &ctx.probe {
                     let ok = probe_once(&pod, probe, *port).await;
                     if st.observe(ok, probe) {
                         tracing::debug!("pod {name}: Ready -> {}", st.ready);
-                        if let Err(e) = write_status(&ctx.api, &name, &pod, &st, &ctx.object).await {
-                            tracing::warn!("{e:#}");
-                        }
+                        st.status_written = false;
+                    }
+                }
+                // A failed write is retried on the next tick, so the API catches up with what the probe saw.
+                if !st.status_written {
+                    match write_status(&ctx.api, &name, &pod, &st).await {
+                        Ok(()) => st.status_written = true,
+                        Err(e) => tracing::warn!("{e:#} (retrying in {period:?})"),
                     }
                 }
             }

@@ -17,6 +17,9 @@
 //! [`crate::topology`]) carry traffic to the other node's pod CIDR. Pod IPs are allocated per node from `.2`
 //! upwards (lowest free first) and freed when the pod is removed.
 //!
+//! Host-network pods ([`Pod::start_host_network`]) get no namespace, veth or IP of their own: their server runs
+//! in the node's namespace and answers on the node's IP.
+//!
 //! Pod namespaces are named `orca-pod-<name>` for pods of the `default` Kubernetes namespace and
 //! `orca-pod-<namespace>_<name>` otherwise (`_` cannot occur in Kubernetes names, so names never collide).
 //!
@@ -264,10 +267,14 @@ impl IpAllocator {
 /// (or `ip netns del`, which also removes the veth pair) tears it down.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodNetwork {
+    /// The pod's namespace; the node's for a host-network pod.
     pub netns: String,
     pub node_netns: String,
+    /// Empty for a host-network pod.
     pub host_veth: String,
     pub ip: Ipv4Addr,
+    /// A `hostNetwork: true` pod: no namespace of its own, the node's IP.
+    pub host_network: bool,
 }
 
 impl PodNetwork {
@@ -282,6 +289,7 @@ impl PodNetwork {
             node_netns: node_netns.to_string(),
             host_veth: host_veth_name(pod_netns),
             ip,
+            host_network: false,
         };
         netns::ip(&["netns", "add", pod_netns]).with_context(|| format!("creating namespace {pod_netns}"))?;
         if let Err(e) = net.wire() {
@@ -289,6 +297,17 @@ impl PodNetwork {
             return Err(e.context(format!("wiring pod namespace {pod_netns}")));
         }
         Ok(net)
+    }
+
+    /// The network of a host-network pod on `node`: the node's namespace and IP; nothing to create or remove.
+    pub fn host(node: &PodNode) -> PodNetwork {
+        PodNetwork {
+            netns: node.netns.clone(),
+            node_netns: node.netns.clone(),
+            host_veth: String::new(),
+            ip: node.ip,
+            host_network: true,
+        }
     }
 
     fn wire(&self) -> Result<()> {
@@ -355,6 +374,9 @@ impl PodNetwork {
     /// Delete the namespace (the veth pair and the node's /32 route go with it). Best effort: logs failures.
     /// Processes still inside the namespace keep it alive in the kernel; stop them first.
     pub fn remove(&self) {
+        if self.host_network {
+            return;
+        }
         if let Err(e) = netns::ip(&["netns", "del", &self.netns]) {
             tracing::warn!("removing pod namespace {}: {e:#}", self.netns);
         }
@@ -393,6 +415,29 @@ impl Pod {
         let node_netns = node.netns.clone();
         let pn = pod_netns.clone();
         let network = tokio::task::spawn_blocking(move || PodNetwork::create(&node_netns, &pn, ip)).await??;
+        Pod::start_in(testpod_bin, node, namespace, name, network, config).await
+    }
+
+    /// Start a host-network pod: its server runs in the node's namespace and answers on the node's IP (ports
+    /// must not clash with anything else listening there).
+    pub async fn start_host_network(
+        testpod_bin: &Path,
+        node: &PodNode,
+        namespace: &str,
+        name: &str,
+        config: ServerConfig,
+    ) -> Result<Pod> {
+        Pod::start_in(testpod_bin, node, namespace, name, PodNetwork::host(node), config).await
+    }
+
+    async fn start_in(
+        testpod_bin: &Path,
+        node: &PodNode,
+        namespace: &str,
+        name: &str,
+        network: PodNetwork,
+        config: ServerConfig,
+    ) -> Result<Pod> {
         let mut pod = Pod {
             name: name.to_string(),
             namespace: namespace.to_string(),
@@ -590,6 +635,18 @@ impl PodRuntime {
         }
     }
 
+    /// Start host-network pod `namespace/name` on `node` (no IP allocated: it has the node's).
+    pub async fn start_host_network(
+        &self,
+        node: &str,
+        namespace: &str,
+        name: &str,
+        config: ServerConfig,
+    ) -> Result<Pod> {
+        let node = self.node(node).with_context(|| format!("no node {node:?}"))?.clone();
+        Pod::start_host_network(&self.testpod_bin, &node, namespace, name, config).await
+    }
+
     /// Stop a pod and free its IP.
     pub async fn stop(&self, mut pod: Pod, grace: Duration) {
         pod.stop(grace).await;
@@ -598,6 +655,8 @@ impl PodRuntime {
 
     /// Return a pod IP to the node's pool (after the pod's namespace was removed).
     pub fn release_ip(&self, node: &str, ip: Ipv4Addr) {
+        // A host-network pod's IP (the node's) is outside the pod CIDR and never in the pool: freeing it is a
+        // no-op.
         if let Ok(mut a) = self.ips.lock() {
             a.free(node, ip);
         }

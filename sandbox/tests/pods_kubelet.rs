@@ -497,6 +497,62 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
     }
     assert_eq!(kubelet.pods_of("team", "multi-seven"), one_left);
 
+    // A host-network pod: answers on its node's IP from the other node, its endpoint address is the node IP.
+    let node_b = &topo.nodes[1];
+    let hostnet = DeploymentSpec::new("hostnet", 1)
+        .namespace("team")
+        .on_node(&node_b.name)
+        .ports(vec![PortSpec::http("web", 8090)])
+        .readiness(Some(ProbeSpec::with_period(Duration::from_millis(300))))
+        .host_network(true)
+        .grace_period(Duration::from_secs(1));
+    let h = kubelet.deploy(&hostnet).await.expect("host-network pod").remove(0);
+    assert_eq!((h.ip, h.netns.as_str()), (node_b.ip, node_b.netns.as_str()));
+    kubelet
+        .wait_ready("team", &h.name, true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let w = pods::whoami(&node_a.netns, h.addr(8090), t)
+        .await
+        .expect("host-network pod from node-a");
+    assert_eq!(
+        (w.pod.as_str(), w.client.ip()),
+        (h.name.as_str(), std::net::IpAddr::V4(node_a.ip))
+    );
+    let hsvc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hostnet"},
+        "spec": {"selector": {"app": "hostnet"}, "ports": [{"port": 80, "targetPort": "web"}]},
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &hsvc).await.expect("service");
+    let t0 = Instant::now();
+    loop {
+        let eps = service_endpoints(&client, "team", "hostnet").await.unwrap();
+        if let Some(e) = endpoint(&eps, &h.name) {
+            assert_eq!(e.addresses, vec![node_b.ip.to_string()]);
+            assert_eq!(e.ports, vec![(String::new(), 8090, "TCP".to_string())]);
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no endpoint for the host-network pod: {eps:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    kubelet.delete_pod("team", &h.name, None).await.unwrap();
+    kubelet
+        .wait_gone("team", &h.name, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        netns_exists(&node_b.netns),
+        "deleting a host-network pod keeps its node"
+    );
+    assert!(
+        pods::tcp_connect(&node_a.netns, h.addr(8090), t).await.is_err(),
+        "its server is gone"
+    );
+
     // Dropping the kubelet (no shutdown) still removes the pod namespaces.
     drop(kubelet);
     let t0 = Instant::now();
