@@ -90,7 +90,9 @@ static HANDLER: Once = Once::new();
 
 fn install_signal_handler() {
     HANDLER.call_once(|| {
-        let r = ctrlc::try_set_handler(|| {
+        // `set_handler` (not `try_`): a shell starts background jobs with SIGINT ignored, and an ignored
+        // SIGINT must not keep us from tearing down on SIGTERM/SIGHUP.
+        let r = ctrlc::set_handler(|| {
             if ACTIVE.swap(false, Ordering::SeqCst) {
                 eprintln!("[orca-sandbox] interrupted: tearing the sandbox down");
                 let removed = netns::teardown();
@@ -99,9 +101,9 @@ fn install_signal_handler() {
             std::process::exit(130);
         });
         if let Err(e) = r {
-            tracing::warn!(
-                "could not install the Ctrl-C handler ({e}); an interrupted run leaves the sandbox for the next \
-                 `up` or `cargo xtask sandbox down`"
+            eprintln!(
+                "[orca-sandbox] could not install the Ctrl-C handler ({e}); an interrupted run leaves the sandbox \
+                 for the next `up` or `cargo xtask sandbox down`"
             );
         }
     });
@@ -746,6 +748,10 @@ impl Sandbox {
 
     /// Fail when a control-plane process (etcd, kube-apiserver, kube-controller-manager) has exited.
     pub fn check_alive(&mut self) -> Result<()> {
+        if !ACTIVE.load(Ordering::SeqCst) {
+            // The signal handler is tearing down (and will exit the process); do not report its kills.
+            return Ok(());
+        }
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait()? {
                 bail!("{name} exited ({status}); {}", log_tail(name));
@@ -765,7 +771,7 @@ impl Sandbox {
     /// Tear everything down and report what was removed; errors if an `orca-*` namespace survived.
     pub fn down(mut self) -> Result<Vec<String>> {
         let removed = self.teardown();
-        let left = netns::list_orca_netns();
+        let left = netns::list_sandbox_netns();
         if !left.is_empty() {
             bail!("namespaces left after teardown: {left:?}");
         }
@@ -780,11 +786,7 @@ impl Sandbox {
         self.client = None;
         self.relay = None;
         self.connector = None;
-        // Stop the control plane in order (controller-manager, apiserver, etcd), then everything else.
-        let pids: Vec<u32> = self.children.iter().rev().map(|(_, c)| c.id()).collect();
-        for p in pids {
-            netns::terminate(&[p], Duration::from_secs(5));
-        }
+        // netns::teardown stops everything recorded: clients of the apiserver, then the apiserver, then etcd.
         let removed = netns::teardown();
         for (_, c) in &mut self.children {
             let _ = c.wait();

@@ -15,6 +15,17 @@ use std::time::{Duration, Instant};
 /// Prefix of every namespace the sandbox (and its pods) create.
 pub const PREFIX: &str = "orca-";
 
+/// Name prefixes of the sandbox's own namespaces: the topology's (fabric, control plane, client, nodes) and the
+/// pods'. Other `orca-*` namespaces (unit tests of the dataplanes, which clean up after themselves) are not the
+/// sandbox's: [`teardown`] leaves them alone so that it never breaks a test running next to it; [`teardown_all`]
+/// (`cargo xtask sandbox down --all`) removes every `orca-*` namespace.
+pub const SANDBOX_NETNS_PREFIXES: &[&str] = &["orca-fabric", "orca-cp", "orca-client", "orca-node-", "orca-pod-"];
+
+/// Whether `name` is one of the sandbox's namespaces (see [`SANDBOX_NETNS_PREFIXES`]).
+pub fn is_sandbox_netns(name: &str) -> bool {
+    SANDBOX_NETNS_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 fn pid_file() -> PathBuf {
     crate::sandbox_dir().join("pids")
 }
@@ -150,6 +161,11 @@ fn recorded_alive() -> Vec<(u32, String)> {
     alive
 }
 
+/// Names of the existing sandbox namespaces ([`is_sandbox_netns`]).
+pub fn list_sandbox_netns() -> Vec<String> {
+    list_orca_netns().into_iter().filter(|n| is_sandbox_netns(n)).collect()
+}
+
 /// Names of the existing `orca-*` namespaces.
 pub fn list_orca_netns() -> Vec<String> {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).stdin(Stdio::null()).output() else {
@@ -220,18 +236,45 @@ pub fn terminate(pids: &[u32], grace: Duration) {
     }
 }
 
-/// Remove everything any sandbox left: recorded processes, processes inside `orca-*` namespaces, the namespaces
-/// themselves, etcd temp dirs, the pid file. Returns what it removed, for logs. Never fails: every step is
-/// best-effort and logs what it could not do.
+/// Remove everything any sandbox left: recorded processes, processes inside the sandbox's namespaces, the
+/// namespaces themselves, etcd temp dirs, the pid file. Returns what it removed, for logs. Never fails: every
+/// step is best-effort and logs what it could not do.
 pub fn teardown() -> Vec<String> {
+    teardown_matching(is_sandbox_netns)
+}
+
+/// [`teardown`], and also every other `orca-*` namespace and the processes inside it.
+pub fn teardown_all() -> Vec<String> {
+    teardown_matching(|_| true)
+}
+
+fn teardown_matching(netns_filter: fn(&str) -> bool) -> Vec<String> {
+    // Serialize teardowns within the process (a signal handler may run one while the owner runs another).
+    static TEARDOWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = TEARDOWN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut removed = Vec::new();
     let recorded = recorded_alive();
     if !recorded.is_empty() {
-        let pids: Vec<u32> = recorded.iter().map(|(p, _)| *p).collect();
-        terminate(&pids, Duration::from_secs(5));
+        // Clients of the apiserver first (all at once), then the apiserver, then etcd: stopped together, the
+        // apiserver hangs on its lost storage until SIGKILL.
+        let rank = |name: &str| match name {
+            "etcd" => 2,
+            "kube-apiserver" => 1,
+            _ => 0,
+        };
+        for wave in 0..=2 {
+            let pids: Vec<u32> = recorded
+                .iter()
+                .filter(|(_, n)| rank(n) == wave)
+                .map(|(p, _)| *p)
+                .collect();
+            if !pids.is_empty() {
+                terminate(&pids, Duration::from_secs(3));
+            }
+        }
         removed.extend(recorded.iter().map(|(p, n)| format!("process {p} ({n})")));
     }
-    let namespaces = list_orca_netns();
+    let namespaces: Vec<String> = list_orca_netns().into_iter().filter(|n| netns_filter(n)).collect();
     for ns in &namespaces {
         let pids = netns_pids(ns);
         if !pids.is_empty() {
@@ -342,6 +385,23 @@ mod tests {
         assert_eq!(Some(a), start_time(me));
         assert!(alive(me));
         assert!(!alive(u32::MAX - 7));
+    }
+
+    #[test]
+    fn sandbox_namespaces_are_told_apart() {
+        for n in [
+            "orca-cp",
+            "orca-fabric",
+            "orca-client",
+            "orca-node-a",
+            "orca-pod-x",
+            "orca-pod-ns_x",
+        ] {
+            assert!(is_sandbox_netns(n), "{n}");
+        }
+        for n in ["orca-ipt-scale-1", "orca-ebpf-t", "cp", "node-a", "orca-"] {
+            assert!(!is_sandbox_netns(n), "{n}");
+        }
     }
 
     #[test]

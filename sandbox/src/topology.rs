@@ -18,6 +18,8 @@
 //!   with [`Topology::exec`].
 //! * Services: ClusterIP range 10.96.0.0/16 (the `kubernetes` Service is 10.96.0.1), NodePorts 30000-32767.
 //! * `lo` is up in every namespace. Nothing is created in the machine's own namespace.
+//! * Names must match [`netns::SANDBOX_NETNS_PREFIXES`] (checked by [`Topology::validate`]) so that teardown
+//!   finds them.
 use crate::netns;
 use anyhow::{bail, Context, Result};
 use std::fmt;
@@ -236,8 +238,11 @@ impl Topology {
         let mut names: Vec<&str> = members.iter().map(|m| m.netns.as_str()).collect();
         names.push(&self.fabric_netns);
         for n in &names {
-            if !n.starts_with(netns::PREFIX) {
-                bail!("namespace {n} lacks the {} prefix", netns::PREFIX);
+            if !netns::is_sandbox_netns(n) {
+                bail!(
+                    "namespace {n} is not named like a sandbox namespace ({:?}), teardown would miss it",
+                    netns::SANDBOX_NETNS_PREFIXES
+                );
             }
             if n.len() > 64 {
                 bail!("namespace name {n} is too long");
@@ -358,7 +363,7 @@ mod tests {
         assert_eq!(b.pod_cidr.to_string(), "10.244.2.0/24");
         assert_eq!(t.kubernetes_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(t.node_port_range, (30000, 32767));
-        assert!(t.netns_names().iter().all(|n| n.starts_with("orca-")));
+        assert!(t.netns_names().iter().all(|n| netns::is_sandbox_netns(n)));
     }
 
     #[test]

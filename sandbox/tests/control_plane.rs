@@ -202,7 +202,7 @@ async fn sandbox_comes_up_answers_and_leaves_nothing_behind() {
         .unwrap()
         .expect("down");
     assert!(removed.iter().any(|r| r == "netns orca-cp"), "{removed:?}");
-    assert!(netns::list_orca_netns().is_empty());
+    assert!(netns::list_sandbox_netns().is_empty());
     // Nothing of ours still runs.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let procs = std::process::Command::new("ps").args(["-eo", "comm"]).output().unwrap();

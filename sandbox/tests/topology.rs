@@ -30,7 +30,7 @@ async fn topology_is_created_reachable_and_torn_down() {
     let _guard = Guard;
     created.expect("create topology");
 
-    let mut names = netns::list_orca_netns();
+    let mut names = netns::list_sandbox_netns();
     names.sort();
     let mut want = topo.netns_names();
     want.sort();
@@ -101,7 +101,7 @@ async fn topology_is_created_reachable_and_torn_down() {
         .unwrap();
     drop(client);
     let removed = netns::teardown();
-    assert!(netns::list_orca_netns().is_empty(), "{removed:?}");
+    assert!(netns::list_sandbox_netns().is_empty(), "{removed:?}");
     let st = recorded.wait().unwrap();
     assert!(!st.success());
     let st = unrecorded.wait().unwrap();

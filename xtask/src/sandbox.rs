@@ -15,7 +15,11 @@ pub enum SandboxCmd {
         hold_secs: Option<u64>,
     },
     /// Tear down a running sandbox (asks its owner to stop) and remove whatever an earlier run left.
-    Down,
+    Down {
+        /// Also remove every other `orca-*` namespace (left by crashed dataplane tests) and its processes.
+        #[arg(long)]
+        all: bool,
+    },
     /// Build (or confirm the cache of) etcd, kube-apiserver, kube-controller-manager and kube-proxy.
     BuildK8s,
 }
@@ -33,7 +37,7 @@ pub fn run(cmd: SandboxCmd) -> Result<()> {
             );
             Ok(())
         }
-        SandboxCmd::Down => down(),
+        SandboxCmd::Down { all } => down(all),
         SandboxCmd::Up { hold_secs } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -107,7 +111,7 @@ async fn up(hold_secs: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn down() -> Result<()> {
+fn down(all: bool) -> Result<()> {
     if let Some(owner) = netns::lock_owner() {
         println!("asking the running sandbox (pid {owner}) to stop");
         // SAFETY: kill(2) has no memory-safety preconditions.
@@ -119,7 +123,7 @@ fn down() -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let removed = netns::teardown();
+    let removed = if all { netns::teardown_all() } else { netns::teardown() };
     if removed.is_empty() {
         println!("nothing to remove");
     } else {
@@ -127,7 +131,11 @@ fn down() -> Result<()> {
             println!("removed {r}");
         }
     }
-    let left = netns::list_orca_netns();
+    let left = if all {
+        netns::list_orca_netns()
+    } else {
+        netns::list_sandbox_netns()
+    };
     if !left.is_empty() {
         bail!("namespaces still present: {left:?}");
     }
