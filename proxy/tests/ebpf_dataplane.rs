@@ -1,0 +1,278 @@
+//! The eBPF dataplane end to end, in network namespaces created (and removed) by the test:
+//!
+//! ```text
+//!  client ns                 node ns (dataplane runs here)             backend ns
+//!  eth0 10.201.0.2 ----- c0 10.201.0.1   b0 10.202.0.1 ----- eth0 10.202.0.2 (socat :8080)
+//! ```
+//!
+//! The client connects to ClusterIP 10.96.0.10:80; the program on c0 (TCX ingress) DNATs to the
+//! backend, the program on b0 reverse-NATs the replies. Then the Service loses its endpoints and
+//! connect() must fail at once with "Connection refused" (ICMP port unreachable from the program).
+//! An agent restart (new dataplane adopting the pinned maps and links) keeps the Service working,
+//! and cleanup removes every pin. Needs root.
+
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orca_proxy::dataplane::ebpf::{EbpfDataplane, EbpfOptions};
+use orca_proxy::dataplane::{Dataplane, DataplaneConfig};
+use orca_proxy::model::state::{ServicePortState, Snapshot};
+use orca_proxy::model::tracker::Diff;
+use orca_proxy::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
+
+struct Env {
+    prefix: String,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+impl Env {
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+    fn bpf_root(&self) -> PathBuf {
+        self.dir.join("bpf")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for role in ["client", "node", "backend"] {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(role)]).status();
+        }
+        let root = self.bpf_root();
+        if let Ok(c) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid C string. Unmounting the private bpffs drops whatever is still pinned.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn setup() -> Env {
+    let prefix = format!("orca-ebdp-{}", std::process::id());
+    let env = Env {
+        dir: std::env::temp_dir().join(&prefix),
+        prefix,
+        server: None,
+    };
+    std::fs::create_dir_all(&env.dir).unwrap();
+    let (c, n, b) = (env.ns("client"), env.ns("node"), env.ns("backend"));
+    for ns in [&c, &n, &b] {
+        run(&["ip", "netns", "add", ns]);
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    run(&[
+        "ip", "-n", &n, "link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns", &c,
+    ]);
+    run(&[
+        "ip", "-n", &n, "link", "add", "b0", "type", "veth", "peer", "name", "eth0", "netns", &b,
+    ]);
+    run(&["ip", "-n", &n, "addr", "add", "10.201.0.1/24", "dev", "c0"]);
+    run(&["ip", "-n", &n, "addr", "add", "10.202.0.1/24", "dev", "b0"]);
+    run(&["ip", "-n", &c, "addr", "add", "10.201.0.2/24", "dev", "eth0"]);
+    run(&["ip", "-n", &b, "addr", "add", "10.202.0.2/24", "dev", "eth0"]);
+    for (ns, dev) in [(&n, "c0"), (&n, "b0"), (&c, "eth0"), (&b, "eth0")] {
+        run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+    }
+    run(&["ip", "-n", &c, "route", "add", "default", "via", "10.201.0.1"]);
+    run(&["ip", "-n", &b, "route", "add", "default", "via", "10.202.0.1"]);
+    run(&["ip", "netns", "exec", &n, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    env
+}
+
+fn enter_netns(name: &str) {
+    let f = std::fs::File::open(Path::new("/var/run/netns").join(name)).expect("netns file");
+    // SAFETY: a valid namespace fd; affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+fn service(endpoints: &[&str]) -> Arc<ServicePortState> {
+    let name = ServicePortName {
+        service: ServiceName::new("default", "web"),
+        port: "http".into(),
+        protocol: Protocol::Tcp,
+    };
+    let port = ServicePort {
+        name,
+        cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+        port: 80,
+        protocol: Protocol::Tcp,
+        node_port: None,
+        load_balancer_ips: vec![],
+        external_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        session_affinity: None,
+        external_policy: TrafficPolicy::Cluster,
+        internal_policy: TrafficPolicy::Cluster,
+        health_check_node_port: None,
+        traffic_distribution: None,
+    };
+    let eps = endpoints
+        .iter()
+        .map(|ip| Endpoint {
+            ip: ip.parse::<IpAddr>().unwrap(),
+            port: 8080,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            node_name: Some("other".into()),
+            zone: None,
+            zone_hints: Default::default(),
+            node_hints: Default::default(),
+        })
+        .collect();
+    Arc::new(ServicePortState::new(port, eps, &node()))
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        name: "node".into(),
+        zone: None,
+        addresses: vec!["10.201.0.1".parse().unwrap()],
+    }
+}
+
+fn snapshot(st: &Arc<ServicePortState>) -> Snapshot {
+    [(st.name().clone(), st.clone())].into_iter().collect()
+}
+
+/// One TCP exchange from the client namespace: (output, error text, duration).
+fn client_request(env: &Env) -> (String, String, Duration) {
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &env.ns("client")])
+        .args(["socat", "-T3", "-", "TCP:10.96.0.10:80,connect-timeout=3"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("socat");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+fn options(env: &Env) -> EbpfOptions {
+    EbpfOptions {
+        bpf_root: env.bpf_root(),
+        pod_interface_prefixes: vec![],
+        pod_interfaces: vec!["c0".into(), "b0".into()],
+        uplinks: vec!["no-such-uplink".into()],
+    }
+}
+
+#[test]
+fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root: the test creates namespaces and loads eBPF"
+    );
+    let mut env = setup();
+    env.server = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &env.ns("backend")])
+            .args([
+                "socat",
+                "TCP-LISTEN:8080,fork,reuseaddr",
+                "SYSTEM:echo hello-from-backend",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("backend server"),
+    );
+
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&env.ns("node"));
+            let cfg = DataplaneConfig::default();
+            let mut dp = EbpfDataplane::new(cfg.clone(), options(&env)).expect("eBPF dataplane");
+            assert!(
+                dp.mounted_bpffs(),
+                "the test root was not a bpffs: the dataplane mounts one"
+            );
+            assert_eq!(dp.attached_interfaces(), ["b0", "c0"]);
+
+            // 1. A ClusterIP with one endpoint: requests reach the backend through the VIP.
+            let st = service(&["10.202.0.2"]);
+            dp.full_sync(&snapshot(&st), &node()).expect("full sync");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (out, err, _) = client_request(&env);
+                if out.contains("hello-from-backend") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no answer through the ClusterIP: {out:?} {err:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+
+            // 2. No endpoints: connect() is refused at once.
+            let empty = service(&[]);
+            let diff = Diff {
+                upserted: vec![empty.clone()],
+                ..Diff::default()
+            };
+            dp.apply(&diff, &snapshot(&empty), &node()).expect("apply");
+            let (out, err, took) = client_request(&env);
+            assert!(out.is_empty(), "{out:?}");
+            assert!(err.contains("Connection refused"), "expected ECONNREFUSED, got {err:?}");
+            assert!(took < Duration::from_secs(2), "reject took {took:?}");
+
+            // 3. Endpoint back, then an agent restart: the new dataplane adopts the pinned maps and
+            //    links (the old one is dropped without cleanup, as when the agent exits).
+            let diff = Diff {
+                upserted: vec![st.clone()],
+                ..Diff::default()
+            };
+            dp.apply(&diff, &snapshot(&st), &node()).expect("apply");
+            assert!(client_request(&env).0.contains("hello-from-backend"));
+            drop(dp);
+            // The programs stay attached through the pinned links while no agent runs.
+            assert!(
+                client_request(&env).0.contains("hello-from-backend"),
+                "service broke while the agent was down"
+            );
+            let mut dp = EbpfDataplane::new(cfg, options(&env)).expect("restarted dataplane");
+            dp.full_sync(&snapshot(&st), &node()).expect("full sync after restart");
+            assert!(client_request(&env).0.contains("hello-from-backend"));
+
+            // 4. Cleanup removes programs, links, maps and pins: the VIP no longer answers.
+            dp.cleanup().expect("cleanup");
+            let versioned = env.bpf_root().join(format!("v{}", orca_common::ABI_VERSION));
+            assert!(!versioned.exists(), "pins left under {}", versioned.display());
+            let (out, _, _) = client_request(&env);
+            assert!(!out.contains("hello-from-backend"), "still translated after cleanup");
+        })
+        .join()
+    });
+    // Namespaces, server and bpffs go first, also when the body failed.
+    drop(env);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
