@@ -41,7 +41,12 @@ pub struct DataplaneConfig {
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
-        Self { cluster_cidrs: vec![], nodeport_addresses: vec![], masquerade_all: false, masquerade_bit: 14 }
+        Self {
+            cluster_cidrs: vec![],
+            nodeport_addresses: vec![],
+            masquerade_all: false,
+            masquerade_bit: 14,
+        }
     }
 }
 
@@ -69,3 +74,5 @@ pub trait Dataplane: Send {
     /// Removes every rule, program, map and pin this dataplane owns.
     fn cleanup(&mut self) -> anyhow::Result<()>;
 }
+
+pub mod select;
