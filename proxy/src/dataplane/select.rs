@@ -1,6 +1,7 @@
 //! Chooses and builds the dataplane: eBPF by default, iptables when asked or when eBPF cannot run.
 
 use crate::app::Settings;
+use crate::dataplane::ebpf::{EbpfDataplane, EbpfOptions};
 use crate::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use crate::dataplane::{Dataplane, ProxyMode};
 
@@ -25,13 +26,20 @@ fn iptables(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
     Ok(Box::new(dp))
 }
 
-fn ebpf(_s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
-    anyhow::bail!("the eBPF dataplane is not part of this build yet")
+fn ebpf(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    let opts = EbpfOptions { bpf_root: s.bpf_root.clone(), ..Default::default() };
+    Ok(Box::new(EbpfDataplane::new(s.dataplane.clone(), opts)?))
 }
 
 /// `orca-proxy cleanup`: removes what every dataplane may have left.
 pub fn cleanup_all(s: &Settings) -> anyhow::Result<()> {
+    // Both, whatever the mode: an earlier run may have used the other one (or fallen back).
+    let ebpf = crate::dataplane::ebpf::remove_pins(&s.bpf_root);
+    match &ebpf {
+        Ok(()) => tracing::info!(root = %s.bpf_root.display(), "removed Orca's eBPF links, maps and pins"),
+        Err(e) => tracing::error!(error = format!("{e:#}"), "removing eBPF pins failed"),
+    }
     IptablesDataplane::new(s.dataplane.clone(), IptablesOptions::default())?.cleanup()?;
     tracing::info!("removed Orca's iptables chains and rules");
-    Ok(())
+    ebpf
 }
