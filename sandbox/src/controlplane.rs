@@ -418,7 +418,10 @@ impl Sandbox {
     /// Bring the whole sandbox up: (build,) clean leftovers, create the topology, generate credentials, start
     /// etcd, the apiserver and the controller-manager, wait until they work, register the Nodes.
     ///
-    /// Needs root. Must run inside a tokio runtime that outlives the sandbox (the relay runs on it).
+    /// Needs root. Must run inside a tokio runtime that outlives the sandbox (the relay runs on it); prefer a
+    /// multi-threaded one (`#[tokio::test(flavor = "multi_thread")]`): on a current-thread runtime the relay only
+    /// moves bytes while the test awaits, so a blocking wait on a subprocess that uses [`Sandbox::kubeconfig`]
+    /// would hang.
     pub async fn up(opts: SandboxOptions) -> Result<Sandbox> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {

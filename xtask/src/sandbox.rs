@@ -113,7 +113,10 @@ async fn up(hold_secs: Option<u64>) -> Result<()> {
 
 fn down(all: bool) -> Result<()> {
     if let Some(owner) = netns::lock_owner() {
-        println!("asking the running sandbox (pid {owner}) to stop");
+        let cmdline = std::fs::read(format!("/proc/{owner}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim().to_string())
+            .unwrap_or_default();
+        println!("asking the running sandbox (pid {owner}: {cmdline}) to stop");
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe {
             libc::kill(owner as libc::pid_t, libc::SIGTERM);
