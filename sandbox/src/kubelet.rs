@@ -11,7 +11,8 @@
 //!    probe path from the node's namespace, every `period`, Ready after `success_threshold` consecutive successes,
 //!    not Ready after `failure_threshold` consecutive failures; without a probe the pod is Ready once started) and
 //!    writes the Ready/ContainersReady conditions whenever the result changes. A server process that exits is
-//!    restarted (restartPolicy Always; `restartCount` goes up, readiness starts over).
+//!    restarted (restartPolicy Always; `restartCount` goes up, readiness starts over), and so is one that fails
+//!    its optional liveness probe ([`DeploymentSpec::liveness`], e.g. `/healthy`) `failure_threshold` times.
 //!
 //! Termination, as the kubelet does it: the pod's task watches its Pod object. When a graceful delete sets
 //! `deletionTimestamp` (from [`Kubelet::delete_pod`] or anyone else), the task sends SIGTERM to the server
@@ -76,6 +77,14 @@ impl Default for ProbeSpec {
 }
 
 impl ProbeSpec {
+    /// A liveness probe on `/healthy` like the seed's kuard (failureThreshold 3) with the given period.
+    pub fn healthy(period: Duration) -> ProbeSpec {
+        ProbeSpec {
+            path: "/healthy".into(),
+            ..ProbeSpec::with_period(period)
+        }
+    }
+
     /// The default probe with another period (tests use a short one).
     pub fn with_period(period: Duration) -> ProbeSpec {
         ProbeSpec {
@@ -164,6 +173,9 @@ pub struct DeploymentSpec {
     pub ports: Vec<PortSpec>,
     /// `None`: no readiness probe (Ready as soon as the server runs).
     pub readiness: Option<ProbeSpec>,
+    /// `None` (the default): no liveness probe. With one, `failure_threshold` consecutive failures restart the
+    /// server (restartCount goes up; a restarted server is healthy again and its readiness starts over).
+    pub liveness: Option<ProbeSpec>,
     /// `terminationGracePeriodSeconds` (30 s, like Kubernetes, unless set); a delete may override it.
     pub grace_period: Duration,
     pub on_sigterm: OnSigterm,
@@ -184,6 +196,7 @@ impl DeploymentSpec {
             placement: Placement::RoundRobin,
             ports: default_ports(),
             readiness: Some(ProbeSpec::default()),
+            liveness: None,
             grace_period: Duration::from_secs(30),
             on_sigterm: OnSigterm::FailReady,
             start_not_ready: false,
@@ -214,6 +227,11 @@ impl DeploymentSpec {
 
     pub fn readiness(mut self, probe: Option<ProbeSpec>) -> Self {
         self.readiness = probe;
+        self
+    }
+
+    pub fn liveness(mut self, probe: Option<ProbeSpec>) -> Self {
+        self.liveness = probe;
         self
     }
 
@@ -276,6 +294,15 @@ impl DeploymentSpec {
                 _ => bail!("the test server runs one TCP echo and one TCP sink; {:?} is extra", p),
             }
         }
+        if let Some(probe) = &self.liveness {
+            let port = self.liveness_port()?;
+            if !cfg.http_ports.contains(&port) {
+                bail!("liveness probe port {port} is not an HTTP port of the spec");
+            }
+            if probe.period.is_zero() || probe.failure_threshold == 0 || probe.success_threshold != 1 {
+                bail!("a liveness probe needs a period, failureThreshold above zero and successThreshold 1: {probe:?}");
+            }
+        }
         if let Some(probe) = &self.readiness {
             let port = self.probe_port()?;
             if !cfg.http_ports.contains(&port) {
@@ -286,6 +313,14 @@ impl DeploymentSpec {
             }
         }
         Ok(cfg)
+    }
+
+    fn liveness_port(&self) -> Result<u16> {
+        let first_http = self.ports.iter().find(|p| p.kind == PortKind::Http).map(|p| p.port);
+        match self.liveness.as_ref().and_then(|p| p.port).or(first_http) {
+            Some(p) => Ok(p),
+            None => bail!("a liveness probe needs an HTTP port"),
+        }
     }
 
     fn probe_port(&self) -> Result<u16> {
@@ -487,6 +522,10 @@ impl Kubelet {
             Some(p) => Some((p.clone(), spec.probe_port()?)),
             None => None,
         };
+        let liveness = match &spec.liveness {
+            Some(p) => Some((p.clone(), spec.liveness_port()?)),
+            None => None,
+        };
         let mut state = PodState::new(probe.is_none());
         if let Err(e) = write_status(&api, name, &pod, &state).await {
             self.runtime.stop(pod, Duration::ZERO).await;
@@ -502,6 +541,7 @@ impl Kubelet {
             key: key.clone(),
             uid,
             probe,
+            liveness,
         };
         let task = tokio::spawn(pod_task(ctx, pod, state, stop_rx));
         self.lock_workers().insert(
@@ -742,6 +782,17 @@ fn pod_object(spec: &DeploymentSpec, name: &str, node: &str) -> Result<KPod> {
             "initialDelaySeconds": p.initial_delay.as_secs(),
         });
     }
+    if let Some(p) = &spec.liveness {
+        let secs = |d: Duration| d.as_secs_f64().ceil().max(1.0) as u64;
+        container["livenessProbe"] = json!({
+            "httpGet": {"path": p.path, "port": spec.liveness_port()?},
+            "periodSeconds": secs(p.period),
+            "timeoutSeconds": secs(p.timeout),
+            "failureThreshold": p.failure_threshold,
+            "successThreshold": 1,
+            "initialDelaySeconds": p.initial_delay.as_secs(),
+        });
+    }
     let labels: serde_json::Map<String, Value> = spec.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     Ok(serde_json::from_value(json!({
         "apiVersion": "v1",
@@ -910,6 +961,7 @@ struct WorkerCtx {
     key: PodKey,
     uid: String,
     probe: Option<(ProbeSpec, u16)>,
+    liveness: Option<(ProbeSpec, u16)>,
 }
 
 async fn probe_once(pod: &Pod, probe: &ProbeSpec, port: u16) -> bool {
@@ -918,6 +970,19 @@ async fn probe_once(pod: &Pod, probe: &ProbeSpec, port: u16) -> bool {
         Ok(r) => (200..400).contains(&r.status),
         Err(NetError::Timeout) | Err(_) => false,
     }
+}
+
+/// Restart the server in place (restartCount + 1); readiness starts over when there is a readiness probe.
+async fn restart(pod: &mut Pod, st: &mut PodState, has_readiness: bool, period: Duration) {
+    if let Err(e) = pod.start_server().await {
+        tracing::warn!("pod {}: restart failed (next try in {period:?}): {e:#}", pod.name);
+    }
+    st.successes = 0;
+    st.failures = 0;
+    if has_readiness && st.ready {
+        st.set_ready(false);
+    }
+    st.status_written = false;
 }
 
 /// One pod's life: probe, watch for deletion, terminate, finalize.
@@ -932,6 +997,13 @@ async fn pod_task(ctx: WorkerCtx, mut pod: Pod, mut st: PodState, mut stop: ones
     let first = Instant::now() + ctx.probe.as_ref().map(|(p, _)| p.initial_delay).unwrap_or_default();
     let mut ticker = tokio::time::interval_at(first, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (live_period, live_first) = match &ctx.liveness {
+        Some((p, _)) => (p.period, Instant::now() + p.initial_delay),
+        None => (Duration::from_secs(3600), Instant::now() + Duration::from_secs(3600)),
+    };
+    let mut live_ticker = tokio::time::interval_at(live_first, live_period);
+    live_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut live_failures = 0u32;
     let mut deadline: Option<Instant> = None;
     let mut remove_object = false;
     let mut watch_ok = true;
@@ -962,15 +1034,8 @@ async fn pod_task(ctx: WorkerCtx, mut pod: Pod, mut st: PodState, mut stop: ones
                         break;
                     }
                     tracing::warn!("pod {name}: server exited; restarting it");
-                    if let Err(e) = pod.start_server().await {
-                        tracing::warn!("pod {name}: restart failed (next try in {period:?}): {e:#}");
-                    }
-                    st.successes = 0;
-                    st.failures = 0;
-                    if ctx.probe.is_some() && st.ready {
-                        st.set_ready(false);
-                    }
-                    st.status_written = false;
+                    restart(&mut pod, &mut st, ctx.probe.is_some(), period).await;
+                    live_failures = 0;
                 } else if let Some((probe, port)) = &ctx.probe {
                     let ok = probe_once(&pod, probe, *port).await;
                     if st.observe(ok, probe) {
@@ -980,6 +1045,26 @@ async fn pod_task(ctx: WorkerCtx, mut pod: Pod, mut st: PodState, mut stop: ones
                 }
                 // A failed write is retried on the next tick, so the API catches up with what the probe saw.
                 if !st.status_written {
+                    match write_status(&ctx.api, &name, &pod, &st).await {
+                        Ok(()) => st.status_written = true,
+                        Err(e) => tracing::warn!("{e:#} (retrying in {period:?})"),
+                    }
+                }
+            }
+            _ = live_ticker.tick(), if ctx.liveness.is_some() && deadline.is_none() => {
+                let Some((probe, port)) = &ctx.liveness else { continue };
+                if !pod.running() {
+                    continue; // the readiness tick restarts it
+                }
+                if probe_once(&pod, probe, *port).await {
+                    live_failures = 0;
+                    continue;
+                }
+                live_failures += 1;
+                if live_failures >= probe.failure_threshold {
+                    tracing::info!("pod {name}: liveness failed {live_failures} times; restarting the server");
+                    live_failures = 0;
+                    restart(&mut pod, &mut st, ctx.probe.is_some(), period).await;
                     match write_status(&ctx.api, &name, &pod, &st).await {
                         Ok(()) => st.status_written = true,
                         Err(e) => tracing::warn!("{e:#} (retrying in {period:?})"),
@@ -1149,6 +1234,13 @@ mod tests {
         let no_http = DeploymentSpec::new("x", 1).ports(vec![PortSpec::udp("u", 53)]);
         assert!(no_http.server_config().is_err(), "probe needs an HTTP port");
         assert!(no_http.clone().readiness(None).server_config().is_ok());
+        let live = DeploymentSpec::new("x", 1).liveness(Some(ProbeSpec::healthy(Duration::from_secs(1))));
+        assert!(live.server_config().is_ok());
+        let bad_live = DeploymentSpec::new("x", 1).liveness(Some(ProbeSpec {
+            success_threshold: 2,
+            ..ProbeSpec::healthy(Duration::from_secs(1))
+        }));
+        assert!(bad_live.server_config().is_err(), "liveness successThreshold must be 1");
         let two_echo = DeploymentSpec::new("x", 1)
             .readiness(None)
             .ports(vec![PortSpec::tcp_echo("a", 1), PortSpec::tcp_echo("b", 2)]);

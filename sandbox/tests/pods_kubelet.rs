@@ -553,6 +553,44 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
         "its server is gone"
     );
 
+    // Liveness: /healthy failing 3 times in a row restarts the server, which comes back healthy and Ready.
+    let live = DeploymentSpec::new("live", 1)
+        .namespace("team")
+        .on_node(&node_a.name)
+        .ports(vec![PortSpec::http("web", 8080)])
+        .readiness(Some(ProbeSpec::with_period(Duration::from_millis(300))))
+        .liveness(Some(ProbeSpec::healthy(Duration::from_millis(300))))
+        .grace_period(Duration::from_secs(1));
+    let l = kubelet.deploy(&live).await.expect("liveness pod").remove(0);
+    kubelet
+        .wait_ready("team", &l.name, true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    kubelet.set_healthy("team", &l.name, false).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let obj = pods_api.get(&l.name).await.unwrap();
+        if restart_count(&obj) == 1 && orca_sandbox::kubelet::pod_ready(&obj) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no liveness restart: {:?}",
+            obj.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(600),
+        "3 failures at 300 ms cannot take {took:?}"
+    );
+    let r = pods::http_request(&node_a.netns, "GET", l.addr(8080), "/healthy", t)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "the restarted server is healthy");
+    eprintln!("liveness failure -> restarted and Ready in {took:?}");
+
     // Dropping the kubelet (no shutdown) still removes the pod namespaces.
     drop(kubelet);
     let t0 = Instant::now();
