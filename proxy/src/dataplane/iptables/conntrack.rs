@@ -43,17 +43,27 @@ impl UdpFilter {
     }
 }
 
+/// How stale entries were deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    #[default]
+    None,
+    Netlink,
+    /// The `conntrack` binary, after netlink failed.
+    Cli,
+}
+
 /// Deletes every IPv4 UDP conntrack entry matching one of `filters`, in namespace `netns` (or the current one).
-/// Returns how many were deleted.
-pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
+/// Returns how many were deleted, and how.
+pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter]) -> Result<(usize, Method)> {
     if filters.is_empty() {
-        return Ok(0);
+        return Ok((0, Method::None));
     }
     match delete_netlink(netns, filters) {
-        Ok(n) => Ok(n),
+        Ok(n) => Ok((n, Method::Netlink)),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "ctnetlink failed, falling back to the conntrack binary");
-            delete_cli(netns, filters)
+            Ok((delete_cli(netns, filters)?, Method::Cli))
         }
     }
 }

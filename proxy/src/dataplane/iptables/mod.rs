@@ -23,7 +23,7 @@ pub mod rules;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
@@ -58,7 +58,15 @@ pub struct LastSync {
     pub rules_total: usize,
     pub chains_deleted: usize,
     pub conntrack_deleted: usize,
-    pub duration: std::time::Duration,
+    pub conntrack_method: conntrack::Method,
+    /// Whole sync.
+    pub duration: Duration,
+    /// Generating the rules (and, on a full sync, reading the existing chains back with iptables-save).
+    pub generate: Duration,
+    /// The iptables-restore transaction.
+    pub restore: Duration,
+    /// Checking (and inserting) the jump rules.
+    pub jumps: Duration,
 }
 
 /// The iptables dataplane.
@@ -212,8 +220,11 @@ impl IptablesDataplane {
             (rs, Vec::new(), stale.into_iter().collect())
         };
         let (input, lines) = ruleset.restore_input(&stale_filter, &stale_nat);
+        let t_generate = start.elapsed();
         self.exec.restore(&input)?;
+        let t_restore = start.elapsed() - t_generate;
         self.ensure_jumps()?;
+        let t_jumps = start.elapsed() - t_generate - t_restore;
         self.ensure_route_localnet(ruleset.localhost_nodeports)?;
 
         if full {
@@ -238,14 +249,11 @@ impl IptablesDataplane {
             (Some(old), _) => conntrack_filters(old.keys().chain(desired.keys()), old, desired),
             (None, _) => Vec::new(),
         };
-        let conntrack_deleted = if filters.is_empty() {
-            0
-        } else {
+        let (conntrack_deleted, conntrack_method) =
             conntrack::delete_udp(self.exec.netns(), &filters).unwrap_or_else(|e| {
                 tracing::error!(error = %format!("{e:#}"), "deleting stale UDP conntrack entries failed");
-                0
-            })
-        };
+                (0, conntrack::Method::None)
+            });
         self.applied = Some(desired.clone());
 
         self.last = LastSync {
@@ -256,7 +264,11 @@ impl IptablesDataplane {
             rules_total: ruleset.rules_total,
             chains_deleted: stale_filter.len() + stale_nat.len(),
             conntrack_deleted,
+            conntrack_method,
             duration: start.elapsed(),
+            generate: t_generate,
+            restore: t_restore,
+            jumps: t_jumps,
         };
         tracing::debug!(
             full,
