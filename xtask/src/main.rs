@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod sandbox;
 mod setup;
 mod suite;
@@ -29,6 +30,8 @@ enum Cmd {
     },
     /// The Service behaviour suite: every scenario against every proxy on one sandbox, with a summary table.
     Suite(suite::SuiteArgs),
+    /// The demo: the sandbox, orca-proxy on every node, the seed example's traffic; torn down at the end.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { no_suite } => test::run(no_suite),
         Cmd::Sandbox { cmd } => sandbox::run(cmd),
         Cmd::Suite(args) => suite::run(args),
+        Cmd::Demo(args) => demo::run(args),
     }
 }

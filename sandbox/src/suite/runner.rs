@@ -161,6 +161,7 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
             build::bin_dir().display()
         );
     }
+    default_routes(sb.topology())?;
     let kubelet = Arc::new(Kubelet::new(sb.admin_client(), sb.topology())?);
     let mut report = Report {
         scenarios: selected.iter().map(|s| s.name.to_string()).collect(),
@@ -250,6 +251,20 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
         println!("kubelet shutdown: {e:#}");
     }
     Ok(report)
+}
+
+/// Give every node a default route via the control-plane namespace, as real nodes have a default gateway.
+///
+/// Without one, the kernel drops a pod's packet to a ClusterIP the proxy did not DNAT at the routing decision
+/// (the TCP client sees a non-fatal "network unreachable" and retries until it times out), before the proxy's
+/// filter rules can REJECT it: kube-proxy's "refused when there are no endpoints" depends on the packet being
+/// routable. The control plane forwards nothing back, so unhandled traffic stays unanswered as in a real cluster.
+pub fn default_routes(topo: &crate::Topology) -> Result<()> {
+    let via = topo.control_plane.ip.to_string();
+    for n in &topo.nodes {
+        crate::netns::ip(&["-n", &n.netns, "route", "replace", "default", "via", &via])?;
+    }
+    Ok(())
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {

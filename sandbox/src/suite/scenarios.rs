@@ -8,6 +8,8 @@ use crate::suite::ctx::{
 };
 use anyhow::{bail, ensure, Context, Result};
 use futures::future::BoxFuture;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -41,8 +43,13 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "proxy-name",
-            about: "Services labelled service-proxy-name or headless are ignored; removing the label serves them",
+            about: "a Service labelled service-proxy-name=foo-bar is ignored; removing the label serves it",
             run: |c| Box::pin(proxy_name(c)),
+        },
+        Scenario {
+            name: "headless-label",
+            about: "a hand-written EndpointSlice serves a selector-less Service until labelled service.kubernetes.io/headless",
+            run: |c| Box::pin(headless_label(c)),
         },
         Scenario {
             name: "itp-local",
@@ -51,7 +58,7 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "etp-local",
-            about: "externalTrafficPolicy=Local: client IP preserved, no answer on a node without endpoints, healthCheckNodePort 200/503",
+            about: "LoadBalancer with externalTrafficPolicy=Local: client IP preserved, no answer on a node without endpoints, healthCheckNodePort 200/503",
             run: |c| Box::pin(etp_local(c)),
         },
         Scenario {
@@ -282,26 +289,68 @@ async fn proxy_name(ctx: Arc<Ctx>) -> Result<()> {
     let mut other = simple_service("other-proxy", "web", 80);
     other["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "foo-bar"});
     let other = ctx.create_service(other).await?;
-    let mut headless = simple_service("headless-label", "web", 80);
-    headless["metadata"]["labels"] = json!({"service.kubernetes.io/headless": ""});
-    let headless = ctx.create_service(headless).await?;
     let plain = ctx.create_service(simple_service("plain", "web", 80)).await?;
     ctx.wait_endpoints("plain", 2).await?;
-    // Once the plain Service answers, the proxy has synced every Service created before it.
+    // Once the plain Service answers, the proxy has synced the Service created before it.
     let s = expect_backends(&client.netns, sa(cluster_ip(&plain)?, 80), &all).await?;
     ctx.step(format!("plain Service: {s}"));
-    for (what, svc) in [("service-proxy-name=foo-bar", &other), ("headless", &headless)] {
-        let ip = cluster_ip(svc)?;
-        let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
-        ctx.step(format!("Service labelled {what} ({ip}): not served ({})", errs[0]));
-    }
+    let ip = cluster_ip(&other)?;
+    let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
+    ctx.step(format!(
+        "Service labelled service-proxy-name=foo-bar ({ip}): not served ({})",
+        errs[0]
+    ));
     ctx.patch_service(
         "other-proxy",
         json!({"metadata": {"labels": {"service.kubernetes.io/service-proxy-name": null}}}),
     )
     .await?;
-    let s = expect_backends(&client.netns, sa(cluster_ip(&other)?, 80), &all).await?;
+    let s = expect_backends(&client.netns, sa(ip, 80), &all).await?;
     ctx.step(format!("service-proxy-name label removed: {s}"));
+    Ok(())
+}
+
+/// Like upstream's "should implement service.kubernetes.io/headless": a selector-less Service with a
+/// hand-written EndpointSlice answers; once the slice carries the headless label, it stops.
+async fn headless_label(ctx: Arc<Ctx>) -> Result<()> {
+    let backend = ctx.deploy(spec("custom", 1)).await?.remove(0);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx
+        .create_service(json!({
+            "metadata": {"name": "custom-endpoints"},
+            "spec": {"ports": [{"name": "port80", "port": 80, "protocol": "TCP"}]},
+        }))
+        .await?;
+    let ip = cluster_ip(&svc)?;
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "custom-slice", "labels": {
+            "kubernetes.io/service-name": "custom-endpoints",
+            "endpointslice.kubernetes.io/managed-by": "orca-suite",
+        }},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [backend.ip.to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "port80", "port": 8080, "protocol": "TCP"}],
+    }))?;
+    slices
+        .create(&PostParams::default(), &slice)
+        .await
+        .context("creating the EndpointSlice")?;
+    let s = expect_backends(&client.netns, sa(ip, 80), &BTreeSet::from([backend.name.clone()])).await?;
+    ctx.step(format!("selector-less Service with a hand-written EndpointSlice: {s}"));
+    slices
+        .patch(
+            "custom-slice",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"service.kubernetes.io/headless": ""}}})),
+        )
+        .await
+        .context("labelling the EndpointSlice headless")?;
+    let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
+    ctx.step(format!(
+        "slice labelled service.kubernetes.io/headless: not served ({})",
+        errs[0]
+    ));
     Ok(())
 }
 
@@ -328,33 +377,42 @@ async fn itp_local(ctx: Arc<Ctx>) -> Result<()> {
     Ok(())
 }
 
+/// The load-balancer IP of the eTP=Local scenario (routed from the client to node-a).
+pub const ETP_LB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 11);
+
 async fn etp_local(ctx: Arc<Ctx>) -> Result<()> {
-    let backend = ctx.deploy(spec("backend", 1).on_node("node-b")).await?;
+    let backend = ctx.deploy(spec("backend", 1).on_node("node-a")).await?;
     let all = names(&backend);
     let mut svc = simple_service("etp", "backend", 80);
-    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["type"] = json!("LoadBalancer");
     svc["spec"]["externalTrafficPolicy"] = json!("Local");
     let svc = ctx.create_service(svc).await?;
+    ctx.set_lb_ingress("etp", ETP_LB_IP).await?;
     let np = node_port(&svc, None)?;
     let hc = health_check_node_port(&svc)?;
     ctx.wait_endpoints("etp", 1).await?;
     let (a, b) = (ctx.node("node-a")?.ip, ctx.node("node-b")?.ip);
     let client_ip = IpAddr::V4(ctx.topo.client.ip);
-    let s = expect_backends(ctx.client_ns(), sa(b, np), &all).await?;
-    ensure!(
-        s.sources == BTreeSet::from([client_ip]),
-        "the backend saw {:?}, not the client's {client_ip}",
-        s.sources
-    );
+    for (what, addr) in [
+        ("NodePort on node-a", sa(a, np)),
+        ("load-balancer IP (to node-a)", sa(ETP_LB_IP, 80)),
+    ] {
+        let s = expect_backends(ctx.client_ns(), addr, &all).await?;
+        ensure!(
+            s.sources == BTreeSet::from([client_ip]),
+            "{what}: the backend saw {:?}, not the client's {client_ip}",
+            s.sources
+        );
+        ctx.step(format!(
+            "{what} {addr} (local endpoint): {s}, source {client_ip} preserved"
+        ));
+    }
+    let errs = expect_unanswered(ctx.client_ns(), sa(b, np)).await?;
     ctx.step(format!(
-        "NodePort on node-b (local endpoint): {s}, source {client_ip} preserved"
-    ));
-    let errs = expect_unanswered(ctx.client_ns(), sa(a, np)).await?;
-    ctx.step(format!(
-        "NodePort on node-a (no local endpoint): not answered ({})",
+        "NodePort on node-b (no local endpoint): not answered ({})",
         errs[0]
     ));
-    for (ip, want) in [(b, 200u16), (a, 503u16)] {
+    for (ip, want) in [(a, 200u16), (b, 503u16)] {
         let body = eventually(
             &format!("healthCheckNodePort {ip}:{hc} answering {want}"),
             CONVERGE,
@@ -367,7 +425,8 @@ async fn etp_local(ctx: Arc<Ctx>) -> Result<()> {
             },
         )
         .await?;
-        ctx.step(format!("healthCheckNodePort {ip}:{hc}: {want} {}", body.trim()));
+        let compact: String = body.split_whitespace().collect();
+        ctx.step(format!("healthCheckNodePort {ip}:{hc}: {want} {compact}"));
     }
     Ok(())
 }
