@@ -92,7 +92,7 @@ async fn watch_tracks_services_and_slices_on_a_real_apiserver() {
     if !should_run() {
         return;
     }
-    let sb = Sandbox::up(SandboxOptions::default()).await.expect("sandbox up");
+    let mut sb = Sandbox::up(SandboxOptions::default()).await.expect("sandbox up");
     let client = sb.admin_client();
     let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
@@ -208,6 +208,47 @@ async fn watch_tracks_services_and_slices_on_a_real_apiserver() {
     svcs.delete("web", &DeleteParams::default()).await.unwrap();
     let snap = wait_for(&shared, "web gone", |s| ready_count(s, "web").is_none()).await;
     assert_eq!(ready_count(&snap, "early"), Some(1), "other Services are untouched");
+
+    // The apiserver restarts mid-watch: the desired state is never flushed meanwhile, and changes made after it is
+    // back arrive through the re-established watches.
+    let before = shared.lock().desired().len();
+    assert!(before > 0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let monitor = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut min = usize::MAX;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                {
+                    let mut t = shared.lock();
+                    t.take_diff();
+                    min = min.min(t.desired().len());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            min
+        })
+    };
+    sb.restart_apiserver(Duration::from_secs(3))
+        .await
+        .expect("apiserver restart");
+    let client = sb.admin_client();
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    svcs.create(&pp, &service("after", json!({}))).await.unwrap();
+    slices
+        .create(&pp, &slice("after-1", "after", &[("10.244.1.20", true)]))
+        .await
+        .unwrap();
+    slices.delete("early-1", &DeleteParams::default()).await.unwrap();
+    let snap = wait_for(&shared, "changes after the restart", |s| {
+        ready_count(s, "after") == Some(1) && ready_count(s, "early") == Some(0)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let min = monitor.await.unwrap();
+    assert_eq!(min, before, "the desired state shrank while the apiserver was away");
+    assert_eq!(snap.len(), before + 1);
 
     task.abort();
     let left = sb.down().expect("teardown");

@@ -388,6 +388,19 @@ impl Drop for Relay {
     }
 }
 
+/// The apiserver answers `ok` on /readyz.
+async fn readyz(c: Client) -> Result<()> {
+    let req = http::Request::get("/readyz").body(Vec::new())?;
+    let text = tokio::time::timeout(Duration::from_secs(5), c.request_text(req))
+        .await
+        .map_err(|_| anyhow!("timed out"))??;
+    if text.trim() == "ok" {
+        Ok(())
+    } else {
+        bail!("readyz said {text:?}")
+    }
+}
+
 /// A running sandbox. Dropping it tears everything down (like [`Sandbox::down`], without the report).
 pub struct Sandbox {
     topology: Topology,
@@ -400,6 +413,8 @@ pub struct Sandbox {
     _etcd_dir: Option<tempfile::TempDir>,
     lock: Option<SandboxLock>,
     torn_down: bool,
+    /// kube-apiserver's command line, to restart it.
+    apiserver_args: Vec<String>,
 }
 
 fn log_tail(name: &str) -> String {
@@ -466,6 +481,7 @@ impl Sandbox {
             _etcd_dir: None,
             lock: Some(lock),
             torn_down: false,
+            apiserver_args: Vec::new(),
         };
         // From here on, an error drops `sb`, which tears down what was created.
         sb.start(&opts).await?;
@@ -558,23 +574,11 @@ impl Sandbox {
             format!("--v={}", opts.verbosity),
         ];
         self.spawn_cp("kube-apiserver", &args)?;
+        self.apiserver_args = args;
         let client = self.make_client().await?;
         self.client = Some(client.clone());
-        self.wait_for("kube-apiserver /readyz", opts.start_timeout, || {
-            let c = client.clone();
-            async move {
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                let text = tokio::time::timeout(Duration::from_secs(5), c.request_text(req))
-                    .await
-                    .map_err(|_| anyhow!("timed out"))??;
-                if text.trim() == "ok" {
-                    Ok(())
-                } else {
-                    bail!("readyz said {text:?}")
-                }
-            }
-        })
-        .await?;
+        self.wait_for("kube-apiserver /readyz", opts.start_timeout, || readyz(client.clone()))
+            .await?;
         progress("kube-apiserver ready", t0);
 
         let f = &self.files;
@@ -609,6 +613,27 @@ impl Sandbox {
         self.register_nodes(&client).await?;
         progress("sandbox up", t0);
         Ok(())
+    }
+
+    /// Stops kube-apiserver (SIGTERM), keeps it down for `down_for`, starts it again with the same flags and waits
+    /// for /readyz: clients see their watches break and the apiserver come back, as in a control-plane upgrade.
+    pub async fn restart_apiserver(&mut self, down_for: Duration) -> Result<()> {
+        let idx = self
+            .children
+            .iter()
+            .position(|(n, _)| n == "kube-apiserver")
+            .ok_or_else(|| anyhow!("kube-apiserver is not running"))?;
+        let (name, mut child) = self.children.remove(idx);
+        netns::terminate(&[child.id()], Duration::from_secs(10));
+        let _ = child.wait();
+        tokio::time::sleep(down_for).await;
+        let args = self.apiserver_args.clone();
+        self.spawn_cp(&name, &args)?;
+        let client = self.admin_client();
+        self.wait_for("kube-apiserver /readyz after restart", Duration::from_secs(120), || {
+            readyz(client.clone())
+        })
+        .await
     }
 
     fn spawn_cp(&mut self, name: &str, args: &[String]) -> Result<()> {
