@@ -18,6 +18,18 @@ pub const MAP_BACKENDS: &str = "ORCA_BACKENDS";
 pub const MAP_MEMBERS: &str = "ORCA_MEMBERS";
 pub const MAP_CT: &str = "ORCA_CT4";
 pub const MAP_AFFINITY: &str = "ORCA_AFFINITY";
+pub const MAP_CONFIG: &str = "ORCA_CONFIG";
+
+/// `ORCA_CONFIG` (array of `u32`) indices.
+/// The node's IPv4 address (packet order) used as source for masqueraded flows; 0 disables SNAT.
+pub const CONFIG_SNAT_IPV4: u32 = 0;
+pub const CONFIG_LEN: u32 = 4;
+
+/// Source ports of masqueraded flows come from this range (host order), above Linux's default
+/// ephemeral range (`net.ipv4.ip_local_port_range` 32768-60999), so they do not collide with the
+/// node's own connections.
+pub const NAT_PORT_MIN: u16 = 61_000;
+pub const NAT_PORT_MAX: u16 = 65_535;
 
 /// Program names in the eBPF object.
 /// Attached (TC ingress) on the host side of pod veths: traffic leaving local pods.
@@ -93,6 +105,11 @@ pub struct Frontend {
     /// map update, then frees the old range: a packet never sees a half-written set.
     pub slot_base: u32,
 }
+
+/// Frontend flag: packets arriving from outside the node (the `orca_from_netdev` program) are
+/// masqueraded to the node address, so replies of a backend on another node come back through
+/// this node (kube-proxy masquerades external traffic of externalTrafficPolicy=Cluster).
+pub const FRONTEND_F_SNAT_EXTERNAL: u16 = 1;
 
 /// Map `ORCA_BACKENDS` (hash): `BackendSlotKey` -> `Backend`.
 #[repr(C)]
@@ -175,9 +192,13 @@ pub struct CtValue {
     pub addr: u32,
     /// Service direction: backend port; reply direction: frontend port (network byte order).
     pub port: u16,
-    pub _pad: u16,
+    /// Masqueraded flows (`nat_addr` != 0). Service direction: the source port the client's
+    /// packets get; reply direction: the client's port, the replies' new destination port.
+    pub nat_port: u16,
     pub service_id: u32,
-    pub _pad2: u32,
+    /// Masqueraded flows. Service direction: the source address the client's packets get (the
+    /// node's); reply direction: the client's address, the replies' new destination. 0: no SNAT.
+    pub nat_addr: u32,
     /// bpf_ktime_get_ns() of the last packet that used the entry.
     pub last_seen_ns: u64,
 }

@@ -1,10 +1,25 @@
 //! Connection tracking. A translated flow has two entries in the LRU map: the service direction
-//! (client -> frontend, value: backend), so later packets keep the backend chosen for the first
-//! one, and the reply direction (backend -> client, value: frontend) for reverse NAT.
+//! (client -> frontend, value: backend and, for masqueraded flows, the source to use), so later
+//! packets keep the backend chosen for the first one, and the reply direction (backend -> client,
+//! or backend -> node for masqueraded flows; value: the frontend and the client) for reverse NAT.
 
-use orca_common::{Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use orca_common::{Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, NAT_PORT_MAX, NAT_PORT_MIN};
 
 use crate::{maps, parse::Flow};
+
+/// bpf_map_update_elem flag: fail when the key exists.
+const BPF_NOEXIST: u64 = 1;
+/// Random source ports tried before a masqueraded flow gives up (the packet is dropped and the
+/// client retransmits).
+const NAT_PORT_TRIES: u32 = 16;
+
+/// Source rewrite of a masqueraded flow: (address, port), packet order / network byte order.
+#[derive(Clone, Copy)]
+pub struct Snat {
+    pub addr: u32,
+    pub port: u16,
+}
 
 #[inline(always)]
 fn key(flow: &Flow, dir: u8) -> CtKey {
@@ -19,17 +34,37 @@ fn key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// The reply-direction key of the flow `flow` once translated to `backend`.
+/// The reply-direction key of `flow` once translated to `backend` (and masqueraded to `snat`).
 #[inline(always)]
-fn reply_key(flow: &Flow, backend: &Backend) -> CtKey {
+fn reply_key(flow: &Flow, backend: &Backend, snat: Option<Snat>) -> CtKey {
+    let (daddr, dport) = match snat {
+        Some(s) => (s.addr, s.port),
+        None => (flow.saddr, flow.sport),
+    };
     CtKey {
         saddr: backend.addr,
-        daddr: flow.saddr,
+        daddr,
         sport: backend.port,
-        dport: flow.sport,
+        dport,
         proto: flow.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn reply_value(flow: &Flow, service_id: u32, snat: Option<Snat>, now_ns: u64) -> CtValue {
+    let (nat_addr, nat_port) = match snat {
+        Some(_) => (flow.saddr, flow.sport),
+        None => (0, 0),
+    };
+    CtValue {
+        addr: flow.daddr,
+        port: flow.dport,
+        nat_port,
+        service_id,
+        nat_addr,
+        last_seen_ns: now_ns,
     }
 }
 
@@ -56,46 +91,71 @@ fn lookup(key: &CtKey, now_ns: u64) -> Option<CtValue> {
     }
 }
 
-/// Records that `flow` (client -> frontend) is translated to `backend`: both directions.
+/// Records that `flow` (client -> frontend) is translated to `backend`, both directions.
+/// For a masqueraded flow (`snat_addr` != 0) a free source port is allocated atomically (the reply
+/// entry is inserted with BPF_NOEXIST); `None` when no port was free.
 #[inline(always)]
-pub fn create(flow: &Flow, backend: &Backend, service_id: u32, now_ns: u64) {
+pub fn create(
+    flow: &Flow,
+    backend: &Backend,
+    service_id: u32,
+    snat_addr: u32,
+    now_ns: u64,
+) -> Result<Option<Snat>, ()> {
+    let snat = if snat_addr != 0 {
+        let mut found = None;
+        for _ in 0..NAT_PORT_TRIES {
+            // SAFETY: helper without arguments.
+            let r = unsafe { bpf_get_prandom_u32() };
+            let span = u32::from(NAT_PORT_MAX - NAT_PORT_MIN) + 1;
+            let port = (NAT_PORT_MIN as u32 + r % span) as u16;
+            let s = Snat {
+                addr: snat_addr,
+                port: port.to_be(),
+            };
+            let value = reply_value(flow, service_id, Some(s), now_ns);
+            if maps::CT
+                .insert(reply_key(flow, backend, Some(s)), value, BPF_NOEXIST)
+                .is_ok()
+            {
+                found = Some(s);
+                break;
+            }
+        }
+        match found {
+            Some(s) => Some(s),
+            None => return Err(()),
+        }
+    } else {
+        // Reply entry first: once the service entry exists, replies must find theirs. Inserts
+        // into an LRU map evict the oldest entry when full; a failure (memory pressure) leaves
+        // the packet translated but untracked, and the next packet tries again.
+        let _ = maps::CT.insert(
+            reply_key(flow, backend, None),
+            reply_value(flow, service_id, None, now_ns),
+            0,
+        );
+        None
+    };
+    let (nat_addr, nat_port) = snat.map_or((0, 0), |s| (s.addr, s.port));
     let service = CtValue {
         addr: backend.addr,
         port: backend.port,
-        _pad: 0,
+        nat_port,
         service_id,
-        _pad2: 0,
+        nat_addr,
         last_seen_ns: now_ns,
     };
-    let reply = CtValue {
-        addr: flow.daddr,
-        port: flow.dport,
-        _pad: 0,
-        service_id,
-        _pad2: 0,
-        last_seen_ns: now_ns,
-    };
-    // Reply entry first: once the service entry exists, replies must find theirs. Inserts into an
-    // LRU map evict the oldest entry when full; failures (memory pressure) leave the packet
-    // translated but untracked, and the next packet tries again.
-    let _ = maps::CT.insert(reply_key(flow, backend), reply, 0);
     let _ = maps::CT.insert(key(flow, CT_DIR_SERVICE), service, 0);
+    Ok(snat)
 }
 
 /// Recreates a missing reply entry of a tracked flow (the LRU may evict one direction only).
 #[inline(always)]
-pub fn ensure_reply(flow: &Flow, backend: &Backend, service_id: u32, now_ns: u64) {
-    let rkey = reply_key(flow, backend);
+pub fn ensure_reply(flow: &Flow, backend: &Backend, service_id: u32, snat: Option<Snat>, now_ns: u64) {
+    let rkey = reply_key(flow, backend, snat);
     if maps::CT.get_ptr(rkey).is_some() {
         return;
     }
-    let reply = CtValue {
-        addr: flow.daddr,
-        port: flow.dport,
-        _pad: 0,
-        service_id,
-        _pad2: 0,
-        last_seen_ns: now_ns,
-    };
-    let _ = maps::CT.insert(rkey, reply, 0);
+    let _ = maps::CT.insert(rkey, reply_value(flow, service_id, snat, now_ns), 0);
 }

@@ -2,35 +2,61 @@
 //! 1. not IPv4 TCP/UDP, or a fragment: pass untouched;
 //! 2. a reply of a translated flow (reply-direction conntrack hit): reverse NAT, pass;
 //! 3. not addressed to a frontend: pass;
-//! 4. a tracked flow whose backend is still usable: DNAT to it;
+//! 4. a tracked flow whose backend is still usable: DNAT (and SNAT) as recorded;
 //! 5. no endpoints: reject;
-//! 6. otherwise choose a backend (affinity first, else random), track the flow, DNAT.
+//! 6. otherwise choose a backend (affinity first, else random), decide on masquerading, track the
+//!    flow, DNAT (and SNAT).
+//!
+//! Masquerading (SNAT to the node address from `ORCA_CONFIG`): external traffic to frontends
+//! flagged `FRONTEND_F_SNAT_EXTERNAL` when it arrives from outside the node, and hairpin traffic (a
+//! pod reaching itself through a Service), as kube-proxy does.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use orca_common::{Backend, Frontend};
+use orca_common::{Backend, Frontend, CONFIG_SNAT_IPV4, FRONTEND_F_SNAT_EXTERNAL};
 use proxy_ebpf::hdr::{TCP_ACK, TCP_SYN};
 
 use crate::{
-    affinity, ct, lb,
+    affinity,
+    ct::{self, Snat},
+    lb, maps,
     nat::{self, End},
     parse::{self, Flow},
     reject,
 };
 
+/// Where the packet entered the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From a local pod (host side of its veth).
+    Pod,
+    /// From a node uplink: another node or an external client.
+    Netdev,
+}
+
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> i32 {
-    let Some(flow) = parse::parse(ctx) else {
+pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
+    let Some(mut flow) = parse::parse(ctx) else {
         return TC_ACT_OK;
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(rev) = ct::lookup_reply(&flow, now) {
-        return verdict(nat::rewrite(ctx, &flow, End::Source, rev.addr, rev.port));
+        let r = nat::rewrite(ctx, &mut flow, End::Source, rev.addr, rev.port);
+        if r.is_ok() && rev.nat_addr != 0 {
+            return verdict(nat::rewrite(
+                ctx,
+                &mut flow,
+                End::Destination,
+                rev.nat_addr,
+                rev.nat_port,
+            ));
+        }
+        return verdict(r);
     }
 
     let Some(fe) = lb::lookup_frontend(&flow) else {
@@ -44,8 +70,12 @@ pub fn handle(ctx: &TcContext) -> i32 {
             _pad: 0,
         };
         if keeps_backend(&flow, &fe, &backend) {
-            ct::ensure_reply(&flow, &backend, fe.service_id, now);
-            return verdict(nat::rewrite(ctx, &flow, End::Destination, backend.addr, backend.port));
+            let snat = (tracked.nat_addr != 0).then_some(Snat {
+                addr: tracked.nat_addr,
+                port: tracked.nat_port,
+            });
+            ct::ensure_reply(&flow, &backend, fe.service_id, snat, now);
+            return translate(ctx, &mut flow, &backend, snat);
         }
     }
 
@@ -57,8 +87,29 @@ pub fn handle(ctx: &TcContext) -> i32 {
         },
     };
     affinity::record(&fe, flow.saddr, &backend, now);
-    ct::create(&flow, &backend, fe.service_id, now);
-    verdict(nat::rewrite(ctx, &flow, End::Destination, backend.addr, backend.port))
+    let masquerade =
+        (origin == Origin::Netdev && fe.flags & FRONTEND_F_SNAT_EXTERNAL != 0) || flow.saddr == backend.addr;
+    let snat_addr = if masquerade { snat_ipv4() } else { 0 };
+    match ct::create(&flow, &backend, fe.service_id, snat_addr, now) {
+        Ok(snat) => translate(ctx, &mut flow, &backend, snat),
+        // No free source port: drop, the client retransmits.
+        Err(()) => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, flow: &mut Flow, backend: &Backend, snat: Option<Snat>) -> i32 {
+    let r = nat::rewrite(ctx, flow, End::Destination, backend.addr, backend.port);
+    match (r, snat) {
+        (Ok(()), Some(s)) => verdict(nat::rewrite(ctx, flow, End::Source, s.addr, s.port)),
+        (r, _) => verdict(r),
+    }
+}
+
+/// The node address masqueraded flows get; 0 when the agent has not configured one.
+#[inline(always)]
+fn snat_ipv4() -> u32 {
+    maps::CONFIG.get(CONFIG_SNAT_IPV4).copied().unwrap_or(0)
 }
 
 /// A tracked flow keeps its backend, except that UDP flows and new TCP connections (a SYN reusing

@@ -29,13 +29,13 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 /// backends).
 #[classifier]
 pub fn orca_from_pod(ctx: TcContext) -> i32 {
-    datapath::handle(&ctx)
+    datapath::handle(&ctx, datapath::Origin::Pod)
 }
 
 /// TC ingress on node uplinks (traffic arriving at the node, and replies of remote backends).
 #[classifier]
 pub fn orca_from_netdev(ctx: TcContext) -> i32 {
-    datapath::handle(&ctx)
+    datapath::handle(&ctx, datapath::Origin::Netdev)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 use orca_common::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey,
-    AFFINITY_MAX, BACKENDS_MAX, CT_MAX, FRONTENDS_MAX,
+    AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX,
 };
 
 #[map(name = "ORCA_FRONTENDS")]
@@ -24,3 +24,7 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CT_MAX,
 
 #[map(name = "ORCA_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_max_entries(AFFINITY_MAX, 0);
+
+/// Settings of the programs (`CONFIG_*` indices), written by the agent.
+#[map(name = "ORCA_CONFIG")]
+pub static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);

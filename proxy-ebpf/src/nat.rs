@@ -19,9 +19,10 @@ pub enum End {
 }
 
 /// Rewrites the source or destination address and port of `flow`'s packet to `addr`:`port`
-/// (packet order / network byte order), fixing the IPv4 header and TCP/UDP checksums.
+/// (packet order / network byte order), fixing the IPv4 header and TCP/UDP checksums, and updates
+/// `flow` to match the packet.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, flow: &Flow, end: End, addr: u32, port: u16) -> Result<(), i64> {
+pub fn rewrite(ctx: &TcContext, flow: &mut Flow, end: End, addr: u32, port: u16) -> Result<(), i64> {
     let (old_addr, old_port, addr_off, port_off) = match end {
         End::Source => (flow.saddr, flow.sport, IP_SADDR, L4_SPORT),
         End::Destination => (flow.daddr, flow.dport, IP_DADDR, L4_DPORT),
@@ -45,6 +46,16 @@ pub fn rewrite(ctx: &TcContext, flow: &Flow, end: End, addr: u32, port: u16) -> 
     if old_port != port {
         ctx.l4_csum_replace(csum_off, u64::from(old_port), u64::from(port), extra | 2)?;
         ctx.store(flow.l4_off + port_off, &port, 0)?;
+    }
+    match end {
+        End::Source => {
+            flow.saddr = addr;
+            flow.sport = port;
+        }
+        End::Destination => {
+            flow.daddr = addr;
+            flow.dport = port;
+        }
     }
     Ok(())
 }

@@ -27,7 +27,7 @@ use orca_proxy::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, 
 struct Env {
     prefix: String,
     dir: PathBuf,
-    server: Option<Child>,
+    servers: Vec<Child>,
 }
 
 impl Env {
@@ -41,7 +41,7 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(mut s) = self.server.take() {
+        for s in &mut self.servers {
             let _ = s.kill();
             let _ = s.wait();
         }
@@ -71,7 +71,7 @@ fn setup() -> Env {
     let env = Env {
         dir: std::env::temp_dir().join(&prefix),
         prefix,
-        server: None,
+        servers: Vec::new(),
     };
     std::fs::create_dir_all(&env.dir).unwrap();
     let (c, n, b) = (env.ns("client"), env.ns("node"), env.ns("backend"));
@@ -105,16 +105,27 @@ fn enter_netns(name: &str) {
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
+const DOWNLOAD_BYTES: usize = 30_000_000;
+
 fn service(endpoints: &[&str]) -> Arc<ServicePortState> {
+    service_on("web", "10.96.0.10", 80, 8080, endpoints)
+}
+
+/// The download Service: 10.96.0.11:81 -> backend:8081, which sends DOWNLOAD_BYTES.
+fn download_service() -> Arc<ServicePortState> {
+    service_on("download", "10.96.0.11", 81, 8081, &["10.202.0.2"])
+}
+
+fn service_on(svc: &str, vip: &str, vport: u16, target: u16, endpoints: &[&str]) -> Arc<ServicePortState> {
     let name = ServicePortName {
-        service: ServiceName::new("default", "web"),
+        service: ServiceName::new("default", svc),
         port: "http".into(),
         protocol: Protocol::Tcp,
     };
     let port = ServicePort {
         name,
-        cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-        port: 80,
+        cluster_ips: vec![vip.parse().unwrap()],
+        port: vport,
         protocol: Protocol::Tcp,
         node_port: None,
         load_balancer_ips: vec![],
@@ -130,7 +141,7 @@ fn service(endpoints: &[&str]) -> Arc<ServicePortState> {
         .iter()
         .map(|ip| Endpoint {
             ip: ip.parse::<IpAddr>().unwrap(),
-            port: 8080,
+            port: target,
             ready: true,
             serving: true,
             terminating: false,
@@ -190,28 +201,30 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         "run as root: the test creates namespaces and loads eBPF"
     );
     let mut env = setup();
-    env.server = Some(
-        Command::new("ip")
-            .args(["netns", "exec", &env.ns("backend")])
-            .args([
-                "socat",
-                "TCP-LISTEN:8080,fork,reuseaddr",
-                "SYSTEM:echo hello-from-backend",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("backend server"),
-    );
+    for (port, reply) in [
+        (8080, "SYSTEM:echo hello-from-backend".to_string()),
+        (8081, format!("SYSTEM:head -c {DOWNLOAD_BYTES} /dev/zero")),
+    ] {
+        env.servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &env.ns("backend")])
+                .args(["socat", &format!("TCP-LISTEN:{port},fork,reuseaddr"), &reply])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("backend server"),
+        );
+    }
 
     let result = std::thread::scope(|s| {
         s.spawn(|| {
             enter_netns(&env.ns("node"));
             let cfg = DataplaneConfig::default();
             let mut dp = EbpfDataplane::new(cfg.clone(), options(&env)).expect("eBPF dataplane");
-            assert!(
+            assert_eq!(
                 dp.mounted_bpffs(),
-                "the test root was not a bpffs: the dataplane mounts one"
+                Some(env.bpf_root().as_path()),
+                "the test root was not a bpffs: the dataplane mounts one there"
             );
             assert_eq!(dp.attached_interfaces(), ["b0", "c0"]);
 
@@ -230,6 +243,17 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
                 );
                 std::thread::sleep(Duration::from_millis(200));
             }
+
+            // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
+            let view = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump pinned maps");
+            assert_eq!(view.len(), 1, "{view:?}");
+            assert_eq!(view[0].address.to_string(), "10.96.0.10:80");
+            assert_eq!(view[0].protocol, "TCP");
+            assert_eq!(
+                view[0].backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                ["10.202.0.2:8080"]
+            );
+            assert_eq!(view[0].missing_slots, 0);
 
             // 2. No endpoints: connect() is refused at once.
             let empty = service(&[]);
@@ -251,6 +275,20 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
             };
             dp.apply(&diff, &snapshot(&st), &node()).expect("apply");
             assert!(client_request(&env).0.contains("hello-from-backend"));
+            // A long download runs across the restart and must complete intact.
+            let both: Snapshot = [st.clone(), download_service()]
+                .into_iter()
+                .map(|p| (p.name().clone(), p))
+                .collect();
+            dp.full_sync(&both, &node())
+                .expect("full sync with the download service");
+            let download = Command::new("ip")
+                .args(["netns", "exec", &env.ns("client"), "sh", "-c"])
+                .arg("socat -u TCP:10.96.0.11:81,connect-timeout=3 - | (sleep 1; wc -c)")
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("download client");
+            std::thread::sleep(Duration::from_millis(300));
             drop(dp);
             // The programs stay attached through the pinned links while no agent runs.
             assert!(
@@ -258,8 +296,11 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
                 "service broke while the agent was down"
             );
             let mut dp = EbpfDataplane::new(cfg, options(&env)).expect("restarted dataplane");
-            dp.full_sync(&snapshot(&st), &node()).expect("full sync after restart");
+            dp.full_sync(&both, &node()).expect("full sync after restart");
             assert!(client_request(&env).0.contains("hello-from-backend"));
+            let out = download.wait_with_output().expect("download");
+            let got: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+            assert_eq!(got, DOWNLOAD_BYTES, "the download across the restart was cut");
 
             // 4. Cleanup removes programs, links, maps and pins: the VIP no longer answers.
             dp.cleanup().expect("cleanup");

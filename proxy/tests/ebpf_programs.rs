@@ -9,14 +9,14 @@
 use std::net::Ipv4Addr;
 
 use aya::{
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
 use orca_common::{
-    addr_from_octets, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey, CT_DIR_REPLY,
-    CT_DIR_SERVICE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKENDS, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS,
-    PROG_FROM_NETDEV, PROG_FROM_POD,
+    addr_from_octets, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey, CONFIG_SNAT_IPV4,
+    CT_DIR_REPLY, CT_DIR_SERVICE, FRONTEND_F_SNAT_EXTERNAL, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MAP_BACKENDS,
+    MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS, NAT_PORT_MAX, NAT_PORT_MIN, PROG_FROM_NETDEV, PROG_FROM_POD,
 };
 use orca_proxy::ebpf_obj;
 
@@ -122,6 +122,18 @@ impl Datapath {
                 .remove(&MemberKey::of(service_id, b))
                 .unwrap();
         }
+    }
+
+    fn set_flags(&mut self, fe: FrontendKey, flags: u16) {
+        let mut m = self.map::<FrontendKey, Frontend>(MAP_FRONTENDS);
+        let mut v = m.get(&fe, 0).unwrap();
+        v.flags = flags;
+        m.insert(fe, v, 0).unwrap();
+    }
+
+    fn set_snat_ip(&mut self, ip: [u8; 4]) {
+        let mut cfg: Array<&mut MapData, u32> = Array::try_from(self.ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();
+        cfg.set(CONFIG_SNAT_IPV4, addr_from_octets(ip), 0).unwrap();
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -713,4 +725,94 @@ fn non_tcp_udp_fragments_and_non_ipv4_pass_untouched() {
     // None of them created conntrack state.
     let ct: HashMap<_, CtKey, CtValue> = dp.map(MAP_CT);
     assert_eq!(ct.keys().count(), 0);
+}
+
+const NODE_IP: [u8; 4] = [192, 168, 50, 10];
+const EXTERNAL_CLIENT: [u8; 4] = [192, 0, 2, 50];
+
+#[test]
+fn external_traffic_is_masqueraded_and_replies_are_restored() {
+    let mut dp = Datapath::load();
+    dp.set_snat_ip(NODE_IP);
+    let np = FrontendKey::new(NODE_IP, 30080, IPPROTO_TCP);
+    dp.set_service(np, 9, 0, &[be(BACKEND_B, 8080)], 0);
+    dp.set_flags(np, FRONTEND_F_SNAT_EXTERNAL);
+
+    let syn = tcp_frame(EXTERNAL_CLIENT, NODE_IP, &Tcp::syn(50000, 30080));
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &syn);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_B), 8080));
+    assert_eq!(
+        seen.src,
+        Ipv4Addr::from(NODE_IP),
+        "external source masqueraded to the node"
+    );
+    assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&seen.sport), "{}", seen.sport);
+    let nat_port = seen.sport;
+
+    // Later packets of the flow use the same source port.
+    let (_, out) = dp.run(
+        PROG_FROM_NETDEV,
+        &tcp_frame(EXTERNAL_CLIENT, NODE_IP, &Tcp::data(50000, 30080, b"x")),
+    );
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(NODE_IP), nat_port));
+
+    // The backend (on another node) answers the node; the reply leaves as the NodePort's, to the client.
+    let mut synack = Tcp::syn(8080, nat_port);
+    synack.flags = SYN | ACK;
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &tcp_frame(BACKEND_B, NODE_IP, &synack));
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(NODE_IP), 30080));
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(EXTERNAL_CLIENT), 50000));
+
+    // Distinct clients get distinct source ports.
+    let mut ports = std::collections::HashSet::new();
+    for i in 0..50u16 {
+        let (_, out) = dp.run(
+            PROG_FROM_NETDEV,
+            &tcp_frame(EXTERNAL_CLIENT, NODE_IP, &Tcp::syn(51000 + i, 30080)),
+        );
+        ports.insert(check(&out).sport);
+    }
+    assert_eq!(ports.len(), 50);
+
+    // Pods reaching the same frontend are not masqueraded (their replies come back through their node).
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, NODE_IP, &Tcp::syn(52000, 30080)));
+    assert_eq!(check(&out).src, Ipv4Addr::from(CLIENT));
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() {
+    let mut dp = Datapath::load();
+    dp.set_snat_ip(NODE_IP);
+    let np = FrontendKey::new(NODE_IP, 30081, IPPROTO_TCP);
+    dp.set_service(np, 10, 0, &[be(BACKEND_A, 8080)], 0);
+    let (_, out) = dp.run(
+        PROG_FROM_NETDEV,
+        &tcp_frame(EXTERNAL_CLIENT, NODE_IP, &Tcp::syn(50001, 30081)),
+    );
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(EXTERNAL_CLIENT), 50001));
+    assert_eq!(seen.dst, Ipv4Addr::from(BACKEND_A));
+}
+
+#[test]
+fn hairpin_is_masqueraded_so_the_pod_can_reach_itself() {
+    let mut dp = Datapath::load();
+    dp.set_snat_ip(NODE_IP);
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 11, 0, &[be(CLIENT, 8080)], 0);
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(53000, 80)));
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(CLIENT), 8080));
+    assert_eq!(seen.src, Ipv4Addr::from(NODE_IP));
+    let nat_port = seen.sport;
+    let mut synack = Tcp::syn(8080, nat_port);
+    synack.flags = SYN | ACK;
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, NODE_IP, &synack));
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 80));
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(CLIENT), 53000));
 }

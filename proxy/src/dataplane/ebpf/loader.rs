@@ -12,11 +12,18 @@ use aya::programs::tc::{self, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
-use orca_common::{ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS};
+use orca_common::{ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS};
 
 use crate::ebpf_obj;
 
-pub const ALL_MAPS: [&str; 5] = [MAP_FRONTENDS, MAP_BACKENDS, MAP_MEMBERS, MAP_CT, MAP_AFFINITY];
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_FRONTENDS,
+    MAP_BACKENDS,
+    MAP_MEMBERS,
+    MAP_CT,
+    MAP_AFFINITY,
+    MAP_CONFIG,
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// `<root>/v<ABI_VERSION>`: everything this release pins. A release with another layout uses
@@ -36,20 +43,34 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Makes sure `root` is on a bpffs; mounts one there when it is not. Returns whether it mounted.
-pub fn ensure_bpffs(root: &Path) -> Result<bool> {
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    if is_bpffs(root) {
-        return Ok(false);
+/// Makes sure `root` exists on a bpffs, mounting one when needed: at `/sys/fs/bpf` when `root`
+/// lies below that (unmounted) conventional mount point, else at `root` itself. Returns the mount
+/// point when it mounted one.
+pub fn ensure_bpffs(root: &Path) -> Result<Option<PathBuf>> {
+    let mut existing = root;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
     }
-    let target = CString::new(root.as_os_str().as_encoded_bytes())?;
+    if is_bpffs(existing) {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        return Ok(None);
+    }
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    let mount_point = if existing == sys_bpf && root.starts_with(sys_bpf) {
+        sys_bpf.to_path_buf()
+    } else {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        root.to_path_buf()
+    };
+    let target = CString::new(mount_point.as_os_str().as_encoded_bytes())?;
     // SAFETY: valid C strings; no data argument.
     let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("mounting bpffs on {}", root.display()));
+        return Err(io::Error::last_os_error()).with_context(|| format!("mounting bpffs on {}", mount_point.display()));
     }
-    tracing::info!(path = %root.display(), "mounted bpffs");
-    Ok(true)
+    tracing::info!(path = %mount_point.display(), "mounted bpffs");
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(Some(mount_point))
 }
 
 /// Loads the embedded object, creating its maps or adopting the pinned ones under `dir/maps`,
@@ -118,6 +139,35 @@ pub fn interfaces() -> Vec<String> {
             p = p.add(1);
         }
         libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Interfaces (of the calling thread's network namespace) holding one of `addrs`.
+pub fn interfaces_with_addresses(addrs: &[std::net::IpAddr]) -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs allocates a list freed below; entries are read only while it lives.
+    unsafe {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let ifa = &*p;
+            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
+                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                if addrs.contains(&ip) && !ifa.ifa_name.is_null() {
+                    let name = CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+                    if !out.contains(&name) {
+                        out.push(name);
+                    }
+                }
+            }
+            p = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
     }
     out
 }

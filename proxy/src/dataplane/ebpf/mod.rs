@@ -11,10 +11,10 @@ pub mod services;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap as AyaHashMap, MapData};
+use aya::maps::{Array, HashMap as AyaHashMap, MapData};
 use aya::Ebpf;
 use orca_common::{
-    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAP_BACKENDS, MAP_FRONTENDS, MAP_MEMBERS,
+    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MEMBERS,
 };
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
@@ -34,7 +34,8 @@ pub struct EbpfOptions {
     pub pod_interface_prefixes: Vec<String>,
     /// Explicit pod interfaces (in addition to the prefixes).
     pub pod_interfaces: Vec<String>,
-    /// Node uplinks; empty means the interfaces carrying the IPv4 default route.
+    /// Node uplinks; empty means the interfaces holding one of the node's addresses, else the
+    /// ones carrying the IPv4 default route.
     pub uplinks: Vec<String>,
 }
 
@@ -56,7 +57,11 @@ pub struct EbpfDataplane {
     ebpf: Ebpf,
     programmer: Programmer,
     attacher: Attacher,
-    mounted_bpffs: bool,
+    mounted_bpffs: Option<PathBuf>,
+    /// Last value written to `ORCA_CONFIG[CONFIG_SNAT_IPV4]`.
+    snat_ipv4: Option<u32>,
+    /// The node's addresses: interfaces holding one are uplinks (unless configured explicitly).
+    node_addresses: Vec<std::net::IpAddr>,
 }
 
 impl EbpfDataplane {
@@ -75,24 +80,30 @@ impl EbpfDataplane {
             programmer,
             attacher,
             mounted_bpffs,
+            snat_ipv4: None,
+            node_addresses: Vec::new(),
         };
         dp.attach_interfaces()?;
         Ok(dp)
     }
 
-    /// Whether `new` mounted the bpffs (the caller may unmount it after `cleanup`).
-    pub fn mounted_bpffs(&self) -> bool {
-        self.mounted_bpffs
+    /// The bpffs mount point `new` created, if it mounted one.
+    pub fn mounted_bpffs(&self) -> Option<&std::path::Path> {
+        self.mounted_bpffs.as_deref()
     }
 
     /// Attaches to pod veths and uplinks that appeared since the last call; forgets vanished ones.
     pub fn attach_interfaces(&mut self) -> Result<()> {
         let present = loader::interfaces();
         self.attacher.forget_missing(&present);
-        let uplinks = if self.opts.uplinks.is_empty() {
-            loader::default_route_interfaces()
-        } else {
+        let uplinks = if !self.opts.uplinks.is_empty() {
             self.opts.uplinks.clone()
+        } else {
+            let mut u = loader::interfaces_with_addresses(&self.node_addresses);
+            if u.is_empty() {
+                u = loader::default_route_interfaces();
+            }
+            u
         };
         let mut wanted: Vec<(String, Role)> = Vec::new();
         for name in &present {
@@ -117,6 +128,30 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// Node facts the programs need: the masquerade source address; and the interfaces to attach
+    /// to (uplinks are found by the node's addresses).
+    fn set_node(&mut self, node: &NodeInfo) -> Result<()> {
+        let snat = node
+            .addresses
+            .iter()
+            .find_map(|a| match a {
+                std::net::IpAddr::V4(v4) => Some(orca_common::addr_from_octets(v4.octets())),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .unwrap_or(0);
+        if self.snat_ipv4 != Some(snat) {
+            let map = self.ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
+            let mut cfg: Array<&mut MapData, u32> = Array::try_from(map)?;
+            cfg.set(orca_common::CONFIG_SNAT_IPV4, snat, 0)
+                .context("writing ORCA_CONFIG")?;
+            self.snat_ipv4 = Some(snat);
+        }
+        if self.node_addresses != node.addresses {
+            self.node_addresses = node.addresses.clone();
+        }
+        self.attach_interfaces()
+    }
+
     pub fn attached_interfaces(&self) -> Vec<String> {
         self.attacher.attached().keys().cloned().collect()
     }
@@ -128,7 +163,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn full_sync(&mut self, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
-        self.attach_interfaces()?;
+        self.set_node(node)?;
         let mut maps = AyaMaps { ebpf: &mut self.ebpf };
         let mut written = 0;
         for name in self.programmer.names() {
@@ -147,7 +182,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn apply(&mut self, diff: &Diff, _desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
-        self.attach_interfaces()?;
+        self.set_node(node)?;
         let mut maps = AyaMaps { ebpf: &mut self.ebpf };
         let mut written = 0;
         for name in &diff.removed {
@@ -261,3 +296,63 @@ impl MapOps for AyaMaps<'_> {
 
 #[cfg(test)]
 mod tests;
+
+/// One frontend as the pinned maps hold it (for `orca-proxy status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FrontendView {
+    pub address: std::net::SocketAddrV4,
+    pub protocol: &'static str,
+    pub service_id: u32,
+    pub affinity_timeout_seconds: u32,
+    pub masquerade_external: bool,
+    pub backends: Vec<std::net::SocketAddrV4>,
+    /// Slots the frontend counts that are missing from ORCA_BACKENDS (should always be 0).
+    pub missing_slots: u32,
+}
+
+fn sock(addr: u32, port_be: u16) -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(orca_common::addr_octets(addr).into(), u16::from_be(port_be))
+}
+
+/// Reads the maps pinned under `root` (by a running or previous agent), without loading anything.
+pub fn dump(root: &std::path::Path) -> Result<Vec<FrontendView>> {
+    let maps_dir = loader::versioned_dir(root).join("maps");
+    let open = |name: &str| -> Result<aya::maps::Map> {
+        let p = maps_dir.join(name);
+        let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+        Ok(aya::maps::Map::from_map_data(data)?)
+    };
+    let fes: AyaHashMap<MapData, FrontendKey, Frontend> = AyaHashMap::try_from(open(MAP_FRONTENDS)?)?;
+    let slots: AyaHashMap<MapData, BackendSlotKey, Backend> = AyaHashMap::try_from(open(MAP_BACKENDS)?)?;
+    let mut out = Vec::new();
+    for entry in fes.iter() {
+        let (k, f) = entry?;
+        let mut backends = Vec::new();
+        let mut missing_slots = 0;
+        for i in 0..u32::from(f.backend_count) {
+            let key = BackendSlotKey {
+                service_id: f.service_id,
+                slot: f.slot_base.wrapping_add(i),
+            };
+            match slots.get(&key, 0) {
+                Ok(b) => backends.push(sock(b.addr, b.port)),
+                Err(_) => missing_slots += 1,
+            }
+        }
+        out.push(FrontendView {
+            address: sock(k.addr, k.port),
+            protocol: match k.proto {
+                orca_common::IPPROTO_TCP => "TCP",
+                orca_common::IPPROTO_UDP => "UDP",
+                _ => "?",
+            },
+            service_id: f.service_id,
+            affinity_timeout_seconds: f.affinity_timeout,
+            masquerade_external: f.flags & orca_common::FRONTEND_F_SNAT_EXTERNAL != 0,
+            backends,
+            missing_slots,
+        });
+    }
+    out.sort_by_key(|v| (v.address, v.protocol));
+    Ok(out)
+}

@@ -202,10 +202,16 @@ impl Programmer {
                     continue;
                 }
             }
+            // kube-proxy masquerades external traffic unless externalTrafficPolicy is Local.
+            let flags = if *kind == SetKind::External && !st.port.external_policy_local() {
+                orca_common::FRONTEND_F_SNAT_EXTERNAL
+            } else {
+                0
+            };
             let value = Frontend {
                 service_id: set.id,
                 backend_count: set.backends.len() as u16,
-                flags: 0,
+                flags,
                 affinity_timeout: affinity,
                 slot_base: set.base,
             };
