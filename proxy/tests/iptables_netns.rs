@@ -267,6 +267,15 @@ fn full_sync_read_back_and_cleanup() {
             .count();
         assert_eq!(n, 1, "one jump {table}/{from} -> {to}: {list:#?}");
     }
+    // The jumps read back exactly in the form the dataplane looks for (so it need not run `-C` for each).
+    for j in orca_proxy::dataplane::iptables::rules::JUMPS {
+        let listed = ns.sh(&["iptables", "-t", j.table, "-S", j.from]);
+        assert!(
+            listed.lines().any(|l| l == j.save_form()),
+            "{} not in {listed}",
+            j.save_form()
+        );
+    }
     // Rules as read back by iptables-save.
     let has = |list: &[String], needle: &str| list.iter().any(|l| l.contains(needle));
     assert!(has(

@@ -273,6 +273,17 @@ impl Exec {
         }
     }
 
+    /// `iptables -w 5 -t TABLE -S CHAIN`: the chain's rules in `iptables-save` form.
+    pub fn list_chain(&self, table: &str, chain: &str) -> Result<Vec<String>> {
+        let mut c = self.command(&self.bin("iptables"));
+        c.args(["-w", LOCK_WAIT, "-t", table, "-S", chain]);
+        let out = self.run(c)?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
     /// `iptables -w 5 -t TABLE -I CHAIN ARGS` (prepend).
     pub fn insert_rule(&self, table: &str, chain: &str, args: &[&str]) -> Result<()> {
         let mut c = self.command(&self.bin("iptables"));

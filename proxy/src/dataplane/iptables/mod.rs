@@ -151,8 +151,19 @@ impl IptablesDataplane {
         g.generate(desired, write)
     }
 
+    /// Makes sure every jump from a built-in chain exists: one `iptables -S` per built-in chain (6 calls) finds the
+    /// present ones; a jump not found that way is checked with `-C` and inserted with `-I`.
     fn ensure_jumps(&self) -> Result<()> {
+        let mut listed: HashMap<(&str, &str), Vec<String>> = HashMap::new();
         for j in JUMPS {
+            let key = (j.table, j.from);
+            if !listed.contains_key(&key) {
+                let rules = self.exec.list_chain(j.table, j.from).unwrap_or_default();
+                listed.insert(key, rules);
+            }
+            if listed[&key].contains(&j.save_form()) {
+                continue;
+            }
             let args = j.args();
             if !self.exec.check_rule(j.table, j.from, &args)? {
                 self.exec

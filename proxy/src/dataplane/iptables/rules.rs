@@ -73,6 +73,21 @@ impl Jump {
     }
 }
 
+impl Jump {
+    /// The rule as `iptables -S` / `iptables-save` print it.
+    pub fn save_form(&self) -> String {
+        let ct = if self.ctstate_new {
+            " -m conntrack --ctstate NEW"
+        } else {
+            ""
+        };
+        format!(
+            "-A {}{ct} -m comment --comment \"{}\" -j {}",
+            self.from, self.comment, self.to
+        )
+    }
+}
+
 const fn jump(table: &'static str, to: &'static str, from: &'static str, comment: &'static str, new: bool) -> Jump {
     Jump {
         table,

@@ -622,3 +622,20 @@ fn conntrack_cleanup_filters() {
     assert!(conntrack_filters([&tn].into_iter(), &a, &b).is_empty());
     let _: Option<Cidr> = None;
 }
+
+#[test]
+fn jump_rules_in_save_form() {
+    let f: Vec<String> = rules::JUMPS.iter().map(|j| j.save_form()).collect();
+    assert_eq!(
+        f[0],
+        "-A INPUT -m conntrack --ctstate NEW -m comment --comment \"orca externally-visible service portals\" -j ORCA-EXTERNAL-SERVICES"
+    );
+    assert_eq!(
+        f[9],
+        "-A OUTPUT -m comment --comment \"orca service portals\" -j ORCA-SERVICES"
+    );
+    assert_eq!(
+        rules::JUMPS[0].args().join(" "),
+        "-m conntrack --ctstate NEW -m comment --comment orca externally-visible service portals -j ORCA-EXTERNAL-SERVICES"
+    );
+}
