@@ -156,12 +156,10 @@ impl IptablesDataplane {
     fn ensure_jumps(&self) -> Result<()> {
         let mut listed: HashMap<(&str, &str), Vec<String>> = HashMap::new();
         for j in JUMPS {
-            let key = (j.table, j.from);
-            if !listed.contains_key(&key) {
-                let rules = self.exec.list_chain(j.table, j.from).unwrap_or_default();
-                listed.insert(key, rules);
-            }
-            if listed[&key].contains(&j.save_form()) {
+            let present = listed
+                .entry((j.table, j.from))
+                .or_insert_with(|| self.exec.list_chain(j.table, j.from).unwrap_or_default());
+            if present.contains(&j.save_form()) {
                 continue;
             }
             let args = j.args();
