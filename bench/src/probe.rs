@@ -1,0 +1,351 @@
+//! Side measurements: the proxies' Prometheus histograms, their processes' RSS and CPU time, and the TC
+//! program's cost per packet with BPF_PROG_TEST_RUN against a running eBPF agent's pinned maps.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+/// A Prometheus histogram: cumulative buckets (upper bound, count), sum and count.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+    pub count: f64,
+}
+
+impl Histogram {
+    /// `self - earlier` (observations between two scrapes).
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|(le, c)| {
+                let before = earlier
+                    .buckets
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map(|(_, c)| *c)
+                    .unwrap_or(0.0);
+                (*le, c - before)
+            })
+            .collect();
+        Histogram {
+            buckets,
+            sum: self.sum - earlier.sum,
+            count: self.count - earlier.count,
+        }
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count)
+    }
+
+    /// Upper bound of the bucket holding the `q`-quantile (an over-estimate by at most one bucket width).
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let want = q * self.count;
+        self.buckets.iter().find(|(_, c)| *c >= want).map(|(le, _)| *le)
+    }
+}
+
+/// Parse histogram `name` from a Prometheus text exposition (labels other than `le` are ignored: the first
+/// series wins).
+pub fn parse_histogram(text: &str, name: &str) -> Option<Histogram> {
+    let mut h = Histogram::default();
+    let mut found = false;
+    let bucket = format!("{name}_bucket{{");
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else { continue };
+        if let Some(rest) = key.strip_prefix(&bucket) {
+            let Some(le) = rest
+                .split(',')
+                .find_map(|kv| kv.trim_end_matches('}').strip_prefix("le=\""))
+                .map(|s| s.trim_end_matches('"'))
+            else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::NAN)
+            };
+            if !le.is_nan() && !h.buckets.iter().any(|(l, _)| *l == le) {
+                h.buckets.push((le, v));
+                found = true;
+            }
+        } else if key == format!("{name}_sum") || key.starts_with(&format!("{name}_sum{{")) {
+            h.sum = v;
+            found = true;
+        } else if key == format!("{name}_count") || key.starts_with(&format!("{name}_count{{")) {
+            h.count = v;
+            found = true;
+        }
+    }
+    h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    found.then_some(h)
+}
+
+pub const NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
+pub const SYNC_RULES: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+
+/// RSS and CPU time of one process.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProcStats {
+    pub pid: u32,
+    pub comm: String,
+    pub rss_mib: f64,
+    pub hwm_mib: f64,
+    /// utime + stime.
+    pub cpu_s: f64,
+    /// cutime + cstime: waited-for children (kube-proxy's iptables-restore / nft runs).
+    pub children_cpu_s: f64,
+}
+
+/// Processes named one of `names` inside network namespace `ns` (`ip netns pids`).
+pub fn proxy_pids(ns: &str, names: &[&str]) -> Vec<(u32, String)> {
+    let out = match std::process::Command::new("ip").args(["netns", "pids", ns]).output() {
+        Ok(o) => o,
+        Err(_) => return Vec::new(),
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            let comm = comm.trim().to_string();
+            names.contains(&comm.as_str()).then_some((pid, comm))
+        })
+        .collect()
+}
+
+/// Parse `/proc/<pid>/status` (VmRSS, VmHWM) and `/proc/<pid>/stat` (utime, stime, cutime, cstime).
+pub fn parse_proc(status: &str, stat: &str, ticks: f64) -> Result<(f64, f64, f64, f64)> {
+    let kb = |key: &str| -> Result<f64> {
+        let l = status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("no {key} in status"))?;
+        let n: f64 = l
+            .split_whitespace()
+            .nth(1)
+            .context("empty line")?
+            .parse()
+            .with_context(|| format!("bad {key} line {l:?}"))?;
+        Ok(n / 1024.0)
+    };
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15, cutime 16, cstime 17.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).context("stat without comm")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| -> Result<f64> {
+        f.get(n - 3)
+            .with_context(|| format!("stat has no field {n}"))?
+            .parse::<f64>()
+            .with_context(|| format!("stat field {n}"))
+    };
+    Ok((
+        kb("VmRSS:")?,
+        kb("VmHWM:")?,
+        (field(14)? + field(15)?) / ticks,
+        (field(16)? + field(17)?) / ticks,
+    ))
+}
+
+pub fn proc_stats(pid: u32, comm: &str) -> Result<ProcStats> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (rss, hwm, cpu, children) = parse_proc(&status, &stat, if ticks > 0.0 { ticks } else { 100.0 })?;
+    Ok(ProcStats {
+        pid,
+        comm: comm.to_string(),
+        rss_mib: rss,
+        hwm_mib: hwm,
+        cpu_s: cpu,
+        children_cpu_s: children,
+    })
+}
+
+/// TC program cost, nanoseconds per run as BPF_PROG_TEST_RUN reports it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TcCost {
+    /// A TCP SYN from a pod to the measured ClusterIP (the first run creates the conntrack entry; the
+    /// repeats take the established-flow path of the same 5-tuple).
+    pub service_ns: f64,
+    /// A TCP SYN from a pod to a pod IP (no Service: lookups miss, the packet passes).
+    pub passthrough_ns: f64,
+    pub repeat: u32,
+    pub service_verdict: u32,
+    pub passthrough_verdict: u32,
+}
+
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Ethernet + IPv4 + TCP SYN (checksums valid).
+pub fn syn_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.push(5 << 4);
+    tcp.push(0x02);
+    tcp.extend_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    let c = csum_fold(csum_add(csum_add(0, &pseudo), &tcp));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x07, 0x08, 0x00];
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp);
+    f
+}
+
+/// Load the agent's programs over the maps a running orca-proxy pinned under `bpf_root` (so the lookups see
+/// the real tables at this scale) and test-run `orca_from_pod` `repeat` times on two SYNs.
+pub fn tc_cost(
+    bpf_root: &Path,
+    client: Ipv4Addr,
+    vip: Ipv4Addr,
+    vport: u16,
+    pod: Ipv4Addr,
+    repeat: u32,
+) -> Result<TcCost> {
+    use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+    let dir = orca_proxy::dataplane::ebpf::loader::versioned_dir(bpf_root);
+    if !dir.join("maps").is_dir() {
+        let found: Vec<String> = std::fs::read_dir(bpf_root)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        bail!(
+            "no pinned maps under {} (is orca-proxy running in eBPF mode? {} holds {found:?})",
+            dir.display(),
+            bpf_root.display()
+        );
+    }
+    let ebpf = orca_proxy::dataplane::ebpf::loader::load(&dir)?;
+    let prog: &SchedClassifier = ebpf
+        .program(orca_common::PROG_FROM_POD)
+        .context("no orca_from_pod program")?
+        .try_into()?;
+    let run = |frame: &[u8]| -> Result<(f64, u32)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok((r.duration.as_nanos() as f64, r.return_value))
+    };
+    // Warm up (creates the conntrack entry), then measure.
+    let svc = syn_frame(client, 40_000, vip, vport);
+    let _ = run(&svc)?;
+    let (service_ns, service_verdict) = run(&svc)?;
+    let (passthrough_ns, passthrough_verdict) = run(&syn_frame(client, 40_001, pod, 8080))?;
+    Ok(TcCost {
+        service_ns,
+        passthrough_ns,
+        repeat,
+        service_verdict,
+        passthrough_verdict,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"# HELP kubeproxy_sync_proxy_rules_duration_seconds x
+# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram
+kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.001"} 1
+kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.002"} 3
+kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.004"} 4
+kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="+Inf"} 4
+kubeproxy_sync_proxy_rules_duration_seconds_sum 0.007
+kubeproxy_sync_proxy_rules_duration_seconds_count 4
+kubeproxy_network_programming_duration_seconds_bucket{le="0.25"} 0
+"#;
+
+    #[test]
+    fn histograms() {
+        let h = parse_histogram(SAMPLE, SYNC_RULES).unwrap();
+        assert_eq!(h.count, 4.0);
+        assert_eq!(h.buckets.len(), 4);
+        assert_eq!(h.quantile_bound(0.5), Some(0.002));
+        assert_eq!(h.quantile_bound(0.99), Some(0.004));
+        assert!((h.mean().unwrap() - 0.00175).abs() < 1e-9);
+        let earlier = Histogram {
+            buckets: vec![(0.001, 1.0), (0.002, 1.0), (0.004, 1.0), (f64::INFINITY, 1.0)],
+            sum: 0.001,
+            count: 1.0,
+        };
+        let d = h.since(&earlier);
+        assert_eq!(d.count, 3.0);
+        assert_eq!(d.quantile_bound(0.3), Some(0.002));
+        assert!(parse_histogram(SAMPLE, "nope").is_none());
+        assert!(parse_histogram("garbage {{{ ", SYNC_RULES).is_none());
+    }
+
+    #[test]
+    fn proc_parsing() {
+        let status = "Name:\tkube-proxy\nVmHWM:\t  20480 kB\nVmRSS:\t  10240 kB\n";
+        let stat = "123 (kube proxy) S 1 2 3 4 5 6 7 8 9 10 250 50 30 20 20 0";
+        let (rss, hwm, cpu, ch) = parse_proc(status, stat, 100.0).unwrap();
+        assert_eq!((rss, hwm), (10.0, 20.0));
+        assert_eq!(cpu, 3.0);
+        assert_eq!(ch, 0.5);
+        assert!(parse_proc("", stat, 100.0).is_err());
+        assert!(parse_proc(status, "123 (x) S 1", 100.0).is_err());
+    }
+
+    #[test]
+    fn syn_checksums() {
+        let f = syn_frame(Ipv4Addr::new(10, 244, 1, 2), 40000, Ipv4Addr::new(10, 96, 0, 10), 80);
+        assert_eq!(f.len(), 14 + 20 + 20);
+        assert_eq!(csum_fold(csum_add(0, &f[14..34])), 0);
+    }
+}

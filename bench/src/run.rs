@@ -1,0 +1,622 @@
+//! The benchmark run: one sandbox, server pods on both nodes, a client pod on node-a; for each scale the filler
+//! Services are topped up through the apiserver, the measured Services are (re)created last, and every
+//! configuration (direct pod IPs, then each proxy started on both nodes) is measured `repeats` times.
+use crate::cluster::{self, BENCH_NS};
+use crate::load::{LoadResult, Mode};
+use crate::probe::{self, Histogram, ProcStats, TcCost};
+use anyhow::{bail, Context, Result};
+use orca_sandbox::kubelet::{self, DeploymentSpec, Kubelet, PodInfo};
+use orca_sandbox::pods;
+use orca_sandbox::suite::proxy::{bpf_root, METRICS_PORT};
+use orca_sandbox::suite::{Proxy, ProxyEnv, ProxyKind, StartOptions};
+use orca_sandbox::{build, netns, Sandbox, SandboxOptions};
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What is measured: pod IPs without any proxy, or a proxy on both nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Config {
+    Direct,
+    Proxy(ProxyKind),
+}
+
+impl Config {
+    pub const ALL: [Config; 5] = [
+        Config::Direct,
+        Config::Proxy(ProxyKind::OrcaEbpf),
+        Config::Proxy(ProxyKind::OrcaIptables),
+        Config::Proxy(ProxyKind::KubeProxyIptables),
+        Config::Proxy(ProxyKind::KubeProxyNftables),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Config::Direct => "direct",
+            Config::Proxy(k) => k.name(),
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Config> {
+        if s == "direct" {
+            return Ok(Config::Direct);
+        }
+        Ok(Config::Proxy(s.parse()?))
+    }
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOpts {
+    pub quick: bool,
+    pub scales: Vec<usize>,
+    pub repeats: usize,
+    pub configs: Vec<Config>,
+    pub orca_proxy_bin: PathBuf,
+    pub out_dir: PathBuf,
+    /// Length and op cap of one load run.
+    pub duration_ms: u64,
+    pub max_ops: u64,
+    pub workers: usize,
+    /// Endpoint changes measured for programming latency, per proxy and scale.
+    pub prog_changes: usize,
+    /// Pause after a change was observed before the next one (upstream's default min-sync-period is 1 s).
+    pub prog_gap: Duration,
+    /// BPF_PROG_TEST_RUN repeat count.
+    pub tc_repeat: u32,
+    /// The command line that reproduces the run (for the report).
+    pub command: String,
+}
+
+/// Programming latency of one proxy at one scale.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ProgResult {
+    /// Slice patch sent -> the datapath stopped sending to the unready endpoint, milliseconds.
+    pub removal_ms: Vec<f64>,
+    /// Patch back to ready -> the endpoint answered again (a coarse upper bound: the balancer must pick it).
+    pub add_ms: Vec<f64>,
+    /// Round trip of the slice PATCH at the apiserver, milliseconds (part of every latency above).
+    pub patch_rtt_ms: Vec<f64>,
+    /// Changes that did not converge within the bound.
+    pub timeouts: usize,
+    /// Probe requests that failed (refused, reset, timed out) while the datapath changed.
+    pub probe_errors: usize,
+}
+
+/// Everything measured for one configuration at one scale.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConfigResult {
+    pub config: String,
+    pub scale: usize,
+    pub connect_remote: Vec<LoadResult>,
+    pub connect_local: Vec<LoadResult>,
+    pub rr: Vec<LoadResult>,
+    pub stream: Vec<LoadResult>,
+    /// Proxy start -> the measured ClusterIPs answer (first full sync at this scale), seconds.
+    pub startup_s: Option<f64>,
+    pub prog: Option<ProgResult>,
+    /// Upstream-named metrics of node-a's proxy during the programming-latency changes.
+    pub net_prog: Option<Histogram>,
+    /// The same over the proxy's whole life at this scale.
+    pub sync_rules: Option<Histogram>,
+    pub procs: Vec<(String, ProcStats)>,
+    pub tc: Option<TcCost>,
+    pub errors: Vec<String>,
+    /// What stopping the proxy noted (its own cleanup's leftovers; the nodes are reset regardless).
+    #[serde(default)]
+    pub stop_notes: Vec<String>,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunResult {
+    pub quick: bool,
+    pub scales: Vec<usize>,
+    pub repeats: usize,
+    pub configs: Vec<String>,
+    pub results: Vec<ConfigResult>,
+    /// Filler creation rate (objects/s) per scale.
+    pub fill_rate: Vec<(usize, f64)>,
+    pub load_start: String,
+    pub load_end: String,
+    pub started_utc: String,
+    pub duration_s: f64,
+    pub command: String,
+    pub machine: Vec<(String, String)>,
+    pub notes: Vec<String>,
+    pub load_params: String,
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn sh(cmd: &str) -> String {
+    std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn machine() -> Vec<(String, String)> {
+    vec![
+        ("nproc".into(), sh("nproc")),
+        ("CPU".into(), sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-")),
+        ("kernel".into(), sh("uname -srm")),
+        ("free -h".into(), sh("free -h")),
+        ("commit".into(), sh("git rev-parse --short HEAD")),
+    ]
+}
+
+/// Run `orca-bench load` inside `ns`; the JSON line it prints.
+async fn load(ns: &str, mode: Mode, addrs: &[SocketAddr], o: &RunOpts) -> Result<LoadResult> {
+    let exe = std::env::current_exe().context("locating orca-bench")?;
+    let exe = exe.to_str().context("non-UTF-8 path")?.to_string();
+    let mut args: Vec<String> = vec![
+        "load".into(),
+        "--mode".into(),
+        match mode {
+            Mode::Connect => "connect",
+            Mode::Rr => "rr",
+            Mode::Stream => "stream",
+        }
+        .into(),
+        "--workers".into(),
+        o.workers.to_string(),
+        "--duration-ms".into(),
+        o.duration_ms.to_string(),
+        "--max-ops".into(),
+        o.max_ops.to_string(),
+    ];
+    for a in addrs {
+        args.push("--addr".into());
+        args.push(a.to_string());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cmd = netns::command_in(ns, &exe, &refs);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
+    let limit = Duration::from_millis(o.duration_ms) + Duration::from_secs(30);
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .with_context(|| format!("load generator did not finish within {limit:?}"))?
+        .context("running the load generator")?;
+    if !out.status.success() {
+        bail!(
+            "load generator failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().context("load generator printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("load generator output {line:?}"))
+}
+
+/// Bounded wait until every address answers `GET /` from `ns`.
+async fn wait_answering(ns: &str, addrs: &[SocketAddr], limit: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    for a in addrs {
+        loop {
+            match pods::whoami(ns, *a, Duration::from_millis(500)).await {
+                Ok(_) => break,
+                Err(e) if t0.elapsed() > limit => bail!("{a} not answering from {ns} after {limit:?}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+    Ok(t0.elapsed())
+}
+
+struct Pods {
+    client: PodInfo,
+    srv_a: Vec<PodInfo>,
+    srv_b: Vec<PodInfo>,
+}
+
+async fn deploy_pods(kubelet: &Kubelet) -> Result<Pods> {
+    let dep = |name: &str, n: usize, node: &str| {
+        DeploymentSpec::new(name, n)
+            .namespace(BENCH_NS)
+            .on_node(node)
+            .readiness(None)
+            .grace_period(Duration::ZERO)
+    };
+    let srv_b = kubelet.deploy(&dep("srv-b", 2, "node-b")).await?;
+    let srv_a = kubelet.deploy(&dep("srv-a", 2, "node-a")).await?;
+    let client = kubelet
+        .deploy(&dep("client", 1, "node-a").labels(&[("role", "client")]))
+        .await?
+        .pop()
+        .context("no client pod")?;
+    for p in srv_a.iter().chain(&srv_b).chain(std::iter::once(&client)) {
+        kubelet
+            .wait_ready(BENCH_NS, &p.name, true, Duration::from_secs(60))
+            .await?;
+    }
+    // The client opens tens of thousands of short connections: reuse TIME_WAIT ports and use a wide range
+    // (sysctls of the pod's own namespace).
+    netns::exec(
+        &client.netns,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ],
+    )
+    .context("client pod sysctls")?;
+    Ok(Pods { client, srv_a, srv_b })
+}
+
+async fn scrape(node: &orca_sandbox::topology::Node) -> Option<String> {
+    let addr = SocketAddr::from((node.ip, METRICS_PORT));
+    match pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(5)).await {
+        Ok(r) if r.status == 200 => Some(r.body),
+        _ => None,
+    }
+}
+
+/// Probe `vip` from `ns` with new connections until `done` says so (or `limit`); returns (probe send time,
+/// answering pod) pairs and the number of failed probes.
+async fn probe_until(
+    ns: &str,
+    vip: SocketAddr,
+    limit: Duration,
+    mut done: impl FnMut(&[(Instant, String)]) -> bool,
+) -> (Vec<(Instant, String)>, usize, bool) {
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    let mut errors = 0;
+    while t0.elapsed() < limit {
+        let t = Instant::now();
+        match pods::whoami(ns, vip, Duration::from_millis(500)).await {
+            Ok(w) => seen.push((t, w.pod)),
+            Err(_) => errors += 1,
+        }
+        if done(&seen) {
+            return (seen, errors, true);
+        }
+    }
+    (seen, errors, false)
+}
+
+/// Consecutive answers without the removed endpoint that declare it gone (with one other endpoint left, a
+/// still-programmed endpoint escapes that many probes with probability 2^-25).
+const GONE_STREAK: usize = 25;
+
+async fn programming_latency(
+    client: &kube::Client,
+    ns: &str,
+    vip: SocketAddr,
+    backends: &[PodInfo],
+    o: &RunOpts,
+) -> Result<ProgResult> {
+    let mut r = ProgResult::default();
+    let all: Vec<(Ipv4Addr, bool)> = backends.iter().map(|p| (p.ip, true)).collect();
+    for k in 0..o.prog_changes {
+        let victim = &backends[k % backends.len()];
+        let eps: Vec<(Ipv4Addr, bool)> = backends.iter().map(|p| (p.ip, p.name != victim.name)).collect();
+        let t0 = Instant::now();
+        cluster::set_prog_endpoints(client, "bench-prog", &eps).await?;
+        r.patch_rtt_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let vname = victim.name.clone();
+        let (seen, errs, ok) = probe_until(ns, vip, Duration::from_secs(10), |s| {
+            s.len() >= GONE_STREAK && s[s.len() - GONE_STREAK..].iter().all(|(_, p)| *p != vname)
+        })
+        .await;
+        r.probe_errors += errs;
+        if ok {
+            // The first probe sent after the last one the removed endpoint answered.
+            let last_hit = seen.iter().rposition(|(_, p)| *p == vname);
+            let first_clean = last_hit.map(|i| i + 1).unwrap_or(0);
+            let t = seen[first_clean].0;
+            r.removal_ms.push(t.duration_since(t0).as_secs_f64() * 1e3);
+        } else {
+            r.timeouts += 1;
+        }
+        // Back to ready; wait until it answers again.
+        let t1 = Instant::now();
+        cluster::set_prog_endpoints(client, "bench-prog", &all).await?;
+        let (seen, errs, ok) = probe_until(ns, vip, Duration::from_secs(10), |s| {
+            s.last().is_some_and(|(_, p)| *p == victim.name)
+        })
+        .await;
+        r.probe_errors += errs;
+        match (ok, seen.last()) {
+            (true, Some((t, _))) => r.add_ms.push(t.duration_since(t1).as_secs_f64() * 1e3),
+            _ => r.timeouts += 1,
+        }
+        tokio::time::sleep(o.prog_gap).await;
+    }
+    Ok(r)
+}
+
+struct Targets {
+    remote_http: Vec<SocketAddr>,
+    local_http: Vec<SocketAddr>,
+    remote_echo: Vec<SocketAddr>,
+    remote_sink: SocketAddr,
+}
+
+async fn measure(
+    sb: &Sandbox,
+    env: &ProxyEnv,
+    pods: &Pods,
+    vips: (Ipv4Addr, Ipv4Addr, Ipv4Addr),
+    cfg: Config,
+    scale: usize,
+    o: &RunOpts,
+) -> ConfigResult {
+    let mut res = ConfigResult {
+        config: cfg.name().into(),
+        scale,
+        ..ConfigResult::default()
+    };
+    let (remote_vip, local_vip, prog_vip) = vips;
+    let ns = pods.client.netns.clone();
+    let topo = sb.topology().clone();
+    let t0 = Instant::now();
+    let proxy = match cfg {
+        Config::Direct => None,
+        Config::Proxy(kind) => {
+            let so = StartOptions {
+                allow_fallback: false,
+                ready_timeout: Duration::from_secs(60 + scale as u64 / 100),
+            };
+            match Proxy::start(kind, env, so).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    res.errors.push(format!("proxy did not start: {e:#}"));
+                    return res;
+                }
+            }
+        }
+    };
+    let t = match cfg {
+        Config::Direct => Targets {
+            remote_http: pods.srv_b.iter().map(|p| p.addr(8080)).collect(),
+            local_http: pods.srv_a.iter().map(|p| p.addr(8080)).collect(),
+            remote_echo: pods.srv_b.iter().map(|p| p.addr(9000)).collect(),
+            remote_sink: pods.srv_b[0].addr(9001),
+        },
+        Config::Proxy(_) => Targets {
+            remote_http: vec![SocketAddr::from((remote_vip, 80))],
+            local_http: vec![SocketAddr::from((local_vip, 80))],
+            remote_echo: vec![SocketAddr::from((remote_vip, 9000))],
+            remote_sink: SocketAddr::from((remote_vip, 9001)),
+        },
+    };
+    let mut check = t.remote_http.clone();
+    check.extend(&t.local_http);
+    if cfg != Config::Direct {
+        check.push(SocketAddr::from((prog_vip, 80)));
+    }
+    match wait_answering(&ns, &check, Duration::from_secs(120 + scale as u64 / 50)).await {
+        Ok(_) => {
+            if cfg != Config::Direct {
+                res.startup_s = Some(t0.elapsed().as_secs_f64());
+            }
+        }
+        Err(e) => {
+            res.errors.push(format!("{e:#}"));
+            if let Some(p) = proxy {
+                res.stop_notes = p.stop().await;
+            }
+            return res;
+        }
+    }
+    let a = &topo.nodes[0];
+    let before = scrape(a).await;
+    for rep in 0..o.repeats {
+        for (mode, addrs, slot) in [
+            (Mode::Connect, t.remote_http.clone(), 0),
+            (Mode::Connect, t.local_http.clone(), 1),
+            (Mode::Rr, t.remote_echo.clone(), 2),
+            (Mode::Stream, vec![t.remote_sink], 3),
+        ] {
+            match load(&ns, mode, &addrs, o).await {
+                Ok(r) => {
+                    if r.failed() > 0 {
+                        res.errors.push(format!(
+                            "rep {rep} {mode:?} {addrs:?}: {} failed ops {:?}",
+                            r.failed(),
+                            r.errors
+                        ));
+                    }
+                    match slot {
+                        0 => res.connect_remote.push(r),
+                        1 => res.connect_local.push(r),
+                        2 => res.rr.push(r),
+                        _ => res.stream.push(r),
+                    }
+                }
+                Err(e) => res.errors.push(format!("rep {rep} {mode:?}: {e:#}")),
+            }
+        }
+    }
+    if let Some(mut proxy) = proxy {
+        let mid = scrape(a).await;
+        match programming_latency(
+            &sb.admin_client(),
+            &ns,
+            SocketAddr::from((prog_vip, 80)),
+            &pods.srv_b,
+            o,
+        )
+        .await
+        {
+            Ok(p) => res.prog = Some(p),
+            Err(e) => res.errors.push(format!("programming latency: {e:#}")),
+        }
+        let after = scrape(a).await;
+        if let (Some(m), Some(af)) = (&mid, &after) {
+            if let (Some(h0), Some(h1)) = (
+                probe::parse_histogram(m, probe::NETWORK_PROGRAMMING),
+                probe::parse_histogram(af, probe::NETWORK_PROGRAMMING),
+            ) {
+                res.net_prog = Some(h1.since(&h0));
+            }
+        }
+        if let Some(af) = &after {
+            res.sync_rules = probe::parse_histogram(af, probe::SYNC_RULES);
+        }
+        if before.is_none() || after.is_none() {
+            res.errors
+                .push("metrics endpoint of node-a's proxy did not answer".into());
+        }
+        for node in &topo.nodes {
+            for (pid, comm) in probe::proxy_pids(&node.netns, &["kube-proxy", "orca-proxy"]) {
+                match probe::proc_stats(pid, &comm) {
+                    Ok(s) => res.procs.push((node.name.clone(), s)),
+                    Err(e) => res.errors.push(format!("/proc/{pid}: {e:#}")),
+                }
+            }
+        }
+        if cfg == Config::Proxy(ProxyKind::OrcaEbpf) {
+            // `ip netns exec` gives the agent its own mount namespace, where it mounted bpffs when the host's
+            // /sys/fs/bpf is not one: reach its pins through /proc/<pid>/root.
+            let root = match probe::proxy_pids(&a.netns, &["orca-proxy"]).first() {
+                Some((pid, _)) => PathBuf::from(format!("/proc/{pid}/root{}", bpf_root(&a.name).display())),
+                None => bpf_root(&a.name),
+            };
+            let (client_ip, pod_ip, rep) = (pods.client.ip, pods.srv_b[0].ip, o.tc_repeat);
+            let tc = tokio::task::spawn_blocking(move || probe::tc_cost(&root, client_ip, remote_vip, 80, pod_ip, rep))
+                .await;
+            match tc {
+                Ok(Ok(c)) => res.tc = Some(c),
+                Ok(Err(e)) => res.errors.push(format!("TC test run: {e:#}")),
+                Err(e) => res.errors.push(format!("TC test run task: {e}")),
+            }
+        }
+        if let Err(e) = proxy.check_alive() {
+            res.errors.push(format!("{e:#}"));
+        }
+        res.stop_notes = proxy.stop().await;
+    }
+    res
+}
+
+/// Bring the sandbox up, run everything, tear it down (also on failure).
+pub async fn run(o: &RunOpts) -> Result<RunResult> {
+    let t0 = Instant::now();
+    let mut out = RunResult {
+        quick: o.quick,
+        scales: o.scales.clone(),
+        repeats: o.repeats,
+        configs: o.configs.iter().map(|c| c.name().to_string()).collect(),
+        load_start: loadavg(),
+        started_utc: cluster::rfc3339_now(),
+        command: o.command.clone(),
+        machine: machine(),
+        load_params: format!(
+            "{} workers, {} ms or {} ops per load run, {} repeats; programming latency: {} changes, {} ms apart",
+            o.workers,
+            o.duration_ms,
+            o.max_ops,
+            o.repeats,
+            o.prog_changes,
+            o.prog_gap.as_millis()
+        ),
+        ..RunResult::default()
+    };
+    println!("bench: control-plane binaries");
+    build::ensure_k8s_binaries()?;
+    println!("bench: bringing the sandbox up (load average {})", out.load_start);
+    let sb = Sandbox::up(SandboxOptions::default()).await?;
+    let r = run_on(&sb, o, &mut out).await;
+    let down = sb.down();
+    r?;
+    if let Err(e) = down {
+        out.notes.push(format!("teardown: {e:#}"));
+    }
+    out.load_end = loadavg();
+    out.duration_s = t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
+    let env = ProxyEnv {
+        topology: sb.topology().clone(),
+        kubeconfig: sb.kube_proxy_kubeconfig(),
+        kube_proxy_bin: sb.bin_dir().join("kube-proxy"),
+        orca_proxy_bin: Ok(o.orca_proxy_bin.clone()),
+    };
+    let client = sb.admin_client();
+    cluster::ensure_namespace(&client, BENCH_NS).await?;
+    let kubelet = Arc::new(Kubelet::new(client.clone(), sb.topology())?);
+    let r = async {
+        let pods = deploy_pods(&kubelet).await?;
+        println!(
+            "bench: client {} ({}) on node-a; servers {} on node-a, {} on node-b",
+            pods.client.name,
+            pods.client.ip,
+            pods.srv_a
+                .iter()
+                .map(|p| p.ip.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            pods.srv_b
+                .iter()
+                .map(|p| p.ip.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for &scale in &o.scales {
+            let have = cluster::filler_count(&client).await?;
+            let want = scale.saturating_sub(1);
+            if want < have {
+                out.notes.push(format!(
+                    "scale {scale}: {have} fillers exist already (scales must grow)"
+                ));
+            }
+            let t = Instant::now();
+            let rate = cluster::create_fillers(&client, have, want).await?;
+            if want > have {
+                println!(
+                    "bench: {} filler Services + slices created in {:.1}s ({rate:.0} objects/s)",
+                    want - have,
+                    t.elapsed().as_secs_f64()
+                );
+                out.fill_rate.push((scale, rate));
+            }
+            // The measured Services last (highest resourceVersion, newest ClusterIP).
+            let remote = cluster::create_selector_service(&client, "bench-remote", "srv-b").await?;
+            let local = cluster::create_selector_service(&client, "bench-local", "srv-a").await?;
+            let prog_ips: Vec<Ipv4Addr> = pods.srv_b.iter().map(|p| p.ip).collect();
+            let prog = cluster::create_prog_service(&client, "bench-prog", &prog_ips).await?;
+            for svc in ["bench-remote", "bench-local"] {
+                let t = Instant::now();
+                loop {
+                    let eps = kubelet::service_endpoints(&client, BENCH_NS, svc).await?;
+                    if eps.iter().filter(|e| e.ready == Some(true)).count() == 2 {
+                        break;
+                    }
+                    if t.elapsed() > Duration::from_secs(60) {
+                        bail!("{svc}: endpoints not ready after 60s: {eps:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            println!("bench: scale {scale}: bench-remote {remote}, bench-local {local}, bench-prog {prog}");
+            for &cfg in &o.configs {
+                println!("bench: scale {scale}: {} (load average {})", cfg.name(), loadavg());
+                let r = measure(sb, &env, &pods, (remote, local, prog), cfg, scale, o).await;
+                crate::report::print_brief(&r);
+                out.results.push(r);
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    if let Err(e) = kubelet.shutdown().await {
+        out.notes.push(format!("kubelet shutdown: {e:#}"));
+    }
+    r
+}
