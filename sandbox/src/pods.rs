@@ -77,8 +77,11 @@ pub fn host_veth_name(pod_netns: &str) -> String {
     format!("veth{:011x}", h & 0xfff_ffff_ffff)
 }
 
-/// Where `orca-testpod` is: `$ORCA_TESTPOD_BIN`, else next to the running executable (or its parent, for test
-/// binaries in `target/<profile>/deps`), else `<repo>/target/{debug,release}`, else it is built with cargo.
+/// Where `orca-testpod` is: `$ORCA_TESTPOD_BIN` when set; else the first binary newer than its source
+/// (`sandbox/src/bin/orca-testpod.rs`, which uses nothing else of this crate) among: next to the running
+/// executable, its parent (test binaries live in `target/<profile>/deps`), `<repo>/target/{debug,release}`;
+/// else what `cargo build -p orca-sandbox --bin orca-testpod` reports; else, when cargo fails, any binary found
+/// (with a warning).
 pub fn testpod_binary() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("ORCA_TESTPOD_BIN") {
         let p = PathBuf::from(p);
@@ -99,24 +102,51 @@ pub fn testpod_binary() -> Result<PathBuf> {
     let target = crate::repo_root().join("target");
     candidates.push(target.join("debug").join("orca-testpod"));
     candidates.push(target.join("release").join("orca-testpod"));
-    if let Some(p) = candidates.into_iter().find(|p| p.is_file()) {
-        return Ok(p);
+    candidates.retain(|p| p.is_file());
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = crate::repo_root().join("sandbox/src/bin/orca-testpod.rs");
+    if let Some(src_time) = mtime(&source) {
+        if let Some(p) = candidates.iter().find(|p| mtime(p).is_some_and(|t| t >= src_time)) {
+            return Ok(p.clone());
+        }
     }
+    match build_testpod() {
+        Ok(p) => Ok(p),
+        Err(e) => match candidates.into_iter().next() {
+            Some(p) => {
+                tracing::warn!(
+                    "could not build orca-testpod ({e:#}); using {}, which may be stale",
+                    p.display()
+                );
+                Ok(p)
+            }
+            None => Err(e.context("no orca-testpod binary found and building it failed")),
+        },
+    }
+}
+
+/// `cargo build -p orca-sandbox --bin orca-testpod`, returning the `executable` cargo reports.
+fn build_testpod() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    netns::run(std::process::Command::new(cargo).current_dir(crate::repo_root()).args([
+    let out = netns::run(std::process::Command::new(cargo).current_dir(crate::repo_root()).args([
         "build",
         "-p",
         "orca-sandbox",
         "--bin",
         "orca-testpod",
+        "--message-format=json-render-diagnostics",
     ]))
     .context("building orca-testpod")?;
-    let p = target.join("debug").join("orca-testpod");
-    if p.is_file() {
-        Ok(p)
-    } else {
-        bail!("cargo built orca-testpod but {} is missing", p.display())
-    }
+    executable_from_cargo_json(&String::from_utf8_lossy(&out.stdout))
+        .context("cargo did not report an orca-testpod executable")
+}
+
+/// The `executable` of the `orca-testpod` compiler-artifact message in cargo's JSON output.
+fn executable_from_cargo_json(text: &str) -> Option<PathBuf> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "orca-testpod")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
 }
 
 /// What SIGTERM does to the test server (see `orca-testpod --on-sigterm`).
@@ -999,6 +1029,22 @@ mod tests {
         assert!(v.starts_with("veth"));
         assert_eq!(v, host_veth_name("orca-pod-web-1"));
         assert_ne!(v, host_veth_name("orca-pod-web-2"));
+    }
+
+    #[test]
+    fn cargo_json_executable() {
+        let text = concat!(
+            "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"orca_sandbox\"},\"executable\":null}\n",
+            "not json\n",
+            "{\"reason\":\"compiler-artifact\",\"target\":{\"name\":\"orca-testpod\"},",
+            "\"executable\":\"/t/debug/orca-testpod\"}\n",
+            "{\"reason\":\"build-finished\",\"success\":true}\n",
+        );
+        assert_eq!(
+            executable_from_cargo_json(text),
+            Some(PathBuf::from("/t/debug/orca-testpod"))
+        );
+        assert_eq!(executable_from_cargo_json("{\"reason\":\"build-finished\"}"), None);
     }
 
     #[test]

@@ -604,3 +604,21 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
     }
     sb.down().expect("teardown");
 }
+
+/// `testpod_binary` (what `Kubelet::new` uses outside this crate's tests) finds or builds a working binary.
+#[test]
+fn testpod_binary_is_found_and_runs() {
+    let bin = pods::testpod_binary().expect("orca-testpod binary");
+    let out = std::process::Command::new(&bin)
+        .arg("--help")
+        .output()
+        .expect("run orca-testpod");
+    assert!(out.status.success(), "{}: {out:?}", bin.display());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("orca-testpod serve"));
+    let bad = std::process::Command::new(&bin)
+        .args(["serve", "--http-port", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1), "bad flags exit 1 without a panic: {bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a port number"));
+}
