@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod model;
 pub mod status;
 pub mod sync;
+pub mod verify;
 pub mod watch;

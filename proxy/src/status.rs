@@ -6,13 +6,15 @@ use kube::api::ListParams;
 use kube::Api;
 
 use crate::app::{kube_client, Settings};
+use crate::dataplane::iptables::exec::Exec;
 use crate::model::state::Snapshot;
 use crate::model::tracker::ChangeTracker;
 use crate::model::PROXY_LABEL_SELECTOR;
+use crate::verify;
 use crate::watch::node_info;
 
 /// Lists Services, EndpointSlices and the Node once and computes the desired state this node should hold.
-pub async fn desired_state(s: &Settings) -> anyhow::Result<Snapshot> {
+pub async fn desired_state(s: &Settings) -> anyhow::Result<(Snapshot, crate::model::NodeInfo)> {
     let client = kube_client(s).await?;
     let lp = ListParams::default().labels(PROXY_LABEL_SELECTOR);
     let node = Api::<Node>::all(client.clone()).get_opt(&s.node_name).await?;
@@ -24,7 +26,7 @@ pub async fn desired_state(s: &Settings) -> anyhow::Result<Snapshot> {
         t.slice_updated(&slice);
     }
     t.take_diff();
-    Ok(t.desired().clone())
+    Ok((t.desired().clone(), t.node().clone()))
 }
 
 /// Renders the state as a table: one line per service port, its frontends and the endpoints this node uses.
@@ -59,8 +61,24 @@ pub fn render_table(state: &Snapshot) -> String {
     out
 }
 
+/// Reads the ClusterIP frontends back from the kernel: the pinned eBPF maps when they exist, else iptables.
+pub fn programmed(
+    s: &Settings,
+    desired: &Snapshot,
+    node: &crate::model::NodeInfo,
+) -> anyhow::Result<(&'static str, verify::FrontendMap)> {
+    match crate::dataplane::ebpf::dump(&s.bpf_root) {
+        Ok(views) => Ok(("ebpf", verify::ebpf_cluster_frontends(&views, desired, &node.addresses))),
+        Err(e) => {
+            tracing::debug!(error = format!("{e:#}"), "no pinned eBPF maps; reading iptables");
+            let save = Exec::detect(None).save("nat")?;
+            Ok(("iptables", verify::iptables_cluster_frontends(&save)))
+        }
+    }
+}
+
 pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
-    let state = desired_state(s).await?;
+    let (state, node) = desired_state(s).await?;
     if json {
         let list: Vec<&crate::model::state::ServicePortState> = state.values().map(|s| s.as_ref()).collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
@@ -68,7 +86,22 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
         print!("{}", render_table(&state));
     }
     if verify {
-        anyhow::bail!("--verify needs the dataplane's read-back, which this build does not have yet");
+        let (mode, have) = programmed(s, &state, &node)?;
+        let drift = verify::compare(&verify::desired_cluster_frontends(&state), &have);
+        if drift.is_empty() {
+            println!(
+                "verify ({mode}): {} ClusterIP frontends match the desired state",
+                have.len()
+            );
+        } else {
+            for d in &drift {
+                println!("DRIFT ({mode}): {d}");
+            }
+            anyhow::bail!(
+                "{} differences between the kernel ({mode}) and the desired state",
+                drift.len()
+            );
+        }
     }
     Ok(())
 }
