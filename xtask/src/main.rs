@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod sandbox;
 mod setup;
@@ -32,6 +33,8 @@ enum Cmd {
     Suite(suite::SuiteArgs),
     /// The demo: the sandbox, orca-proxy on every node, the seed example's traffic; torn down at the end.
     Demo(demo::DemoArgs),
+    /// Benchmarks against upstream kube-proxy and direct pod IPs (`--quick`: a few minutes); results in bench/results.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Sandbox { cmd } => sandbox::run(cmd),
         Cmd::Suite(args) => suite::run(args),
         Cmd::Demo(args) => demo::run(args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
