@@ -73,8 +73,17 @@ pub struct FrontendKey {
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,
-    pub _pad: u8,
+    /// `SCOPE_*`: which traffic the entry applies to.
+    pub scope: u8,
 }
+
+/// Frontend scope: any traffic (pods, and traffic from outside when there is no
+/// `SCOPE_EXTERNAL` entry for the same address).
+pub const SCOPE_ANY: u8 = 0;
+/// Frontend scope: traffic arriving from outside the node (`orca_from_netdev`) only. Used for
+/// externalTrafficPolicy=Local frontends: outside clients get the node-local endpoints while local
+/// pods, through the `SCOPE_ANY` entry, get the cluster-wide ones (kube-proxy's short-circuit).
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 impl FrontendKey {
     /// `port` in host byte order.
@@ -83,8 +92,13 @@ impl FrontendKey {
             addr: addr_from_octets(octets),
             port: port.to_be(),
             proto,
-            _pad: 0,
+            scope: SCOPE_ANY,
         }
+    }
+
+    pub const fn with_scope(mut self, scope: u8) -> Self {
+        self.scope = scope;
+        self
     }
 }
 
@@ -110,6 +124,11 @@ pub struct Frontend {
 /// masqueraded to the node address, so replies of a backend on another node come back through
 /// this node (kube-proxy masquerades external traffic of externalTrafficPolicy=Cluster).
 pub const FRONTEND_F_SNAT_EXTERNAL: u16 = 1;
+
+/// Frontend flag: with no backends, drop packets instead of rejecting them. Set when the service
+/// has usable endpoints elsewhere but none this frontend may use (a Local traffic policy without
+/// local endpoints): kube-proxy drops those and rejects only when there are no endpoints at all.
+pub const FRONTEND_F_DROP_WHEN_EMPTY: u16 = 2;
 
 /// Map `ORCA_BACKENDS` (hash): `BackendSlotKey` -> `Backend`.
 #[repr(C)]

@@ -3,7 +3,7 @@
 //! 2. a reply of a translated flow (reply-direction conntrack hit): reverse NAT, pass;
 //! 3. not addressed to a frontend: pass;
 //! 4. a tracked flow whose backend is still usable: DNAT (and SNAT) as recorded;
-//! 5. no endpoints: reject;
+//! 5. no endpoints: reject (or drop, when only a Local policy leaves the frontend without any);
 //! 6. otherwise choose a backend (affinity first, else random), decide on masquerading, track the
 //!    flow, DNAT (and SNAT).
 //!
@@ -16,7 +16,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use orca_common::{Backend, Frontend, CONFIG_SNAT_IPV4, FRONTEND_F_SNAT_EXTERNAL};
+use orca_common::{Backend, Frontend, CONFIG_SNAT_IPV4, FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL};
 use proxy_ebpf::hdr::{TCP_ACK, TCP_SYN};
 
 use crate::{
@@ -59,7 +59,7 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
         return verdict(r);
     }
 
-    let Some(fe) = lb::lookup_frontend(&flow) else {
+    let Some(fe) = lb::lookup_frontend(&flow, origin == Origin::Netdev) else {
         return TC_ACT_OK;
     };
 
@@ -83,6 +83,7 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
         Some(b) => b,
         None => match lb::choose_backend(&fe) {
             Some(b) => b,
+            None if fe.flags & FRONTEND_F_DROP_WHEN_EMPTY != 0 => return TC_ACT_SHOT,
             None => return reject::reject(ctx, &flow),
         },
     };

@@ -2,20 +2,28 @@
 //! backend membership (is this backend still part of the service?).
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey};
+use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SCOPE_ANY, SCOPE_EXTERNAL};
 
 use crate::{maps, parse::Flow};
 
-/// The frontend the packet is addressed to, if any.
+/// The frontend the packet is addressed to, if any. Traffic from outside the node prefers a
+/// `SCOPE_EXTERNAL` entry.
 #[inline(always)]
-pub fn lookup_frontend(flow: &Flow) -> Option<Frontend> {
-    let key = FrontendKey {
+pub fn lookup_frontend(flow: &Flow, external: bool) -> Option<Frontend> {
+    let mut key = FrontendKey {
         addr: flow.daddr,
         port: flow.dport,
         proto: flow.proto,
-        _pad: 0,
+        scope: SCOPE_EXTERNAL,
     };
-    // SAFETY: the value is copied out at once; hash map values stay valid during the program.
+    if external {
+        // SAFETY: the value is copied out at once; hash map values stay valid during the program.
+        if let Some(fe) = unsafe { maps::FRONTENDS.get(key) } {
+            return Some(*fe);
+        }
+    }
+    key.scope = SCOPE_ANY;
+    // SAFETY: as above.
     unsafe { maps::FRONTENDS.get(key) }.copied()
 }
 

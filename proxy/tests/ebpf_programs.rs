@@ -816,3 +816,53 @@ fn hairpin_is_masqueraded_so_the_pod_can_reach_itself() {
     assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 80));
     assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(CLIENT), 53000));
 }
+
+#[test]
+fn external_scope_entries_serve_outside_clients_and_pods_get_the_cluster_set() {
+    let mut dp = Datapath::load();
+    let np = FrontendKey::new(NODE_IP, 30090, IPPROTO_TCP);
+    // eTP=Local: outside clients -> the local endpoint A; local pods -> every endpoint (here B).
+    dp.set_service(
+        np.with_scope(orca_common::SCOPE_EXTERNAL),
+        20,
+        0,
+        &[be(BACKEND_A, 8080)],
+        0,
+    );
+    dp.set_service(np, 21, 0, &[be(BACKEND_B, 8080)], 0);
+    for sport in 0..10u16 {
+        let (_, out) = dp.run(
+            PROG_FROM_NETDEV,
+            &tcp_frame(EXTERNAL_CLIENT, NODE_IP, &Tcp::syn(54000 + sport, 30090)),
+        );
+        assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_A));
+        let (_, out) = dp.run(
+            PROG_FROM_POD,
+            &tcp_frame(CLIENT, NODE_IP, &Tcp::syn(54000 + sport, 30090)),
+        );
+        assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_B));
+    }
+}
+
+#[test]
+fn no_usable_endpoint_for_this_policy_drops_instead_of_rejecting() {
+    let mut dp = Datapath::load();
+    let np = FrontendKey::new(NODE_IP, 30091, IPPROTO_UDP).with_scope(orca_common::SCOPE_EXTERNAL);
+    dp.set_service(np, 22, 0, &[], 0);
+    dp.set_flags(np, orca_common::FRONTEND_F_DROP_WHEN_EMPTY);
+    let dgram = frame(
+        EXTERNAL_CLIENT,
+        NODE_IP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(EXTERNAL_CLIENT, NODE_IP, 55000, 30091, b"q", true),
+    );
+    let (rc, _) = dp.run(PROG_FROM_NETDEV, &dgram);
+    assert_eq!(rc, TC_ACT_SHOT);
+    // The same frontend without the flag (no endpoints anywhere) rejects.
+    dp.set_flags(np, 0);
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &dgram);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!((out[34], out[35]), (3, 3));
+}

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
-use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAX_BACKENDS_PER_SERVICE};
+use orca_common::{
+    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAX_BACKENDS_PER_SERVICE, SCOPE_EXTERNAL,
+};
 
 use crate::dataplane::DataplaneConfig;
 use crate::model::state::ServicePortState;
@@ -38,6 +40,8 @@ pub enum SetKind {
     Internal,
     /// NodePorts, load-balancer IPs, external IPs: external endpoints (eTP).
     External,
+    /// The same external addresses for local pods when eTP=Local: cluster-wide endpoints.
+    ClusterForPods,
 }
 
 /// A backend set as published in the maps.
@@ -130,6 +134,7 @@ impl Programmer {
                 let eps = match kind {
                     SetKind::Internal => st.internal_endpoints(),
                     SetKind::External => st.external_endpoints(),
+                    SetKind::ClusterForPods => &st.selected.cluster,
                 };
                 backends_of(&name, eps)
             });
@@ -203,11 +208,14 @@ impl Programmer {
                 }
             }
             // kube-proxy masquerades external traffic unless externalTrafficPolicy is Local.
-            let flags = if *kind == SetKind::External && !st.port.external_policy_local() {
+            let mut flags = if *kind == SetKind::External && !st.port.external_policy_local() {
                 orca_common::FRONTEND_F_SNAT_EXTERNAL
             } else {
                 0
             };
+            if st.selected.has_any {
+                flags |= orca_common::FRONTEND_F_DROP_WHEN_EMPTY;
+            }
             let value = Frontend {
                 service_id: set.id,
                 backend_count: set.backends.len() as u16,
@@ -357,15 +365,25 @@ fn frontends_of(
     for ip in p.cluster_ips.iter().filter_map(v4) {
         out.insert(FrontendKey::new(ip.octets(), p.port, proto), SetKind::Internal);
     }
+    let local = p.external_policy_local();
+    let external = |out: &mut BTreeMap<FrontendKey, SetKind>, key: FrontendKey| {
+        if local {
+            // Outside clients: local endpoints; local pods: cluster-wide ones.
+            out.insert(key.with_scope(SCOPE_EXTERNAL), SetKind::External);
+            out.insert(key, SetKind::ClusterForPods);
+        } else {
+            out.insert(key, SetKind::External);
+        }
+    };
     for ip in p.load_balancer_ips.iter().chain(&p.external_ips).filter_map(v4) {
-        out.insert(FrontendKey::new(ip.octets(), p.port, proto), SetKind::External);
+        external(&mut out, FrontendKey::new(ip.octets(), p.port, proto));
     }
     if let Some(np) = p.node_port {
         for ip in &node.addresses {
             let Some(a) = v4(ip) else { continue };
             let allowed = cfg.nodeport_addresses.is_empty() || cfg.nodeport_addresses.iter().any(|c| c.contains(*ip));
             if allowed {
-                out.insert(FrontendKey::new(a.octets(), np, proto), SetKind::External);
+                external(&mut out, FrontendKey::new(a.octets(), np, proto));
             }
         }
     }

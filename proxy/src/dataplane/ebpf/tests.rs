@@ -204,21 +204,61 @@ fn frontends_per_kind_and_external_policy_local() {
     let eps = vec![ep("10.244.1.1", true), ep("10.244.2.1", false)];
     p.upsert(&mut m, &state(sp, eps), &node(), &DataplaneConfig::default())
         .unwrap();
-    // ClusterIP: every endpoint; NodePort on the node's IPv4 address, external and LB IPs: local
-    // endpoints only (eTP=Local). IPv6 addresses are not programmed.
+    // ClusterIP: every endpoint. NodePort on the node's IPv4 address, external and LB IPs: for
+    // traffic from outside (SCOPE_EXTERNAL) local endpoints only (eTP=Local); for local pods
+    // (SCOPE_ANY) every endpoint, as kube-proxy short-circuits pod traffic. IPv6 is not programmed.
     assert_eq!(resolve(&m, &fk("10.96.0.20", 80)), ["10.244.1.1", "10.244.2.1"]);
     for k in [
         fk("192.168.50.10", 30080),
         fk("203.0.113.7", 80),
         fk("198.51.100.9", 80),
     ] {
-        assert_eq!(resolve(&m, &k), ["10.244.1.1"], "{k:?}");
+        let ext = k.with_scope(orca_common::SCOPE_EXTERNAL);
+        assert_eq!(resolve(&m, &ext), ["10.244.1.1"], "{ext:?}");
+        assert_eq!(resolve(&m, &k), ["10.244.1.1", "10.244.2.1"], "{k:?}");
+        // eTP=Local: the client address is kept, no masquerade.
+        assert_eq!(m.fe[&ext].flags & orca_common::FRONTEND_F_SNAT_EXTERNAL, 0);
     }
-    assert_eq!(m.fe.len(), 4);
+    assert_eq!(m.fe.len(), 7);
     assert!(m.fe.values().all(|f| f.affinity_timeout == 600));
-    // The internal and external sets have distinct ids.
+    // Usable endpoints exist: an empty set would mean "none for this policy here", so drop.
+    assert!(m
+        .fe
+        .values()
+        .all(|f| f.flags & orca_common::FRONTEND_F_DROP_WHEN_EMPTY != 0));
+    // Internal, external and cluster-for-pods sets have distinct ids.
     let ids: BTreeSet<u32> = m.fe.values().map(|f| f.service_id).collect();
-    assert_eq!(ids.len(), 2);
+    assert_eq!(ids.len(), 3);
+}
+
+#[test]
+fn external_policy_cluster_masquerades_and_no_endpoints_rejects() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let mut sp = port("np", "10.96.0.22");
+    sp.node_port = Some(30082);
+    p.upsert(
+        &mut m,
+        &state(sp.clone(), vec![ep("10.244.2.1", false)]),
+        &node(),
+        &DataplaneConfig::default(),
+    )
+    .unwrap();
+    let np = fk("192.168.50.10", 30082);
+    assert_eq!(m.fe.len(), 2, "one ClusterIP and one NodePort entry, no scoped ones");
+    assert_ne!(m.fe[&np].flags & orca_common::FRONTEND_F_SNAT_EXTERNAL, 0);
+    assert_eq!(
+        m.fe[&fk("10.96.0.22", 80)].flags & orca_common::FRONTEND_F_SNAT_EXTERNAL,
+        0
+    );
+    // No endpoints at all: reject (no drop flag).
+    p.upsert(&mut m, &state(sp, vec![]), &node(), &DataplaneConfig::default())
+        .unwrap();
+    assert!(m.fe.values().all(|f| f.backend_count == 0));
+    assert!(m
+        .fe
+        .values()
+        .all(|f| f.flags & orca_common::FRONTEND_F_DROP_WHEN_EMPTY == 0));
 }
 
 #[test]
