@@ -162,6 +162,14 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
         );
     }
     default_routes(sb.topology())?;
+    // A run interrupted while orca-proxy ran may have left its per-node pin directories.
+    for n in &sb.topology().nodes {
+        let pins = crate::suite::proxy::bpf_root(&n.name);
+        if pins.exists() {
+            std::fs::remove_dir_all(&pins)?;
+            println!("suite: removed {} left by an earlier run", pins.display());
+        }
+    }
     let kubelet = Arc::new(Kubelet::new(sb.admin_client(), sb.topology())?);
     let mut report = Report {
         scenarios: selected.iter().map(|s| s.name.to_string()).collect(),
@@ -230,6 +238,10 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
                 });
                 dead = Some(why);
             }
+            if let (Err(_), Some(secs)) = (&result, pause_on_failure()) {
+                println!("   failed: pausing {secs}s before cleanup (ORCA_SUITE_PAUSE_ON_FAILURE) for inspection");
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+            }
             if let Err(e) = ctx.cleanup().await {
                 println!("   cleanup: {e:#}");
                 notes.push(format!("{}: {e:#}", s.name));
@@ -265,6 +277,14 @@ pub fn default_routes(topo: &crate::Topology) -> Result<()> {
         crate::netns::ip(&["-n", &n.netns, "route", "replace", "default", "via", &via])?;
     }
     Ok(())
+}
+
+/// `ORCA_SUITE_PAUSE_ON_FAILURE=<secs>` (at most 600): keep a failed scenario's objects that long.
+fn pause_on_failure() -> Option<u64> {
+    std::env::var("ORCA_SUITE_PAUSE_ON_FAILURE")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|s| s.min(600))
 }
 
 fn panic_text(e: tokio::task::JoinError) -> String {

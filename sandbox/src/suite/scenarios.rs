@@ -92,6 +92,36 @@ pub fn all() -> Vec<Scenario> {
             run: |c| Box::pin(nodeport_release(c)),
         },
         Scenario {
+            name: "publish-not-ready",
+            about: "publishNotReadyAddresses: a not-ready pod answers through that Service, not through a plain one",
+            run: |c| Box::pin(publish_not_ready(c)),
+        },
+        Scenario {
+            name: "terminating",
+            about: "with only a terminating (still serving) endpoint, traffic falls back to it: iTP Cluster, and iTP Local on its node only",
+            run: |c| Box::pin(terminating(c)),
+        },
+        Scenario {
+            name: "external-ip",
+            about: "an externalIP assigned to no node answers from the client; removed, it stops",
+            run: |c| Box::pin(external_ip(c)),
+        },
+        Scenario {
+            name: "type-change",
+            about: "ExternalName -> ClusterIP -> NodePort -> ClusterIP -> ExternalName, each answering (or not) as it should",
+            run: |c| Box::pin(type_change(c)),
+        },
+        Scenario {
+            name: "lb-source-ranges",
+            about: "loadBalancerSourceRanges: the client is served while its IP is in the ranges, not after it is taken out",
+            run: |c| Box::pin(lb_source_ranges(c)),
+        },
+        Scenario {
+            name: "multi-slice",
+            about: "one Service, two hand-written EndpointSlices: endpoints of both answer",
+            run: |c| Box::pin(multi_slice(c)),
+        },
+        Scenario {
             name: "udp-cycle",
             about: "UDP to a NodePort from a fixed source port reaches the new pod after the old one is deleted",
             run: |c| Box::pin(udp_cycle(c)),
@@ -671,5 +701,211 @@ async fn udp_cycle(ctx: Arc<Ctx>) -> Result<()> {
         r.pod,
         t.elapsed().as_secs_f64()
     ));
+    Ok(())
+}
+
+async fn publish_not_ready(ctx: Arc<Ctx>) -> Result<()> {
+    let pods = ctx.deploy(spec("pnr", 2)).await?;
+    let (ready, unready) = (&pods[0], &pods[1]);
+    let client = ctx.client_pod("client", "node-a").await?;
+    ctx.kubelet.set_ready(&ctx.ns, &unready.name, false).await?;
+    ctx.kubelet.wait_ready(&ctx.ns, &unready.name, false, CONVERGE).await?;
+    ctx.step(format!("{} is not Ready", unready.name));
+    let plain = ctx.create_service(simple_service("pnr-plain", "pnr", 80)).await?;
+    let mut published = simple_service("pnr-published", "pnr", 80);
+    published["spec"]["publishNotReadyAddresses"] = json!(true);
+    let published = ctx.create_service(published).await?;
+    let s = expect_backends(
+        &client.netns,
+        sa(cluster_ip(&plain)?, 80),
+        &BTreeSet::from([ready.name.clone()]),
+    )
+    .await?;
+    ctx.step(format!("plain Service: {s}"));
+    let s = expect_backends(&client.netns, sa(cluster_ip(&published)?, 80), &names(&pods)).await?;
+    ctx.step(format!("publishNotReadyAddresses Service: {s}"));
+    Ok(())
+}
+
+async fn terminating(ctx: Arc<Ctx>) -> Result<()> {
+    let pod = ctx
+        .deploy(
+            spec("term", 1)
+                .on_node("node-a")
+                .on_sigterm(pods::OnSigterm::KeepReady)
+                .grace_period(Duration::from_secs(20)),
+        )
+        .await?
+        .remove(0);
+    let only = BTreeSet::from([pod.name.clone()]);
+    let ca = ctx.client_pod("client-a", "node-a").await?;
+    let cb = ctx.client_pod("client-b", "node-b").await?;
+    let svc = ctx.create_service(simple_service("term", "term", 80)).await?;
+    let addr = sa(cluster_ip(&svc)?, 80);
+    ctx.wait_endpoints("term", 1).await?;
+    expect_backends(&ca.netns, addr, &only).await?;
+    ctx.kubelet.delete_pod(&ctx.ns, &pod.name, None).await?;
+    eventually("the endpoint terminating, serving, not ready", CONVERGE, || async {
+        let eps = crate::kubelet::service_endpoints(&ctx.client, &ctx.ns, "term").await?;
+        match eps.as_slice() {
+            [e] if e.terminating == Some(true) && e.serving == Some(true) && e.ready == Some(false) => Ok(()),
+            other => bail!("endpoints {other:?}"),
+        }
+    })
+    .await?;
+    ctx.step(format!(
+        "{} deleted (grace 20s, keeps serving): endpoint terminating + serving",
+        pod.name
+    ));
+    let s = expect_backends(&ca.netns, addr, &only).await?;
+    ctx.step(format!("iTP Cluster, only a terminating endpoint, from node-a: {s}"));
+    let s = expect_backends(&cb.netns, addr, &only).await?;
+    ctx.step(format!("iTP Cluster, from node-b: {s}"));
+    ctx.patch_service("term", json!({"spec": {"internalTrafficPolicy": "Local"}}))
+        .await?;
+    let errs = expect_unanswered(&cb.netns, addr).await?;
+    ctx.step(format!(
+        "iTP Local, from node-b (no local endpoint): not answered ({})",
+        errs[0]
+    ));
+    let s = expect_backends(&ca.netns, addr, &only).await?;
+    ctx.step(format!("iTP Local, from node-a (local terminating endpoint): {s}"));
+    Ok(())
+}
+
+/// The externalIP of the external-ip scenario: in the LB range (routed from the client to node-a), on no node.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 20);
+
+async fn external_ip(ctx: Arc<Ctx>) -> Result<()> {
+    let backends = ctx.deploy(spec("ext", 2)).await?;
+    let mut svc = simple_service("ext", "ext", 80);
+    svc["spec"]["externalIPs"] = json!([EXTERNAL_IP.to_string()]);
+    ctx.create_service(svc).await?;
+    ctx.wait_endpoints("ext", 2).await?;
+    let s = expect_backends(ctx.client_ns(), sa(EXTERNAL_IP, 80), &names(&backends)).await?;
+    ctx.step(format!("externalIP {EXTERNAL_IP}:80 from the client: {s}"));
+    ctx.patch_service("ext", json!({"spec": {"externalIPs": null}})).await?;
+    let errs = expect_unanswered(ctx.client_ns(), sa(EXTERNAL_IP, 80)).await?;
+    ctx.step(format!("externalIP removed: not answered ({})", errs[0]));
+    Ok(())
+}
+
+async fn type_change(ctx: Arc<Ctx>) -> Result<()> {
+    let backends = ctx.deploy(spec("typed", 2)).await?;
+    let all = names(&backends);
+    let client = ctx.client_pod("client", "node-a").await?;
+    ctx.create_service(json!({
+        "metadata": {"name": "typed"},
+        "spec": {"type": "ExternalName", "externalName": "typed.example.com"},
+    }))
+    .await?;
+    let svc = ctx
+        .patch_service(
+            "typed",
+            json!({"spec": {"type": "ClusterIP", "externalName": null, "selector": {"app": "typed"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
+        )
+        .await?;
+    let ip = cluster_ip(&svc)?;
+    ctx.wait_endpoints("typed", 2).await?;
+    let s = expect_backends(&client.netns, sa(ip, 80), &all).await?;
+    ctx.step(format!("ExternalName -> ClusterIP {ip}: {s}"));
+    let svc = ctx
+        .patch_service("typed", json!({"spec": {"type": "NodePort"}}))
+        .await?;
+    let np = node_port(&svc, None)?;
+    let a = ctx.node("node-a")?.ip;
+    let s = expect_backends(ctx.client_ns(), sa(a, np), &all).await?;
+    ctx.step(format!("ClusterIP -> NodePort {np}: {s}"));
+    ctx.patch_service(
+        "typed",
+        json!({"spec": {"type": "ClusterIP",
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
+    )
+    .await?;
+    let errs = expect_unanswered(ctx.client_ns(), sa(a, np)).await?;
+    ctx.step(format!(
+        "NodePort -> ClusterIP: nodePort {np} not answered ({})",
+        errs[0]
+    ));
+    expect_backends(&client.netns, sa(ip, 80), &all).await?;
+    ctx.patch_service(
+        "typed",
+        json!({"spec": {"type": "ExternalName", "externalName": "typed.example.com",
+                "clusterIP": null, "clusterIPs": null, "selector": null}}),
+    )
+    .await?;
+    let errs = expect_unanswered(&client.netns, sa(ip, 80)).await?;
+    ctx.step(format!("ClusterIP -> ExternalName: {ip}:80 not answered ({})", errs[0]));
+    Ok(())
+}
+
+/// The load-balancer IP of the lb-source-ranges scenario.
+pub const RANGES_LB_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 12);
+
+async fn lb_source_ranges(ctx: Arc<Ctx>) -> Result<()> {
+    let backends = ctx.deploy(spec("ranged", 2)).await?;
+    let client_range = format!("{}/32", ctx.topo.client.ip);
+    let mut svc = simple_service("ranged", "ranged", 80);
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["loadBalancerSourceRanges"] = json!([client_range]);
+    ctx.create_service(svc).await?;
+    ctx.set_lb_ingress("ranged", RANGES_LB_IP).await?;
+    ctx.wait_endpoints("ranged", 2).await?;
+    let s = expect_backends(ctx.client_ns(), sa(RANGES_LB_IP, 80), &names(&backends)).await?;
+    ctx.step(format!("client {client_range} inside the source ranges: {s}"));
+    ctx.patch_service(
+        "ranged",
+        json!({"spec": {"loadBalancerSourceRanges": ["192.0.2.0/24"]}}),
+    )
+    .await?;
+    let errs = expect_unanswered(ctx.client_ns(), sa(RANGES_LB_IP, 80)).await?;
+    ctx.step(format!(
+        "source ranges 192.0.2.0/24 only: the client is not answered ({})",
+        errs[0]
+    ));
+    Ok(())
+}
+
+async fn multi_slice(ctx: Arc<Ctx>) -> Result<()> {
+    let mut sp = spec("sliced", 2);
+    sp.placement = Placement::Nodes(vec!["node-a".into(), "node-b".into()]);
+    let backends = ctx.deploy(sp).await?;
+    let client = ctx.client_pod("client", "node-a").await?;
+    let svc = ctx
+        .create_service(json!({
+            "metadata": {"name": "sliced"},
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        }))
+        .await?;
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ctx.ns);
+    for (i, pod) in backends.iter().enumerate() {
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": format!("sliced-{i}"), "labels": {
+                "kubernetes.io/service-name": "sliced",
+                "endpointslice.kubernetes.io/managed-by": "orca-suite",
+            }},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [pod.ip.to_string()], "conditions": {"ready": true}, "nodeName": pod.node}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }))?;
+        slices
+            .create(&PostParams::default(), &slice)
+            .await
+            .with_context(|| format!("creating EndpointSlice sliced-{i}"))?;
+    }
+    let s = expect_backends(&client.netns, sa(cluster_ip(&svc)?, 80), &names(&backends)).await?;
+    ctx.step(format!("two EndpointSlices, one endpoint each: {s}"));
+    slices
+        .delete("sliced-1", &Default::default())
+        .await
+        .context("deleting EndpointSlice sliced-1")?;
+    let s = expect_backends(
+        &client.netns,
+        sa(cluster_ip(&svc)?, 80),
+        &BTreeSet::from([backends[0].name.clone()]),
+    )
+    .await?;
+    ctx.step(format!("second slice deleted: {s}"));
     Ok(())
 }
