@@ -45,7 +45,7 @@ impl Drop for Env {
             let _ = s.kill();
             let _ = s.wait();
         }
-        for role in ["client", "node", "backend"] {
+        for role in ["client", "client2", "node", "backend"] {
             let _ = Command::new("ip").args(["netns", "del", &self.ns(role)]).status();
         }
         let root = self.bpf_root();
@@ -186,8 +186,9 @@ fn client_request(env: &Env) -> (String, String, Duration) {
 fn options(env: &Env) -> EbpfOptions {
     EbpfOptions {
         bpf_root: env.bpf_root(),
-        pod_interface_prefixes: vec![],
-        pod_interfaces: vec!["c0".into(), "b0".into()],
+        // c0, b0 and the c1 added later (the watcher must pick it up on its own).
+        pod_interface_prefixes: vec!["c".into(), "b".into()],
+        pod_interfaces: vec![],
         uplinks: vec!["no-such-uplink".into()],
     }
 }
@@ -243,6 +244,40 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
                 );
                 std::thread::sleep(Duration::from_millis(200));
             }
+
+            // A pod appears (new veth) with no Service change: the watcher attaches to it.
+            let (c2, n) = (env.ns("client2"), env.ns("node"));
+            run(&["ip", "netns", "add", &c2]);
+            run(&[
+                "ip", "-n", &n, "link", "add", "c1", "type", "veth", "peer", "name", "eth0", "netns", &c2,
+            ]);
+            run(&["ip", "-n", &n, "addr", "add", "10.203.0.1/24", "dev", "c1"]);
+            run(&["ip", "-n", &c2, "addr", "add", "10.203.0.2/24", "dev", "eth0"]);
+            run(&["ip", "-n", &n, "link", "set", "c1", "up"]);
+            run(&["ip", "-n", &c2, "link", "set", "eth0", "up"]);
+            run(&["ip", "-n", &c2, "route", "add", "default", "via", "10.203.0.1"]);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &c2,
+                        "socat",
+                        "-T2",
+                        "-",
+                        "TCP:10.96.0.10:80,connect-timeout=2",
+                    ])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("socat");
+                if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the new pod interface c1 was never attached");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
 
             // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
             let view = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump pinned maps");

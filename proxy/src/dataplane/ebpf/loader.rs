@@ -103,6 +103,30 @@ pub fn load(dir: &Path) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// Pins the loaded programs under `dir/progs/` (replacing pins of a previous agent, whose
+/// programs live on while links use them) and opens them from there: the interface watcher
+/// thread attaches these handles.
+pub fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<BTreeMap<Role, SchedClassifier>> {
+    let progs_dir = dir.join("progs");
+    std::fs::create_dir_all(&progs_dir).with_context(|| format!("creating {}", progs_dir.display()))?;
+    let mut out = BTreeMap::new();
+    for role in [Role::Pod, Role::Netdev] {
+        let name = role.program();
+        let path = progs_dir.join(name);
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?;
+        let _ = std::fs::remove_file(&path);
+        prog.pin(&path)
+            .with_context(|| format!("pinning {name} at {}", path.display()))?;
+        let handle =
+            SchedClassifier::from_pin(&path).with_context(|| format!("opening pinned program {}", path.display()))?;
+        out.insert(role, handle);
+    }
+    Ok(out)
+}
+
 /// The role of an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -219,14 +243,10 @@ impl Attacher {
     /// Attaches the program of `role` on `ifname`'s ingress. With TCX the link is pinned, and a
     /// link pinned by a previous agent is switched to the new program atomically: no packet goes
     /// unprocessed across an agent restart.
-    pub fn attach(&mut self, ebpf: &mut Ebpf, ifname: &str, role: Role) -> Result<()> {
+    pub fn attach(&mut self, prog: &mut SchedClassifier, ifname: &str, role: Role) -> Result<()> {
         if self.attached.get(ifname) == Some(&role) {
             return Ok(());
         }
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(role.program())
-            .context("program missing")?
-            .try_into()?;
         if self.tcx {
             let pin = self.pin_path(ifname);
             let id = match PinnedLink::from_pin(&pin) {

@@ -2,16 +2,21 @@
 //! their maps under a configurable bpffs root (adopted by a restarted agent), attaches them on pod
 //! veths (host side) and node uplinks, and keeps the maps in line with the desired state.
 //!
-//! Layout under the root (default `/sys/fs/bpf/orca`): `v<ABI>/maps/<MAP>` and
-//! `v<ABI>/links/<ifname>-ingress`.
+//! Layout under the root (default `/sys/fs/bpf/orca`): `v<ABI>/maps/<MAP>`,
+//! `v<ABI>/progs/<program>` and `v<ABI>/links/<ifname>-ingress`.
 
 pub mod loader;
 pub mod services;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap as AyaHashMap, MapData};
+use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use orca_common::{
     Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MEMBERS,
@@ -53,47 +58,28 @@ impl Default for EbpfOptions {
 
 pub struct EbpfDataplane {
     cfg: DataplaneConfig,
-    opts: EbpfOptions,
     ebpf: Ebpf,
     programmer: Programmer,
-    attacher: Attacher,
+    links: Arc<Mutex<Links>>,
+    watcher: Option<Watcher>,
     mounted_bpffs: Option<PathBuf>,
     /// Last value written to `ORCA_CONFIG[CONFIG_SNAT_IPV4]`.
     snat_ipv4: Option<u32>,
+}
+
+/// Attachment state shared with the interface watcher thread.
+struct Links {
+    opts: EbpfOptions,
+    attacher: Attacher,
+    /// Handles of the pinned programs, per role.
+    progs: BTreeMap<Role, SchedClassifier>,
     /// The node's addresses: interfaces holding one are uplinks (unless configured explicitly).
     node_addresses: Vec<std::net::IpAddr>,
 }
 
-impl EbpfDataplane {
-    /// Mounts bpffs if needed, loads (verifies) the programs, adopts pinned maps and attaches to
-    /// the interfaces present now. Any failure here is the reason to fall back to iptables.
-    pub fn new(cfg: DataplaneConfig, opts: EbpfOptions) -> Result<Self> {
-        let mounted_bpffs = loader::ensure_bpffs(&opts.bpf_root)?;
-        let dir = loader::versioned_dir(&opts.bpf_root);
-        let mut ebpf = loader::load(&dir)?;
-        let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf });
-        let attacher = Attacher::new(&dir)?;
-        let mut dp = Self {
-            cfg,
-            opts,
-            ebpf,
-            programmer,
-            attacher,
-            mounted_bpffs,
-            snat_ipv4: None,
-            node_addresses: Vec::new(),
-        };
-        dp.attach_interfaces()?;
-        Ok(dp)
-    }
-
-    /// The bpffs mount point `new` created, if it mounted one.
-    pub fn mounted_bpffs(&self) -> Option<&std::path::Path> {
-        self.mounted_bpffs.as_deref()
-    }
-
+impl Links {
     /// Attaches to pod veths and uplinks that appeared since the last call; forgets vanished ones.
-    pub fn attach_interfaces(&mut self) -> Result<()> {
+    fn scan(&mut self) {
         let present = loader::interfaces();
         self.attacher.forget_missing(&present);
         let uplinks = if !self.opts.uplinks.is_empty() {
@@ -105,7 +91,6 @@ impl EbpfDataplane {
             }
             u
         };
-        let mut wanted: Vec<(String, Role)> = Vec::new();
         for name in &present {
             let is_pod = self.opts.pod_interfaces.contains(name)
                 || self
@@ -113,19 +98,104 @@ impl EbpfDataplane {
                     .pod_interface_prefixes
                     .iter()
                     .any(|p| !p.is_empty() && name.starts_with(p.as_str()));
-            if is_pod {
-                wanted.push((name.clone(), Role::Pod));
+            let role = if is_pod {
+                Role::Pod
             } else if uplinks.contains(name) {
-                wanted.push((name.clone(), Role::Netdev));
-            }
-        }
-        for (name, role) in wanted {
+                Role::Netdev
+            } else {
+                continue;
+            };
+            let Some(prog) = self.progs.get_mut(&role) else {
+                continue;
+            };
             // One interface failing (it vanished meanwhile, ...) must not stop the others.
-            if let Err(e) = self.attacher.attach(&mut self.ebpf, &name, role) {
+            if let Err(e) = self.attacher.attach(prog, name, role) {
                 tracing::warn!(interface = %name, error = %format!("{e:#}"), "cannot attach");
             }
         }
-        Ok(())
+    }
+}
+
+/// Follows pod veths as pods come and go: rescans the interfaces every `WATCH_INTERVAL`, so a new
+/// pod's traffic is translated within that time, without waiting for a Service change.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Watcher {
+    fn start(links: Arc<Mutex<Links>>) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // The thread inherits the network namespace of the calling thread.
+        let thread = std::thread::Builder::new()
+            .name("orca-ebpf-ifwatch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(WATCH_INTERVAL);
+                    if let Ok(mut l) = links.lock() {
+                        l.scan();
+                    }
+                }
+            })
+            .context("starting the interface watcher")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl EbpfDataplane {
+    /// Mounts bpffs if needed, loads (verifies) the programs, adopts pinned maps and attaches to
+    /// the interfaces present now, then follows interfaces as they come and go. Any failure here
+    /// is the reason to fall back to iptables.
+    pub fn new(cfg: DataplaneConfig, opts: EbpfOptions) -> Result<Self> {
+        let mounted_bpffs = loader::ensure_bpffs(&opts.bpf_root)?;
+        let dir = loader::versioned_dir(&opts.bpf_root);
+        let mut ebpf = loader::load(&dir)?;
+        let progs = loader::pin_programs(&mut ebpf, &dir)?;
+        let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf });
+        let attacher = Attacher::new(&dir)?;
+        let links = Arc::new(Mutex::new(Links {
+            opts,
+            attacher,
+            progs,
+            node_addresses: Vec::new(),
+        }));
+        lock(&links)?.scan();
+        let watcher = Some(Watcher::start(links.clone())?);
+        Ok(Self {
+            cfg,
+            ebpf,
+            programmer,
+            links,
+            watcher,
+            mounted_bpffs,
+            snat_ipv4: None,
+        })
+    }
+
+    /// The bpffs mount point `new` created, if it mounted one.
+    pub fn mounted_bpffs(&self) -> Option<&std::path::Path> {
+        self.mounted_bpffs.as_deref()
+    }
+
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        lock(&self.links)
+            .map(|l| l.attacher.attached().keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Node facts the programs need: the masquerade source address; and the interfaces to attach
@@ -146,15 +216,19 @@ impl EbpfDataplane {
                 .context("writing ORCA_CONFIG")?;
             self.snat_ipv4 = Some(snat);
         }
-        if self.node_addresses != node.addresses {
-            self.node_addresses = node.addresses.clone();
+        let mut links = lock(&self.links)?;
+        if links.node_addresses != node.addresses {
+            links.node_addresses = node.addresses.clone();
+            links.scan();
         }
-        self.attach_interfaces()
+        Ok(())
     }
+}
 
-    pub fn attached_interfaces(&self) -> Vec<String> {
-        self.attacher.attached().keys().cloned().collect()
-    }
+fn lock(links: &Mutex<Links>) -> Result<std::sync::MutexGuard<'_, Links>> {
+    links
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the interface watcher panicked"))
 }
 
 impl Dataplane for EbpfDataplane {
@@ -198,8 +272,12 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn cleanup(&mut self) -> Result<()> {
-        self.attacher.detach_all()?;
-        remove_pins(&self.opts.bpf_root)
+        // Stop following interfaces first, so nothing is attached again behind our back.
+        self.watcher.take();
+        let mut links = lock(&self.links)?;
+        links.attacher.detach_all()?;
+        links.progs.clear();
+        remove_pins(&links.opts.bpf_root)
     }
 }
 
@@ -218,7 +296,13 @@ pub fn remove_pins(root: &std::path::Path) -> Result<()> {
             std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    for sub in ["maps", "links"] {
+    for prog in [orca_common::PROG_FROM_POD, orca_common::PROG_FROM_NETDEV] {
+        let p = dir.join("progs").join(prog);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    for sub in ["maps", "links", "progs"] {
         let _ = std::fs::remove_dir(dir.join(sub));
     }
     let _ = std::fs::remove_dir(&dir);
