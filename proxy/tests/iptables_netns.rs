@@ -452,6 +452,65 @@ fn partial_sync_rewrites_only_changed_service_ports() {
     assert!(orca_chains(&ns).is_empty());
 }
 
+/// The same dataplane on the iptables-legacy backend: full sync, partial sync equal to a full one, cleanup.
+#[test]
+fn legacy_backend() {
+    let ns = Netns::new("legacy");
+    let mut dp = IptablesDataplane::new(
+        DataplaneConfig {
+            cluster_cidrs: vec![cidr("10.244.0.0/16")],
+            ..Default::default()
+        },
+        IptablesOptions {
+            netns: Some(ns.name.clone()),
+            flavour: Some(Flavour::Legacy),
+        },
+    )
+    .unwrap();
+    assert_eq!(dp.flavour(), Flavour::Legacy);
+    let legacy_rules = |ns: &Netns| -> BTreeSet<String> {
+        let mut r = BTreeSet::new();
+        for t in ["nat", "filter"] {
+            r.extend(
+                ns.sh(&["iptables-legacy-save", "-t", t])
+                    .lines()
+                    .filter(|l| l.starts_with("-A ") || l.starts_with(':'))
+                    .map(|l| format!("{t} {}", l.split(" [").next().unwrap())),
+            );
+        }
+        r
+    };
+    let mut states = mixed();
+    let desired = snapshot(&states);
+    dp.full_sync(&desired, &node()).unwrap();
+    let got = legacy_rules(&ns);
+    let orca = got.iter().filter(|l| l.contains(" -A ORCA-")).count();
+    assert_eq!(orca, dp.last_sync().rules_total);
+    assert!(got
+        .iter()
+        .any(|l| l.contains("-A PREROUTING -m comment --comment \"orca service portals\" -j ORCA-SERVICES")));
+    // Nothing went to the nft backend.
+    assert!(!ns.save("nat").contains("ORCA-"));
+
+    states[0] = state(states[0].port.clone(), vec![ep("10.244.3.3", 8080, false)]);
+    let desired = snapshot(&states);
+    dp.apply(
+        &Diff {
+            upserted: vec![states[0].clone()],
+            ..Default::default()
+        },
+        &desired,
+        &node(),
+    )
+    .unwrap();
+    assert_eq!(dp.last_sync().chains_deleted, 2);
+    let after_partial = legacy_rules(&ns);
+    dp.full_sync(&desired, &node()).unwrap();
+    assert_eq!(legacy_rules(&ns), after_partial);
+    dp.cleanup().unwrap();
+    assert!(!legacy_rules(&ns).iter().any(|l| l.contains("ORCA-")));
+}
+
 /// Node `N` routes between client `C` (10.77.1.2) and server `S` (10.77.2.2) and runs the rules.
 struct Topology {
     node: Netns,
@@ -524,9 +583,11 @@ fn tcp_get(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<String, st
 #[test]
 fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     let t = Topology::new();
-    // The server's subnet is the "pod network"; the client is off-cluster.
+    // The server's subnet is the "pod network"; the client is off-cluster. NodePorts answer on the client-side
+    // address and, explicitly asked for, on 127.0.0.1 (route_localnet).
     let cfg = DataplaneConfig {
         cluster_cidrs: vec![cidr("10.77.2.0/24")],
+        nodeport_addresses: vec![cidr("10.77.1.0/24"), cidr("127.0.0.1/32")],
         ..Default::default()
     };
     let mut dp = dataplane(&t.node, cfg);
@@ -567,6 +628,20 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     // NodePort with eTP=Local: the client's address is preserved.
     let seen = tcp_get(&t.client, "10.77.1.1:30081".parse().unwrap(), timeout).expect("eTP=Local connect");
     assert_eq!(seen, "10.77.1.2");
+    // NodePort on 127.0.0.1 from the node itself: route_localnet is on and the source is masqueraded.
+    assert_eq!(
+        t.node.sh(&["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).trim(),
+        "1"
+    );
+    let seen = tcp_get(&t.node, "127.0.0.1:30080".parse().unwrap(), timeout).expect("localhost NodePort");
+    assert_eq!(seen, "10.77.2.1");
+    // Not on the server-side address: it is outside --nodeport-addresses.
+    assert!(tcp_get(
+        &t.client,
+        "10.77.2.1:30080".parse().unwrap(),
+        Duration::from_millis(300)
+    )
+    .is_err());
     // No endpoints: REJECT -> connection refused, fast.
     let start = Instant::now();
     let r = tcp_get(&t.client, "10.96.77.12:80".parse().unwrap(), timeout);
@@ -577,7 +652,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
         start.elapsed()
     );
     stop.store(true, Ordering::SeqCst);
-    assert_eq!(server.join().unwrap(), 3);
+    assert_eq!(server.join().unwrap(), 4);
 
     // UDP: a flow to the DNS ClusterIP creates a conntrack entry DNATed to 10.77.2.2 ...
     let udp_srv = t.server.enter(|| {
