@@ -79,10 +79,18 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        // Bounded retries: a process of ours may still be leaving the namespace.
+        for _ in 0..10 {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .stderr(Stdio::null())
+                .status();
+            if !std::path::Path::new(&format!("/run/netns/{}", self.name)).exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not delete network namespace {}", self.name);
     }
 }
 

@@ -81,26 +81,27 @@ impl Exec {
                     e.save_quiet("iptables", "mangle")
                         .is_some_and(|s| s.contains(":KUBE-IPTABLES-HINT") || s.contains(":KUBE-KUBELET-CANARY"))
                 };
-                if hint(&legacy) && !hint(&nft) {
-                    Flavour::Legacy
-                } else if hint(&nft) {
-                    Flavour::Nft
+                let count = |e: &Exec| -> usize {
+                    ["iptables", "ip6tables"]
+                        .iter()
+                        .filter_map(|t| e.save_all_quiet(t))
+                        .map(|s| count_rules(&s))
+                        .sum()
+                };
+                let (hl, hn) = (hint(&legacy), hint(&nft));
+                let (l, n) = if hl || hn {
+                    (0, 0)
                 } else {
-                    let count = |e: &Exec| -> usize {
-                        ["iptables", "ip6tables"]
-                            .iter()
-                            .filter_map(|t| e.save_all_quiet(t))
-                            .map(|s| count_rules(&s))
-                            .sum()
-                    };
-                    let (l, n) = (count(&legacy), count(&nft));
-                    tracing::debug!(legacy_rules = l, nft_rules = n, "iptables flavour detection");
-                    if l > n {
-                        Flavour::Legacy
-                    } else {
-                        Flavour::Nft
-                    }
-                }
+                    (count(&legacy), count(&nft))
+                };
+                tracing::debug!(
+                    legacy_hint = hl,
+                    nft_hint = hn,
+                    legacy_rules = l,
+                    nft_rules = n,
+                    "iptables flavour"
+                );
+                decide(hl, hn, l, n)
             }
         };
         let suffixed = match flavour {
@@ -323,6 +324,18 @@ impl Exec {
     }
 }
 
+/// kube-proxy's (iptables-wrapper's) choice: a hint chain decides (nft when both have one); otherwise the backend
+/// with more rules, nft on a tie.
+pub fn decide(legacy_hint: bool, nft_hint: bool, legacy_rules: usize, nft_rules: usize) -> Flavour {
+    if nft_hint {
+        Flavour::Nft
+    } else if legacy_hint || legacy_rules > nft_rules {
+        Flavour::Legacy
+    } else {
+        Flavour::Nft
+    }
+}
+
 /// `(major, minor, patch)` from `iptables v1.8.9 (nf_tables)`.
 pub fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
     let v = s.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
@@ -374,6 +387,18 @@ fn context_lines(input: &str, err: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flavour_decision() {
+        assert_eq!(decide(false, false, 0, 0), Flavour::Nft);
+        assert_eq!(decide(false, false, 10, 10), Flavour::Nft);
+        assert_eq!(decide(false, false, 11, 10), Flavour::Legacy);
+        assert_eq!(decide(false, false, 3, 40), Flavour::Nft);
+        assert_eq!(decide(true, false, 0, 99), Flavour::Legacy);
+        assert_eq!(decide(false, true, 99, 0), Flavour::Nft);
+        assert_eq!(decide(true, true, 99, 0), Flavour::Nft);
+        assert_eq!(count_rules("*nat\n:X - [0:0]\n-A X -j Y\n-A X -j Z\nCOMMIT\n"), 2);
+    }
 
     #[test]
     fn versions_and_parsing() {
