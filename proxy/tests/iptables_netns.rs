@@ -650,6 +650,10 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
         Duration::from_millis(300)
     )
     .is_err());
+    // Hairpin: the endpoint itself connects to the ClusterIP and is sent to itself; the SEP chain marks it for
+    // masquerade, so it sees the node's address (else the reply would bypass the node and the connection fail).
+    let seen = tcp_get(&t.server, "10.96.77.10:80".parse().unwrap(), timeout).expect("hairpin connect");
+    assert_eq!(seen, "10.77.2.1");
     // No endpoints: REJECT -> connection refused, fast.
     let start = Instant::now();
     let r = tcp_get(&t.client, "10.96.77.12:80".parse().unwrap(), timeout);
@@ -660,7 +664,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
         start.elapsed()
     );
     stop.store(true, Ordering::SeqCst);
-    assert_eq!(server.join().unwrap(), 4);
+    assert_eq!(server.join().unwrap(), 5);
 
     // UDP: a flow to the DNS ClusterIP creates a conntrack entry DNATed to 10.77.2.2 ...
     let udp_srv = t.server.enter(|| {
