@@ -19,6 +19,7 @@ pub const MAP_MEMBERS: &str = "ORCA_MEMBERS";
 pub const MAP_CT: &str = "ORCA_CT4";
 pub const MAP_AFFINITY: &str = "ORCA_AFFINITY";
 pub const MAP_CONFIG: &str = "ORCA_CONFIG";
+pub const MAP_SRC_RANGES: &str = "ORCA_SRC_RANGES";
 
 /// `ORCA_CONFIG` (array of `u32`) indices.
 /// The node's IPv4 address (packet order) used as source for masqueraded flows; 0 disables SNAT.
@@ -42,6 +43,7 @@ pub const FRONTENDS_MAX: u32 = 65_536;
 pub const BACKENDS_MAX: u32 = 262_144;
 pub const CT_MAX: u32 = 262_144;
 pub const AFFINITY_MAX: u32 = 65_536;
+pub const SRC_RANGES_MAX: u32 = 16_384;
 
 /// Most backends a single frontend can hold (slot indices are `u16`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
@@ -129,6 +131,20 @@ pub const FRONTEND_F_SNAT_EXTERNAL: u16 = 1;
 /// has usable endpoints elsewhere but none this frontend may use (a Local traffic policy without
 /// local endpoints): kube-proxy drops those and rejects only when there are no endpoints at all.
 pub const FRONTEND_F_DROP_WHEN_EMPTY: u16 = 2;
+
+/// Frontend flag: only sources matching an `ORCA_SRC_RANGES` entry of the frontend's service id
+/// may open connections (loadBalancerSourceRanges on load-balancer IPs); others are dropped.
+pub const FRONTEND_F_SOURCE_RANGES: u16 = 4;
+
+/// Map `ORCA_SRC_RANGES` (LPM trie): key `{prefix_len: 32 + cidr length, SrcRangeKey}` -> `u32`
+/// (unused). The service id is always matched in full, then the source address by prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    pub service_id: u32,
+    /// Source address, packet order (so prefixes match from the most significant bit).
+    pub addr: u32,
+}
 
 /// Map `ORCA_BACKENDS` (hash): `BackendSlotKey` -> `Backend`.
 #[repr(C)]
@@ -252,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SrcRangeKey {}
 }
 
 // The layouts are part of the kernel/user ABI: fail the build if one changes by accident.
@@ -266,4 +283,5 @@ const _: () = {
     assert!(size_of::<CtValue>() == 24);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
+    assert!(size_of::<SrcRangeKey>() == 8);
 };

@@ -16,7 +16,9 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use orca_common::{Backend, Frontend, CONFIG_SNAT_IPV4, FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL};
+use orca_common::{
+    Backend, Frontend, CONFIG_SNAT_IPV4, FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL, FRONTEND_F_SOURCE_RANGES,
+};
 use proxy_ebpf::hdr::{TCP_ACK, TCP_SYN};
 
 use crate::{
@@ -77,6 +79,12 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
             ct::ensure_reply(&flow, &backend, fe.service_id, snat, now);
             return translate(ctx, &mut flow, &backend, snat);
         }
+    }
+
+    // loadBalancerSourceRanges: new connections from other sources are dropped (kube-proxy's
+    // KUBE-FW chain; tracked flows above keep going, as conntrack'd ones do there).
+    if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, flow.saddr) {
+        return TC_ACT_SHOT;
     }
 
     let backend = match affinity::lookup(&fe, flow.saddr, now) {

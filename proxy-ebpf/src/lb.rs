@@ -1,8 +1,10 @@
 //! Load balancing: frontend lookup, random backend choice over the frontend's slot range, and
 //! backend membership (is this backend still part of the service?).
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SCOPE_ANY, SCOPE_EXTERNAL};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
+use orca_common::{
+    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, SCOPE_ANY, SCOPE_EXTERNAL,
+};
 
 use crate::{maps, parse::Flow};
 
@@ -52,4 +54,11 @@ pub fn is_member(service_id: u32, backend: &Backend) -> bool {
     let key = MemberKey::of(service_id, backend);
     // SAFETY: only presence is checked.
     unsafe { maps::MEMBERS.get(key) }.is_some()
+}
+
+/// Whether `saddr` may connect to a frontend of `service_id` restricted by source ranges.
+#[inline(always)]
+pub fn source_allowed(service_id: u32, saddr: u32) -> bool {
+    let key = Key::new(64, SrcRangeKey { service_id, addr: saddr });
+    maps::SRC_RANGES.get(key).is_some()
 }

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap},
 };
 use orca_common::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey,
-    AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX,
+    SrcRangeKey, AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX, SRC_RANGES_MAX,
 };
 
 #[map(name = "ORCA_FRONTENDS")]
@@ -28,3 +28,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::with_m
 /// Settings of the programs (`CONFIG_*` indices), written by the agent.
 #[map(name = "ORCA_CONFIG")]
 pub static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
+
+/// loadBalancerSourceRanges of frontends flagged `FRONTEND_F_SOURCE_RANGES`.
+#[map(name = "ORCA_SRC_RANGES")]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u32> = LpmTrie::with_max_entries(SRC_RANGES_MAX, 0);

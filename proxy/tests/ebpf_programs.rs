@@ -866,3 +866,38 @@ fn no_usable_endpoint_for_this_policy_drops_instead_of_rejecting() {
     assert_eq!(rc, TC_ACT_REDIRECT);
     assert_eq!((out[34], out[35]), (3, 3));
 }
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    let mut dp = Datapath::load();
+    let lb_ip = [198, 51, 100, 40];
+    let fe = FrontendKey::new(lb_ip, 80, IPPROTO_TCP);
+    dp.set_service(fe, 30, 0, &[be(BACKEND_A, 8080)], 0);
+    dp.set_flags(fe, orca_common::FRONTEND_F_SOURCE_RANGES);
+    {
+        let map = dp.ebpf.map_mut(orca_common::MAP_SRC_RANGES).unwrap();
+        let mut t: LpmTrie<&mut MapData, orca_common::SrcRangeKey, u32> = LpmTrie::try_from(map).unwrap();
+        let key = orca_common::SrcRangeKey {
+            service_id: 30,
+            addr: addr_from_octets([203, 0, 113, 0]),
+        };
+        t.insert(&Key::new(32 + 24, key), 1, 0).unwrap();
+        // Another service's range must not open this one.
+        let other = orca_common::SrcRangeKey {
+            service_id: 31,
+            addr: addr_from_octets([192, 0, 2, 0]),
+        };
+        t.insert(&Key::new(32 + 24, other), 1, 0).unwrap();
+    }
+    let (rc, out) = dp.run(
+        PROG_FROM_NETDEV,
+        &tcp_frame([203, 0, 113, 77], lb_ip, &Tcp::syn(56000, 80)),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_A));
+    for src in [[203, 0, 114, 1], EXTERNAL_CLIENT] {
+        let (rc, _) = dp.run(PROG_FROM_NETDEV, &tcp_frame(src, lb_ip, &Tcp::syn(56001, 80)));
+        assert_eq!(rc, TC_ACT_SHOT, "{src:?} is outside the ranges");
+    }
+}

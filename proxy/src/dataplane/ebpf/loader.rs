@@ -12,17 +12,20 @@ use aya::programs::tc::{self, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
-use orca_common::{ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS};
+use orca_common::{
+    ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS, MAP_SRC_RANGES,
+};
 
 use crate::ebpf_obj;
 
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_FRONTENDS,
     MAP_BACKENDS,
     MAP_MEMBERS,
     MAP_CT,
     MAP_AFFINITY,
     MAP_CONFIG,
+    MAP_SRC_RANGES,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

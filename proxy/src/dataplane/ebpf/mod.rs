@@ -15,11 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as AyaHashMap, MapData};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use orca_common::{
-    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MEMBERS,
+    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS,
+    MAP_MEMBERS, MAP_SRC_RANGES,
 };
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
@@ -28,7 +30,7 @@ use crate::model::tracker::Diff;
 use crate::model::NodeInfo;
 
 use loader::{Attacher, Role};
-use services::{MapOps, Programmer};
+use services::{MapOps, Programmer, SrcRange};
 
 /// Where and on which interfaces the programs go.
 #[derive(Debug, Clone)]
@@ -376,6 +378,51 @@ impl MapOps for AyaMaps<'_> {
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     }
+    fn put_range(&mut self, r: SrcRange) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_SRC_RANGES)
+            .context("map ORCA_SRC_RANGES missing")?;
+        let mut t: LpmTrie<&mut MapData, SrcRangeKey, u32> = LpmTrie::try_from(map)?;
+        t.insert(&range_key(&r), 1, 0).context("updating ORCA_SRC_RANGES")
+    }
+    fn del_range(&mut self, r: &SrcRange) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_SRC_RANGES)
+            .context("map ORCA_SRC_RANGES missing")?;
+        let mut t: LpmTrie<&mut MapData, SrcRangeKey, u32> = LpmTrie::try_from(map)?;
+        ignore_missing(t.remove(&range_key(r)))
+    }
+    fn ranges(&self) -> Vec<SrcRange> {
+        let Some(map) = self.ebpf.map(MAP_SRC_RANGES) else {
+            return Vec::new();
+        };
+        let Ok(t) = LpmTrie::<&MapData, SrcRangeKey, u32>::try_from(map) else {
+            return Vec::new();
+        };
+        t.keys()
+            .filter_map(Result::ok)
+            .map(|k| {
+                let d = k.data();
+                SrcRange {
+                    service_id: d.service_id,
+                    addr: d.addr,
+                    prefix: k.prefix_len().saturating_sub(32) as u8,
+                }
+            })
+            .collect()
+    }
+}
+
+fn range_key(r: &SrcRange) -> Key<SrcRangeKey> {
+    Key::new(
+        32 + u32::from(r.prefix),
+        SrcRangeKey {
+            service_id: r.service_id,
+            addr: r.addr,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -31,6 +31,18 @@ pub trait MapOps {
     fn frontends(&self) -> Vec<(FrontendKey, Frontend)>;
     fn slots(&self) -> Vec<BackendSlotKey>;
     fn members(&self) -> Vec<MemberKey>;
+    fn put_range(&mut self, r: SrcRange) -> anyhow::Result<()>;
+    fn del_range(&mut self, r: &SrcRange) -> anyhow::Result<()>;
+    fn ranges(&self) -> Vec<SrcRange>;
+}
+
+/// One allowed source range of a service id (loadBalancerSourceRanges).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange {
+    pub service_id: u32,
+    /// Network address, packet order.
+    pub addr: u32,
+    pub prefix: u8,
 }
 
 /// Which endpoints a frontend uses.
@@ -56,6 +68,7 @@ struct PublishedSet {
 struct PortEntry {
     sets: BTreeMap<SetKind, PublishedSet>,
     frontends: BTreeMap<FrontendKey, SetKind>,
+    ranges: BTreeSet<SrcRange>,
 }
 
 /// What a sync wrote, for stats.
@@ -198,6 +211,51 @@ impl Programmer {
             entry.sets.insert(*kind, next);
         }
 
+        // loadBalancerSourceRanges (IPv4) restrict the load-balancer IP frontends. Like kube-proxy,
+        // when a range holds the node's address, sources equal to the load-balancer IPs (traffic
+        // of this node looped back to a local VIP) are allowed too. Ranges go in before the
+        // frontends that need them.
+        let lb_addrs: BTreeSet<u32> = st
+            .port
+            .load_balancer_ips
+            .iter()
+            .filter_map(v4)
+            .map(|a| orca_common::addr_from_octets(a.octets()))
+            .collect();
+        let mut cidrs: Vec<(u32, u8)> = st
+            .port
+            .load_balancer_source_ranges
+            .iter()
+            .filter_map(|c| v4(&c.addr).map(|a| (orca_common::addr_from_octets(a.octets()), c.prefix)))
+            .collect();
+        let allow_node = st
+            .port
+            .load_balancer_source_ranges
+            .iter()
+            .any(|c| node.addresses.iter().any(|a| a.is_ipv4() && c.contains(*a)));
+        if !cidrs.is_empty() && allow_node {
+            cidrs.extend(lb_addrs.iter().map(|a| (*a, 32)));
+        }
+        let is_lb = |fk: &FrontendKey| fk.port == st.port.port.to_be() && lb_addrs.contains(&fk.addr);
+        let mut ranges = BTreeSet::new();
+        if !cidrs.is_empty() {
+            for (fk, kind) in &desired_frontends {
+                if is_lb(fk) {
+                    for (addr, prefix) in &cidrs {
+                        ranges.insert(SrcRange {
+                            service_id: entry.sets[kind].id,
+                            addr: *addr,
+                            prefix: *prefix,
+                        });
+                    }
+                }
+            }
+        }
+        for r in ranges.difference(&entry.ranges) {
+            maps.put_range(*r)?;
+            w.entries += 1;
+        }
+
         // 2. Frontends switch to the new sets.
         for (fk, kind) in &desired_frontends {
             let set = &entry.sets[kind];
@@ -215,6 +273,9 @@ impl Programmer {
             };
             if st.selected.has_any {
                 flags |= orca_common::FRONTEND_F_DROP_WHEN_EMPTY;
+            }
+            if !cidrs.is_empty() && is_lb(fk) {
+                flags |= orca_common::FRONTEND_F_SOURCE_RANGES;
             }
             let value = Frontend {
                 service_id: set.id,
@@ -239,6 +300,12 @@ impl Programmer {
             .into_iter()
             .filter(|(fk, _)| self.owners.get(fk) == Some(&name))
             .collect();
+
+        for r in entry.ranges.difference(&ranges) {
+            maps.del_range(r)?;
+            w.entries += 1;
+        }
+        entry.ranges = ranges;
 
         // 3. Free old slot ranges and members that left; drop sets no frontend uses any more.
         for old in to_free {
@@ -278,6 +345,10 @@ impl Programmer {
                 self.owners.remove(fk);
                 w.entries += 1;
             }
+        }
+        for r in &entry.ranges {
+            maps.del_range(r)?;
+            w.entries += 1;
         }
         for set in entry.sets.values() {
             w.entries += free_set(maps, set, &BTreeSet::new())?;
@@ -323,6 +394,13 @@ impl Programmer {
         for k in maps.members() {
             if !live_members.contains(&k) {
                 maps.del_member(&k)?;
+                w.entries += 1;
+            }
+        }
+        let live_ranges: BTreeSet<SrcRange> = self.ports.values().flat_map(|e| e.ranges.iter().copied()).collect();
+        for r in maps.ranges() {
+            if !live_ranges.contains(&r) {
+                maps.del_range(&r)?;
                 w.entries += 1;
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use orca_common::{addr_from_octets, Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey};
 
-use super::services::{MapOps, Programmer};
+use super::services::{MapOps, Programmer, SrcRange};
 use crate::dataplane::DataplaneConfig;
 use crate::model::state::ServicePortState;
 use crate::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
@@ -18,12 +18,20 @@ struct FakeMaps {
     fe: BTreeMap<FrontendKey, Frontend>,
     slots: BTreeMap<BackendSlotKey, Backend>,
     members: BTreeSet<MemberKey>,
+    ranges: BTreeSet<SrcRange>,
     ops: usize,
 }
 
 impl FakeMaps {
     fn check(&self) {
         for (k, f) in &self.fe {
+            if f.flags & orca_common::FRONTEND_F_SOURCE_RANGES != 0 {
+                assert!(
+                    self.ranges.iter().any(|r| r.service_id == f.service_id),
+                    "op {}: frontend {k:?} restricted by source ranges it does not have",
+                    self.ops
+                );
+            }
             for i in 0..u32::from(f.backend_count) {
                 let sk = BackendSlotKey {
                     service_id: f.service_id,
@@ -84,6 +92,17 @@ impl MapOps for FakeMaps {
     }
     fn members(&self) -> Vec<MemberKey> {
         self.members.iter().copied().collect()
+    }
+    fn put_range(&mut self, r: SrcRange) -> anyhow::Result<()> {
+        self.ranges.insert(r);
+        self.op()
+    }
+    fn del_range(&mut self, r: &SrcRange) -> anyhow::Result<()> {
+        self.ranges.remove(r);
+        self.op()
+    }
+    fn ranges(&self) -> Vec<SrcRange> {
+        self.ranges.iter().copied().collect()
     }
 }
 
@@ -359,4 +378,66 @@ fn a_restarted_programmer_adopts_ids_and_sweeps_leftovers() {
             .count(),
         1
     );
+}
+
+#[test]
+fn load_balancer_source_ranges_restrict_only_load_balancer_frontends() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let mut sp = port("lb", "10.96.0.40");
+    sp.node_port = Some(30040);
+    sp.load_balancer_ips = vec!["198.51.100.40".parse().unwrap()];
+    sp.load_balancer_source_ranges = vec![
+        crate::model::Cidr::new("203.0.113.0".parse().unwrap(), 24).unwrap(),
+        crate::model::Cidr::new("2001:db8::".parse().unwrap(), 32).unwrap(),
+    ];
+    let eps = vec![ep("10.244.1.1", false)];
+    p.upsert(
+        &mut m,
+        &state(sp.clone(), eps.clone()),
+        &node(),
+        &DataplaneConfig::default(),
+    )
+    .unwrap();
+    let lb = &m.fe[&fk("198.51.100.40", 80)];
+    assert_ne!(lb.flags & orca_common::FRONTEND_F_SOURCE_RANGES, 0);
+    for other in [fk("10.96.0.40", 80), fk("192.168.50.10", 30040)] {
+        assert_eq!(
+            m.fe[&other].flags & orca_common::FRONTEND_F_SOURCE_RANGES,
+            0,
+            "{other:?}"
+        );
+    }
+    // The IPv4 range only; the node (192.168.50.10) is not in it, so no LB-IP source entry.
+    let want = SrcRange {
+        service_id: lb.service_id,
+        addr: addr_from_octets([203, 0, 113, 0]),
+        prefix: 24,
+    };
+    assert_eq!(m.ranges.iter().copied().collect::<Vec<_>>(), [want]);
+
+    // A range holding the node address also lets the LB IP itself through (looped-back traffic).
+    sp.load_balancer_source_ranges = vec![crate::model::Cidr::new("192.168.50.0".parse().unwrap(), 24).unwrap()];
+    p.upsert(
+        &mut m,
+        &state(sp.clone(), eps.clone()),
+        &node(),
+        &DataplaneConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(m.ranges.len(), 2);
+    assert!(m
+        .ranges
+        .iter()
+        .any(|r| r.addr == addr_from_octets([198, 51, 100, 40]) && r.prefix == 32));
+
+    // Ranges removed: the flag goes, then the entries.
+    sp.load_balancer_source_ranges = vec![];
+    p.upsert(&mut m, &state(sp, eps), &node(), &DataplaneConfig::default())
+        .unwrap();
+    assert_eq!(
+        m.fe[&fk("198.51.100.40", 80)].flags & orca_common::FRONTEND_F_SOURCE_RANGES,
+        0
+    );
+    assert!(m.ranges.is_empty());
 }
