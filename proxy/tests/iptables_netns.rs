@@ -575,6 +575,32 @@ fn tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::Join
     h
 }
 
+/// A TCP server in `ns` on `port` answering every connection with the local address it was reached on.
+fn tcp_local_addr_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = ns.enter(move || {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut served = 0;
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let local = s.local_addr().unwrap().ip().to_string();
+                    let _ = s.write_all(local.as_bytes());
+                    served += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        served
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+    h
+}
+
 /// Connects from `ns` to `addr`; Ok(what the server said) or the connect error.
 fn tcp_get(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<String, std::io::ErrorKind> {
     ns.enter(move || {
@@ -711,6 +737,38 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     assert_eq!(dp.last_sync().conntrack_method, Method::Netlink);
     let after = ct(&t.node);
     assert!(!after.contains("dst=10.96.77.53"), "stale entry left: {after}");
+
+    // Random choice and ClientIP affinity over two endpoints (two addresses of the server namespace).
+    t.server.sh(&["ip", "addr", "add", "10.77.2.3/24", "dev", "s0"]);
+    let two = vec![ep("10.77.2.2", 8081, false), ep("10.77.2.3", 8081, false)];
+    let mut aff_port = port("aff", "10.96.77.20", 80, Protocol::Tcp);
+    aff_port.session_affinity = Some(Duration::from_secs(60));
+    let aff = state(aff_port, two.clone());
+    let rand = state(port("rand", "10.96.77.21", 80, Protocol::Tcp), two);
+    desired.insert(aff.name().clone(), aff.clone());
+    desired.insert(rand.name().clone(), rand.clone());
+    dp.apply(
+        &Diff {
+            upserted: vec![aff, rand],
+            ..Default::default()
+        },
+        &desired,
+        &node(),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = tcp_local_addr_server(&t.server, 8081, stop.clone());
+    let hits = |vip: &str, n: usize| -> BTreeSet<String> {
+        (0..n)
+            .map(|_| tcp_get(&t.client, vip.parse().unwrap(), timeout).expect("connect"))
+            .collect()
+    };
+    // Without affinity both endpoints answer within 24 connections (a miss has probability 2^-23).
+    assert_eq!(hits("10.96.77.21:80", 24).len(), 2);
+    // With ClientIP affinity every connection from the client lands on the same endpoint.
+    assert_eq!(hits("10.96.77.20:80", 12).len(), 1);
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(server.join().unwrap(), 36);
 
     dp.cleanup().unwrap();
     assert!(orca_chains(&t.node).is_empty());
