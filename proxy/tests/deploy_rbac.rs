@@ -411,6 +411,37 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
             .await
             .unwrap_or_else(|e| panic!("creating the {kind}: {e}"));
     }
+    // The Pod the DaemonSet controller would create on node-a passes Pod admission (ServiceAccount, Priority,
+    // PodSecurity) and validation: dry run.
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "orca-proxy-dry-run", "namespace": "kube-system"},
+        "spec": ds["spec"]["template"]["spec"].clone(),
+    });
+    pod["metadata"]["labels"] = ds["spec"]["template"]["metadata"]["labels"].clone();
+    pod["spec"]["nodeName"] = json!("node-a");
+    let pod: Pod = serde_json::from_value(pod).expect("the template is a Pod spec");
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "kube-system");
+    let admitted = pods
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &pod,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the DaemonSet's Pod is rejected: {e}"));
+    let spec = admitted.spec.expect("spec");
+    assert_eq!(spec.priority, Some(2000001000), "system-node-critical resolved");
+    assert!(
+        spec.volumes
+            .unwrap_or_default()
+            .iter()
+            .any(|v| v.name.starts_with("kube-api-access-")),
+        "the ServiceAccount's token is projected into the Pod"
+    );
+    assert!(pods.get_opt("orca-proxy-dry-run").await.unwrap().is_none());
     // Something for status to show: a Service with one ready endpoint on node-b.
     let svcs: Api<Service> = Api::namespaced(admin.clone(), "default");
     let svc: Service = serde_json::from_value(json!({
