@@ -267,6 +267,9 @@ impl Buf {
 /// Everything about one service port the rules need, IPv4 only.
 struct PortView<'a> {
     st: &'a ServicePortState,
+    /// kube-proxy's name string, hashed into chain names.
+    raw_name: String,
+    /// The same, safe inside a quoted `--comment`.
     name: String,
     proto: &'static str,
     cluster_ip: Ipv4Addr,
@@ -307,6 +310,20 @@ pub fn port_name_string(n: &ServicePortName) -> String {
         s.push_str(&n.port);
     }
     s
+}
+
+/// `s` with everything but `[A-Za-z0-9._:/-]` replaced by `_`: safe inside a quoted `--comment` (Kubernetes names
+/// never need more; a malformed object must not be able to break, or inject into, the restore input).
+pub fn comment_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn port_chain(prefix: &str, name: &str, proto: &str) -> String {
@@ -411,7 +428,8 @@ impl<'a> Generator<'a> {
         };
         Some(PortView {
             st,
-            name: port_name_string(&p.name),
+            raw_name: port_name_string(&p.name),
+            name: comment_safe(&port_name_string(&p.name)),
             proto: proto_lower(p.protocol),
             cluster_ip,
             external_ips: v4(&p.external_ips),
@@ -597,12 +615,13 @@ impl<'a> Generator<'a> {
     ) {
         let p = &v.st.port;
         let name = v.name.as_str();
+        let raw = v.raw_name.as_str();
         let proto = v.proto;
         let port = p.port;
-        let svc = port_chain("ORCA-SVC-", name, proto);
-        let svl = port_chain("ORCA-SVL-", name, proto);
-        let ext = port_chain("ORCA-EXT-", name, proto);
-        let fw = port_chain("ORCA-FW-", name, proto);
+        let svc = port_chain("ORCA-SVC-", raw, proto);
+        let svl = port_chain("ORCA-SVL-", raw, proto);
+        let ext = port_chain("ORCA-EXT-", raw, proto);
+        let fw = port_chain("ORCA-FW-", raw, proto);
 
         let uses_cluster_chain = !v.cluster.is_empty() && p.uses_cluster_endpoints();
         let uses_local_chain = !v.local.is_empty() && p.uses_local_endpoints();
@@ -817,12 +836,12 @@ impl<'a> Generator<'a> {
         if uses_cluster_chain {
             nat_chains.chain(&svc);
             chains.push(svc.clone());
-            self.endpoint_dispatch(nat, name, proto, &svc, &v.cluster, affinity, large);
+            self.endpoint_dispatch(nat, (name, raw), proto, &svc, &v.cluster, affinity, large);
         }
         if uses_local_chain {
             nat_chains.chain(&svl);
             chains.push(svl.clone());
-            self.endpoint_dispatch(nat, name, proto, &svl, &v.local, affinity, large);
+            self.endpoint_dispatch(nat, (name, raw), proto, &svl, &v.local, affinity, large);
         }
 
         let comment = if large {
@@ -832,7 +851,7 @@ impl<'a> Generator<'a> {
         };
         for ep in &v.reachable {
             let addr = ep.addr_string();
-            let sep = sep_chain_of(name, proto, &addr);
+            let sep = sep_chain_of(raw, proto, &addr);
             nat_chains.chain(&sep);
             let _ = write!(nat.a(&sep), "{comment} -s {} -j {MARK_MASQ}", ep.ip);
             nat.end();
@@ -852,7 +871,7 @@ impl<'a> Generator<'a> {
     fn endpoint_dispatch(
         &mut self,
         nat: &mut Buf,
-        name: &str,
+        (name, raw): (&str, &str),
         proto: &str,
         chain: &str,
         eps: &[Endpoint],
@@ -863,7 +882,7 @@ impl<'a> Generator<'a> {
             .iter()
             .map(|e| {
                 let a = e.addr_string();
-                (sep_chain_of(name, proto, &a), a)
+                (sep_chain_of(raw, proto, &a), a)
             })
             .collect();
         if let Some(secs) = affinity {

@@ -639,3 +639,19 @@ fn jump_rules_in_save_form() {
         "-m conntrack --ctstate NEW -m comment --comment orca externally-visible service portals -j ORCA-EXTERNAL-SERVICES"
     );
 }
+
+#[test]
+fn hostile_names_cannot_break_the_restore_input() {
+    let mut p = port("web", "10.96.0.10", 80, Protocol::Tcp);
+    p.name.service.name = "we\"b\n-A INPUT -j DROP".into();
+    p.name.port = "ht tp".into();
+    let t = text(&DataplaneConfig::default(), &snap(vec![(p.clone(), two_endpoints())]));
+    assert!(!t.contains("-A INPUT"), "{t}");
+    assert!(
+        t.contains("--comment \"ns/we_b_-A_INPUT_-j_DROP:ht_tp cluster IP\""),
+        "{t}"
+    );
+    // Chain names still hash the real name, as kube-proxy does.
+    assert!(t.contains(&format!(":{} - [0:0]", svc_chain(&p.name))));
+    assert_eq!(t.lines().filter(|l| l.starts_with("-A ")).count(), 3 + 4 + 2 + 2 + 4);
+}
