@@ -119,12 +119,11 @@ pub async fn run(
         limit.take();
         let full = need_full || last_full.elapsed() >= cfg.sync_period;
         let start = Instant::now();
-        let (diff, counters) = {
+        let (diff, counters, desired, node) = {
             let mut t = shared.lock();
-            (t.take_diff(), t.counters())
+            let diff = t.take_diff();
+            (diff, t.counters(), t.desired().clone(), t.node().clone())
         };
-        let desired = shared.lock().desired().clone();
-        let node = shared.lock().node().clone();
         let result = if full {
             tokio::task::block_in_place(|| dataplane.full_sync(&desired, &node))
         } else if !diff.is_empty() {
