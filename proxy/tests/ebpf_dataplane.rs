@@ -352,3 +352,52 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Agents of several nodes starting at once must not stack bpffs mounts (the later mount would
+/// hide the pins made in the earlier one). Threads released together by a barrier race for the
+/// mount, many times over.
+#[test]
+fn concurrent_agents_mount_bpffs_once() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root: the test mounts a bpffs");
+    let dir = std::env::temp_dir().join(format!("orca-bpffs-race-{}", std::process::id()));
+    let mount_point = dir.join("bpf");
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let c_mount_point = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()).unwrap();
+    let count_mounts = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split_whitespace().nth(4) == Some(mount_point.to_str().unwrap()))
+            .count()
+    };
+    const AGENTS: usize = 16;
+    let mut failures = Vec::new();
+    for round in 0..30 {
+        let barrier = std::sync::Barrier::new(AGENTS);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..AGENTS)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        orca_proxy::dataplane::ebpf::loader::ensure_bpffs(&mount_point)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mounts = count_mounts();
+        for _ in 0..mounts {
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c_mount_point.as_ptr(), libc::MNT_DETACH) };
+        }
+        let mounted_by = results.iter().filter(|r| matches!(r, Ok(Some(_)))).count();
+        if mounts != 1 || mounted_by != 1 || results.iter().any(|r| r.is_err()) {
+            failures.push(format!(
+                "round {round}: {mounts} mounts, {mounted_by} agents mounted, {results:?}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(failures.is_empty(), "{failures:#?}");
+}

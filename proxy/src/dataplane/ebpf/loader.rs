@@ -50,6 +50,9 @@ fn is_bpffs(path: &Path) -> bool {
 /// lies below that (unmounted) conventional mount point, else at `root` itself. Returns the mount
 /// point when it mounted one.
 pub fn ensure_bpffs(root: &Path) -> Result<Option<PathBuf>> {
+    // Agents of several sandbox nodes start together on one machine: without a lock two of them
+    // can both see no bpffs and mount one each, the second hiding the first one's pins.
+    let _lock = MountLock::acquire();
     let mut existing = root;
     while !existing.exists() {
         existing = existing.parent().unwrap_or(Path::new("/"));
@@ -74,6 +77,28 @@ pub fn ensure_bpffs(root: &Path) -> Result<Option<PathBuf>> {
     tracing::info!(path = %mount_point.display(), "mounted bpffs");
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     Ok(Some(mount_point))
+}
+
+/// An exclusive flock held while checking for and mounting bpffs (released on drop).
+struct MountLock {
+    _file: Option<std::fs::File>,
+}
+
+impl MountLock {
+    fn acquire() -> Self {
+        use std::os::fd::AsRawFd as _;
+        for dir in ["/run", "/tmp"] {
+            let path = Path::new(dir).join("orca-bpffs-mount.lock");
+            if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+                // SAFETY: a valid open fd; blocks until the other holder is done.
+                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    return Self { _file: Some(f) };
+                }
+            }
+        }
+        tracing::debug!("no lock file for the bpffs mount check; continuing without");
+        Self { _file: None }
+    }
 }
 
 /// Loads the embedded object, creating its maps or adopting the pinned ones under `dir/maps`,
