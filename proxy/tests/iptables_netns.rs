@@ -738,6 +738,68 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     let after = ct(&t.node);
     assert!(!after.contains("dst=10.96.77.53"), "stale entry left: {after}");
 
+    // UDP to a Service IP before the Service has rules: the node forwards it un-DNATed and conntrack remembers
+    // that. When the Service gets its first endpoint, that entry must go, or the same flow (same source port, as a
+    // DNS client's) keeps missing the endpoint.
+    let echo = t.server.enter(|| {
+        let s = UdpSocket::bind("0.0.0.0:5354").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, peer) = s.recv_from(&mut buf).expect("udp recv on the endpoint");
+        s.send_to(&buf[..n], peer).unwrap();
+    });
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<()>();
+    let client = t.client.enter(move || {
+        let s = UdpSocket::bind("0.0.0.0:40123").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.send_to(b"early", "10.96.77.54:53").unwrap();
+        let mut buf = [0u8; 64];
+        let early = s.recv(&mut buf).is_ok();
+        sent_tx.send(()).unwrap();
+        go_rx.recv_timeout(Duration::from_secs(10)).expect("go");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"later", "10.96.77.54:53").unwrap();
+        let later = s.recv(&mut buf).ok().map(|n| buf[..n].to_vec());
+        (early, later)
+    });
+    sent_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("early datagram sent");
+    let before = ct(&t.node);
+    assert!(
+        before.contains("dst=10.96.77.54"),
+        "no conntrack entry for the early datagram: {before}"
+    );
+    let dns2 = state(
+        port("dns2", "10.96.77.54", 53, Protocol::Udp),
+        vec![ep("10.77.2.2", 5354, false)],
+    );
+    desired.insert(dns2.name().clone(), dns2.clone());
+    dp.apply(
+        &Diff {
+            upserted: vec![dns2],
+            ..Default::default()
+        },
+        &desired,
+        &node(),
+    )
+    .unwrap();
+    assert!(
+        dp.last_sync().conntrack_deleted >= 1,
+        "{:?}",
+        dp.last_sync().conntrack_deleted
+    );
+    go_tx.send(()).unwrap();
+    let (early, later) = client.join().unwrap();
+    assert!(!early, "nothing can answer before the Service exists");
+    assert_eq!(
+        later.as_deref(),
+        Some(&b"later"[..]),
+        "the same flow reaches the endpoint now"
+    );
+    echo.join().unwrap();
+
     // Random choice and ClientIP affinity over two endpoints (two addresses of the server namespace).
     t.server.sh(&["ip", "addr", "add", "10.77.2.3/24", "dev", "s0"]);
     let two = vec![ep("10.77.2.2", 8081, false), ep("10.77.2.3", 8081, false)];
