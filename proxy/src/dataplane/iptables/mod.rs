@@ -7,10 +7,16 @@
 //!   with `iptables-save -t nat`/`filter`); a partial sync ([`Dataplane::apply`]) rewrites the dispatch chains
 //!   (`ORCA-SERVICES`, `ORCA-NODEPORTS`, every filter chain) and the own chains of the changed service ports only,
 //!   and deletes the chains of removed ones (and the chains changed ports no longer use).
-//! - The jump rules from the built-in chains are checked with `-C` and inserted with `-I` on every sync.
+//! - The jump rules from the built-in chains are checked on every sync (one `iptables -S` per built-in chain; `-C`
+//!   and `-I` for a jump not found).
 //! - The flavour (nft or legacy) is detected as kube-proxy's iptables wrapper does ([`exec::Exec::detect`]).
 //! - After a sync, stale UDP conntrack entries are deleted ([`conntrack`]).
 //! - IPv4 only for now: IPv6 service ports/endpoints are skipped (`ip6tables-restore` is not driven yet).
+//!
+//! Deliberate differences from kube-proxy: no nfacct counters (so no separate localhost-NodePort nfacct rule), no
+//! mangle-table canary chain (an external flush is repaired by the next full sync, or by the full sync the runner
+//! falls back to when a partial restore fails), conntrack cleanup by endpoint/first-endpoint deltas (kube-proxy
+//! before 1.31) rather than by scanning every UDP entry, and comment text restricted to `[A-Za-z0-9._:/-]`.
 //!
 //! Scale (`proxy/tests/iptables_netns.rs::scale_full_sync`, release build, in a network namespace, iptables 1.8.9,
 //! 2 cores; 2 endpoints per service port, every 4th a NodePort, one cluster CIDR; details and reading in
@@ -181,7 +187,11 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    fn ensure_route_localnet(&mut self, needed: bool) -> Result<()> {
+    fn ensure_route_localnet(&mut self, needed: bool, full: bool) -> Result<()> {
+        if full && needed {
+            // Re-checked on every full sync, in case something reset it.
+            self.route_localnet_done = self.exec.sysctl_get("net.ipv4.conf.all.route_localnet").as_deref() == Some("1");
+        }
         if needed && !self.route_localnet_done {
             tracing::info!("setting route_localnet=1 for NodePorts on 127.0.0.1 (--nodeport-addresses includes it)");
             self.exec.sysctl_set("net.ipv4.conf.all.route_localnet", "1")?;
@@ -243,7 +253,7 @@ impl IptablesDataplane {
         let t_restore = start.elapsed() - t_generate;
         self.ensure_jumps()?;
         let t_jumps = start.elapsed() - t_generate - t_restore;
-        self.ensure_route_localnet(ruleset.localhost_nodeports)?;
+        self.ensure_route_localnet(ruleset.localhost_nodeports, full)?;
 
         if full {
             self.installed = ruleset.port_chains.clone();
