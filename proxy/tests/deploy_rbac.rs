@@ -498,13 +498,56 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
     }));
     let watchers = tokio::spawn(watch::run(client.clone(), "node-a".into(), shared.clone()));
     let synced = tokio::time::timeout(Duration::from_secs(20), shared.wait_synced()).await;
-    watchers.abort();
-    assert!(synced.is_ok(), "the watchers synced with the ServiceAccount's token");
+    if synced.is_err() {
+        watchers.abort();
+        panic!("the watchers did not sync with the ServiceAccount's token");
+    }
     assert_eq!(
         shared.lock().node().zone.as_deref(),
         Some("zone-a"),
         "the Node was read with the token"
     );
+    // Changes after the initial lists arrive through watches: a new Service with its slice, and the Node's zone.
+    let mut watched = svc.clone();
+    watched.metadata.name = Some("rbac-watch".into());
+    svcs.create(&PostParams::default(), &watched).await.unwrap();
+    let mut watched_slice = slice.clone();
+    watched_slice.metadata.name = Some("rbac-watch-1".into());
+    watched_slice
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("kubernetes.io/service-name".into(), "rbac-watch".into());
+    slices.create(&PostParams::default(), &watched_slice).await.unwrap();
+    Api::<Node>::all(admin.clone())
+        .patch(
+            "node-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "zone-x"}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (seen, zone) = {
+            let mut t = shared.lock();
+            t.take_diff();
+            let seen = t
+                .desired()
+                .iter()
+                .any(|(k, v)| k.service.name == "rbac-watch" && v.internal_endpoints().len() == 1);
+            (seen, t.node().zone.clone())
+        };
+        if seen && zone.as_deref() == Some("zone-x") {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            watchers.abort();
+            panic!("watch events with the token: Service and slice seen: {seen}, node zone: {zone:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watchers.abort();
 
     // Events can be recorded, through both APIs.
     let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
