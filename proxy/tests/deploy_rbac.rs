@@ -411,8 +411,8 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
             .await
             .unwrap_or_else(|e| panic!("creating the {kind}: {e}"));
     }
-    // The Pod the DaemonSet controller would create on node-a passes Pod admission (ServiceAccount, Priority,
-    // PodSecurity) and validation: dry run.
+    // The Pod the DaemonSet controller would create on node-a passes Pod admission (ServiceAccount, Priority)
+    // and validation: dry run.
     let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "orca-proxy-dry-run", "namespace": "kube-system"},
