@@ -44,6 +44,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+/// How many pods of one [`Kubelet::deploy`] start at the same time.
+pub const DEPLOY_CONCURRENCY: usize = 8;
+
 /// The container name in every Pod object.
 pub const CONTAINER_NAME: &str = "testpod";
 /// The (never pulled) image name in every Pod object.
@@ -464,17 +467,21 @@ impl Kubelet {
     /// necessarily Ready: see [`Kubelet::wait_ready`]).
     pub async fn deploy(&self, spec: &DeploymentSpec) -> Result<Vec<PodInfo>> {
         spec.server_config()?;
-        let mut out = Vec::new();
+        let mut plan = Vec::new();
         for i in 0..spec.replicas {
-            let node = self.pick_node(&spec.placement, i)?;
-            let name = self.pod_name(&spec.name);
-            out.push(
-                self.run_pod(spec, &name, &node)
-                    .await
-                    .with_context(|| format!("starting pod {name} of {}", spec.name))?,
-            );
+            plan.push((self.pick_node(&spec.placement, i)?, self.pod_name(&spec.name)));
         }
-        Ok(out)
+        // Up to DEPLOY_CONCURRENCY pods start at once; the results keep the plan's order. On an error the pods
+        // that did start keep running (and are listed by `pods()`), like a partially rolled-out Deployment.
+        let results: Vec<Result<PodInfo>> = futures::stream::iter(plan.into_iter().map(|(node, name)| async move {
+            self.run_pod(spec, &name, &node)
+                .await
+                .with_context(|| format!("starting pod {name} of {} on {node}", spec.name))
+        }))
+        .buffered(DEPLOY_CONCURRENCY)
+        .collect()
+        .await;
+        results.into_iter().collect()
     }
 
     /// Create one pod of `spec` called `name` on `node`.

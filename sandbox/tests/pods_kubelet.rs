@@ -78,7 +78,9 @@ async fn pods_answer_across_nodes_and_follow_readiness_and_termination() {
     let spec = DeploymentSpec::new("web", 2)
         .labels(&[("app", "web"), ("env", "test")])
         .readiness(Some(probe));
+    let t0 = Instant::now();
     let web = kubelet.deploy(&spec).await.expect("deploy");
+    eprintln!("deployed 2 pods in {:?}", t0.elapsed());
     assert_eq!(web.len(), 2);
     let (pa, pb) = if web[0].node == node_a.name {
         (&web[0], &web[1])
@@ -471,7 +473,9 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
     eprintln!("keep-ready pod gone {:?} after delete ({gone:?} waiting)", t0.elapsed());
 
     // Scaling: up to 3 (new pods Ready, requests to each answered by that pod), down to 1 (two leave).
+    let t0 = Instant::now();
     let three = kubelet.scale(&two, 3).await.expect("scale up");
+    eprintln!("scaled 1 -> 3 pods in {:?}", t0.elapsed());
     assert_eq!(three.len(), 3);
     for p in &three {
         kubelet
