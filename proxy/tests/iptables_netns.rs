@@ -460,6 +460,23 @@ fn partial_sync_rewrites_only_changed_service_ports() {
     assert!(orca_chains(&ns).is_empty());
 }
 
+/// A transaction that fails part-way changes nothing (one atomic iptables-restore), and the error quotes the line.
+#[test]
+fn failed_restore_is_atomic_and_explained() {
+    let ns = Netns::new("atomic");
+    let mut dp = dataplane(&ns, DataplaneConfig::default());
+    dp.full_sync(&snapshot(&mixed()), &node()).unwrap();
+    let before = kernel_state(&ns);
+    let bad = "*nat\n:ORCA-SERVICES - [0:0]\n-A ORCA-SERVICES -j RETURN\n-A ORCA-SERVICES -m no-such-match -j RETURN\nCOMMIT\n";
+    let err = format!("{:#}", dp.exec().restore(bad).unwrap_err());
+    assert!(err.contains("4> -A ORCA-SERVICES -m no-such-match"), "{err}");
+    assert_eq!(
+        kernel_state(&ns),
+        before,
+        "the failed transaction left the tables as they were"
+    );
+}
+
 /// The same dataplane on the iptables-legacy backend: full sync, partial sync equal to a full one, cleanup.
 #[test]
 fn legacy_backend() {

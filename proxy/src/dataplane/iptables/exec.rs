@@ -367,11 +367,14 @@ pub fn chains_with_prefix(save: &str, prefix: &str) -> Vec<String> {
 
 /// For an iptables-restore error naming a line ("line 12 failed"), that line and its neighbours.
 fn context_lines(input: &str, err: &str) -> String {
-    let Some(n) = err
-        .split("line ")
-        .skip(1)
-        .find_map(|s| s.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok())
-    else {
+    // "line 12 failed" (commit errors) or "Error occurred at line: 12" (parse errors).
+    let Some(n) = err.split("line").skip(1).find_map(|s| {
+        s.trim_start_matches([':', ' '])
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse::<usize>()
+            .ok()
+    }) else {
         return String::new();
     };
     let lines: Vec<&str> = input.lines().collect();
@@ -416,5 +419,8 @@ mod tests {
         assert_eq!(chains_with_prefix(save, "ORCA-"), vec!["ORCA-SERVICES".to_string()]);
         let ctx = context_lines("a\nb\nc\nd\ne\n", "iptables-restore: line 3 failed");
         assert!(ctx.contains("3> c"), "{ctx}");
+        let ctx = context_lines("a\nb\nc\nd\ne\n", "Couldn't load match\nError occurred at line: 5\nTry");
+        assert!(ctx.contains("5> e") && ctx.contains("4: d"), "{ctx}");
+        assert_eq!(context_lines("a\n", "no number here"), "");
     }
 }
