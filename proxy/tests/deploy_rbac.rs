@@ -261,6 +261,50 @@ impl Drop for TempDir {
     }
 }
 
+/// The DaemonSet's command line for node-a, with the ConfigMap's file at `conf_path`.
+fn daemonset_argv(docs: &[Value], conf_path: &Path) -> Vec<String> {
+    let c = &find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    let mount = c["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "config"))
+        .and_then(|m| m["mountPath"].as_str())
+        .expect("config mount");
+    let mut argv = str_list(&c["command"]);
+    argv.extend(str_list(&c["args"]).iter().map(|a| {
+        a.replace("$(NODE_NAME)", "node-a")
+            .replace(&format!("{mount}/config.conf"), conf_path.to_str().unwrap())
+    }));
+    argv
+}
+
+/// An agent process; stopped (SIGTERM, then SIGKILL) when dropped, also when the test panics.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        orca_sandbox::netns::terminate(&[self.0.id()], Duration::from_secs(5));
+        let _ = self.0.wait();
+    }
+}
+
+fn agent_log(name: &str) -> String {
+    let path = orca_sandbox::netns::log_dir().join(format!("{name}.log"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| format!("(no log at {}: {e})", path.display()))
+}
+
+/// `curl` inside `ns`: (HTTP status, body); None when nothing answered. Bounded to 5 s.
+fn curl(ns: &str, url: &str) -> Option<(u16, String)> {
+    let out = orca_sandbox::netns::command_in(ns, "curl", &["-sS", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_string()))
+}
+
 fn gvk_of(obj: &Value) -> GroupVersionKind {
     let api_version = obj["apiVersion"].as_str().expect("apiVersion");
     let kind = obj["kind"].as_str().expect("kind");
@@ -314,11 +358,15 @@ async fn token_for(client: &kube::Client, sa: &str) -> String {
     token
 }
 
-/// A kubeconfig with the sandbox's root-namespace server and CA (from the admin kubeconfig) and a bearer token.
-fn token_kubeconfig(sb: &Sandbox, token: &str, path: &Path) {
+/// A kubeconfig with a bearer token and the sandbox's CA; the server is the root-namespace relay (from the admin
+/// kubeconfig) unless `server` is given (the fabric address, for processes inside the sandbox's namespaces).
+fn token_kubeconfig(sb: &Sandbox, token: &str, path: &Path, server: Option<&str>) {
     let admin = kube::config::Kubeconfig::read_from(sb.kubeconfig()).expect("admin kubeconfig");
     let cluster = admin.clusters[0].cluster.clone().expect("cluster");
-    let server = cluster.server.expect("server");
+    let server = match server {
+        Some(s) => s.to_string(),
+        None => cluster.server.expect("server"),
+    };
     let ca = cluster.certificate_authority.expect("certificate-authority");
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: sandbox\n  cluster:\n    server: {server}\n    \
@@ -464,7 +512,7 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
     let tmp = TempDir::new("rbac");
     let kc = tmp.path().join("orca-proxy.kubeconfig");
     let token = token_for(&admin, "orca-proxy").await;
-    token_kubeconfig(&sb, &token, &kc);
+    token_kubeconfig(&sb, &token, &kc, None);
     let (ok, stdout, stderr) = orca_status(&kc).await;
     assert!(
         ok,
@@ -485,7 +533,7 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
             .unwrap();
     sas.create(&PostParams::default(), &unbound).await.unwrap();
     let kc_unbound = tmp.path().join("unbound.kubeconfig");
-    token_kubeconfig(&sb, &token_for(&admin, "orca-proxy-unbound").await, &kc_unbound);
+    token_kubeconfig(&sb, &token_for(&admin, "orca-proxy-unbound").await, &kc_unbound, None);
     let (ok, _, stderr) = orca_status(&kc_unbound).await;
     assert!(!ok, "status without RBAC must fail");
     assert!(stderr.to_lowercase().contains("forbidden"), "{stderr}");
@@ -548,6 +596,84 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     watchers.abort();
+
+    // The agent itself, with the DaemonSet's command line and the ConfigMap's file, in node-a, with the token
+    // (fabric address). iptables mode: eBPF would pin under the host's /sys/fs/bpf, outside the sandbox.
+    let conf = find(&docs, "ConfigMap")["data"]["config.conf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let conf_path = tmp.path().join("config.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let kc_fabric = tmp.path().join("orca-proxy-fabric.kubeconfig");
+    token_kubeconfig(&sb, &token, &kc_fabric, Some(&sb.apiserver_url()));
+    let node = sb.topology().node("node-a").expect("node-a").clone();
+    let mut argv = daemonset_argv(&docs, &conf_path);
+    let healthz = format!("{}:10256", node.ip);
+    let metrics = format!("{}:10249", node.ip);
+    argv.extend(
+        [
+            "--proxy-mode",
+            "iptables",
+            "--kubeconfig",
+            kc_fabric.to_str().unwrap(),
+            "--healthz-bind-address",
+            &healthz,
+            "--metrics-bind-address",
+            &metrics,
+        ]
+        .map(String::from),
+    );
+    argv[0] = env!("CARGO_BIN_EXE_orca-proxy").to_string();
+    let log_name = "orca-proxy-rbac";
+    let argv_ref: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut agent = Agent(orca_sandbox::netns::spawn(&node.netns, &argv_ref, log_name).expect("starting the agent"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(st)) = agent.0.try_wait() {
+            panic!(
+                "the agent exited ({st}) with the ServiceAccount's token:\n{}",
+                agent_log(log_name)
+            );
+        }
+        let health = curl(&node.netns, &format!("http://{healthz}/healthz"));
+        let ports = curl(&node.netns, &format!("http://{metrics}/metrics")).and_then(|(_, m)| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("orca_service_ports "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        // kubernetes, rbac-probe and rbac-watch, programmed (healthz reports the sync).
+        let synced = health
+            .as_ref()
+            .is_some_and(|(code, body)| *code == 200 && !body.contains("0001-01-01"));
+        if synced && ports.is_some_and(|p| p >= 3.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not sync with the token: healthz {health:?}, service ports {ports:?}\n{}",
+            agent_log(log_name)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let probe_ip = svcs
+        .get("rbac-probe")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .unwrap();
+    let nat = orca_sandbox::netns::exec(&node.netns, &["iptables-save", "-t", "nat"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&nat.stdout).contains(&format!("{probe_ip}/32")),
+        "node-a's nat table holds rbac-probe's ClusterIP"
+    );
+    drop(agent);
+    let log = agent_log(log_name);
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the agent was denied something:\n{log}"
+    );
 
     // Events can be recorded, through both APIs.
     let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
