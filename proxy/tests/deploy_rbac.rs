@@ -6,7 +6,8 @@
 //! * With the sandbox: every object passes the apiserver's validation and admission (server-side apply, dry run);
 //!   Bidirectional propagation on an unprivileged container is rejected (why the manifest uses HostToContainer);
 //!   then the ServiceAccount, ClusterRole and binding are created for real, a token is requested for the
-//!   ServiceAccount, and with that token `orca-proxy status` lists what it needs, the agent's watchers sync, events
+//!   ServiceAccount, and with that token `orca-proxy status` lists what it needs, the agent's watchers list and
+//!   watch, the agent itself (the DaemonSet's command line and config file, iptables mode, in node-a) syncs, events
 //!   can be recorded -- and secrets, pods, writes to Services, EndpointSlices and Nodes are Forbidden.
 //!
 //! The sandbox part needs root and the sandbox's control-plane binaries; it is skipped (with a message) only when the
