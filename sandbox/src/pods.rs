@@ -534,10 +534,27 @@ impl Pod {
         };
         let addr = SocketAddr::from((self.ip(), port));
         let deadline = Instant::now() + Duration::from_secs(15);
+        // With an HTTP port, the answer must come from this server (a host-network pod's port could be held by
+        // another process); otherwise accepting connections is enough.
+        let http = self.config.http_ports.first().is_some();
         loop {
             self.check_running()?;
-            match tcp_connect(&self.network.node_netns, addr, Duration::from_secs(1)).await {
-                Ok(_) => return Ok(()),
+            let up = if http {
+                match whoami(&self.network.node_netns, addr, Duration::from_secs(1)).await {
+                    Ok(w) if w.pod == self.name && w.namespace == self.namespace => Ok(()),
+                    Ok(w) => Err(NetError::Other(format!(
+                        "{addr} is answered by pod {}/{}",
+                        w.namespace, w.pod
+                    ))),
+                    Err(e) => Err(e),
+                }
+            } else {
+                tcp_connect(&self.network.node_netns, addr, Duration::from_secs(1))
+                    .await
+                    .map(|_| ())
+            };
+            match up {
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
                     bail!(
                         "pod {}: server not reachable at {addr} from {} after 15s: {e}",

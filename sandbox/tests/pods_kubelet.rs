@@ -543,6 +543,20 @@ async fn pods_restart_keep_serving_when_terminating_and_resolve_named_ports() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A second host-network pod on the same port and node cannot start; its object is removed again.
+    let clash = kubelet.deploy(&hostnet).await;
+    let err = format!("{:#}", clash.expect_err("port clash must fail"));
+    assert!(err.contains("exited") || err.contains("answered by"), "{err}");
+    let left: Vec<String> = pods_api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .filter(|n| n.starts_with("hostnet-"))
+        .collect();
+    assert_eq!(left, vec![h.name.clone()], "only the running host-network pod remains");
     kubelet.delete_pod("team", &h.name, None).await.unwrap();
     kubelet
         .wait_gone("team", &h.name, Duration::from_secs(10))
