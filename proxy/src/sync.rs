@@ -1,8 +1,9 @@
 //! The bounded-frequency sync runner: applies the tracker's diffs to the dataplane.
 //!
 //! Like kube-proxy's BoundedFrequencyRunner: a change triggers a sync at once while the burst allows it, syncs are
-//! otherwise at least `min_sync_period` apart (changes arriving meanwhile are batched), and a full resync runs at
-//! least every `sync_period`. A failed sync is retried as a full sync.
+//! otherwise at least `min_sync_period` apart (changes arriving meanwhile are batched), a periodic sync runs every
+//! `sync_period` even without changes (the dataplane re-checks its hooks: jump rules, new pod interfaces), and a full
+//! resync runs at start, after a failure, and once an hour (kube-proxy's FullSyncPeriod).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -11,6 +12,9 @@ use crate::dataplane::Dataplane;
 use crate::healthcheck::HealthCheckServers;
 use crate::metrics::Metrics;
 use crate::watch::Shared;
+
+/// How often a full resync rewrites everything, as kube-proxy's iptables mode does.
+pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 
 /// Burst of syncs allowed back to back before `min_sync_period` applies (kube-proxy uses 2).
 const BURST: u32 = 2;
@@ -111,13 +115,15 @@ pub async fn run(
     let mut limit = RateLimit::new(cfg.min_sync_period);
     let mut need_full = true;
     let mut last_full = Instant::now();
+    let mut last_sync = Instant::now();
     loop {
         let wait = limit.wait();
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
         limit.take();
-        let full = need_full || last_full.elapsed() >= cfg.sync_period;
+        let full = need_full || last_full.elapsed() >= FULL_SYNC_PERIOD;
+        let periodic = last_sync.elapsed() >= cfg.sync_period;
         let start = Instant::now();
         let (diff, counters, desired, node) = {
             let mut t = shared.lock();
@@ -126,7 +132,7 @@ pub async fn run(
         };
         let result = if full {
             tokio::task::block_in_place(|| dataplane.full_sync(&desired, &node))
-        } else if !diff.is_empty() {
+        } else if !diff.is_empty() || periodic {
             tokio::task::block_in_place(|| dataplane.apply(&diff, &desired, &node))
         } else {
             Ok(Default::default())
@@ -135,13 +141,17 @@ pub async fn run(
         match result {
             Ok(stats) => {
                 need_full = false;
+                let ran = full || periodic || !diff.is_empty();
+                if ran {
+                    last_sync = Instant::now();
+                    metrics.sync_duration.observe(took);
+                }
                 if full {
                     last_full = Instant::now();
                     metrics.sync_full_duration.observe(took);
-                } else if !diff.is_empty() {
+                } else if ran {
                     metrics.sync_partial_duration.observe(took);
                 }
-                metrics.sync_duration.observe(took);
                 let now = SystemTime::now();
                 metrics.last_sync_timestamp.set(unix_seconds(now));
                 for t in &diff.trigger_times {
@@ -179,12 +189,12 @@ pub async fn run(
             .inner()
             .store(counters.endpoint_changes, std::sync::atomic::Ordering::Relaxed);
 
-        // Wait for the next change, the next periodic full sync, or a retry after a failure.
-        let until_full = cfg.sync_period.saturating_sub(last_full.elapsed());
+        // Wait for the next change, the next periodic sync, or a retry after a failure.
+        let until_periodic = cfg.sync_period.saturating_sub(last_sync.elapsed());
         let retry = if need_full {
             Duration::from_secs(1).max(cfg.min_sync_period)
         } else {
-            until_full
+            until_periodic
         };
         let notified = shared.changed.notified();
         if shared.lock().has_pending() {
