@@ -536,7 +536,7 @@ impl Pod {
         let deadline = Instant::now() + Duration::from_secs(15);
         // With an HTTP port, the answer must come from this server (a host-network pod's port could be held by
         // another process); otherwise accepting connections is enough.
-        let http = self.config.http_ports.first().is_some();
+        let http = !self.config.http_ports.is_empty();
         loop {
             self.check_running()?;
             let up = if http {
