@@ -555,8 +555,11 @@ impl Kubelet {
             probe,
             liveness,
         };
+        // Spawn under the lock: a task that ends at once (object already deleted) removes its entry only after
+        // it was inserted.
+        let mut workers = self.lock_workers();
         let task = tokio::spawn(pod_task(ctx, pod, state, stop_rx));
-        self.lock_workers().insert(
+        workers.insert(
             key,
             Worker {
                 info: info.clone(),
