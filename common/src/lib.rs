@@ -20,10 +20,15 @@ pub const MAP_CT: &str = "ORCA_CT4";
 pub const MAP_AFFINITY: &str = "ORCA_AFFINITY";
 pub const MAP_CONFIG: &str = "ORCA_CONFIG";
 pub const MAP_SRC_RANGES: &str = "ORCA_SRC_RANGES";
+pub const MAP_SOCK: &str = "ORCA_SOCK";
 
 /// `ORCA_CONFIG` (array of `u32`) indices.
 /// The node's IPv4 address (packet order) used as source for masqueraded flows; 0 disables SNAT.
 pub const CONFIG_SNAT_IPV4: u32 = 0;
+/// The network namespace cookie (low and high 32 bits) whose sockets the cgroup hooks translate;
+/// 0 disables them. Several agents (one per sandbox node) can share a cgroup this way.
+pub const CONFIG_NETNS_COOKIE_LO: u32 = 1;
+pub const CONFIG_NETNS_COOKIE_HI: u32 = 2;
 pub const CONFIG_LEN: u32 = 4;
 
 /// Source ports of masqueraded flows come from this range (host order), above Linux's default
@@ -31,6 +36,13 @@ pub const CONFIG_LEN: u32 = 4;
 /// node's own connections.
 pub const NAT_PORT_MIN: u16 = 61_000;
 pub const NAT_PORT_MAX: u16 = 65_535;
+
+/// Socket-level load balancing for clients in the node's own network namespace (host processes,
+/// hostNetwork pods): cgroup/connect4, sendmsg4, recvmsg4 and getpeername4 hooks.
+pub const PROG_CONNECT4: &str = "orca_connect4";
+pub const PROG_SENDMSG4: &str = "orca_sendmsg4";
+pub const PROG_RECVMSG4: &str = "orca_recvmsg4";
+pub const PROG_GETPEERNAME4: &str = "orca_getpeername4";
 
 /// Program names in the eBPF object.
 /// Attached (TC ingress) on the host side of pod veths: traffic leaving local pods.
@@ -44,6 +56,7 @@ pub const BACKENDS_MAX: u32 = 262_144;
 pub const CT_MAX: u32 = 262_144;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const SRC_RANGES_MAX: u32 = 16_384;
+pub const SOCK_MAX: u32 = 65_536;
 
 /// Most backends a single frontend can hold (slot indices are `u16`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
@@ -145,6 +158,22 @@ pub struct SrcRangeKey {
     /// Source address, packet order (so prefixes match from the most significant bit).
     pub addr: u32,
 }
+
+/// Map `ORCA_SOCK` (LRU hash): `SockKey` -> `Backend`, the socket-level translation state.
+/// `SOCK_DIR_SERVICE`: (socket, frontend) -> the backend it was sent to (UDP sockets keep theirs);
+/// `SOCK_DIR_REVERSE`: (socket, backend) -> the frontend, for recvmsg/getpeername.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+pub const SOCK_DIR_SERVICE: u8 = 0;
+pub const SOCK_DIR_REVERSE: u8 = 1;
 
 /// Map `ORCA_BACKENDS` (hash): `BackendSlotKey` -> `Backend`.
 #[repr(C)]
@@ -269,6 +298,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for SockKey {}
 }
 
 // The layouts are part of the kernel/user ABI: fail the build if one changes by accident.
@@ -284,4 +314,5 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SrcRangeKey>() == 8);
+    assert!(size_of::<SockKey>() == 16);
 };

@@ -2,9 +2,7 @@
 //! backend membership (is this backend still part of the service?).
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
-use orca_common::{
-    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, SCOPE_ANY, SCOPE_EXTERNAL,
-};
+use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, SCOPE_ANY, SCOPE_EXTERNAL};
 
 use crate::{maps, parse::Flow};
 
@@ -59,6 +57,12 @@ pub fn is_member(service_id: u32, backend: &Backend) -> bool {
 /// Whether `saddr` may connect to a frontend of `service_id` restricted by source ranges.
 #[inline(always)]
 pub fn source_allowed(service_id: u32, saddr: u32) -> bool {
-    let key = Key::new(64, SrcRangeKey { service_id, addr: saddr });
+    let key = Key::new(
+        64,
+        SrcRangeKey {
+            service_id,
+            addr: saddr,
+        },
+    );
     maps::SRC_RANGES.get(key).is_some()
 }

@@ -7,6 +7,7 @@
 //! - `ct`: connection tracking (an established flow keeps its backend) and reverse NAT state
 //! - `nat`: DNAT to the backend and reverse NAT of replies, with incremental L3/L4 checksums
 //! - `reject`: ICMP port unreachable for frontends without endpoints
+//! - `sock`: cgroup connect/sendmsg/recvmsg/getpeername hooks for clients in the node's namespace
 //! - `datapath`: the per-packet flow that ties them together
 //!
 //! The crate is built for `bpfel-unknown-none` by proxy/build.rs. On the host it compiles to an
@@ -22,8 +23,12 @@ mod maps;
 mod nat;
 mod parse;
 mod reject;
+mod sock;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 /// TC ingress on the host side of pod veths (traffic leaving local pods, and replies of local
 /// backends).
@@ -36,6 +41,30 @@ pub fn orca_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn orca_from_netdev(ctx: TcContext) -> i32 {
     datapath::handle(&ctx, datapath::Origin::Netdev)
+}
+
+/// cgroup/connect4: TCP and connected UDP sockets of the node's namespace to a frontend.
+#[cgroup_sock_addr(connect4)]
+pub fn orca_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, false)
+}
+
+/// cgroup/sendmsg4: unconnected UDP datagrams to a frontend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn orca_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true)
+}
+
+/// cgroup/recvmsg4: UDP replies of a backend appear to come from the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn orca_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx)
+}
+
+/// cgroup/getpeername4: a connected socket's peer is the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn orca_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap},
 };
 use orca_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey,
-    SrcRangeKey, AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX, SRC_RANGES_MAX,
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey, SockKey,
+    SrcRangeKey, AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX, SOCK_MAX, SRC_RANGES_MAX,
 };
 
 #[map(name = "ORCA_FRONTENDS")]
@@ -32,3 +32,7 @@ pub static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_LEN, 0);
 /// loadBalancerSourceRanges of frontends flagged `FRONTEND_F_SOURCE_RANGES`.
 #[map(name = "ORCA_SRC_RANGES")]
 pub static SRC_RANGES: LpmTrie<SrcRangeKey, u32> = LpmTrie::with_max_entries(SRC_RANGES_MAX, 0);
+
+/// Socket-level translation state of the cgroup hooks.
+#[map(name = "ORCA_SOCK")]
+pub static SOCK: LruHashMap<SockKey, Backend> = LruHashMap::with_max_entries(SOCK_MAX, 0);

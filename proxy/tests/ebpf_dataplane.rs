@@ -66,8 +66,9 @@ fn run(args: &[&str]) {
     );
 }
 
-fn setup() -> Env {
-    let prefix = format!("orca-ebdp-{}", std::process::id());
+/// Namespaces `orca-ebdp-<pid>-<tag>-*`: tests of one process run in parallel.
+fn setup(tag: &str) -> Env {
+    let prefix = format!("orca-ebdp-{}-{tag}", std::process::id());
     let env = Env {
         dir: std::env::temp_dir().join(&prefix),
         prefix,
@@ -190,6 +191,7 @@ fn options(env: &Env) -> EbpfOptions {
         pod_interface_prefixes: vec!["c".into(), "b".into()],
         pod_interfaces: vec![],
         uplinks: vec!["no-such-uplink".into()],
+        cgroup: None,
     }
 }
 
@@ -201,7 +203,7 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         0,
         "run as root: the test creates namespaces and loads eBPF"
     );
-    let mut env = setup();
+    let mut env = setup("c");
     for (port, reply) in [
         (8080, "SYSTEM:echo hello-from-backend".to_string()),
         (8081, format!("SYSTEM:head -c {DOWNLOAD_BYTES} /dev/zero")),
@@ -400,4 +402,132 @@ fn concurrent_agents_mount_bpffs_once() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Clients in the node's own namespace (host processes, hostNetwork pods) reach ClusterIPs
+/// through the cgroup socket hooks: TCP connect, unconnected UDP with replies from the frontend,
+/// ECONNREFUSED without endpoints; processes of other namespaces or cgroups are left alone.
+#[test]
+fn host_namespace_clients_use_the_socket_hooks() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root: the test creates namespaces and loads eBPF"
+    );
+    let cg_root = orca_proxy::dataplane::ebpf::loader::cgroup2_mount().expect("a cgroup v2 hierarchy");
+    let mut env = setup("h");
+    let cgroup = cg_root.join(&env.prefix);
+    std::fs::create_dir_all(&cgroup).expect("test cgroup");
+    struct CgroupGuard(PathBuf);
+    impl Drop for CgroupGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cg_guard = CgroupGuard(cgroup.clone());
+    for (args, _) in [
+        (["TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo hello-from-backend"], ()),
+        (["UDP-RECVFROM:5353,fork", "SYSTEM:echo udp-hello"], ()),
+    ] {
+        env.servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &env.ns("backend"), "socat"])
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("backend server"),
+        );
+    }
+    let other = env.ns("client2");
+    run(&["ip", "netns", "add", &other]);
+    run(&["ip", "-n", &other, "link", "set", "lo", "up"]);
+
+    // Runs `script` with sh in namespace `ns`, inside the test cgroup when `in_cgroup`. The cgroup
+    // is joined before `ip netns exec`, which remounts /sys (and so hides the cgroup mounts).
+    let sh = |ns: &str, in_cgroup: bool, script: &str| -> (String, String) {
+        let join = if in_cgroup {
+            format!("echo $$ > {}/cgroup.procs && ", cgroup.display())
+        } else {
+            String::new()
+        };
+        let quoted = script.replace('\'', "'\\''");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{join}exec ip netns exec {ns} sh -c '{quoted}'"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("sh");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let tcp = "exec socat -T3 - TCP:10.96.0.10:80,connect-timeout=3";
+
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&env.ns("node"));
+            let opts = EbpfOptions {
+                pod_interface_prefixes: vec![],
+                cgroup: Some(cgroup.clone()),
+                ..options(&env)
+            };
+            let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
+            let web = service(&["10.202.0.2"]);
+            let mut dns = (*service_on("dns", "10.96.0.53", 53, 5353, &["10.202.0.2"])).clone();
+            dns.port.protocol = Protocol::Udp;
+            dns.port.name.protocol = Protocol::Udp;
+            let dns = Arc::new(dns);
+            let snap: Snapshot = [web.clone(), dns.clone()]
+                .into_iter()
+                .map(|p| (p.name().clone(), p))
+                .collect();
+            dp.full_sync(&snap, &node()).expect("full sync");
+            let (n, c2) = (env.ns("node"), other.clone());
+
+            // TCP from a host process of the node's namespace.
+            let (out, err) = sh(&n, true, tcp);
+            assert!(out.contains("hello-from-backend"), "{out:?} {err:?}");
+            // getpeername shows the ClusterIP, not the backend.
+            let (out, err) = sh(
+                &n,
+                true,
+                "exec python3 -c 'import socket; s = socket.create_connection((\"10.96.0.10\", 80), 3); print(\"peer=%s:%d\" % s.getpeername())'",
+            );
+            assert!(out.contains("peer=10.96.0.10:80"), "{out:?} {err:?}");
+            // Unconnected UDP: the request goes to the backend, the answer comes from the frontend.
+            let (out, err) = sh(&n, true, "echo q | exec socat -T2 - UDP-SENDTO:10.96.0.53:53");
+            assert!(out.contains("udp-hello"), "{out:?} {err:?}");
+
+            // Not ours: another namespace in the same cgroup, or our namespace outside the cgroup.
+            let (out, err) = sh(&c2, true, tcp);
+            assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
+            let (out, err) = sh(&n, false, tcp);
+            assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
+
+            // No endpoints: connect() fails with ECONNREFUSED at once.
+            let empty = service(&[]);
+            let diff = Diff {
+                upserted: vec![empty.clone()],
+                ..Diff::default()
+            };
+            dp.apply(&diff, &snap, &node()).expect("apply");
+            let started = Instant::now();
+            let (out, err) = sh(&n, true, tcp);
+            assert!(out.is_empty() && err.contains("Connection refused"), "{out:?} {err:?}");
+            assert!(started.elapsed() < Duration::from_secs(2));
+
+            dp.cleanup().expect("cleanup");
+            // Hooks gone: the ClusterIP is not translated any more.
+            let (out, err) = sh(&n, true, tcp);
+            assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
+        })
+        .join()
+    });
+    drop(env);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }

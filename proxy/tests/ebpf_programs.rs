@@ -68,6 +68,16 @@ impl Datapath {
                 panic!("the verifier rejected {name}: {}", verifier_log(&e));
             }
         }
+        for name in orca_proxy::dataplane::ebpf::loader::SOCK_PROGRAMS {
+            let prog: &mut aya::programs::CgroupSockAddr = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from the object"))
+                .try_into()
+                .expect("a cgroup sock_addr program");
+            if let Err(e) = prog.load() {
+                panic!("the verifier rejected {name}: {}", verifier_log(&e));
+            }
+        }
         Self { ebpf }
     }
 
@@ -365,6 +375,7 @@ fn ct_key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8, dir: u8
 fn verifier_accepts_every_program() {
     let dp = Datapath::load();
     let names: Vec<&str> = dp.ebpf.programs().map(|(n, _)| n).collect();
+    assert_eq!(names.len(), 6, "{names:?}");
     assert!(
         names.contains(&PROG_FROM_POD) && names.contains(&PROG_FROM_NETDEV),
         "{names:?}"

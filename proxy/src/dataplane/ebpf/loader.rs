@@ -9,16 +9,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{self, TcAttachOptions};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use orca_common::{
-    ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS, MAP_SRC_RANGES,
+    ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS, MAP_SOCK, MAP_SRC_RANGES,
 };
 
 use crate::ebpf_obj;
 
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_FRONTENDS,
     MAP_BACKENDS,
     MAP_MEMBERS,
@@ -26,6 +26,7 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_AFFINITY,
     MAP_CONFIG,
     MAP_SRC_RANGES,
+    MAP_SOCK,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -121,12 +122,14 @@ pub fn load(dir: &Path) -> Result<Ebpf> {
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
-        prog.load().map_err(|e| match e {
-            aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
-                anyhow::anyhow!("the verifier rejected {name}: {io_error}\n{verifier_log}")
-            }
-            other => anyhow::Error::new(other).context(format!("loading {name}")),
-        })?;
+        prog.load().map_err(|e| verifier_error(name, e))?;
+    }
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().map_err(|e| verifier_error(name, e))?;
     }
     Ok(ebpf)
 }
@@ -153,6 +156,89 @@ pub fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<BTreeMap<Role, SchedC
         out.insert(role, handle);
     }
     Ok(out)
+}
+
+/// The cgroup hooks for clients in the node's own network namespace.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    orca_common::PROG_CONNECT4,
+    orca_common::PROG_SENDMSG4,
+    orca_common::PROG_RECVMSG4,
+    orca_common::PROG_GETPEERNAME4,
+];
+
+fn verifier_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            anyhow::anyhow!("the verifier rejected {name}: {io_error}\n{verifier_log}")
+        }
+        other => anyhow::Error::new(other).context(format!("loading {name}")),
+    }
+}
+
+/// The cgroup v2 hierarchy's mount point (`/sys/fs/cgroup` or, on hybrid systems,
+/// `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next() != Some("cgroup2") {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE).
+pub fn netns_cookie() -> Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("socket for SO_NETNS_COOKIE")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a valid socket and a correctly sized out-buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
+}
+
+/// Attaches the cgroup hooks to `cgroup` (alongside other agents' hooks) and pins their links;
+/// links pinned by a previous agent are detached once the new ones are in place.
+pub fn attach_sock_programs(ebpf: &mut Ebpf, cgroup: &Path, dir: &Path) -> Result<()> {
+    let links_dir = dir.join("links");
+    std::fs::create_dir_all(&links_dir)?;
+    let cg = std::fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+        let link: FdLink = prog
+            .take_link(id)?
+            .try_into()
+            .context("cgroup link is not an fd link")?;
+        let pin = links_dir.join(format!("cgroup-{name}"));
+        if let Ok(old) = PinnedLink::from_pin(&pin) {
+            // The old agent's hook: detach it now that ours runs.
+            if let Ok(fd) = old.unpin() {
+                drop(fd);
+            }
+        }
+        let _ = std::fs::remove_file(&pin);
+        link.pin(&pin)
+            .with_context(|| format!("pinning the cgroup link of {name} at {}", pin.display()))?;
+    }
+    tracing::info!(cgroup = %cgroup.display(), "attached the socket hooks for host-namespace clients");
+    Ok(())
 }
 
 /// The role of an interface.

@@ -44,6 +44,10 @@ pub struct EbpfOptions {
     /// Node uplinks; empty means the interfaces holding one of the node's addresses, else the
     /// ones carrying the IPv4 default route.
     pub uplinks: Vec<String>,
+    /// cgroup (v2) whose processes get socket-level translation when they run in the agent's
+    /// network namespace (host processes, hostNetwork pods): by default the root of the cgroup v2
+    /// hierarchy. `None` disables the hooks.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Default for EbpfOptions {
@@ -54,6 +58,7 @@ impl Default for EbpfOptions {
             pod_interface_prefixes: ["cali", "veth", "lxc", "orca-p"].map(String::from).to_vec(),
             pod_interfaces: vec![],
             uplinks: vec![],
+            cgroup: loader::cgroup2_mount(),
         }
     }
 }
@@ -168,6 +173,14 @@ impl EbpfDataplane {
         let dir = loader::versioned_dir(&opts.bpf_root);
         let mut ebpf = loader::load(&dir)?;
         let progs = loader::pin_programs(&mut ebpf, &dir)?;
+        if let Some(cg) = &opts.cgroup {
+            let cookie = loader::netns_cookie()?;
+            let map = ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
+            let mut config: Array<&mut MapData, u32> = Array::try_from(map)?;
+            config.set(orca_common::CONFIG_NETNS_COOKIE_LO, cookie as u32, 0)?;
+            config.set(orca_common::CONFIG_NETNS_COOKIE_HI, (cookie >> 32) as u32, 0)?;
+            loader::attach_sock_programs(&mut ebpf, cg, &dir)?;
+        }
         let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf });
         let attacher = Attacher::new(&dir)?;
         let links = Arc::new(Mutex::new(Links {
