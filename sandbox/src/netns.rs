@@ -303,7 +303,7 @@ fn teardown_matching(netns_filter: fn(&str) -> bool) -> Vec<String> {
 }
 
 /// Exclusive, process-wide and machine-wide ownership of the sandbox's fixed namespace names: an flock on
-/// `.cache/sandbox/lock`, released when dropped (or when the process dies). The owner's pid is written into the
+/// `/run/orca-sandbox.lock` (machine-wide), released when dropped (or when the process dies). The owner's pid is written into the
 /// file so `cargo xtask sandbox down` can ask a running owner to stop.
 pub struct SandboxLock {
     file: File,
@@ -312,7 +312,7 @@ pub struct SandboxLock {
 impl SandboxLock {
     /// Wait (up to `timeout`) for the lock.
     pub fn acquire(timeout: Duration) -> Result<SandboxLock> {
-        let path = crate::sandbox_dir().join("lock");
+        let path = lock_path();
         std::fs::create_dir_all(crate::sandbox_dir())?;
         let mut file = OpenOptions::new()
             .create(true)
@@ -361,9 +361,20 @@ impl Drop for SandboxLock {
     }
 }
 
+/// The lock is machine-wide, not per checkout: the namespace names it guards are global, and two clones of the
+/// repository (a developer's and CI's) must not tear down each other's sandbox.
+fn lock_path() -> PathBuf {
+    let run = Path::new("/run");
+    if run.is_dir() {
+        run.join("orca-sandbox.lock")
+    } else {
+        crate::sandbox_dir().join("lock")
+    }
+}
+
 /// The pid of a live process holding the sandbox lock, if any.
 pub fn lock_owner() -> Option<u32> {
-    let path = crate::sandbox_dir().join("lock");
+    let path = lock_path();
     let file = File::open(&path).ok()?;
     // SAFETY: flock on a descriptor we own; if we can take the lock nobody holds it.
     let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
