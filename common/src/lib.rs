@@ -21,6 +21,7 @@ pub const MAP_AFFINITY: &str = "ORCA_AFFINITY";
 pub const MAP_CONFIG: &str = "ORCA_CONFIG";
 pub const MAP_SRC_RANGES: &str = "ORCA_SRC_RANGES";
 pub const MAP_SOCK: &str = "ORCA_SOCK";
+pub const MAP_MAGLEV: &str = "ORCA_MAGLEV";
 
 /// `ORCA_CONFIG` (array of `u32`) indices.
 /// The node's IPv4 address (packet order) used as source for masqueraded flows; 0 disables SNAT.
@@ -57,6 +58,12 @@ pub const CT_MAX: u32 = 262_144;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const SRC_RANGES_MAX: u32 = 16_384;
 pub const SOCK_MAX: u32 = 65_536;
+pub const MAGLEV_MAX: u32 = 1 << 21;
+
+/// Size of a Maglev lookup table (a prime). Every backend owns M/N entries (within one); a
+/// backend change moves few flows as long as the table is much larger than the backend count
+/// (about 10 times or more: services of up to ~100 backends).
+pub const MAGLEV_TABLE_SIZE: u32 = 1_021;
 
 /// Most backends a single frontend can hold (slot indices are `u16`).
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
@@ -157,6 +164,40 @@ pub struct SrcRangeKey {
     pub service_id: u32,
     /// Source address, packet order (so prefixes match from the most significant bit).
     pub addr: u32,
+}
+
+/// Frontend flag: choose backends by Maglev consistent hashing of the 5-tuple instead of at
+/// random, so every node picks the same backend for a flow and a backend change moves few flows.
+pub const FRONTEND_F_MAGLEV: u16 = 8;
+
+/// Map `ORCA_MAGLEV` (hash): `BackendSlotKey { service_id, slot: slot_base + i }` for
+/// `i < MAGLEV_TABLE_SIZE` -> the backend's offset in the slot range. The table lives in the same
+/// half of the slot space as the backend set it indexes, so it switches with it.
+pub type MaglevKey = BackendSlotKey;
+
+/// The flow hash Maglev tables are indexed by (the same on every node and in the agent's tests):
+/// FNV-1a over the 5-tuple bytes in packet order.
+#[inline(always)]
+pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut mix = |b: u8| {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    };
+    for b in saddr.to_ne_bytes() {
+        mix(b);
+    }
+    for b in daddr.to_ne_bytes() {
+        mix(b);
+    }
+    for b in sport.to_ne_bytes() {
+        mix(b);
+    }
+    for b in dport.to_ne_bytes() {
+        mix(b);
+    }
+    mix(proto);
+    h
 }
 
 /// Map `ORCA_SOCK` (LRU hash): `SockKey` -> `Backend`, the socket-level translation state.

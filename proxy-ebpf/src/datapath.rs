@@ -89,7 +89,7 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
 
     let backend = match affinity::lookup(&fe, flow.saddr, now) {
         Some(b) => b,
-        None => match lb::choose_backend(&fe) {
+        None => match lb::choose_backend(&fe, flow_hash(&flow)) {
             Some(b) => b,
             None if fe.flags & FRONTEND_F_DROP_WHEN_EMPTY != 0 => return TC_ACT_SHOT,
             None => return reject::reject(ctx, &flow),
@@ -140,4 +140,9 @@ fn verdict(r: Result<(), i64>) -> i32 {
         // A rewrite that failed half-way would send a corrupt packet: drop it.
         Err(_) => TC_ACT_SHOT,
     }
+}
+
+#[inline(always)]
+fn flow_hash(flow: &Flow) -> u32 {
+    orca_common::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }

@@ -1,8 +1,11 @@
-//! Load balancing: frontend lookup, random backend choice over the frontend's slot range, and
+//! Load balancing: frontend lookup, backend choice (random, or Maglev) over the frontend's slot range, and
 //! backend membership (is this backend still part of the service?).
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::lpm_trie::Key};
-use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, SCOPE_ANY, SCOPE_EXTERNAL};
+use orca_common::{
+    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, FRONTEND_F_MAGLEV, MAGLEV_TABLE_SIZE,
+    SCOPE_ANY, SCOPE_EXTERNAL,
+};
 
 use crate::{maps, parse::Flow};
 
@@ -27,17 +30,35 @@ pub fn lookup_frontend(flow: &Flow, external: bool) -> Option<Frontend> {
     unsafe { maps::FRONTENDS.get(key) }.copied()
 }
 
-/// A uniformly random backend of the frontend's current set; `None` when it has none or a slot is
+/// A backend of the frontend's current set: uniformly random, or by the Maglev table for
+/// `flow_hash` when the frontend asks for it; `None` when it has none or a slot is
 /// missing (the agent writes slots before it publishes their count, so that means a bug or a race
 /// with a deletion; the caller then treats the frontend as having no endpoints).
 #[inline(always)]
-pub fn choose_backend(fe: &Frontend) -> Option<Backend> {
+pub fn choose_backend(fe: &Frontend, flow_hash: u32) -> Option<Backend> {
     if fe.backend_count == 0 {
         return None;
     }
-    // SAFETY: helper without arguments.
-    let r = unsafe { bpf_get_prandom_u32() };
-    let slot = fe.slot_base.wrapping_add(r % u32::from(fe.backend_count));
+    let offset = if fe.flags & FRONTEND_F_MAGLEV != 0 {
+        let key = BackendSlotKey {
+            service_id: fe.service_id,
+            slot: fe.slot_base.wrapping_add(flow_hash % MAGLEV_TABLE_SIZE),
+        };
+        // SAFETY: copied out at once. A missing table (the agent is writing it) falls back to a
+        // random choice rather than failing the connection.
+        match unsafe { maps::MAGLEV.get(key) }.copied() {
+            Some(o) => o,
+            // SAFETY: helper without arguments.
+            None => (unsafe { bpf_get_prandom_u32() }) % u32::from(fe.backend_count),
+        }
+    } else {
+        // SAFETY: helper without arguments.
+        (unsafe { bpf_get_prandom_u32() }) % u32::from(fe.backend_count)
+    };
+    if offset >= u32::from(fe.backend_count) {
+        return None;
+    }
+    let slot = fe.slot_base.wrapping_add(offset);
     let key = BackendSlotKey {
         service_id: fe.service_id,
         slot,

@@ -10,6 +10,8 @@ use orca_common::{
     SrcRangeKey, AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX, SOCK_MAX, SRC_RANGES_MAX,
 };
 
+use orca_common::{MaglevKey, MAGLEV_MAX};
+
 #[map(name = "ORCA_FRONTENDS")]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
 
@@ -36,3 +38,9 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u32> = LpmTrie::with_max_entries(SRC
 /// Socket-level translation state of the cgroup hooks.
 #[map(name = "ORCA_SOCK")]
 pub static SOCK: LruHashMap<SockKey, Backend> = LruHashMap::with_max_entries(SOCK_MAX, 0);
+
+/// Maglev lookup tables of frontends flagged `FRONTEND_F_MAGLEV`.
+#[map(name = "ORCA_MAGLEV")]
+pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::with_max_entries(MAGLEV_MAX, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;

@@ -108,7 +108,8 @@ pub fn translate(ctx: &SockAddrContext, keep: bool) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let backend = match kept.or_else(|| affinity::lookup(&fe, client, now)) {
         Some(b) => b,
-        None => match lb::choose_backend(&fe) {
+        // Sockets have no source port yet: hash what is known (client, frontend, cookie).
+        None => match lb::choose_backend(&fe, orca_common::flow_hash(client, addr, cookie as u16, port, proto)) {
             Some(b) => b,
             None => return refuse(),
         },

@@ -192,6 +192,7 @@ fn options(env: &Env) -> EbpfOptions {
         pod_interfaces: vec![],
         uplinks: vec!["no-such-uplink".into()],
         cgroup: None,
+        maglev: false,
     }
 }
 
@@ -472,6 +473,8 @@ fn host_namespace_clients_use_the_socket_hooks() {
             let opts = EbpfOptions {
                 pod_interface_prefixes: vec![],
                 cgroup: Some(cgroup.clone()),
+                // The socket hooks choose by Maglev here (the TC path is covered at random).
+                maglev: true,
                 ..options(&env)
             };
             let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");

@@ -912,3 +912,48 @@ fn load_balancer_source_ranges_drop_other_sources() {
         assert_eq!(rc, TC_ACT_SHOT, "{src:?} is outside the ranges");
     }
 }
+
+#[test]
+fn maglev_picks_the_same_backend_for_a_flow_on_every_node() {
+    let backends = [be(BACKEND_A, 8080), be(BACKEND_B, 8080), be(BACKEND_C, 8080)];
+    let table = orca_proxy::dataplane::ebpf::maglev::table(&backends, orca_common::MAGLEV_TABLE_SIZE);
+    let fe = FrontendKey::new(VIP, 80, IPPROTO_TCP);
+    // Two "nodes": separate maps, same Service, same table.
+    let mut nodes = [Datapath::load(), Datapath::load()];
+    for dp in &mut nodes {
+        dp.set_service(fe, 40, 0, &backends, 0);
+        dp.set_flags(fe, orca_common::FRONTEND_F_MAGLEV);
+        let mut m: HashMap<&mut MapData, BackendSlotKey, u32> =
+            HashMap::try_from(dp.ebpf.map_mut(orca_common::MAP_MAGLEV).unwrap()).unwrap();
+        for (i, offset) in table.iter().enumerate() {
+            m.insert(
+                BackendSlotKey {
+                    service_id: 40,
+                    slot: i as u32,
+                },
+                *offset,
+                0,
+            )
+            .unwrap();
+        }
+    }
+    let mut used = std::collections::HashSet::new();
+    for sport in 0..60u16 {
+        let f = tcp_frame(CLIENT, VIP, &Tcp::syn(57000 + sport, 80));
+        let a = check(&nodes[0].run(PROG_FROM_POD, &f).1).dst;
+        let b = check(&nodes[1].run(PROG_FROM_POD, &f).1).dst;
+        assert_eq!(a, b, "nodes disagree for source port {}", 57000 + sport);
+        // And it is the table's choice for the flow hash the agent documents.
+        let h = orca_common::flow_hash(
+            addr_from_octets(CLIENT),
+            addr_from_octets(VIP),
+            (57000 + sport).to_be(),
+            80u16.to_be(),
+            IPPROTO_TCP,
+        );
+        let want = backends[table[(h % orca_common::MAGLEV_TABLE_SIZE) as usize] as usize];
+        assert_eq!(a.octets(), orca_common::addr_octets(want.addr));
+        used.insert(a);
+    }
+    assert_eq!(used.len(), 3, "{used:?}");
+}

@@ -13,12 +13,13 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use orca_common::{
-    ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MEMBERS, MAP_SOCK, MAP_SRC_RANGES,
+    ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK,
+    MAP_SRC_RANGES,
 };
 
 use crate::ebpf_obj;
 
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_FRONTENDS,
     MAP_BACKENDS,
     MAP_MEMBERS,
@@ -27,6 +28,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_CONFIG,
     MAP_SRC_RANGES,
     MAP_SOCK,
+    MAP_MAGLEV,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

@@ -6,6 +6,7 @@
 //! `v<ABI>/progs/<program>` and `v<ABI>/links/<ifname>-ingress`.
 
 pub mod loader;
+pub mod maglev;
 pub mod services;
 
 use std::collections::BTreeMap;
@@ -21,7 +22,7 @@ use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use orca_common::{
     Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS,
-    MAP_MEMBERS, MAP_SRC_RANGES,
+    MAP_MAGLEV, MAP_MEMBERS, MAP_SRC_RANGES,
 };
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
@@ -48,6 +49,8 @@ pub struct EbpfOptions {
     /// network namespace (host processes, hostNetwork pods): by default the root of the cgroup v2
     /// hierarchy. `None` disables the hooks.
     pub cgroup: Option<PathBuf>,
+    /// Choose backends by Maglev consistent hashing instead of at random.
+    pub maglev: bool,
 }
 
 impl Default for EbpfOptions {
@@ -59,6 +62,7 @@ impl Default for EbpfOptions {
             pod_interfaces: vec![],
             uplinks: vec![],
             cgroup: loader::cgroup2_mount(),
+            maglev: false,
         }
     }
 }
@@ -181,7 +185,7 @@ impl EbpfDataplane {
             config.set(orca_common::CONFIG_NETNS_COOKIE_HI, (cookie >> 32) as u32, 0)?;
             loader::attach_sock_programs(&mut ebpf, cg, &dir)?;
         }
-        let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf });
+        let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf }).with_maglev(opts.maglev);
         let attacher = Attacher::new(&dir)?;
         let links = Arc::new(Mutex::new(Links {
             opts,
@@ -388,6 +392,19 @@ impl MapOps for AyaMaps<'_> {
     }
     fn members(&self) -> Vec<MemberKey> {
         self.map_ref::<MemberKey, u32>(MAP_MEMBERS)
+            .map(|m| m.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+    fn put_maglev(&mut self, k: BackendSlotKey, offset: u32) -> Result<()> {
+        self.map(MAP_MAGLEV)?
+            .insert(k, offset, 0)
+            .context("updating ORCA_MAGLEV")
+    }
+    fn del_maglev(&mut self, k: &BackendSlotKey) -> Result<()> {
+        ignore_missing(self.map::<BackendSlotKey, u32>(MAP_MAGLEV)?.remove(k))
+    }
+    fn maglev_keys(&self) -> Vec<BackendSlotKey> {
+        self.map_ref::<BackendSlotKey, u32>(MAP_MAGLEV)
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     }

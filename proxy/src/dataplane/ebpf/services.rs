@@ -31,6 +31,9 @@ pub trait MapOps {
     fn frontends(&self) -> Vec<(FrontendKey, Frontend)>;
     fn slots(&self) -> Vec<BackendSlotKey>;
     fn members(&self) -> Vec<MemberKey>;
+    fn put_maglev(&mut self, k: BackendSlotKey, offset: u32) -> anyhow::Result<()>;
+    fn del_maglev(&mut self, k: &BackendSlotKey) -> anyhow::Result<()>;
+    fn maglev_keys(&self) -> Vec<BackendSlotKey>;
     fn put_range(&mut self, r: SrcRange) -> anyhow::Result<()>;
     fn del_range(&mut self, r: &SrcRange) -> anyhow::Result<()>;
     fn ranges(&self) -> Vec<SrcRange>;
@@ -62,6 +65,8 @@ struct PublishedSet {
     id: u32,
     base: u32,
     backends: Vec<Backend>,
+    /// Whether a Maglev table was written for it.
+    maglev: bool,
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +93,8 @@ pub struct Programmer {
     adoptable: HashMap<FrontendKey, Frontend>,
     used_ids: BTreeSet<u32>,
     next_id: u32,
+    /// Choose backends by Maglev consistent hashing instead of at random.
+    maglev: bool,
 }
 
 impl Programmer {
@@ -101,6 +108,12 @@ impl Programmer {
             next_id: max_id.max(max_slot_id) + 1,
             ..Self::default()
         }
+    }
+
+    /// Use Maglev consistent hashing for every service (new backend sets get a table).
+    pub fn with_maglev(mut self, on: bool) -> Self {
+        self.maglev = on;
+        self
     }
 
     pub fn service_ports(&self) -> usize {
@@ -177,11 +190,13 @@ impl Programmer {
                                     })
                                 })
                                 .collect(),
+                            // Unknown: rewritten (with a table if wanted) on the first change.
+                            maglev: fe.flags & orca_common::FRONTEND_F_MAGLEV != 0,
                         }
                     })
             });
             let next = match &current {
-                Some(cur) if &cur.backends == backends => {
+                Some(cur) if &cur.backends == backends && cur.maglev == (self.maglev && !backends.is_empty()) => {
                     entry.sets.insert(*kind, cur.clone());
                     continue;
                 }
@@ -189,13 +204,26 @@ impl Programmer {
                     id: cur.id,
                     base: if cur.base == 0 { SLOT_HALF } else { 0 },
                     backends: backends.clone(),
+                    maglev: self.maglev && !backends.is_empty(),
                 },
                 None => PublishedSet {
                     id: self.alloc_id(),
                     base: 0,
                     backends: backends.clone(),
+                    maglev: self.maglev && !backends.is_empty(),
                 },
             };
+            if next.maglev {
+                let table = super::maglev::table(&next.backends, orca_common::MAGLEV_TABLE_SIZE);
+                for (i, offset) in table.iter().enumerate() {
+                    let key = BackendSlotKey {
+                        service_id: next.id,
+                        slot: next.base + i as u32,
+                    };
+                    maps.put_maglev(key, *offset)?;
+                }
+                w.entries += table.len();
+            }
             for (i, b) in next.backends.iter().enumerate() {
                 let slot = BackendSlotKey {
                     service_id: next.id,
@@ -276,6 +304,9 @@ impl Programmer {
             }
             if !cidrs.is_empty() && is_lb(fk) {
                 flags |= orca_common::FRONTEND_F_SOURCE_RANGES;
+            }
+            if set.maglev {
+                flags |= orca_common::FRONTEND_F_MAGLEV;
             }
             let value = Frontend {
                 service_id: set.id,
@@ -397,6 +428,19 @@ impl Programmer {
                 w.entries += 1;
             }
         }
+        let mut live_tables: BTreeSet<(u32, u32)> = BTreeSet::new();
+        for entry in self.ports.values() {
+            for set in entry.sets.values().filter(|s| s.maglev) {
+                live_tables.insert((set.id, set.base));
+            }
+        }
+        for k in maps.maglev_keys() {
+            let base = if k.slot >= SLOT_HALF { SLOT_HALF } else { 0 };
+            if !live_tables.contains(&(k.service_id, base)) {
+                maps.del_maglev(&k)?;
+                w.entries += 1;
+            }
+        }
         let live_ranges: BTreeSet<SrcRange> = self.ports.values().flat_map(|e| e.ranges.iter().copied()).collect();
         for r in maps.ranges() {
             if !live_ranges.contains(&r) {
@@ -410,6 +454,15 @@ impl Programmer {
 
 fn free_set(maps: &mut dyn MapOps, set: &PublishedSet, keep: &BTreeSet<MemberKey>) -> anyhow::Result<usize> {
     let mut n = 0;
+    if set.maglev {
+        for i in 0..orca_common::MAGLEV_TABLE_SIZE {
+            maps.del_maglev(&BackendSlotKey {
+                service_id: set.id,
+                slot: set.base + i,
+            })?;
+        }
+        n += orca_common::MAGLEV_TABLE_SIZE as usize;
+    }
     for (i, b) in set.backends.iter().enumerate() {
         maps.del_slot(&BackendSlotKey {
             service_id: set.id,

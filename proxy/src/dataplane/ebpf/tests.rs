@@ -19,6 +19,7 @@ struct FakeMaps {
     slots: BTreeMap<BackendSlotKey, Backend>,
     members: BTreeSet<MemberKey>,
     ranges: BTreeSet<SrcRange>,
+    maglev: BTreeMap<BackendSlotKey, u32>,
     ops: usize,
 }
 
@@ -31,6 +32,23 @@ impl FakeMaps {
                     "op {}: frontend {k:?} restricted by source ranges it does not have",
                     self.ops
                 );
+            }
+            if f.flags & orca_common::FRONTEND_F_MAGLEV != 0 {
+                for i in 0..orca_common::MAGLEV_TABLE_SIZE {
+                    let k = BackendSlotKey {
+                        service_id: f.service_id,
+                        slot: f.slot_base + i,
+                    };
+                    let o = self
+                        .maglev
+                        .get(&k)
+                        .unwrap_or_else(|| panic!("op {}: frontend {k:?} uses a missing Maglev entry {i}", self.ops));
+                    assert!(
+                        *o < u32::from(f.backend_count),
+                        "op {}: Maglev offset out of range",
+                        self.ops
+                    );
+                }
             }
             for i in 0..u32::from(f.backend_count) {
                 let sk = BackendSlotKey {
@@ -92,6 +110,20 @@ impl MapOps for FakeMaps {
     }
     fn members(&self) -> Vec<MemberKey> {
         self.members.iter().copied().collect()
+    }
+    fn put_maglev(&mut self, k: BackendSlotKey, offset: u32) -> anyhow::Result<()> {
+        self.maglev.insert(k, offset);
+        // Checking all frontends after each of the ~1000 table writes is slow; count only.
+        self.ops += 1;
+        Ok(())
+    }
+    fn del_maglev(&mut self, k: &BackendSlotKey) -> anyhow::Result<()> {
+        self.maglev.remove(k);
+        self.ops += 1;
+        Ok(())
+    }
+    fn maglev_keys(&self) -> Vec<BackendSlotKey> {
+        self.maglev.keys().copied().collect()
     }
     fn put_range(&mut self, r: SrcRange) -> anyhow::Result<()> {
         self.ranges.insert(r);
@@ -440,4 +472,34 @@ fn load_balancer_source_ranges_restrict_only_load_balancer_frontends() {
         0
     );
     assert!(m.ranges.is_empty());
+}
+
+#[test]
+fn maglev_tables_switch_with_their_backend_sets() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default().with_maglev(true);
+    let cfg = DataplaneConfig::default();
+    let vip = fk("10.96.0.50", 80);
+    for ips in [
+        vec!["10.244.1.1", "10.244.1.2", "10.244.1.3"],
+        vec!["10.244.1.1", "10.244.1.3"],
+        vec![],
+    ] {
+        let eps = ips.iter().map(|ip| ep(ip, false)).collect();
+        p.upsert(&mut m, &state(port("mg", "10.96.0.50"), eps), &node(), &cfg)
+            .unwrap();
+        m.check();
+        let f = m.fe[&vip];
+        let expect_table = !ips.is_empty();
+        assert_eq!(f.flags & orca_common::FRONTEND_F_MAGLEV != 0, expect_table);
+        // Exactly one table (the live one) remains.
+        let want = if expect_table {
+            orca_common::MAGLEV_TABLE_SIZE as usize
+        } else {
+            0
+        };
+        assert_eq!(m.maglev.len(), want);
+    }
+    p.remove(&mut m, &name("mg")).unwrap();
+    assert!(m.maglev.is_empty());
 }
