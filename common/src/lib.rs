@@ -30,7 +30,17 @@ pub const CONFIG_SNAT_IPV4: u32 = 0;
 /// 0 disables them. Several agents (one per sandbox node) can share a cgroup this way.
 pub const CONFIG_NETNS_COOKIE_LO: u32 = 1;
 pub const CONFIG_NETNS_COOKIE_HI: u32 = 2;
+/// `CONFIG_F_*` bits.
+pub const CONFIG_FLAGS: u32 = 3;
 pub const CONFIG_LEN: u32 = 4;
+
+/// `--masquerade-all`: every translated flow is masqueraded.
+pub const CONFIG_F_MASQUERADE_ALL: u32 = 1;
+/// `--cluster-cidr` is set: ClusterIP traffic arriving from outside the node from a source outside
+/// the cluster CIDRs (`ORCA_SRC_RANGES` entries of `CLUSTER_CIDR_ID`) is masqueraded.
+pub const CONFIG_F_CLUSTER_CIDR: u32 = 2;
+/// Service id under which `ORCA_SRC_RANGES` holds the cluster CIDRs (real ids start at 1).
+pub const CLUSTER_CIDR_ID: u32 = 0;
 
 /// Source ports of masqueraded flows come from this range (host order), above Linux's default
 /// ephemeral range (`net.ipv4.ip_local_port_range` 32768-60999), so they do not collide with the
@@ -165,6 +175,9 @@ pub struct SrcRangeKey {
     /// Source address, packet order (so prefixes match from the most significant bit).
     pub addr: u32,
 }
+
+/// Frontend flag: a ClusterIP (internal) frontend.
+pub const FRONTEND_F_CLUSTER_IP: u16 = 16;
 
 /// Frontend flag: choose backends by Maglev consistent hashing of the 5-tuple instead of at
 /// random, so every node picks the same backend for a flow and a backend change moves few flows.

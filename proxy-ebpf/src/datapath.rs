@@ -96,8 +96,9 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
         },
     };
     affinity::record(&fe, flow.saddr, &backend, now);
-    let masquerade =
-        (origin == Origin::Netdev && fe.flags & FRONTEND_F_SNAT_EXTERNAL != 0) || flow.saddr == backend.addr;
+    let masquerade = (origin == Origin::Netdev && fe.flags & FRONTEND_F_SNAT_EXTERNAL != 0)
+        || flow.saddr == backend.addr
+        || masquerade_by_config(origin, &fe, flow.saddr);
     let snat_addr = if masquerade { snat_ipv4() } else { 0 };
     match ct::create(&flow, &backend, fe.service_id, snat_addr, now) {
         Ok(snat) => translate(ctx, &mut flow, &backend, snat),
@@ -145,4 +146,18 @@ fn verdict(r: Result<(), i64>) -> i32 {
 #[inline(always)]
 fn flow_hash(flow: &Flow) -> u32 {
     orca_common::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
+}
+
+/// kube-proxy's `--masquerade-all`, and `--cluster-cidr`: ClusterIP traffic from outside the node
+/// whose source is not a pod is masqueraded, so replies of remote backends come back here.
+#[inline(always)]
+fn masquerade_by_config(origin: Origin, fe: &Frontend, saddr: u32) -> bool {
+    let flags = maps::CONFIG.get(orca_common::CONFIG_FLAGS).copied().unwrap_or(0);
+    if flags & orca_common::CONFIG_F_MASQUERADE_ALL != 0 {
+        return true;
+    }
+    origin == Origin::Netdev
+        && flags & orca_common::CONFIG_F_CLUSTER_CIDR != 0
+        && fe.flags & orca_common::FRONTEND_F_CLUSTER_IP != 0
+        && !lb::source_allowed(orca_common::CLUSTER_CIDR_ID, saddr)
 }

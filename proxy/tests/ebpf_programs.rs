@@ -957,3 +957,51 @@ fn maglev_picks_the_same_backend_for_a_flow_on_every_node() {
     }
     assert_eq!(used.len(), 3, "{used:?}");
 }
+
+#[test]
+fn cluster_cidr_and_masquerade_all_decide_masquerading_of_cluster_ips() {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    let mut dp = Datapath::load();
+    dp.set_snat_ip(NODE_IP);
+    let fe = FrontendKey::new(VIP, 80, IPPROTO_TCP);
+    dp.set_service(fe, 50, 0, &[be(BACKEND_B, 8080)], 0);
+    dp.set_flags(fe, orca_common::FRONTEND_F_CLUSTER_IP);
+    let set_config_flags = |dp: &mut Datapath, flags: u32| {
+        let mut cfg: Array<&mut MapData, u32> = Array::try_from(dp.ebpf.map_mut(MAP_CONFIG).unwrap()).unwrap();
+        cfg.set(orca_common::CONFIG_FLAGS, flags, 0).unwrap();
+    };
+    {
+        let map = dp.ebpf.map_mut(orca_common::MAP_SRC_RANGES).unwrap();
+        let mut t: LpmTrie<&mut MapData, orca_common::SrcRangeKey, u32> = LpmTrie::try_from(map).unwrap();
+        let key = orca_common::SrcRangeKey {
+            service_id: orca_common::CLUSTER_CIDR_ID,
+            addr: addr_from_octets([10, 244, 0, 0]),
+        };
+        t.insert(&Key::new(32 + 16, key), 1, 0).unwrap();
+    }
+    let src_of = |dp: &Datapath, prog: &str, client: [u8; 4], sport: u16| {
+        let (_, out) = dp.run(prog, &tcp_frame(client, VIP, &Tcp::syn(sport, 80)));
+        let seen = check(&out);
+        assert_eq!(seen.dst, Ipv4Addr::from(BACKEND_B));
+        seen.src
+    };
+    // No --cluster-cidr: nothing is masqueraded.
+    assert_eq!(
+        src_of(&dp, PROG_FROM_NETDEV, EXTERNAL_CLIENT, 58000),
+        Ipv4Addr::from(EXTERNAL_CLIENT)
+    );
+    // --cluster-cidr 10.244.0.0/16: outside sources arriving from the network are, pods are not.
+    set_config_flags(&mut dp, orca_common::CONFIG_F_CLUSTER_CIDR);
+    assert_eq!(
+        src_of(&dp, PROG_FROM_NETDEV, EXTERNAL_CLIENT, 58001),
+        Ipv4Addr::from(NODE_IP)
+    );
+    assert_eq!(
+        src_of(&dp, PROG_FROM_NETDEV, [10, 244, 2, 9], 58002),
+        Ipv4Addr::from([10, 244, 2, 9])
+    );
+    assert_eq!(src_of(&dp, PROG_FROM_POD, CLIENT, 58003), Ipv4Addr::from(CLIENT));
+    // --masquerade-all: everything is.
+    set_config_flags(&mut dp, orca_common::CONFIG_F_MASQUERADE_ALL);
+    assert_eq!(src_of(&dp, PROG_FROM_POD, CLIENT, 58004), Ipv4Addr::from(NODE_IP));
+}

@@ -185,6 +185,7 @@ impl EbpfDataplane {
             config.set(orca_common::CONFIG_NETNS_COOKIE_HI, (cookie >> 32) as u32, 0)?;
             loader::attach_sock_programs(&mut ebpf, cg, &dir)?;
         }
+        configure(&mut ebpf, &cfg)?;
         let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf }).with_maglev(opts.maglev);
         let attacher = Attacher::new(&dir)?;
         let links = Arc::new(Mutex::new(Links {
@@ -242,6 +243,37 @@ impl EbpfDataplane {
         }
         Ok(())
     }
+}
+
+/// Writes `--masquerade-all` and `--cluster-cidr` (IPv4) into the maps, replacing what a previous
+/// agent wrote.
+fn configure(ebpf: &mut Ebpf, cfg: &DataplaneConfig) -> Result<()> {
+    let mut maps = AyaMaps { ebpf };
+    for r in maps.ranges() {
+        if r.service_id == orca_common::CLUSTER_CIDR_ID {
+            maps.del_range(&r)?;
+        }
+    }
+    let mut flags = 0;
+    if cfg.masquerade_all {
+        flags |= orca_common::CONFIG_F_MASQUERADE_ALL;
+    }
+    for c in &cfg.cluster_cidrs {
+        if let std::net::IpAddr::V4(a) = c.addr {
+            maps.put_range(SrcRange {
+                service_id: orca_common::CLUSTER_CIDR_ID,
+                addr: orca_common::addr_from_octets(a.octets()),
+                prefix: c.prefix,
+            })?;
+            flags |= orca_common::CONFIG_F_CLUSTER_CIDR;
+        }
+    }
+    let map = maps.ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
+    let mut config: Array<&mut MapData, u32> = Array::try_from(map)?;
+    config
+        .set(orca_common::CONFIG_FLAGS, flags, 0)
+        .context("writing ORCA_CONFIG")?;
+    Ok(())
 }
 
 fn lock(links: &Mutex<Links>) -> Result<std::sync::MutexGuard<'_, Links>> {

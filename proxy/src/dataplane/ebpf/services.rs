@@ -308,6 +308,9 @@ impl Programmer {
             if set.maglev {
                 flags |= orca_common::FRONTEND_F_MAGLEV;
             }
+            if *kind == SetKind::Internal {
+                flags |= orca_common::FRONTEND_F_CLUSTER_IP;
+            }
             let value = Frontend {
                 service_id: set.id,
                 backend_count: set.backends.len() as u16,
@@ -443,7 +446,8 @@ impl Programmer {
         }
         let live_ranges: BTreeSet<SrcRange> = self.ports.values().flat_map(|e| e.ranges.iter().copied()).collect();
         for r in maps.ranges() {
-            if !live_ranges.contains(&r) {
+            // The cluster CIDRs (CLUSTER_CIDR_ID) belong to the dataplane's configuration.
+            if r.service_id != orca_common::CLUSTER_CIDR_ID && !live_ranges.contains(&r) {
                 maps.del_range(&r)?;
                 w.entries += 1;
             }
