@@ -224,12 +224,21 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         s.spawn(|| {
             enter_netns(&env.ns("node"));
             let cfg = DataplaneConfig::default();
+            // A layout left by another release (maps pinned under v0) is removed at start-up.
+            let stale = env.bpf_root().join("v0").join("maps");
+            let mounted = orca_proxy::dataplane::ebpf::loader::ensure_bpffs(&env.bpf_root()).expect("bpffs");
+            assert_eq!(mounted.as_deref(), Some(env.bpf_root().as_path()));
+            std::fs::create_dir_all(&stale).unwrap();
+            let mut old = aya::EbpfLoader::new();
+            for m in orca_proxy::dataplane::ebpf::loader::ALL_MAPS {
+                old.map_pin_path(m, stale.join(m));
+            }
+            drop(old.load(orca_proxy::ebpf_obj::OBJECT).expect("an old layout"));
+            assert!(stale.join(orca_common::MAP_CT).exists());
             let mut dp = EbpfDataplane::new(cfg.clone(), options(&env)).expect("eBPF dataplane");
-            assert_eq!(
-                dp.mounted_bpffs(),
-                Some(env.bpf_root().as_path()),
-                "the test root was not a bpffs: the dataplane mounts one there"
-            );
+            assert!(!env.bpf_root().join("v0").exists(), "the old layout was not removed");
+            // The test mounted the bpffs itself (for the old layout) above.
+            assert_eq!(dp.mounted_bpffs(), None);
             assert_eq!(dp.attached_interfaces(), ["b0", "c0"]);
 
             // 1. A ClusterIP with one endpoint: requests reach the backend through the VIP.

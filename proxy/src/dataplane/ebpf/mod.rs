@@ -174,6 +174,7 @@ impl EbpfDataplane {
     /// is the reason to fall back to iptables.
     pub fn new(cfg: DataplaneConfig, opts: EbpfOptions) -> Result<Self> {
         let mounted_bpffs = loader::ensure_bpffs(&opts.bpf_root)?;
+        remove_other_layouts(&opts.bpf_root)?;
         let dir = loader::versioned_dir(&opts.bpf_root);
         let mut ebpf = loader::load(&dir)?;
         let progs = loader::pin_programs(&mut ebpf, &dir)?;
@@ -335,28 +336,51 @@ impl Dataplane for EbpfDataplane {
 /// Removes this release's pins under `root` (maps, links) and the directories, whatever process
 /// created them. Links are detached by unpinning them (nothing else holds them).
 pub fn remove_pins(root: &std::path::Path) -> Result<()> {
-    let dir = loader::versioned_dir(root);
+    remove_layout(&loader::versioned_dir(root))
+}
+
+/// Detaches the links pinned in one layout directory (`<root>/v<N>`) and removes its pins. Works
+/// on any version's layout: links are found by listing, maps and programs are unpinned by file.
+fn remove_layout(dir: &std::path::Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    let mut att = Attacher::new(&dir)?;
+    let mut att = Attacher::new(dir)?;
     att.detach_all()?;
-    for m in loader::ALL_MAPS {
-        let p = dir.join("maps").join(m);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
-    }
-    for prog in [orca_common::PROG_FROM_POD, orca_common::PROG_FROM_NETDEV] {
-        let p = dir.join("progs").join(prog);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    for sub in ["maps", "progs"] {
+        if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
+            for e in entries.flatten() {
+                let p = e.path();
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
         }
     }
     for sub in ["maps", "links", "progs"] {
         let _ = std::fs::remove_dir(dir.join(sub));
     }
-    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
+/// Layouts of other releases under `root` (`v<N>`, N != ABI_VERSION): their programs would keep
+/// translating with stale maps next to ours, so they are detached and removed at start-up (the
+/// new release recreates its state from the desired state at its first full sync).
+fn remove_other_layouts(root: &std::path::Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let other = name
+            .strip_prefix('v')
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n != orca_common::ABI_VERSION);
+        if other {
+            tracing::warn!(layout = %e.path().display(), "removing the pinned state of another Orca release");
+            remove_layout(&e.path())?;
+        }
+    }
     Ok(())
 }
 
