@@ -10,7 +10,7 @@
 
 /// Layout version of the maps below. The agent pins its maps under `<bpffs root>/v<ABI_VERSION>/`,
 /// so a release that changes a layout never adopts maps written by an older one.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Map names as they appear in the eBPF object (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
 pub const MAP_FRONTENDS: &str = "ORCA_FRONTENDS";
@@ -317,8 +317,41 @@ pub struct CtValue {
     /// Masqueraded flows. Service direction: the source address the client's packets get (the
     /// node's); reply direction: the client's address, the replies' new destination. 0: no SNAT.
     pub nat_addr: u32,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
     /// bpf_ktime_get_ns() of the last packet that used the entry.
     pub last_seen_ns: u64,
+}
+
+/// Conntrack flag: a FIN was seen (the connection is closing).
+pub const CT_F_FIN: u32 = 1;
+/// Conntrack flag: a RST was seen.
+pub const CT_F_RST: u32 = 2;
+
+/// Idle lifetimes of conntrack entries, after which a packet with the same 5-tuple is a new flow
+/// (and a reply-direction entry no longer rewrites anything). kube-proxy's conntrack settings:
+/// established TCP 24 h (`--conntrack-tcp-timeout-established`), closing TCP like TIME_WAIT /
+/// CLOSE_WAIT, UDP like a conntrack "stream".
+pub const CT_TCP_ESTABLISHED_NS: u64 = 86_400 * 1_000_000_000;
+pub const CT_TCP_FIN_NS: u64 = 120 * 1_000_000_000;
+pub const CT_TCP_RST_NS: u64 = 10 * 1_000_000_000;
+pub const CT_UDP_NS: u64 = 120 * 1_000_000_000;
+
+impl CtValue {
+    /// How long the entry lives without traffic.
+    #[inline(always)]
+    pub fn lifetime_ns(&self, proto: u8) -> u64 {
+        if proto != IPPROTO_TCP {
+            CT_UDP_NS
+        } else if self.flags & CT_F_RST != 0 {
+            CT_TCP_RST_NS
+        } else if self.flags & CT_F_FIN != 0 {
+            CT_TCP_FIN_NS
+        } else {
+            CT_TCP_ESTABLISHED_NS
+        }
+    }
 }
 
 /// Map `ORCA_AFFINITY` (LRU hash): `AffinityKey` -> `AffinityValue` (ClientIP session affinity).
@@ -364,7 +397,7 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<MemberKey>() == 12);
     assert!(size_of::<CtKey>() == 16);
-    assert!(size_of::<CtValue>() == 24);
+    assert!(size_of::<CtValue>() == 32);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SrcRangeKey>() == 8);

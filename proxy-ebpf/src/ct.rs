@@ -4,7 +4,10 @@
 //! or backend -> node for masqueraded flows; value: the frontend and the client) for reverse NAT.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
-use orca_common::{Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, NAT_PORT_MAX, NAT_PORT_MIN};
+use orca_common::{
+    Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN, CT_F_RST, NAT_PORT_MAX, NAT_PORT_MIN,
+};
+use proxy_ebpf::hdr::{TCP_FIN, TCP_RST};
 
 use crate::{maps, parse::Flow};
 
@@ -64,30 +67,43 @@ fn reply_value(flow: &Flow, service_id: u32, snat: Option<Snat>, now_ns: u64) ->
         nat_port,
         service_id,
         nat_addr,
+        flags: 0,
+        _pad: 0,
         last_seen_ns: now_ns,
     }
 }
 
-/// The service-direction entry of a packet sent to a frontend, refreshed.
+/// The live service-direction entry of a packet sent to a frontend, refreshed.
 #[inline(always)]
 pub fn lookup_service(flow: &Flow, now_ns: u64) -> Option<CtValue> {
-    lookup(&key(flow, CT_DIR_SERVICE), now_ns)
+    lookup(flow, &key(flow, CT_DIR_SERVICE), now_ns)
 }
 
-/// The reply-direction entry of a packet sent by a backend, refreshed.
+/// The live reply-direction entry of a packet sent by a backend, refreshed.
 #[inline(always)]
 pub fn lookup_reply(flow: &Flow, now_ns: u64) -> Option<CtValue> {
-    lookup(&key(flow, CT_DIR_REPLY), now_ns)
+    lookup(flow, &key(flow, CT_DIR_REPLY), now_ns)
 }
 
+/// An entry idle for longer than its lifetime is dead (as an expired conntrack entry): the packet
+/// is treated as untracked and a new flow overwrites it. TCP FIN/RST shorten the lifetime.
 #[inline(always)]
-fn lookup(key: &CtKey, now_ns: u64) -> Option<CtValue> {
+fn lookup(flow: &Flow, key: &CtKey, now_ns: u64) -> Option<CtValue> {
     let ptr = maps::CT.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup and stays valid during the program;
-    // a concurrent update of last_seen_ns from another CPU is benign.
+    // concurrent updates of last_seen_ns / flags from another CPU are benign.
     unsafe {
-        (*ptr).last_seen_ns = now_ns;
-        Some(*ptr)
+        let v = &mut *ptr;
+        if now_ns.saturating_sub(v.last_seen_ns) > v.lifetime_ns(flow.proto) {
+            return None;
+        }
+        v.last_seen_ns = now_ns;
+        if flow.tcp_flags & TCP_RST != 0 {
+            v.flags |= CT_F_RST;
+        } else if flow.tcp_flags & TCP_FIN != 0 {
+            v.flags |= CT_F_FIN;
+        }
+        Some(*v)
     }
 }
 
@@ -144,6 +160,8 @@ pub fn create(
         nat_port,
         service_id,
         nat_addr,
+        flags: 0,
+        _pad: 0,
         last_seen_ns: now_ns,
     };
     let _ = maps::CT.insert(key(flow, CT_DIR_SERVICE), service, 0);
@@ -154,8 +172,42 @@ pub fn create(
 #[inline(always)]
 pub fn ensure_reply(flow: &Flow, backend: &Backend, service_id: u32, snat: Option<Snat>, now_ns: u64) {
     let rkey = reply_key(flow, backend, snat);
-    if maps::CT.get_ptr(rkey).is_some() {
+    if let Some(ptr) = maps::CT.get_ptr_mut(rkey) {
+        // Traffic in either direction keeps both entries alive, as one conntrack entry would be.
+        // SAFETY: pointer from a successful lookup, valid during the program.
+        unsafe { (*ptr).last_seen_ns = now_ns };
         return;
     }
     let _ = maps::CT.insert(rkey, reply_value(flow, service_id, snat, now_ns), 0);
+}
+
+/// A reply keeps its flow's service-direction entry alive (a silent client of a streaming
+/// backend must not lose its backend).
+#[inline(always)]
+pub fn touch_service(flow: &Flow, rev: &CtValue, now_ns: u64) {
+    let (client, client_port) = if rev.nat_addr != 0 {
+        (rev.nat_addr, rev.nat_port)
+    } else {
+        (flow.daddr, flow.dport)
+    };
+    let skey = CtKey {
+        saddr: client,
+        daddr: rev.addr,
+        sport: client_port,
+        dport: rev.port,
+        proto: flow.proto,
+        dir: CT_DIR_SERVICE,
+        _pad: 0,
+    };
+    if let Some(ptr) = maps::CT.get_ptr_mut(skey) {
+        // SAFETY: pointer from a successful lookup, valid during the program.
+        unsafe {
+            (*ptr).last_seen_ns = now_ns;
+            if flow.tcp_flags & TCP_RST != 0 {
+                (*ptr).flags |= CT_F_RST;
+            } else if flow.tcp_flags & TCP_FIN != 0 {
+                (*ptr).flags |= CT_F_FIN;
+            }
+        }
+    }
 }

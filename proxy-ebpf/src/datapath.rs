@@ -48,6 +48,8 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(rev) = ct::lookup_reply(&flow, now) {
+        // Keyed by the reply as it arrives, before any rewrite.
+        ct::touch_service(&flow, &rev, now);
         let r = nat::rewrite(ctx, &mut flow, End::Source, rev.addr, rev.port);
         if r.is_ok() && rev.nat_addr != 0 {
             return verdict(nat::rewrite(

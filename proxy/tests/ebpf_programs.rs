@@ -1055,3 +1055,91 @@ fn per_packet_cost_does_not_grow_with_the_number_of_services() {
     assert!(many < one * 2.0 + 200.0, "{one} ns -> {many} ns");
     assert!(one < 5_000.0, "{one} ns per packet");
 }
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn conntrack_entries_expire_like_conntrack_and_fin_rst_shorten_them() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 60, 0, &[be(BACKEND_A, 8080)], 0);
+    dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(60000, 80)));
+    let fwd_key = ct_key(CLIENT, VIP, 60000, 80, IPPROTO_TCP, CT_DIR_SERVICE);
+    let rev_key = ct_key(BACKEND_A, CLIENT, 8080, 60000, IPPROTO_TCP, CT_DIR_REPLY);
+
+    // A FIN marks the flow as closing (120 s lifetime), a RST as reset (10 s).
+    let mut fin = Tcp::data(60000, 80, b"");
+    fin.flags = ACK | 0x01;
+    dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &fin));
+    let v = dp.ct(&fwd_key).unwrap();
+    assert_eq!(v.flags & orca_common::CT_F_FIN, orca_common::CT_F_FIN);
+    assert_eq!(v.lifetime_ns(IPPROTO_TCP), orca_common::CT_TCP_FIN_NS);
+    let mut rst = Tcp::data(8080, 60000, b"");
+    rst.flags = 0x04;
+    dp.run(PROG_FROM_NETDEV, &tcp_frame(BACKEND_A, CLIENT, &rst));
+    assert_ne!(dp.ct(&rev_key).unwrap().flags & orca_common::CT_F_RST, 0);
+    assert_ne!(
+        dp.ct(&fwd_key).unwrap().flags & orca_common::CT_F_RST,
+        0,
+        "the reply marks the service entry too"
+    );
+
+    // An expired service entry (reset, idle since boot) is a new flow: the stale backend it
+    // names is not used.
+    let mut stale = dp.ct(&fwd_key).unwrap();
+    assert_ne!(stale.flags & orca_common::CT_F_RST, 0);
+    stale.addr = addr_from_octets([10, 244, 99, 99]);
+    stale.last_seen_ns = 0;
+    dp.map::<CtKey, CtValue>(MAP_CT).insert(fwd_key, stale, 0).unwrap();
+    let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::data(60000, 80, b"x")));
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_A));
+
+    // An expired reply entry rewrites nothing.
+    // (A reset flow idle since boot: older than its 10 s lifetime whatever the uptime.)
+    let mut old_rev = dp.ct(&rev_key).unwrap();
+    old_rev.flags |= orca_common::CT_F_RST;
+    old_rev.last_seen_ns = 0;
+    dp.map::<CtKey, CtValue>(MAP_CT).insert(rev_key, old_rev, 0).unwrap();
+    let reply = tcp_frame(BACKEND_A, CLIENT, &Tcp::data(8080, 60000, b"y"));
+    let (_, out) = dp.run(PROG_FROM_NETDEV, &reply);
+    assert_eq!(out, reply);
+}
+
+#[test]
+fn replies_keep_a_silent_clients_flow_alive() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 53, IPPROTO_UDP), 61, 0, &[be(BACKEND_B, 5353)], 0);
+    let q = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, VIP, 61000, 53, b"sub", true),
+    );
+    dp.run(PROG_FROM_POD, &q);
+    let fwd_key = ct_key(CLIENT, VIP, 61000, 53, IPPROTO_UDP, CT_DIR_SERVICE);
+    // The client has been silent for 100 s of its 120 s; the backend keeps streaming.
+    let mut v = dp.ct(&fwd_key).unwrap();
+    v.last_seen_ns = monotonic_ns() - 100_000_000_000;
+    dp.map::<CtKey, CtValue>(MAP_CT).insert(fwd_key, v, 0).unwrap();
+    let push = frame(
+        BACKEND_B,
+        CLIENT,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(BACKEND_B, CLIENT, 5353, 61000, b"push", true),
+    );
+    let (_, out) = dp.run(PROG_FROM_NETDEV, &push);
+    assert_eq!(check(&out).src, Ipv4Addr::from(VIP));
+    let after = dp.ct(&fwd_key).unwrap().last_seen_ns;
+    assert!(
+        monotonic_ns() - after < 5_000_000_000,
+        "the reply did not refresh the service entry"
+    );
+}
