@@ -3,8 +3,8 @@
 //! and in count (`--max-ops`); it prints one JSON line ([`LoadResult`]) on stdout.
 //!
 //! Modes:
-//! * `connect`: each op is a new TCP connection, one `GET /hostname` with `Connection: close`, the answer read to
-//!   the end, close (abortive, SO_LINGER 0, so no TIME_WAIT accumulates). Reports connections/s, connect latency (SYN to established) and whole-op latency.
+//! * `connect`: each op is a new TCP connection, one `GET /hostname`, the answer read (by its Content-Length),
+//!   close by the client (abortive, SO_LINGER 0: no TIME_WAIT accumulates on either side). Reports connections/s, connect latency (SYN to established) and whole-op latency.
 //! * `rr`: each worker keeps one connection to a TCP echo server and does `--size`-byte request/response
 //!   round trips. Reports round trips/s and their latency.
 //! * `stream`: one connection to a TCP sink; bytes are written for the duration, then the write side is shut and
@@ -118,23 +118,56 @@ fn micros(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
+/// Read one HTTP/1.1 response with a `Content-Length` body: whether its status is 200, and the body.
+pub async fn read_response(s: &mut TcpStream) -> Result<(bool, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk).await.map_err(|e| err_kind(&e))?;
+        if n == 0 {
+            return Err(format!("connection closed after {} bytes", buf.len()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if buf.len() > 16 * 1024 {
+                return Err("response head over 16 KiB".into());
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| "response without Content-Length".to_string())?;
+        let want = end + 4 + len;
+        while buf.len() < want {
+            let n = s.read(&mut chunk).await.map_err(|e| err_kind(&e))?;
+            if n == 0 {
+                return Err("connection closed inside the body".into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        return Ok((head.starts_with("http/1.1 200"), buf[end + 4..want].to_vec()));
+    }
+}
+
 async fn connect_op(addr: SocketAddr, timeout: Duration, out: &mut WorkerOut) {
     let t0 = Instant::now();
     let op = async {
         let mut s = TcpStream::connect(addr).await.map_err(|e| err_kind(&e))?;
         let tc = t0.elapsed();
         let _ = s.set_nodelay(true);
-        // Close with RST once the answer is read (SO_LINGER 0): neither side keeps TIME_WAIT. Otherwise the
-        // server pods' TIME_WAIT entries collide with the client's reused ports after a few ten thousand
-        // connections, and the SYNs that hit them stall for a retransmission (1 s) behind DNAT.
+        // The client closes, and with RST (SO_LINGER 0) once the answer is read: no side keeps TIME_WAIT.
+        // Had the server closed first (`Connection: close`), its TIME_WAIT entries would collide with the
+        // client's reused ports after a few ten thousand connections, and those SYNs would stall for a
+        // retransmission (1 s).
         let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-        s.write_all(b"GET /hostname HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /hostname HTTP/1.1\r\nHost: bench\r\n\r\n")
             .await
             .map_err(|e| err_kind(&e))?;
-        let mut buf = Vec::with_capacity(256);
-        s.read_to_end(&mut buf).await.map_err(|e| err_kind(&e))?;
-        if !buf.starts_with(b"HTTP/1.1 200") {
-            return Err(format!("bad answer ({} bytes)", buf.len()));
+        if !read_response(&mut s).await?.0 {
+            return Err("HTTP status not 200".to_string());
         }
         Ok::<Duration, String>(tc)
     };
@@ -339,6 +372,8 @@ mod tests {
                     let mut b = [0u8; 512];
                     let _ = s.read(&mut b).await;
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                    // Keep-alive: wait for the client to close.
+                    let _ = s.read(&mut b).await;
                 });
             }
         });

@@ -198,12 +198,41 @@ async fn load(ns: &str, mode: Mode, addrs: &[SocketAddr], o: &RunOpts) -> Result
     serde_json::from_str(line).with_context(|| format!("load generator output {line:?}"))
 }
 
+/// One `GET /` from `ns` to `addr` on a new connection; the name of the pod that answered. Like the load
+/// generator, the client closes with RST after the answer, so the server keeps no TIME_WAIT entry that a later
+/// connection from the same port would collide with.
+async fn whoami(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    use tokio::io::AsyncWriteExt;
+    let t0 = Instant::now();
+    let mut s = pods::tcp_connect(ns, addr, timeout).await.map_err(|e| e.to_string())?;
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    let left = timeout.saturating_sub(t0.elapsed());
+    let exchange = async {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let (ok, body) = crate::load::read_response(&mut s).await?;
+        if !ok {
+            return Err(format!("HTTP error: {}", String::from_utf8_lossy(&body)));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("answer is not JSON ({e})"))?;
+        v["pod"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| "answer without pod".to_string())
+    };
+    match tokio::time::timeout(left, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err("timed out".into()),
+    }
+}
+
 /// Bounded wait until every address answers `GET /` from `ns`.
 async fn wait_answering(ns: &str, addrs: &[SocketAddr], limit: Duration) -> Result<Duration> {
     let t0 = Instant::now();
     for a in addrs {
         loop {
-            match pods::whoami(ns, *a, Duration::from_millis(500)).await {
+            match whoami(ns, *a, Duration::from_millis(500)).await {
                 Ok(_) => break,
                 Err(e) if t0.elapsed() > limit => bail!("{a} not answering from {ns} after {limit:?}: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -276,8 +305,8 @@ async fn probe_until(
     let mut errors = 0;
     while t0.elapsed() < limit {
         let t = Instant::now();
-        match pods::whoami(ns, vip, Duration::from_millis(500)).await {
-            Ok(w) => seen.push((t, w.pod)),
+        match whoami(ns, vip, Duration::from_millis(500)).await {
+            Ok(pod) => seen.push((t, pod)),
             Err(_) => errors += 1,
         }
         if done(&seen) {
