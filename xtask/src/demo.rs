@@ -186,71 +186,106 @@ async fn show(ctx: &Ctx, n: usize) -> Result<()> {
     let b_ip = cluster_ip(&ctx.get_service("bandicoot-prod").await?)?;
     let from = app.kuard.netns.as_str();
     let all = names(&app.alpaca);
+    let mut failed = Vec::new();
 
     println!(
         "\n== {n} requests from the kuard pod ({}) to each Service ==",
         app.kuard.ip
     );
-    expect_backends(from, sa(a_ip, 8080), &all).await?;
-    let s = sample(from, sa(a_ip, 8080), n).await;
-    println!("   alpaca-prod {a_ip}:8080");
-    print_counts(&s, &app.alpaca);
-    expect_backends(from, sa(b_ip, 8080), &names(&app.bandicoot)).await?;
-    let s = sample(from, sa(b_ip, 8080), n).await;
-    println!("   bandicoot-prod {b_ip}:8080");
-    print_counts(&s, &app.bandicoot);
-    let w: WhoAmI = orca_sandbox::pods::whoami(from, sa(a_ip, 8080), Duration::from_secs(2))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!(
-        "   the pod saw the request come from {} (the kuard pod's own IP)",
-        w.client
-    );
+    let r: Result<()> = async {
+        expect_backends(from, sa(a_ip, 8080), &all).await?;
+        let s = sample(from, sa(a_ip, 8080), n).await;
+        println!("   alpaca-prod {a_ip}:8080");
+        print_counts(&s, &app.alpaca);
+        expect_backends(from, sa(b_ip, 8080), &names(&app.bandicoot)).await?;
+        let s = sample(from, sa(b_ip, 8080), n).await;
+        println!("   bandicoot-prod {b_ip}:8080");
+        print_counts(&s, &app.bandicoot);
+        let w: WhoAmI = orca_sandbox::pods::whoami(from, sa(a_ip, 8080), Duration::from_secs(2))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        println!(
+            "   the pod saw the request come from {} (the kuard pod's own IP)",
+            w.client
+        );
+        Ok(())
+    }
+    .await;
+    section("ClusterIP spread", r, &mut failed);
 
     let victim = &app.alpaca[0];
     println!(
         "\n== readiness flip: {} starts failing /ready (probe every 0.5s, failureThreshold 3) ==",
         victim.name
     );
-    let addr = sa(a_ip, 8080);
-    let (cond, traffic) = flip(ctx, from, addr, &victim.name, false).await?;
-    println!(
-        "   Pod Ready=False after {:.1}s; out of the answers after {:.1}s",
-        cond.as_secs_f64(),
-        traffic.as_secs_f64()
-    );
-    let s = sample(from, addr, n).await;
-    print_counts(&s, &app.alpaca);
-    println!("   {} recovers (/ready answers 200 again)", victim.name);
-    let (cond, traffic) = flip(ctx, from, addr, &victim.name, true).await?;
-    println!(
-        "   Pod Ready=True after {:.1}s; back in the answers after {:.1}s",
-        cond.as_secs_f64(),
-        traffic.as_secs_f64()
-    );
+    let r: Result<()> = async {
+        let addr = sa(a_ip, 8080);
+        let (cond, traffic) = flip(ctx, from, addr, &victim.name, false).await?;
+        println!(
+            "   Pod Ready=False after {:.1}s; out of the answers after {:.1}s",
+            cond.as_secs_f64(),
+            traffic.as_secs_f64()
+        );
+        let s = sample(from, addr, n).await;
+        print_counts(&s, &app.alpaca);
+        println!("   {} recovers (/ready answers 200 again)", victim.name);
+        let (cond, traffic) = flip(ctx, from, addr, &victim.name, true).await?;
+        println!(
+            "   Pod Ready=True after {:.1}s; back in the answers after {:.1}s",
+            cond.as_secs_f64(),
+            traffic.as_secs_f64()
+        );
+        Ok(())
+    }
+    .await;
+    section("readiness flip", r, &mut failed);
 
     println!(
         "\n== alpaca-prod as a NodePort, from the external client ({}) ==",
         ctx.topo.client.ip
     );
-    let svc = ctx
-        .patch_service("alpaca-prod", json!({"spec": {"type": "NodePort"}}))
-        .await?;
-    let np = node_port(&svc, None)?;
-    for node in &ctx.topo.nodes {
-        expect_backends(ctx.client_ns(), sa(node.ip, np), &all).await?;
-        let s = sample(ctx.client_ns(), sa(node.ip, np), n).await;
-        println!("   {}:{np} ({})", node.ip, node.name);
-        print_counts(&s, &app.alpaca);
+    let r: Result<()> = async {
+        let svc = ctx
+            .patch_service("alpaca-prod", json!({"spec": {"type": "NodePort"}}))
+            .await?;
+        let np = node_port(&svc, None)?;
+        for node in &ctx.topo.nodes {
+            println!("   {}:{np} ({})", node.ip, node.name);
+            let r = expect_backends(ctx.client_ns(), sa(node.ip, np), &all).await;
+            let s = sample(ctx.client_ns(), sa(node.ip, np), n).await;
+            print_counts(&s, &app.alpaca);
+            r?;
+        }
+        Ok(())
     }
+    .await;
+    section("NodePort", r, &mut failed);
 
     println!("\n== alpaca-prod as a LoadBalancer (ingress {SEED_LB_IP}, routed to node-a) ==");
-    ctx.patch_service("alpaca-prod", json!({"spec": {"type": "LoadBalancer"}}))
-        .await?;
-    ctx.set_lb_ingress("alpaca-prod", SEED_LB_IP).await?;
-    expect_backends(ctx.client_ns(), sa(SEED_LB_IP, 8080), &all).await?;
-    let s = sample(ctx.client_ns(), sa(SEED_LB_IP, 8080), n).await;
-    println!("   {SEED_LB_IP}:8080");
-    print_counts(&s, &app.alpaca);
-    Ok(())
+    let r: Result<()> = async {
+        ctx.patch_service("alpaca-prod", json!({"spec": {"type": "LoadBalancer"}}))
+            .await?;
+        ctx.set_lb_ingress("alpaca-prod", SEED_LB_IP).await?;
+        println!("   {SEED_LB_IP}:8080");
+        let r = expect_backends(ctx.client_ns(), sa(SEED_LB_IP, 8080), &all).await;
+        let s = sample(ctx.client_ns(), sa(SEED_LB_IP, 8080), n).await;
+        print_counts(&s, &app.alpaca);
+        r.map(|_| ())
+    }
+    .await;
+    section("LoadBalancer", r, &mut failed);
+
+    if failed.is_empty() {
+        println!("\n== every part of the demo worked ==");
+        Ok(())
+    } else {
+        bail!("parts of the demo failed: {}", failed.join(", "))
+    }
+}
+
+fn section(name: &str, r: Result<()>, failed: &mut Vec<String>) {
+    if let Err(e) = r {
+        println!("   FAILED ({name}): {e:#}");
+        failed.push(name.to_string());
+    }
 }

@@ -471,7 +471,17 @@ pub fn leftovers(ns: &str) -> Vec<String> {
         left.push(format!("{rules} nft rules/sets"));
     }
     if has_legacy_tables(ns) {
-        left.push("legacy iptables tables".into());
+        let save = output_in(ns, &["iptables-legacy-save"]);
+        let rules = save.lines().filter(|l| l.starts_with("-A ")).count();
+        let chains = save
+            .lines()
+            .filter(|l| l.starts_with(':') && (l.contains("KUBE") || l.to_ascii_uppercase().contains("ORCA")))
+            .count();
+        if rules > 0 || chains > 0 {
+            left.push(format!(
+                "{rules} legacy iptables rules, {chains} kube/orca legacy chains"
+            ));
+        }
     }
     for dev in links(ns) {
         let f = output_in(ns, &["tc", "filter", "show", "dev", &dev, "ingress"])

@@ -274,6 +274,15 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
 pub fn default_routes(topo: &crate::Topology) -> Result<()> {
     let via = topo.control_plane.ip.to_string();
     for n in &topo.nodes {
+        // A packet the proxy has not DNATed yet (a Service created a moment ago) would now leave through the
+        // interface it came in on, and the node would send the client an ICMP redirect to the control plane,
+        // which the client caches for minutes: later packets to that IP would bypass the node entirely.
+        for iface in ["all", "default", crate::topology::MEMBER_IFACE] {
+            crate::netns::exec(
+                &n.netns,
+                &["sysctl", "-qw", &format!("net.ipv4.conf.{iface}.send_redirects=0")],
+            )?;
+        }
         crate::netns::ip(&["-n", &n.netns, "route", "replace", "default", "via", &via])?;
     }
     Ok(())

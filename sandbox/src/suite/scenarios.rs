@@ -42,6 +42,11 @@ pub fn all() -> Vec<Scenario> {
             run: |c| Box::pin(affinity(c)),
         },
         Scenario {
+            name: "affinity-timeout",
+            about: "ClientIP affinity with timeoutSeconds 2: sticky within the window, re-balanced after it expires",
+            run: |c| Box::pin(affinity_timeout(c)),
+        },
+        Scenario {
             name: "proxy-name",
             about: "a Service labelled service-proxy-name=foo-bar is ignored; removing the label serves it",
             run: |c| Box::pin(proxy_name(c)),
@@ -310,6 +315,40 @@ async fn affinity(ctx: Arc<Ctx>) -> Result<()> {
     let pod = expect_sticky(&client.netns, sa(ip, 80), 30).await?;
     ctx.step(format!("affinity on again: all answered by {pod}"));
     Ok(())
+}
+
+async fn affinity_timeout(ctx: Arc<Ctx>) -> Result<()> {
+    ctx.deploy(spec("sticky", 3)).await?;
+    let client = ctx.client_pod("client", "node-a").await?;
+    let mut svc = simple_service("sticky", "sticky", 80);
+    svc["spec"]["sessionAffinity"] = json!("ClientIP");
+    svc["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 2}});
+    let svc = ctx.create_service(svc).await?;
+    let addr = sa(cluster_ip(&svc)?, 80);
+    ctx.wait_endpoints("sticky", 3).await?;
+    let first = expect_sticky(&client.netns, addr, 10).await?;
+    ctx.step(format!("sticky to {first}"));
+    // After each pause longer than the timeout the affinity is gone and the next pick is random: across up to 8
+    // rounds (each itself sticky) a second pod shows up unless the proxy never expires it (chance of a false
+    // failure: (1/3)^8).
+    let mut seen = BTreeSet::from([first.clone()]);
+    for round in 1..=8 {
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let s = sample(&client.netns, addr, 5).await;
+        ensure!(
+            s.failed() == 0 && s.answers.len() == 1,
+            "round {round}: 5 quick requests were not sticky: {s}"
+        );
+        seen.extend(s.pods());
+        if seen.len() > 1 {
+            ctx.step(format!(
+                "after {round} pause(s) of 3.5s the affinity expired: now {:?}",
+                s.pods()
+            ));
+            return Ok(());
+        }
+    }
+    bail!("still sticky to {first} after 8 pauses longer than timeoutSeconds=2")
 }
 
 async fn proxy_name(ctx: Arc<Ctx>) -> Result<()> {
