@@ -50,8 +50,8 @@ impl Histogram {
     }
 }
 
-/// Parse histogram `name` from a Prometheus text exposition (labels other than `le` are ignored: the first
-/// series wins).
+/// Parse histogram `name` from a Prometheus text exposition: the series without labels or with
+/// `ip_family="IPv4"` (kube-proxy exports one series per IP family; the sandbox is IPv4).
 pub fn parse_histogram(text: &str, name: &str) -> Option<Histogram> {
     let mut h = Histogram::default();
     let mut found = false;
@@ -65,6 +65,9 @@ pub fn parse_histogram(text: &str, name: &str) -> Option<Histogram> {
             continue;
         };
         let Ok(v) = value.parse::<f64>() else { continue };
+        if key.contains("ip_family=") && !key.contains("ip_family=\"IPv4\"") {
+            continue;
+        }
         if let Some(rest) = key.strip_prefix(&bucket) {
             let Some(le) = rest
                 .split(',')
@@ -308,6 +311,14 @@ kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="+Inf"} 4
 kubeproxy_sync_proxy_rules_duration_seconds_sum 0.007
 kubeproxy_sync_proxy_rules_duration_seconds_count 4
 kubeproxy_network_programming_duration_seconds_bucket{le="0.25"} 0
+kubeproxy_x_bucket{ip_family="IPv4",le="0.5"} 2
+kubeproxy_x_bucket{ip_family="IPv4",le="+Inf"} 2
+kubeproxy_x_sum{ip_family="IPv4"} 0.5
+kubeproxy_x_count{ip_family="IPv4"} 2
+kubeproxy_x_bucket{ip_family="IPv6",le="0.5"} 9
+kubeproxy_x_bucket{ip_family="IPv6",le="+Inf"} 9
+kubeproxy_x_sum{ip_family="IPv6"} 3
+kubeproxy_x_count{ip_family="IPv6"} 9
 "#;
 
     #[test]
@@ -327,6 +338,9 @@ kubeproxy_network_programming_duration_seconds_bucket{le="0.25"} 0
         assert_eq!(d.count, 3.0);
         assert_eq!(d.quantile_bound(0.3), Some(0.002));
         assert!(parse_histogram(SAMPLE, "nope").is_none());
+        let v4 = parse_histogram(SAMPLE, "kubeproxy_x").unwrap();
+        assert_eq!((v4.count, v4.sum), (2.0, 0.5));
+        assert_eq!(v4.buckets, vec![(0.5, 2.0), (f64::INFINITY, 2.0)]);
         assert!(parse_histogram("garbage {{{ ", SYNC_RULES).is_none());
     }
 

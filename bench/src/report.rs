@@ -167,7 +167,7 @@ pub fn control_metrics() -> Vec<Metric> {
             },
         },
         Metric {
-            title: "network_programming_duration_seconds during the changes: mean (proxy's own metric)",
+            title: "network_programming_duration_seconds during the changes (removals and re-adds): mean (proxy's own metric)",
             unit: "ms",
             higher_is_better: false,
             get: |c| {

@@ -486,10 +486,9 @@ async fn measure(
         }
         let after = scrape(a).await;
         if let (Some(m), Some(af)) = (&mid, &after) {
-            if let (Some(h0), Some(h1)) = (
-                probe::parse_histogram(m, probe::NETWORK_PROGRAMMING),
-                probe::parse_histogram(af, probe::NETWORK_PROGRAMMING),
-            ) {
+            // kube-proxy exports the histogram only after its first observation: absent before = empty.
+            if let Some(h1) = probe::parse_histogram(af, probe::NETWORK_PROGRAMMING) {
+                let h0 = probe::parse_histogram(m, probe::NETWORK_PROGRAMMING).unwrap_or_default();
                 res.net_prog = Some(h1.since(&h0));
             }
         }
