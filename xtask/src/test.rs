@@ -20,7 +20,11 @@ fn cargo(args: &[&str]) -> Result<()> {
         .env("ORCA_REQUIRE_SANDBOX", "1")
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    println!("test: cargo {} finished in {:.1}s: {status}", args.join(" "), started.elapsed().as_secs_f64());
+    println!(
+        "test: cargo {} finished in {:.1}s: {status}",
+        args.join(" "),
+        started.elapsed().as_secs_f64()
+    );
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }

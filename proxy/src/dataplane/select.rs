@@ -27,7 +27,10 @@ fn iptables(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
 }
 
 fn ebpf(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
-    let opts = EbpfOptions { bpf_root: s.bpf_root.clone(), ..Default::default() };
+    let opts = EbpfOptions {
+        bpf_root: s.bpf_root.clone(),
+        ..Default::default()
+    };
     Ok(Box::new(EbpfDataplane::new(s.dataplane.clone(), opts)?))
 }
 
