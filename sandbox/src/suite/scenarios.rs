@@ -43,7 +43,7 @@ pub fn all() -> Vec<Scenario> {
         },
         Scenario {
             name: "affinity-timeout",
-            about: "ClientIP affinity with timeoutSeconds 2: sticky within the window, re-balanced after it expires",
+            about: "ClientIP affinity with timeoutSeconds 2: sticky within the window, re-balanced after pauses of 5s",
             run: |c| Box::pin(affinity_timeout(c)),
         },
         Scenario {
@@ -333,7 +333,7 @@ async fn affinity_timeout(ctx: Arc<Ctx>) -> Result<()> {
     // failure: (1/3)^8).
     let mut seen = BTreeSet::from([first.clone()]);
     for round in 1..=8 {
-        tokio::time::sleep(Duration::from_millis(3500)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let s = sample(&client.netns, addr, 5).await;
         ensure!(
             s.failed() == 0 && s.answers.len() == 1,
@@ -342,7 +342,7 @@ async fn affinity_timeout(ctx: Arc<Ctx>) -> Result<()> {
         seen.extend(s.pods());
         if seen.len() > 1 {
             ctx.step(format!(
-                "after {round} pause(s) of 3.5s the affinity expired: now {:?}",
+                "after {round} pause(s) of 5s the affinity expired: now {:?}",
                 s.pods()
             ));
             return Ok(());
