@@ -97,46 +97,64 @@ fn watcher_config() -> watcher::Config {
 
 /// Runs the three watchers until the process ends. Errors are logged and retried with backoff.
 pub async fn run(client: Client, node_name: String, shared: Shared) {
-    let svc = tokio::spawn(watch_services(Api::all(client.clone()), shared.clone()));
-    let eps = tokio::spawn(watch_slices(Api::all(client.clone()), shared.clone()));
+    let svc = tokio::spawn(watch_kind::<Service>(Api::all(client.clone()), shared.clone()));
+    let eps = tokio::spawn(watch_kind::<EndpointSlice>(Api::all(client.clone()), shared.clone()));
     let node = tokio::spawn(watch_node(Api::all(client), node_name, shared));
     let _ = tokio::join!(svc, eps, node);
 }
 
-async fn watch_services(api: Api<Service>, shared: Shared) {
-    let mut listed = HashSet::new();
-    let stream = watcher::watcher(api, watcher_config()).default_backoff();
-    futures::pin_mut!(stream);
-    loop {
-        match stream.try_next().await {
-            Ok(Some(ev)) => {
-                let mut t = shared.lock();
-                match ev {
-                    Event::Init => listed.clear(),
-                    Event::InitApply(s) => {
-                        if let Ok(n) = service_name(&s) {
-                            listed.insert(n);
-                        }
-                        t.service_updated(&s);
-                    }
-                    Event::InitDone => {
-                        t.retain_services(&listed);
-                        listed.clear();
-                        drop(t);
-                        shared.set_synced(SERVICES);
-                    }
-                    Event::Apply(s) => t.service_updated(&s),
-                    Event::Delete(s) => t.service_deleted(&s),
-                }
-                shared.changed.notify_one();
-            }
-            Ok(None) => return,
-            Err(e) => tracing::warn!(error = %e, "Service watch failed; retrying"),
-        }
+/// How the change tracker takes one kind of object (Services, EndpointSlices).
+trait Tracked:
+    kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static
+{
+    type Key: Eq + std::hash::Hash + Send;
+    /// Index into [`Shared`]'s synced flags.
+    const INDEX: usize;
+    const KIND: &'static str;
+    fn key(&self) -> Option<Self::Key>;
+    fn updated(t: &mut ChangeTracker, o: &Self);
+    fn deleted(t: &mut ChangeTracker, o: &Self);
+    /// After a re-list: forget what the list no longer holds.
+    fn retain(t: &mut ChangeTracker, listed: &HashSet<Self::Key>);
+}
+
+impl Tracked for Service {
+    type Key = crate::model::ServiceName;
+    const INDEX: usize = SERVICES;
+    const KIND: &'static str = "Service";
+    fn key(&self) -> Option<Self::Key> {
+        service_name(self).ok()
+    }
+    fn updated(t: &mut ChangeTracker, o: &Self) {
+        t.service_updated(o)
+    }
+    fn deleted(t: &mut ChangeTracker, o: &Self) {
+        t.service_deleted(o)
+    }
+    fn retain(t: &mut ChangeTracker, listed: &HashSet<Self::Key>) {
+        t.retain_services(listed)
     }
 }
 
-async fn watch_slices(api: Api<EndpointSlice>, shared: Shared) {
+impl Tracked for EndpointSlice {
+    type Key = (crate::model::ServiceName, String);
+    const INDEX: usize = SLICES;
+    const KIND: &'static str = "EndpointSlice";
+    fn key(&self) -> Option<Self::Key> {
+        slice_key(self).ok()
+    }
+    fn updated(t: &mut ChangeTracker, o: &Self) {
+        t.slice_updated(o)
+    }
+    fn deleted(t: &mut ChangeTracker, o: &Self) {
+        t.slice_deleted(o)
+    }
+    fn retain(t: &mut ChangeTracker, listed: &HashSet<Self::Key>) {
+        t.retain_slices(listed)
+    }
+}
+
+async fn watch_kind<K: Tracked>(api: Api<K>, shared: Shared) {
     let mut listed = HashSet::new();
     let stream = watcher::watcher(api, watcher_config()).default_backoff();
     futures::pin_mut!(stream);
@@ -146,25 +164,23 @@ async fn watch_slices(api: Api<EndpointSlice>, shared: Shared) {
                 let mut t = shared.lock();
                 match ev {
                     Event::Init => listed.clear(),
-                    Event::InitApply(s) => {
-                        if let Ok(k) = slice_key(&s) {
-                            listed.insert(k);
-                        }
-                        t.slice_updated(&s);
+                    Event::InitApply(o) => {
+                        listed.extend(o.key());
+                        K::updated(&mut t, &o);
                     }
                     Event::InitDone => {
-                        t.retain_slices(&listed);
+                        K::retain(&mut t, &listed);
                         listed.clear();
                         drop(t);
-                        shared.set_synced(SLICES);
+                        shared.set_synced(K::INDEX);
                     }
-                    Event::Apply(s) => t.slice_updated(&s),
-                    Event::Delete(s) => t.slice_deleted(&s),
+                    Event::Apply(o) => K::updated(&mut t, &o),
+                    Event::Delete(o) => K::deleted(&mut t, &o),
                 }
                 shared.changed.notify_one();
             }
             Ok(None) => return,
-            Err(e) => tracing::warn!(error = %e, "EndpointSlice watch failed; retrying"),
+            Err(e) => tracing::warn!(kind = K::KIND, error = %e, "watch failed; retrying"),
         }
     }
 }
