@@ -3,12 +3,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::cli::{parse_bind, Flags, LogFormat};
 use crate::dataplane::{DataplaneConfig, ProxyMode};
+use crate::events::NodeEvents;
+use crate::healthcheck::ProxyHealthServer;
 use crate::http::{self, Response};
 use crate::metrics::Metrics;
 use crate::model::tracker::ChangeTracker;
@@ -138,54 +140,50 @@ pub async fn kube_client(s: &Settings) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(cfg).context("building the Kubernetes client")
 }
 
-/// kube-proxy's /healthz body: `{"lastUpdated": "...","currentTime": "...", "nodeEligible": true}`.
-fn health_body(last: Option<SystemTime>, eligible: bool) -> String {
-    let fmt = |t: SystemTime| {
-        k8s_openapi::jiff::Timestamp::try_from(t)
-            .map(|t| t.to_string())
-            .unwrap_or_default()
+/// Starts the healthz and metrics servers. A server that cannot listen is logged and reported as a Warning Event
+/// (kube-proxy's FailedToStartProxierHealthcheck / FailedToStartMetricServer); the agent goes on without it.
+pub async fn start_servers(
+    s: &Settings,
+    proxy_health: ProxyHealthServer,
+    metrics: Arc<Metrics>,
+    events: Option<&NodeEvents>,
+) {
+    let failed = |metrics_server: bool, error: String| {
+        tracing::error!(error = %error, "cannot listen");
+        if let Some(ev) = events {
+            ev.publish(crate::events::server_failed(metrics_server, &error));
+        }
     };
-    let last = last.map(fmt).unwrap_or_else(|| "0001-01-01T00:00:00Z".into());
-    format!(
-        r#"{{"lastUpdated": "{last}","currentTime": "{}", "nodeEligible": {eligible}}}"#,
-        fmt(SystemTime::now())
-    )
-}
-
-/// Starts the healthz and metrics servers.
-pub async fn start_servers(s: &Settings, health: Arc<SyncHealth>, metrics: Arc<Metrics>) {
-    let timeout = s.sync.sync_period * 2;
     if let Some(addr) = s.healthz {
-        if let Some(l) = http::bind("healthz", addr).await {
-            tokio::spawn(http::serve(l, move |path| {
-                let health = health.clone();
-                async move {
-                    match path.as_str() {
-                        "/healthz" | "/livez" => {
-                            let (ok, last) = health.check(timeout);
-                            let mut r =
-                                Response::new(if ok { 200 } else { 503 }, "application/json", health_body(last, true));
-                            r.headers.push(("X-Content-Type-Options", "nosniff".into()));
-                            r
-                        }
-                        _ => Response::new(404, "text/plain; charset=utf-8", "404 page not found\n".into()),
-                    }
-                }
-            }));
+        match http::bind("proxy healthz", addr).await {
+            Ok(l) => {
+                tokio::spawn(http::serve(l, move |path| {
+                    let r = proxy_health.respond(&path).unwrap_or_else(|| {
+                        Response::new(404, "text/plain; charset=utf-8", "404 page not found\n".into())
+                    });
+                    async move { r }
+                }));
+            }
+            Err(e) => failed(false, e),
         }
     }
     if let Some(addr) = s.metrics {
-        if let Some(l) = http::bind("metrics", addr).await {
-            tokio::spawn(http::serve(l, move |path| {
-                let metrics = metrics.clone();
-                async move {
-                    match path.as_str() {
-                        "/metrics" => Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
-                        "/healthz" | "/livez" => Response::new(200, "text/plain; charset=utf-8", "ok".into()),
-                        _ => Response::new(404, "text/plain; charset=utf-8", "404 page not found\n".into()),
+        match http::bind("metrics server", addr).await {
+            Ok(l) => {
+                tokio::spawn(http::serve(l, move |path| {
+                    let metrics = metrics.clone();
+                    async move {
+                        match path.as_str() {
+                            "/metrics" => {
+                                Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics.encode())
+                            }
+                            "/healthz" | "/livez" => Response::new(200, "text/plain; charset=utf-8", "ok".into()),
+                            _ => Response::new(404, "text/plain; charset=utf-8", "404 page not found\n".into()),
+                        }
                     }
-                }
-            }));
+                }));
+            }
+            Err(e) => failed(true, e),
         }
     }
 }
@@ -205,13 +203,25 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         .set(1);
     tracing::info!(node = %s.node_name, %mode, fallback = fallback.as_deref().unwrap_or(""), "starting orca-proxy");
     let client = kube_client(&s).await?;
+    let events = NodeEvents::new(client.clone(), &s.node_name);
+    if let Some(reason) = &fallback {
+        events.publish(crate::events::dataplane_fallback(reason));
+    }
     let shared = Shared::new(ChangeTracker::new(NodeInfo {
         name: s.node_name.clone(),
         ..Default::default()
     }));
-    let health = Arc::new(SyncHealth::default());
-    start_servers(&s, health.clone(), metrics.clone()).await;
+    let health = Arc::new(SyncHealth::watching(shared.clone()));
+    let proxy_health = ProxyHealthServer {
+        health: health.clone(),
+        timeout: s.sync.sync_period * 2,
+        node_eligible: shared.node_eligible.clone(),
+        metrics: metrics.clone(),
+    };
+    start_servers(&s, proxy_health, metrics.clone(), Some(&events)).await;
     let watchers = tokio::spawn(watch::run(client, s.node_name.clone(), shared.clone()));
+    // kube-proxy's birth cry, once its informers are started.
+    events.publish(crate::events::starting());
     let hc = crate::healthcheck::HealthCheckServers::new(
         health.clone(),
         s.sync.sync_period * 2,

@@ -1,17 +1,155 @@
 //! healthCheckNodePort servers for LoadBalancer Services with externalTrafficPolicy=Local, answering like
 //! kube-proxy's: 200 when this node has local ready endpoints for the Service and the proxy is healthy, else 503,
 //! with the same JSON body and headers, so cloud load balancers steer traffic only to nodes that can serve it.
+//!
+//! Also the proxy's own /healthz and /livez (port 10256), answered like kube-proxy's ProxyHealthServer
+//! (pkg/proxy/healthcheck/proxy_health.go): /healthz is 503 when syncs stall (see [`SyncHealth`]) or when this node
+//! is not eligible (being deleted, or tainted ToBeDeletedByClusterAutoscaler); /livez ignores node eligibility.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Node;
+use serde::Serialize;
 
 use crate::http::{self, Response};
+use crate::metrics::{CodeLabels, Metrics};
 use crate::model::state::Snapshot;
 use crate::model::{Cidr, ServiceName};
-use crate::sync::SyncHealth;
+use crate::sync::{HealthStatus, SyncHealth};
+
+/// The taint the Cluster Autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's NodeEligible: the Node has been seen, is not being deleted (no deletionTimestamp) and carries no
+/// taint with the key [`TO_BE_DELETED_TAINT`] (whatever its value and effect).
+pub fn node_eligible(node: Option<&Node>) -> bool {
+    let Some(node) = node else {
+        return false;
+    };
+    if node.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    !node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
+/// Go's zero `time.Time` as JSON.
+const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// A time as Go's encoding/json writes a `time.Time` (RFC 3339 with nanoseconds, trailing zeros dropped), in UTC.
+pub fn go_time(t: SystemTime) -> String {
+    let Ok(ts) = k8s_openapi::jiff::Timestamp::try_from(t) else {
+        return GO_ZERO_TIME.into();
+    };
+    let mut out = ts.strftime("%Y-%m-%dT%H:%M:%S").to_string();
+    let nanos = ts.subsec_nanosecond();
+    if nanos > 0 {
+        let frac = format!("{nanos:09}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
+    }
+    out.push('Z');
+    out
+}
+
+/// kube-proxy's ProxierHealth.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxierHealthBody {
+    last_updated: String,
+    healthy: bool,
+}
+
+/// kube-proxy's ProxyHealth, field for field in Go's order.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyHealthBody {
+    last_updated: String,
+    current_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+    healthy: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    status: BTreeMap<&'static str, ProxierHealthBody>,
+}
+
+/// The body of /healthz (with `node_eligible`) or /livez (without). `lastUpdated` is the time of the answer when
+/// healthy (kube-proxy keeps "recent when healthy" for old clients), else the last successful sync; `status` has
+/// Orca's one IP family once the sync loop has started.
+pub fn proxy_health_body(status: &HealthStatus, node_eligible: Option<bool>) -> String {
+    let healthy_now = status.healthy && node_eligible.unwrap_or(true);
+    let last = status.last_updated.map(go_time);
+    let body = ProxyHealthBody {
+        last_updated: if healthy_now {
+            go_time(SystemTime::now())
+        } else {
+            last.clone().unwrap_or_else(|| GO_ZERO_TIME.into())
+        },
+        current_time: go_time(status.now),
+        node_eligible,
+        healthy: status.healthy,
+        status: last
+            .map(|l| {
+                (
+                    "IPv4",
+                    ProxierHealthBody {
+                        last_updated: l,
+                        healthy: status.healthy,
+                    },
+                )
+            })
+            .into_iter()
+            .collect(),
+    };
+    serde_json::to_string(&body).unwrap_or_default()
+}
+
+/// The proxy's /healthz and /livez.
+#[derive(Clone)]
+pub struct ProxyHealthServer {
+    pub health: Arc<SyncHealth>,
+    /// kube-proxy's healthTimeout: 2 x sync period.
+    pub timeout: Duration,
+    /// [`node_eligible`] of the latest Node object, kept by the Node watcher.
+    pub node_eligible: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ProxyHealthServer {
+    /// The answer for `path`; `None` for paths it does not serve.
+    pub fn respond(&self, path: &str) -> Option<Response> {
+        let status = self.health.status(self.timeout);
+        let (code, body, counter) = match path {
+            "/healthz" => {
+                let eligible = self.node_eligible.load(Ordering::Relaxed);
+                let ok = status.healthy && eligible;
+                (
+                    ok,
+                    proxy_health_body(&status, Some(eligible)),
+                    &self.metrics.proxy_healthz_total,
+                )
+            }
+            "/livez" => (
+                status.healthy,
+                proxy_health_body(&status, None),
+                &self.metrics.proxy_livez_total,
+            ),
+            _ => return None,
+        };
+        let code = if code { 200 } else { 503 };
+        counter.get_or_create(&CodeLabels { code: code.to_string() }).inc();
+        let mut r = Response::new(code, "application/json", body);
+        r.headers.push(("X-Content-Type-Options", "nosniff".into()));
+        Some(r)
+    }
+}
 
 struct Server {
     service: ServiceName,
@@ -89,7 +227,7 @@ impl HealthCheckServers {
                             let (health, svc, count) = (health.clone(), svc2.clone(), count2.clone());
                             tasks.push(tokio::spawn(http::serve(l, move |_path| {
                                 let n = count.load(Ordering::Relaxed);
-                                let healthy = health.check(timeout).0;
+                                let healthy = health.status(timeout).healthy;
                                 let mut r = Response::new(
                                     if n > 0 && healthy { 200 } else { 503 },
                                     "application/json",
@@ -246,6 +384,7 @@ mod tests {
         assert!(r.contains("\"localEndpoints\": 0"), "{r}");
         // Unhealthy proxy: 503 even with endpoints.
         hc.sync(&state(port, 1), &lo);
+        health.updated();
         health.queued();
         let mut hc2 = HealthCheckServers::new(health, Duration::ZERO, vec!["127.0.0.0/8".parse().unwrap()]);
         drop(std::mem::replace(
@@ -263,6 +402,128 @@ mod tests {
         hc2.sync(&Snapshot::new(), &lo);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    }
+
+    fn node(v: serde_json::Value) -> Node {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn node_eligibility_is_kube_proxys() {
+        assert!(!node_eligible(None), "a Node not seen yet is not eligible");
+        assert!(node_eligible(Some(&node(
+            serde_json::json!({"metadata": {"name": "a"}})
+        ))));
+        let other = node(serde_json::json!({"metadata": {"name": "a"},
+            "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}));
+        assert!(node_eligible(Some(&other)), "other taints do not matter");
+        for effect in ["NoSchedule", "PreferNoSchedule", "NoExecute"] {
+            let tainted = node(serde_json::json!({"metadata": {"name": "a"},
+                "spec": {"taints": [{"key": "x", "effect": "NoSchedule"},
+                                    {"key": TO_BE_DELETED_TAINT, "value": "1700000000", "effect": effect}]}}));
+            assert!(!node_eligible(Some(&tainted)), "{effect}");
+        }
+        let deleting = node(serde_json::json!({"metadata": {"name": "a",
+            "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["example.com/hold"]}}));
+        assert!(!node_eligible(Some(&deleting)));
+    }
+
+    #[test]
+    fn go_time_is_rfc3339_nano_trimmed() {
+        let at = |s: u64, n: u32| SystemTime::UNIX_EPOCH + Duration::new(s, n);
+        assert_eq!(go_time(at(1_700_000_000, 0)), "2023-11-14T22:13:20Z");
+        assert_eq!(go_time(at(1_700_000_000, 120_000_000)), "2023-11-14T22:13:20.12Z");
+        assert_eq!(go_time(at(1_700_000_000, 1)), "2023-11-14T22:13:20.000000001Z");
+    }
+
+    #[test]
+    fn proxy_health_body_has_kube_proxys_fields() {
+        let at = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5_000);
+        let now = at + Duration::from_secs(90);
+        let unhealthy = HealthStatus {
+            healthy: false,
+            last_updated: Some(at),
+            now,
+        };
+        assert_eq!(
+            proxy_health_body(&unhealthy, Some(true)),
+            r#"{"lastUpdated":"2023-11-14T22:13:20.000005Z","currentTime":"2023-11-14T22:14:50.000005Z","nodeEligible":true,"healthy":false,"status":{"IPv4":{"lastUpdated":"2023-11-14T22:13:20.000005Z","healthy":false}}}"#
+        );
+        // /livez: no nodeEligible.
+        assert_eq!(
+            proxy_health_body(&unhealthy, None),
+            r#"{"lastUpdated":"2023-11-14T22:13:20.000005Z","currentTime":"2023-11-14T22:14:50.000005Z","healthy":false,"status":{"IPv4":{"lastUpdated":"2023-11-14T22:13:20.000005Z","healthy":false}}}"#
+        );
+        // Healthy: the top-level lastUpdated is the time of the answer, the family's stays the last update.
+        let healthy = HealthStatus {
+            healthy: true,
+            ..unhealthy
+        };
+        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&healthy, Some(true))).unwrap();
+        let top: k8s_openapi::jiff::Timestamp = v["lastUpdated"].as_str().unwrap().parse().unwrap();
+        assert!(top > k8s_openapi::jiff::Timestamp::try_from(now).unwrap());
+        assert_eq!(v["status"]["IPv4"]["lastUpdated"], "2023-11-14T22:13:20.000005Z");
+        assert_eq!(v["healthy"], true);
+        // Healthy proxy on a node being deleted: lastUpdated is the last update (the answer is 503).
+        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&healthy, Some(false))).unwrap();
+        assert_eq!(v["lastUpdated"], "2023-11-14T22:13:20.000005Z");
+        assert_eq!(
+            (v["nodeEligible"].as_bool(), v["healthy"].as_bool()),
+            (Some(false), Some(true))
+        );
+        // Before the sync loop started: no status map.
+        let fresh = HealthStatus {
+            healthy: true,
+            last_updated: None,
+            now,
+        };
+        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&fresh, Some(false))).unwrap();
+        assert_eq!(v["lastUpdated"], "0001-01-01T00:00:00Z");
+        assert!(v.get("status").is_none());
+    }
+
+    #[test]
+    fn healthz_needs_an_eligible_node_and_livez_does_not() {
+        let metrics = Arc::new(Metrics::new());
+        let server = ProxyHealthServer {
+            health: Arc::new(SyncHealth::default()),
+            timeout: Duration::from_secs(60),
+            node_eligible: Arc::new(AtomicBool::new(true)),
+            metrics: metrics.clone(),
+        };
+        server.health.updated();
+        let code = |p: &str| server.respond(p).map(|r| r.status);
+        assert_eq!(
+            (code("/healthz"), code("/livez"), code("/x")),
+            (Some(200), Some(200), None)
+        );
+        server.node_eligible.store(false, Ordering::Relaxed);
+        assert_eq!((code("/healthz"), code("/livez")), (Some(503), Some(200)));
+        let r = server.respond("/healthz").unwrap();
+        assert!(r.body.contains(r#""nodeEligible":false,"healthy":true"#), "{}", r.body);
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| *k == "X-Content-Type-Options" && v == "nosniff"));
+        assert!(!server.respond("/livez").unwrap().body.contains("nodeEligible"));
+        // A stalled sync fails both.
+        server.node_eligible.store(true, Ordering::Relaxed);
+        let stalled = ProxyHealthServer {
+            timeout: Duration::ZERO,
+            ..server.clone()
+        };
+        stalled.health.queued();
+        assert_eq!(stalled.respond("/healthz").unwrap().status, 503);
+        assert_eq!(stalled.respond("/livez").unwrap().status, 503);
+        let text = metrics.encode();
+        for line in [
+            r#"kubeproxy_proxy_healthz_total{code="200"} 1"#,
+            r#"kubeproxy_proxy_healthz_total{code="503"} 3"#,
+            r#"kubeproxy_proxy_livez_total{code="200"} 3"#,
+            r#"kubeproxy_proxy_livez_total{code="503"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 
     #[test]

@@ -97,13 +97,10 @@ where
     }
 }
 
-/// Binds `addr`, logging (not failing) when it cannot, as kube-proxy logs and goes on.
-pub async fn bind(what: &str, addr: SocketAddr) -> Option<TcpListener> {
-    match TcpListener::bind(addr).await {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::error!(server = what, %addr, error = %e, "cannot listen");
-            None
-        }
-    }
+/// Binds `addr`. On failure the error reads like kube-proxy's ("failed to start proxy healthz on <addr>: ..."); the
+/// caller logs it, records an Event and goes on without that server.
+pub async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("failed to start {what} on {addr}: {e}"))
 }

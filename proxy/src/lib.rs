@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf_obj;
+pub mod events;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;

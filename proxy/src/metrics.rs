@@ -19,6 +19,12 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// An HTTP status code (kube-proxy's healthz/livez counters).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +43,8 @@ pub struct Metrics {
     pub mode: Family<ModeLabels, Gauge>,
     pub service_ports: Gauge,
     pub map_entries: Family<KindLabels, Gauge>,
+    pub proxy_healthz_total: Family<CodeLabels, Counter>,
+    pub proxy_livez_total: Family<CodeLabels, Counter>,
 }
 
 fn sync_buckets() -> Histogram {
@@ -70,6 +78,8 @@ impl Metrics {
             mode: Family::default(),
             service_ports: Gauge::default(),
             map_entries: Family::default(),
+            proxy_healthz_total: Family::default(),
+            proxy_livez_total: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -123,6 +133,16 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_service_changes_pending",
             "Pending proxy rules Service changes",
             m.service_changes_pending.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.proxy_healthz_total.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.proxy_livez_total.clone(),
         );
         r.register(
             "orca_sync_errors",

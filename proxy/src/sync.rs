@@ -25,41 +25,109 @@ pub struct SyncConfig {
     pub sync_period: Duration,
 }
 
-/// What the health server needs to know about syncs.
-#[derive(Debug, Default)]
+/// kube-proxy's ProxyHealthServer state (pkg/proxy/healthcheck/proxy_health.go) for the one IP family Orca
+/// programs (IPv4): when the dataplane was last updated, and since when a change has waited for a sync.
+///
+/// kube-proxy's rule: the proxy is healthy while it has never been updated, while nothing is queued, or while the
+/// oldest queued change has waited less than the health timeout (2 x sync period). A change counts as queued from
+/// the moment a watcher saw it -- also while a sync hangs, since the tracker is read directly at check time -- until
+/// a sync that took it succeeds. Changes the first lists brought in are not counted (kube-proxy's initial sync is not
+/// a queued update either).
+#[derive(Default)]
 pub struct SyncHealth {
     inner: Mutex<HealthInner>,
+    /// The watchers' change tracker, when checks should see its pending changes.
+    tracker: Option<Shared>,
+}
+
+impl std::fmt::Debug for SyncHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncHealth")
+            .field("inner", &*self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+            .field("tracker", &self.tracker.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 struct HealthInner {
     last_updated: Option<SystemTime>,
-    /// The oldest change queued and not yet programmed.
-    oldest_queued: Option<SystemTime>,
+    /// The oldest change taken by a sync (or queued) and not yet programmed.
+    oldest_queued: Option<Instant>,
+    /// When the caches synced (kube-proxy's "initialized"); the tracker's changes count only after that.
+    initialized: Option<Instant>,
+}
+
+/// The outcome of a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthStatus {
+    pub healthy: bool,
+    /// The last successful sync (or the start of the sync loop); `None` before the loop started.
+    pub last_updated: Option<SystemTime>,
+    /// The time of the check.
+    pub now: SystemTime,
 }
 
 impl SyncHealth {
-    pub fn queued(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        g.oldest_queued.get_or_insert_with(SystemTime::now);
+    /// A health state that also reads the pending changes of `shared`'s tracker.
+    pub fn watching(shared: Shared) -> Self {
+        Self {
+            inner: Mutex::default(),
+            tracker: Some(shared),
+        }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// kube-proxy's QueuedUpdate: a change is waiting (kept if an older one is).
+    pub fn queued(&self) {
+        self.queued_at(Instant::now());
+    }
+
+    /// A change first seen at `at` is waiting. Changes seen before the caches synced are the initial state, not
+    /// queued updates.
+    pub fn queued_at(&self, at: Instant) {
+        let mut g = self.lock();
+        if g.initialized.is_some_and(|init| at < init) {
+            return;
+        }
+        g.oldest_queued = Some(g.oldest_queued.map_or(at, |q| q.min(at)));
+    }
+
+    /// kube-proxy's Updated: the dataplane holds every change taken so far.
     pub fn updated(&self) {
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock();
         g.last_updated = Some(SystemTime::now());
         g.oldest_queued = None;
     }
 
-    /// kube-proxy's rule: healthy unless a queued change has waited longer than `timeout`, or no sync ever
-    /// succeeded within `timeout` of the first queued change. Returns (healthy, last_updated).
-    pub fn check(&self, timeout: Duration) -> (bool, Option<SystemTime>) {
-        let g = *self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let now = SystemTime::now();
-        let healthy = match g.oldest_queued {
-            None => true,
-            Some(q) => now.duration_since(q).unwrap_or_default() < timeout,
+    /// The caches synced: from now on the tracker's pending changes count as queued.
+    pub fn initialized(&self) {
+        self.lock().initialized.get_or_insert_with(Instant::now);
+    }
+
+    /// The health now, with `timeout` as kube-proxy's healthTimeout.
+    pub fn status(&self, timeout: Duration) -> HealthStatus {
+        let g = *self.lock();
+        let pending = match (&self.tracker, g.initialized) {
+            (Some(shared), Some(init)) => shared.lock().oldest_pending().filter(|p| *p >= init),
+            _ => None,
         };
-        (healthy, g.last_updated)
+        let queued = match (g.oldest_queued, pending) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let healthy = match (g.last_updated, queued) {
+            (None, _) | (_, None) => true,
+            (Some(_), Some(q)) => q.elapsed() < timeout,
+        };
+        HealthStatus {
+            healthy,
+            last_updated: g.last_updated,
+            now: SystemTime::now(),
+        }
     }
 }
 
@@ -109,8 +177,10 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut health_checks: HealthCheckServers,
 ) {
-    health.queued();
+    // kube-proxy's SyncLoop marks the proxy updated at its start, in case no sync ever succeeds.
+    health.updated();
     shared.wait_synced().await;
+    health.initialized();
     tracing::info!(mode = %dataplane.mode(), "caches synced; starting syncs");
     let mut limit = RateLimit::new(cfg.min_sync_period);
     let mut need_full = true;
@@ -130,6 +200,10 @@ pub async fn run(
             let diff = t.take_diff();
             (diff, t.counters(), t.desired().clone(), t.node().clone())
         };
+        // The changes taken now are queued until a sync succeeds; this holds while the dataplane call hangs.
+        if let Some(oldest) = diff.oldest_change {
+            health.queued_at(oldest);
+        }
         let result = if full {
             tokio::task::block_in_place(|| dataplane.full_sync(&desired, &node))
         } else if !diff.is_empty() || periodic {
@@ -198,13 +272,11 @@ pub async fn run(
         };
         let notified = shared.changed.notified();
         if shared.lock().has_pending() {
-            health.queued();
             metrics.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
             continue;
         }
         tokio::select! {
             _ = notified => {
-                health.queued();
                 metrics.last_queued_timestamp.set(unix_seconds(SystemTime::now()));
             }
             _ = tokio::time::sleep(retry) => {}
@@ -238,15 +310,69 @@ mod tests {
         }
     }
 
+    const LONG: Duration = Duration::from_secs(3600);
+
     #[test]
-    fn health_turns_unhealthy_when_queued_too_long() {
+    fn health_follows_kube_proxys_rule() {
         let h = SyncHealth::default();
-        assert!(h.check(Duration::from_secs(1)).0);
+        // Never updated (the sync loop has not started): healthy, however long a change waits.
         h.queued();
-        assert!(h.check(Duration::from_secs(60)).0);
-        assert!(!h.check(Duration::ZERO).0);
+        assert!(h.status(Duration::ZERO).healthy);
+        assert_eq!(h.status(Duration::ZERO).last_updated, None);
+        // Updated, nothing queued: healthy even with a zero timeout.
         h.updated();
-        let (ok, last) = h.check(Duration::ZERO);
-        assert!(ok && last.is_some());
+        let s = h.status(Duration::ZERO);
+        assert!(s.healthy && s.last_updated.is_some_and(|t| t <= s.now), "{s:?}");
+        // Queued but not late: healthy; late: unhealthy, lastUpdated stays the last update.
+        h.queued();
+        assert!(h.status(LONG).healthy);
+        let late = h.status(Duration::ZERO);
+        assert!(!late.healthy);
+        assert_eq!(late.last_updated, s.last_updated);
+        // The oldest queued change counts: a newer one does not reset the clock.
+        std::thread::sleep(Duration::from_millis(30));
+        h.queued();
+        assert!(!h.status(Duration::from_millis(20)).healthy);
+        // A successful sync clears the queue.
+        h.updated();
+        assert!(h.status(Duration::ZERO).healthy);
+    }
+
+    fn service(name: &str) -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn health_sees_changes_the_watchers_queued_while_a_sync_hangs() {
+        let shared = Shared::new(crate::model::tracker::ChangeTracker::new(Default::default()));
+        let h = SyncHealth::watching(shared.clone());
+        h.updated();
+        // What the first lists bring is the initial state, not a queued update (nor is a diff of it).
+        shared.lock().service_updated(&service("before"));
+        let before = shared.lock().oldest_pending().unwrap();
+        h.initialized();
+        assert!(h.status(Duration::ZERO).healthy);
+        h.queued_at(before);
+        assert!(h.status(Duration::ZERO).healthy);
+        let _initial = shared.lock().take_diff();
+        // A change after that, which no sync has taken (the sync loop is stuck in the dataplane): queued.
+        std::thread::sleep(Duration::from_millis(5));
+        shared.lock().service_updated(&service("after"));
+        assert!(shared.lock().has_pending());
+        assert!(h.status(LONG).healthy);
+        assert!(!h.status(Duration::ZERO).healthy);
+        // Taken by a sync that has not finished: still queued (through queued_at, as the runner does).
+        let diff = shared.lock().take_diff();
+        h.queued_at(diff.oldest_change.unwrap());
+        assert!(!shared.lock().has_pending());
+        assert!(!h.status(Duration::ZERO).healthy);
+        // The sync succeeds.
+        h.updated();
+        assert!(h.status(Duration::ZERO).healthy);
     }
 }

@@ -15,6 +15,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
+use crate::healthcheck::node_eligible;
 use crate::model::endpoints::slice_key;
 use crate::model::service::service_name;
 use crate::model::tracker::ChangeTracker;
@@ -28,6 +29,8 @@ pub struct Shared {
     pub changed: Arc<Notify>,
     synced: Arc<[AtomicBool; 3]>,
     synced_notify: Arc<Notify>,
+    /// kube-proxy's NodeEligible for this node's latest Node object (false until it is seen).
+    pub node_eligible: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -37,6 +40,7 @@ impl Shared {
             changed: Arc::new(Notify::new()),
             synced: Arc::new([AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)]),
             synced_notify: Arc::new(Notify::new()),
+            node_eligible: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -195,16 +199,19 @@ async fn watch_node(api: Api<Node>, name: String, shared: Shared) {
             Ok(Event::Init) => seen = false,
             Ok(Event::InitApply(n)) | Ok(Event::Apply(n)) => {
                 seen = true;
+                shared.node_eligible.store(node_eligible(Some(&n)), Ordering::Relaxed);
                 shared.lock().node_updated(node_info(&name, Some(&n)));
                 shared.changed.notify_one();
             }
             Ok(Event::InitDone) => {
                 if !seen {
+                    shared.node_eligible.store(false, Ordering::Relaxed);
                     tracing::warn!(node = %name, "Node object not found; topology hints are ignored until it exists");
                 }
                 shared.set_synced(NODE);
             }
             Ok(Event::Delete(_)) => {
+                shared.node_eligible.store(false, Ordering::Relaxed);
                 shared.lock().node_updated(node_info(&name, None));
                 shared.changed.notify_one();
             }
