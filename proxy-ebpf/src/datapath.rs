@@ -1,11 +1,13 @@
 //! The per-packet flow:
 //! 1. not IPv4 TCP/UDP, or a fragment: pass untouched;
-//! 2. a reply of a translated flow (reply-direction conntrack hit): reverse NAT, pass;
+//! 2. a reply of a translated flow (reply-direction conntrack hit): reverse NAT, forward;
 //! 3. not addressed to a frontend: pass;
-//! 4. a tracked flow whose backend is still usable: DNAT (and SNAT) as recorded;
+//! 4. a tracked flow whose backend is still usable: DNAT (and SNAT) as recorded, forward;
 //! 5. no endpoints: reject (or drop, when only a Local policy leaves the frontend without any);
 //! 6. otherwise choose a backend (affinity first, else random), decide on masquerading, track the
-//!    flow, DNAT (and SNAT).
+//!    flow, DNAT (and SNAT), forward.
+//!
+//! "Forward" is `fwd::forward`: a FIB lookup and a redirect to the egress device.
 //!
 //! Masquerading (SNAT to the node address from `ORCA_CONFIG`): external traffic to frontends
 //! flagged `FRONTEND_F_SNAT_EXTERNAL` when it arrives from outside the node, and hairpin traffic (a
@@ -24,7 +26,7 @@ use proxy_ebpf::hdr::{TCP_ACK, TCP_SYN};
 use crate::{
     affinity,
     ct::{self, Snat},
-    lb, maps,
+    fwd, lb, maps,
     nat::{self, End},
     parse::{self, Flow},
     reject,
@@ -50,17 +52,11 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
     if let Some(rev) = ct::lookup_reply(&flow, now) {
         // Keyed by the reply as it arrives, before any rewrite.
         ct::touch_service(&flow, &rev, now);
-        let r = nat::rewrite(ctx, &mut flow, End::Source, rev.addr, rev.port);
+        let mut r = nat::rewrite(ctx, &mut flow, End::Source, rev.addr, rev.port);
         if r.is_ok() && rev.nat_addr != 0 {
-            return verdict(nat::rewrite(
-                ctx,
-                &mut flow,
-                End::Destination,
-                rev.nat_addr,
-                rev.nat_port,
-            ));
+            r = nat::rewrite(ctx, &mut flow, End::Destination, rev.nat_addr, rev.nat_port);
         }
-        return verdict(r);
+        return deliver(ctx, &flow, r);
     }
 
     let Some(fe) = lb::lookup_frontend(&flow, origin == Origin::Netdev) else {
@@ -111,10 +107,20 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
 
 #[inline(always)]
 fn translate(ctx: &TcContext, flow: &mut Flow, backend: &Backend, snat: Option<Snat>) -> i32 {
-    let r = nat::rewrite(ctx, flow, End::Destination, backend.addr, backend.port);
-    match (r, snat) {
-        (Ok(()), Some(s)) => verdict(nat::rewrite(ctx, flow, End::Source, s.addr, s.port)),
-        (r, _) => verdict(r),
+    let mut r = nat::rewrite(ctx, flow, End::Destination, backend.addr, backend.port);
+    if let (Ok(()), Some(s)) = (r, snat) {
+        r = nat::rewrite(ctx, flow, End::Source, s.addr, s.port);
+    }
+    deliver(ctx, flow, r)
+}
+
+/// A translated packet goes straight to its egress device (see `fwd`); one whose rewrite failed
+/// half-way would be corrupt and is dropped.
+#[inline(always)]
+fn deliver(ctx: &TcContext, flow: &Flow, r: Result<(), i64>) -> i32 {
+    match r {
+        Ok(()) => fwd::forward(ctx, flow),
+        Err(_) => TC_ACT_SHOT,
     }
 }
 
@@ -134,15 +140,6 @@ fn keeps_backend(flow: &Flow, fe: &Frontend, backend: &Backend) -> bool {
         return true;
     }
     lb::is_member(fe.service_id, backend)
-}
-
-#[inline(always)]
-fn verdict(r: Result<(), i64>) -> i32 {
-    match r {
-        Ok(()) => TC_ACT_OK,
-        // A rewrite that failed half-way would send a corrupt packet: drop it.
-        Err(_) => TC_ACT_SHOT,
-    }
 }
 
 #[inline(always)]

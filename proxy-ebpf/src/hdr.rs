@@ -9,6 +9,7 @@ pub const ICMP_HLEN: usize = 8;
 /// Offsets inside an IPv4 header.
 pub const IP_TOT_LEN: usize = 2;
 pub const IP_FRAG_OFF: usize = 6;
+pub const IP_TTL: usize = 8;
 pub const IP_PROTO: usize = 9;
 pub const IP_CSUM: usize = 10;
 pub const IP_SADDR: usize = 12;

@@ -5,6 +5,12 @@
 //!
 //! Needs root (CAP_BPF + CAP_NET_ADMIN). Nothing is attached and nothing is pinned: the maps and
 //! programs disappear with the test process.
+//!
+//! Every test thread first moves into a network namespace of its own (`unshare(CLONE_NEWNET)`, which
+//! is per thread): the programs forward translated packets after a FIB lookup, so the routes of the
+//! namespace a program runs in decide its verdict. In a fresh namespace forwarding is off, the FIB
+//! declines and translated packets go to the stack (TC_ACT_OK); the forwarding test builds the
+//! routes it needs there. The namespaces die with their threads.
 
 use std::net::Ipv4Addr;
 
@@ -53,6 +59,7 @@ impl Datapath {
             ebpf_obj::available(),
             "orca-proxy was built with AYA_BUILD_SKIP: no eBPF object to test"
         );
+        private_netns();
         let mut ebpf = EbpfLoader::new()
             // Small maps: many tests load their own copy in parallel.
             .map_max_entries(MAP_CT, 4096)
@@ -151,12 +158,21 @@ impl Datapath {
     }
 
     fn run(&self, prog: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(prog, frame, 0)
+    }
+
+    /// Runs `prog` on `frame` as if it arrived on interface `ifindex` (0: the namespace's loopback).
+    fn run_on(&self, prog: &str, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self.ebpf.program(prog).unwrap().try_into().unwrap();
         let mut out = vec![0u8; frame.len() + 256];
+        // struct __sk_buff up to `ifindex` (offset 40); everything else zero.
+        let mut skb_ctx = [0u8; 44];
+        skb_ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: (ifindex != 0).then_some(&skb_ctx[..]),
                 ..TestRunOptions::default()
             })
             .expect("BPF_PROG_TEST_RUN");
@@ -176,6 +192,36 @@ fn verifier_log(e: &ProgramError) -> String {
         }
         other => format!("{other}"),
     }
+}
+
+/// Moves this thread into a new network namespace, once.
+fn private_netns() {
+    thread_local!(static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if DONE.with(|d| d.replace(true)) {
+        return;
+    }
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+}
+
+/// Runs `ip` in this thread's network namespace (the child inherits it).
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(i, 0, "no interface {name}");
+    i
 }
 
 fn nix_is_root() -> bool {
@@ -830,6 +876,94 @@ fn hairpin_is_masqueraded_so_the_pod_can_reach_itself() {
     let seen = check(&out);
     assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 80));
     assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(CLIENT), 53000));
+}
+
+#[test]
+fn translated_packets_go_straight_to_the_routed_device_with_the_ttl_decremented() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 12, 0, &[be(BACKEND_A, 8080)], 0);
+    // In this thread's own namespace: a "pod" side and a "backend" side, forwarding on, and a
+    // resolved neighbour for the backend only.
+    ip(&[
+        "link",
+        "add",
+        "orca-fwd-b",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "orca-fwd-p",
+    ]);
+    ip(&["link", "set", "orca-fwd-b", "address", "02:00:00:00:0b:01", "up"]);
+    ip(&["link", "set", "orca-fwd-p", "up"]);
+    ip(&["addr", "add", "10.244.1.1/24", "dev", "orca-fwd-b"]);
+    ip(&["addr", "add", "10.244.0.1/24", "dev", "orca-fwd-p"]);
+    ip(&[
+        "neigh",
+        "add",
+        "10.244.1.5",
+        "lladdr",
+        "02:00:00:00:0b:05",
+        "dev",
+        "orca-fwd-b",
+        "nud",
+        "permanent",
+    ]);
+    let (pod_if, backend_if) = (ifindex("orca-fwd-p"), ifindex("orca-fwd-b"));
+
+    // Forwarding off (a fresh namespace): the FIB declines, the stack gets the translated packet.
+    let (rc, out) = dp.run_on(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(41000, 80)), pod_if);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_A));
+    assert_eq!(out[22], 64, "TTL changed although the stack forwards the packet");
+
+    let st = std::process::Command::new("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()
+        .expect("sysctl");
+    assert!(st.success());
+
+    // Routed and resolved: DNAT, then out of the backend's device with its MACs, TTL 63.
+    let syn = tcp_frame(CLIENT, VIP, &Tcp::syn(41001, 80));
+    let (rc, out) = dp.run_on(PROG_FROM_POD, &syn, pod_if);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_A), 8080));
+    assert_eq!(
+        &out[0..6],
+        &[2, 0, 0, 0, 0x0b, 5],
+        "destination MAC = the backend's neighbour entry"
+    );
+    assert_eq!(&out[6..12], &[2, 0, 0, 0, 0x0b, 1], "source MAC = the egress device's");
+    assert_eq!(out[22], 63, "TTL decremented");
+
+    // The reply: reverse NAT, then towards the client, whose neighbour is unresolved (the
+    // neighbour subsystem resolves it: still a redirect, MACs untouched here).
+    let mut synack = Tcp::syn(8080, 41001);
+    synack.flags = SYN | ACK;
+    let reply = tcp_frame(BACKEND_A, CLIENT, &synack);
+    let (rc, out) = dp.run_on(PROG_FROM_POD, &reply, backend_if);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 80));
+    assert_eq!(&out[0..12], &reply[0..12]);
+    assert_eq!(out[22], 63);
+
+    // TTL 1 is not forwarded here: the stack answers with time exceeded.
+    let mut last_hop = tcp_frame(CLIENT, VIP, &Tcp::syn(41002, 80));
+    last_hop[22] = 1;
+    last_hop[24..26].copy_from_slice(&[0, 0]);
+    let c = csum_fold(csum_add(0, &last_hop[14..34]));
+    last_hop[24..26].copy_from_slice(&c.to_be_bytes());
+    let (rc, out) = dp.run_on(PROG_FROM_POD, &last_hop, pod_if);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!((check(&out).dst, out[22]), (Ipv4Addr::from(BACKEND_A), 1));
+
+    // No route to the backend: the stack decides (and drops or answers).
+    dp.set_service(FrontendKey::new(VIP, 81, IPPROTO_TCP), 13, 1, &[be(BACKEND_C, 8080)], 0);
+    let (rc, out) = dp.run_on(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(41003, 81)), pod_if);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_C));
 }
 
 #[test]
