@@ -14,9 +14,9 @@ use std::net::Ipv4Addr;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use orca_sandbox::{build, netns, Sandbox, SandboxOptions};
 use serde_json::{json, Value};
 
@@ -32,16 +32,17 @@ fn should_run() -> bool {
     false
 }
 
-/// The agent process; stopped (SIGTERM, then SIGKILL after 5 s) when dropped, also when the test panics.
+/// A proxy process; stopped (SIGTERM, then SIGKILL after 5 s) when dropped, also when the test panics.
 struct Agent {
     child: Child,
+    log: &'static str,
 }
 
 impl Agent {
-    /// Fails with the agent's log when it has exited.
+    /// Fails with the process's log when it has exited.
     fn check_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("orca-proxy exited ({status}) in node-a; its log:\n{}", agent_log());
+            panic!("{} exited ({status}); its log:\n{}", self.log, log_of(self.log));
         }
     }
 }
@@ -53,9 +54,13 @@ impl Drop for Agent {
     }
 }
 
-fn agent_log() -> String {
-    let path = netns::log_dir().join(format!("{LOG_NAME}.log"));
+fn log_of(name: &str) -> String {
+    let path = netns::log_dir().join(format!("{name}.log"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| format!("(no log at {}: {e})", path.display()))
+}
+
+fn agent_log() -> String {
+    log_of(LOG_NAME)
 }
 
 /// An HTTP answer: status code, headers (names lowercased), body.
@@ -151,6 +156,7 @@ async fn metrics_and_healthz_answer_like_kube_proxy() {
     // Declared after `sb`: dropped (agent stopped) before the sandbox is torn down.
     let mut agent = Agent {
         child: netns::spawn(&node.netns, &argv, LOG_NAME).expect("starting orca-proxy in node-a"),
+        log: LOG_NAME,
     };
     let metrics_url = format!("http://{metrics}/metrics");
     let healthz_url = format!("http://{healthz}/healthz");
@@ -316,5 +322,543 @@ async fn metrics_and_healthz_answer_like_kube_proxy() {
 
     agent.check_running();
     drop(agent);
+    sb.down().expect("sandbox down");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// /healthz when syncs stall and when the node is leaving, side by side with upstream kube-proxy.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Sync period of both proxies: kube-proxy's health timeout is twice that.
+const SYNC_PERIOD: Duration = Duration::from_secs(2);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(4);
+const KUBE_PROXY_LOG: &str = "kube-proxy-node-b";
+const TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// How syncs are stalled: a directory put first on both proxies' PATH, holding `iptables-restore`,
+/// `iptables-nft-restore` and `iptables-legacy-restore` wrappers. While the flag file exists a wrapper waits (as a
+/// restore waits behind a held xtables lock or a wedged kernel) and appends "<netns> <tool>" to the stall log; once
+/// the flag is gone it execs the real binary with the same arguments and stdin, so the blocked sync completes. The
+/// wait is bounded (300 s), so nothing hangs for ever; the guard removes the flag (releasing any waiter) and the
+/// directory, also when the test fails.
+struct Stall {
+    dir: std::path::PathBuf,
+}
+
+impl Stall {
+    fn new() -> Stall {
+        let dir = std::env::temp_dir().join(format!("orca-stall-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).expect("creating the wrapper directory");
+        let stall = Stall { dir };
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut wrapped = 0;
+        for tool in ["iptables-restore", "iptables-nft-restore", "iptables-legacy-restore"] {
+            let Some(real) = std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file()) else {
+                continue;
+            };
+            let script = format!(
+                "#!/bin/sh\n\
+                 # orca test: waits while {flag} exists (at most 300 s), then runs the real {tool}.\n\
+                 if [ -e '{flag}' ]; then\n\
+                 \x20 echo \"$(ip netns identify 2>/dev/null) {tool}\" >> '{log}'\n\
+                 \x20 i=0\n\
+                 \x20 while [ -e '{flag}' ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done\n\
+                 fi\n\
+                 exec '{real}' \"$@\"\n",
+                flag = stall.flag().display(),
+                log = stall.log().display(),
+                real = real.display(),
+            );
+            let w = bin.join(tool);
+            std::fs::write(&w, script).expect("writing a wrapper");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            wrapped += 1;
+        }
+        assert!(wrapped > 0, "no iptables-restore on PATH to wrap");
+        stall
+    }
+
+    fn flag(&self) -> std::path::PathBuf {
+        self.dir.join("stalled")
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.dir.join("stall.log")
+    }
+
+    /// PATH with the wrappers first.
+    fn path(&self) -> String {
+        let rest = std::env::var("PATH").unwrap_or_default();
+        format!("{}:{rest}", self.dir.join("bin").display())
+    }
+
+    fn block(&self) {
+        std::fs::write(self.flag(), b"").expect("creating the stall flag");
+    }
+
+    fn release(&self) {
+        let _ = std::fs::remove_file(self.flag());
+    }
+
+    /// Whether a restore in netns `ns` has waited on the flag.
+    fn blocked_in(&self, ns: &str) -> bool {
+        std::fs::read_to_string(self.log()).is_ok_and(|l| l.lines().any(|l| l.split_whitespace().next() == Some(ns)))
+    }
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.release();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GET `url` from inside `ns`: the status code and the body as JSON.
+fn get_json(ns: &str, url: &str) -> Result<(u16, Value), String> {
+    let (code, headers, body) = curl(ns, url)?;
+    if header(&headers, "content-type") != Some("application/json") {
+        return Err(format!("HTTP {code} without a JSON content type: {headers:?} {body}"));
+    }
+    let v = serde_json::from_str(&body).map_err(|e| format!("HTTP {code} body {body:?}: {e}"))?;
+    Ok((code, v))
+}
+
+/// Polls `probe` (every 200 ms) until it returns Some, failing after `limit` or when a proxy has exited.
+fn wait_for<T>(
+    agents: &mut [&mut Agent],
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        for a in agents.iter_mut() {
+            a.check_running();
+        }
+        let last = match probe() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            let logs: Vec<String> = agents
+                .iter()
+                .map(|a| format!("--- {}:\n{}", a.log, log_of(a.log)))
+                .collect();
+            panic!(
+                "timed out ({limit:?}) waiting for {what}; last: {last}\n{}",
+                logs.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The key names of a JSON object (sorted), and of its `status.IPv4` object.
+fn shape(v: &Value) -> (Vec<String>, Vec<String>) {
+    let keys = |o: &Value| {
+        let mut k: Vec<String> = o.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+        k.sort();
+        k
+    };
+    (keys(v), keys(&v["status"]["IPv4"]))
+}
+
+fn time_of(v: &Value, field: &str) -> k8s_openapi::jiff::Timestamp {
+    let s = v
+        .pointer(field)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{field} in {v}"));
+    s.parse()
+        .unwrap_or_else(|e| panic!("{field} {s:?} is not RFC 3339: {e}"))
+}
+
+/// An expected health answer: status code, `healthy`, and `nodeEligible` (None: absent).
+type Want = (u16, bool, Option<bool>);
+
+/// Waits until `url` answers as `want`, returning the body.
+fn wait_answer(agents: &mut [&mut Agent], who: &str, ns: &str, url: &str, want: Want, limit: Duration) -> Value {
+    let (code, healthy, eligible) = want;
+    wait_for(agents, &format!("{who} {url} -> {code}"), limit, || {
+        let (c, v) = get_json(ns, url)?;
+        let ok = c == code
+            && v["healthy"].as_bool() == Some(healthy)
+            && v.get("nodeEligible").and_then(Value::as_bool) == eligible;
+        if ok {
+            Ok(v)
+        } else {
+            Err(format!("HTTP {c} {v}"))
+        }
+    })
+}
+
+async fn set_taint(nodes: &Api<Node>, name: &str, on: bool) {
+    let taints = if on {
+        json!([{"key": TAINT, "value": "1700000000", "effect": "NoSchedule"}])
+    } else {
+        Value::Null
+    };
+    nodes
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"taints": taints}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("tainting {name} ({on}): {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_kube_proxy() {
+    if !should_run() {
+        return;
+    }
+    let sb = Sandbox::up(SandboxOptions::default()).await.expect("sandbox up");
+    let (a, b) = (
+        sb.topology().node("node-a").expect("node-a").clone(),
+        sb.topology().node("node-b").expect("node-b").clone(),
+    );
+    let kubeconfig = sb.kube_proxy_kubeconfig().to_str().expect("UTF-8 path").to_string();
+    let stall = Stall::new();
+    let sync_period = format!("{}s", SYNC_PERIOD.as_secs());
+    let (a_healthz, b_healthz) = (format!("{}:{HEALTHZ_PORT}", a.ip), format!("{}:{HEALTHZ_PORT}", b.ip));
+    let (a_metrics, b_metrics) = (format!("{}:{METRICS_PORT}", a.ip), format!("{}:{METRICS_PORT}", b.ip));
+
+    // Orca in node-a, upstream kube-proxy in node-b: same credentials, sync period, and wrapped PATH.
+    let orca_args = [
+        "--proxy-mode",
+        "iptables",
+        "--hostname-override",
+        "node-a",
+        "--kubeconfig",
+        &kubeconfig,
+        "--healthz-bind-address",
+        &a_healthz,
+        "--metrics-bind-address",
+        &a_metrics,
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--sync-period",
+        &sync_period,
+        "-v",
+        "2",
+    ];
+    let mut cmd = netns::command_in(&a.netns, env!("CARGO_BIN_EXE_orca-proxy"), &orca_args);
+    cmd.env("PATH", stall.path());
+    let mut orca = Agent {
+        child: netns::spawn_logged(&mut cmd, LOG_NAME).expect("starting orca-proxy in node-a"),
+        log: LOG_NAME,
+    };
+    let kp_bin = sb.bin_dir().join("kube-proxy");
+    let kp_args = [
+        format!("--kubeconfig={kubeconfig}"),
+        "--hostname-override=node-b".into(),
+        "--proxy-mode=iptables".into(),
+        "--cluster-cidr=10.244.0.0/16".into(),
+        // Leave the machine-wide conntrack sysctls alone.
+        "--conntrack-max-per-core=0".into(),
+        "--conntrack-tcp-timeout-established=0".into(),
+        "--conntrack-tcp-timeout-close-wait=0".into(),
+        format!("--iptables-sync-period={sync_period}"),
+        format!("--healthz-bind-address={b_healthz}"),
+        format!("--metrics-bind-address={b_metrics}"),
+        "-v=2".into(),
+    ];
+    let kp_args: Vec<&str> = kp_args.iter().map(String::as_str).collect();
+    let mut cmd = netns::command_in(&b.netns, kp_bin.to_str().expect("UTF-8 path"), &kp_args);
+    cmd.env("PATH", stall.path());
+    let mut kp = Agent {
+        child: netns::spawn_logged(&mut cmd, KUBE_PROXY_LOG).expect("starting kube-proxy in node-b"),
+        log: KUBE_PROXY_LOG,
+    };
+    let (a_hz, a_lz) = (
+        format!("http://{a_healthz}/healthz"),
+        format!("http://{a_healthz}/livez"),
+    );
+    let (b_hz, b_lz) = (
+        format!("http://{b_healthz}/healthz"),
+        format!("http://{b_healthz}/livez"),
+    );
+    let long = Duration::from_secs(90);
+
+    tokio::task::block_in_place(|| {
+        // 1. Both healthy after their first sync; the same fields in /healthz and in /livez (no nodeEligible).
+        let o = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (200, true, Some(true)),
+            long,
+        );
+        let k = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "kube-proxy",
+            &b.netns,
+            &b_hz,
+            (200, true, Some(true)),
+            long,
+        );
+        assert_eq!(shape(&o), shape(&k), "/healthz fields: orca {o} kube-proxy {k}");
+        assert!(!shape(&o).1.is_empty(), "status.IPv4 in {o}");
+        let (code_o, lo) = get_json(&a.netns, &a_lz).expect("orca /livez");
+        let (code_k, lk) = get_json(&b.netns, &b_lz).expect("kube-proxy /livez");
+        assert_eq!((code_o, code_k), (200, 200), "{lo} {lk}");
+        assert_eq!(shape(&lo), shape(&lk), "/livez fields: orca {lo} kube-proxy {lk}");
+        assert!(lo.get("nodeEligible").is_none(), "{lo}");
+        // Healthy: the top-level lastUpdated is "now" (kube-proxy's compatibility rule), the family's the last sync.
+        assert!(
+            time_of(&o, "/lastUpdated") >= time_of(&o, "/status/IPv4/lastUpdated"),
+            "{o}"
+        );
+    });
+
+    // 2. Syncs stall with nothing queued: still healthy (kube-proxy's rule only counts queued changes).
+    stall.block();
+    tokio::task::block_in_place(|| {
+        wait_for(
+            &mut [&mut orca, &mut kp],
+            "orca's periodic sync to block in iptables-restore",
+            Duration::from_secs(20),
+            || {
+                stall
+                    .blocked_in(&a.netns)
+                    .then_some(())
+                    .ok_or_else(|| "not yet".to_string())
+            },
+        );
+        std::thread::sleep(HEALTH_TIMEOUT + Duration::from_secs(1));
+        let (code, v) = get_json(&a.netns, &a_hz).expect("orca /healthz");
+        assert_eq!(code, 200, "a stalled sync with nothing queued is healthy: {v}");
+    });
+
+    // 3. A change while syncs stall: healthy until it has waited the health timeout, then 503 (also /livez).
+    let admin = sb.admin_client();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "stall-probe", "namespace": "default"},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    let changed_at = Instant::now();
+    let cluster_ip = Api::<Service>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    tokio::task::block_in_place(|| {
+        std::thread::sleep(Duration::from_millis(500));
+        let (code, v) = get_json(&a.netns, &a_hz).expect("orca /healthz");
+        assert!(
+            code == 200 || changed_at.elapsed() >= HEALTH_TIMEOUT,
+            "queued but not yet late is healthy: {v}"
+        );
+        let o = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (503, false, Some(true)),
+            Duration::from_secs(30),
+        );
+        let waited = changed_at.elapsed();
+        eprintln!("orca /healthz turned 503 {waited:?} after the change (health timeout {HEALTH_TIMEOUT:?})");
+        assert!(
+            waited >= HEALTH_TIMEOUT - Duration::from_millis(300),
+            "503 only after the change waited the health timeout (2 x sync period); it came after {waited:?}"
+        );
+        let k = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "kube-proxy",
+            &b.netns,
+            &b_hz,
+            (503, false, Some(true)),
+            Duration::from_secs(30),
+        );
+        assert!(
+            stall.blocked_in(&b.netns),
+            "kube-proxy's restore waited on the flag too"
+        );
+        assert_eq!(
+            shape(&o),
+            shape(&k),
+            "unhealthy /healthz fields: orca {o} kube-proxy {k}"
+        );
+        // Unhealthy: lastUpdated is the last successful sync, before the change, and equals the family's.
+        assert_eq!(o["lastUpdated"], o["status"]["IPv4"]["lastUpdated"], "{o}");
+        assert_eq!(o["status"]["IPv4"]["healthy"], false, "{o}");
+        let (last, now) = (time_of(&o, "/lastUpdated"), time_of(&o, "/currentTime"));
+        assert!(
+            now.duration_since(last) >= k8s_openapi::jiff::SignedDuration::try_from(HEALTH_TIMEOUT).unwrap(),
+            "the last sync is older than the timeout: {o}"
+        );
+        let (lc, lv) = get_json(&a.netns, &a_lz).expect("orca /livez");
+        assert_eq!(
+            (lc, lv["healthy"].as_bool()),
+            (503, Some(false)),
+            "/livez fails on a stall too: {lv}"
+        );
+        let (kc, _) = get_json(&b.netns, &b_lz).expect("kube-proxy /livez");
+        assert_eq!(kc, 503, "kube-proxy's /livez fails on a stall");
+        let (_, _, text) = curl(&a.netns, &format!("http://{a_metrics}/metrics")).expect("orca /metrics");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("kubeproxy_proxy_healthz_total{code=\"503\"} ")),
+            "the 503s are counted:\n{text}"
+        );
+    });
+
+    // 4. Syncs resume: the blocked restore completes, both turn healthy, and the change is programmed.
+    let released = k8s_openapi::jiff::Timestamp::now();
+    stall.release();
+    tokio::task::block_in_place(|| {
+        let o = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (200, true, Some(true)),
+            Duration::from_secs(30),
+        );
+        wait_answer(
+            &mut [&mut orca, &mut kp],
+            "kube-proxy",
+            &b.netns,
+            &b_hz,
+            (200, true, Some(true)),
+            Duration::from_secs(30),
+        );
+        assert!(
+            time_of(&o, "/status/IPv4/lastUpdated") >= released,
+            "a sync after the release: {o}"
+        );
+        let (code, _) = get_json(&a.netns, &a_lz).expect("orca /livez");
+        assert_eq!(code, 200);
+        // A Service without endpoints: its ClusterIP is rejected in the filter table, as kube-proxy does.
+        let rules = netns::exec(&a.netns, &["iptables-save"]).expect("iptables-save in node-a");
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        assert!(
+            rules.contains(&format!("-d {cluster_ip}/32")),
+            "the stalled change reached node-a's rules:\n{rules}"
+        );
+    });
+
+    // 5. The Cluster Autoscaler's ToBeDeleted taint: /healthz 503 with nodeEligible false, /livez 200; untainted, 200.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    set_taint(&nodes, "node-a", true).await;
+    set_taint(&nodes, "node-b", true).await;
+    tokio::task::block_in_place(|| {
+        let o = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (503, true, Some(false)),
+            Duration::from_secs(30),
+        );
+        let k = wait_answer(
+            &mut [&mut orca, &mut kp],
+            "kube-proxy",
+            &b.netns,
+            &b_hz,
+            (503, true, Some(false)),
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            shape(&o),
+            shape(&k),
+            "ineligible /healthz fields: orca {o} kube-proxy {k}"
+        );
+        for (ns, url) in [(&a.netns, &a_lz), (&b.netns, &b_lz)] {
+            let (code, v) = get_json(ns, url).expect("/livez");
+            assert_eq!(code, 200, "{url} ignores node eligibility: {v}");
+            assert!(v.get("nodeEligible").is_none(), "{v}");
+        }
+    });
+    set_taint(&nodes, "node-a", false).await;
+    set_taint(&nodes, "node-b", false).await;
+    tokio::task::block_in_place(|| {
+        wait_answer(
+            &mut [&mut orca, &mut kp],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (200, true, Some(true)),
+            Duration::from_secs(30),
+        );
+        wait_answer(
+            &mut [&mut orca, &mut kp],
+            "kube-proxy",
+            &b.netns,
+            &b_hz,
+            (200, true, Some(true)),
+            Duration::from_secs(30),
+        );
+    });
+
+    // 6. The Node is being deleted (a finalizer holds it with its deletionTimestamp set): the same as the taint.
+    const HOLD: &str = "orca.dev/test-hold";
+    for n in ["node-a", "node-b"] {
+        nodes
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"finalizers": [HOLD]}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("finalizer on {n}: {e}"));
+        nodes
+            .delete(n, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("deleting {n}: {e}"));
+    }
+    tokio::task::block_in_place(|| {
+        wait_answer(
+            &mut [&mut orca, &mut kp],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (503, true, Some(false)),
+            Duration::from_secs(30),
+        );
+        wait_answer(
+            &mut [&mut orca, &mut kp],
+            "kube-proxy",
+            &b.netns,
+            &b_hz,
+            (503, true, Some(false)),
+            Duration::from_secs(30),
+        );
+        let (code, _) = get_json(&a.netns, &a_lz).expect("orca /livez");
+        assert_eq!(code, 200, "/livez ignores a Node being deleted");
+    });
+    // Let the deletion finish (kube-proxy exits when its Node is deleted; Orca stays unready without a Node).
+    for n in ["node-a", "node-b"] {
+        let _ = nodes
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+            )
+            .await;
+    }
+    tokio::task::block_in_place(|| {
+        wait_answer(
+            &mut [&mut orca],
+            "orca",
+            &a.netns,
+            &a_hz,
+            (503, true, Some(false)),
+            Duration::from_secs(30),
+        );
+    });
+
+    orca.check_running();
+    drop(orca);
+    drop(kp);
+    drop(stall);
     sb.down().expect("sandbox down");
 }
