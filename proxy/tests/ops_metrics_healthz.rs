@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use orca_sandbox::{build, netns, Sandbox, SandboxOptions};
 use serde_json::{json, Value};
 
@@ -305,15 +306,21 @@ async fn metrics_and_healthz_answer_like_kube_proxy() {
     assert_eq!(header(&headers, "content-type"), Some("application/json"));
     assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/healthz body {body:?}: {e}"));
-    let last_updated = v["lastUpdated"].as_str().expect("lastUpdated");
-    assert!(
-        !last_updated.starts_with("0001-"),
-        "lastUpdated is the last sync: {body}"
+    // Healthy: the top-level lastUpdated is the time of the answer (kube-proxy takes it just after currentTime),
+    // the IPv4 proxier's is its last sync, no later than that.
+    let (last, current, synced) = (
+        time_of(&v, "/lastUpdated"),
+        time_of(&v, "/currentTime"),
+        time_of(&v, "/status/IPv4/lastUpdated"),
     );
-    let parsed: k8s_openapi::jiff::Timestamp = last_updated.parse().expect("lastUpdated is RFC 3339");
-    let current: k8s_openapi::jiff::Timestamp = v["currentTime"].as_str().expect("currentTime").parse().unwrap();
-    assert!(parsed <= current, "{body}");
-    assert_eq!(v["nodeEligible"], true, "{body}");
+    let second = k8s_openapi::jiff::SignedDuration::from_secs(1);
+    assert!(last >= current && last.duration_since(current) < second, "{body}");
+    assert!(synced <= current, "{body}");
+    assert_eq!(
+        (v["nodeEligible"].as_bool(), v["healthy"].as_bool()),
+        (Some(true), Some(true)),
+        "{body}"
+    );
     let (code, _, body) = curl(&node.netns, &format!("http://{healthz}/livez")).unwrap();
     assert_eq!(code, 200, "/livez: {body}");
     // Other paths are not found.
@@ -494,6 +501,44 @@ fn wait_answer(agents: &mut [&mut Agent], who: &str, ns: &str, url: &str, want: 
     })
 }
 
+/// The events.k8s.io Events in `default` regarding Node `node` from `controller` with `reason`, waiting up to 30 s
+/// for at least one.
+async fn node_events(admin: &kube::Client, node: &str, controller: &str, reason: &str) -> Vec<K8sEvent> {
+    let api: Api<K8sEvent> = Api::namespaced(admin.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = api.list(&ListParams::default()).await.expect("listing Events");
+        let found: Vec<K8sEvent> = all
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node)
+                    && e.reporting_controller.as_deref() == Some(controller)
+                    && e.reason.as_deref() == Some(reason)
+            })
+            .collect();
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} Event from {controller} about Node {node}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// What must be equal between kube-proxy's and Orca's Event: type, reason, action, note, and the reference to the
+/// Node (apiVersion, kind, namespace; the name differs).
+fn event_shape(e: &K8sEvent) -> Value {
+    let r = e.regarding.clone().unwrap_or_default();
+    json!({
+        "type": e.type_, "reason": e.reason, "action": e.action, "note": e.note,
+        "regarding": {"apiVersion": r.api_version, "kind": r.kind, "namespace": r.namespace},
+        "namespace": e.metadata.namespace,
+    })
+}
+
 async fn set_taint(nodes: &Api<Node>, name: &str, on: bool) {
     let taints = if on {
         json!([{"key": TAINT, "value": "1700000000", "effect": "NoSchedule"}])
@@ -615,6 +660,28 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
         );
     });
 
+    // 1b. Both recorded kube-proxy's birth cry on their Node: the same Event but for the reporting controller.
+    let admin = sb.admin_client();
+    let ours = node_events(&admin, "node-a", "orca-proxy", "Starting").await;
+    let theirs = node_events(&admin, "node-b", "kube-proxy", "Starting").await;
+    assert_eq!(
+        event_shape(&ours[0]),
+        event_shape(&theirs[0]),
+        "orca {:?}\nkube-proxy {:?}",
+        ours[0],
+        theirs[0]
+    );
+    assert_eq!(ours[0].type_.as_deref(), Some("Normal"));
+    assert_eq!(ours[0].action.as_deref(), Some("StartKubeProxy"));
+    assert!(
+        ours[0]
+            .reporting_instance
+            .as_deref()
+            .is_some_and(|i| i.starts_with("orca-proxy-")),
+        "{:?}",
+        ours[0]
+    );
+
     // 2. Syncs stall with nothing queued: still healthy (kube-proxy's rule only counts queued changes).
     stall.block();
     tokio::task::block_in_place(|| {
@@ -635,7 +702,6 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
     });
 
     // 3. A change while syncs stall: healthy until it has waited the health timeout, then 503 (also /livez).
-    let admin = sb.admin_client();
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": "stall-probe", "namespace": "default"},
         "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
@@ -682,6 +748,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
             stall.blocked_in(&b.netns),
             "kube-proxy's restore waited on the flag too"
         );
+        eprintln!("stalled /healthz: orca {o}\n                  kube-proxy {k}");
         assert_eq!(
             shape(&o),
             shape(&k),
@@ -860,5 +927,104 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
     drop(orca);
     drop(kp);
     drop(stall);
+    sb.down().expect("sandbox down");
+}
+
+/// Events: a Normal Starting Event at start, and a Warning DataplaneFallback Event with the reason when eBPF cannot
+/// run. eBPF is made to fail for real, without touching anything: `--bpf-root` lies below a regular file, so the
+/// agent cannot create its pin directory and falls back to iptables (in node-a's namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_on_start_and_on_dataplane_fallback() {
+    if !should_run() {
+        return;
+    }
+    let sb = Sandbox::up(SandboxOptions::default()).await.expect("sandbox up");
+    let node = sb.topology().node("node-a").expect("node-a").clone();
+    let kubeconfig = sb.kube_proxy_kubeconfig().to_str().expect("UTF-8 path").to_string();
+    struct RemoveFile(std::path::PathBuf);
+    impl Drop for RemoveFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let file = RemoveFile(std::env::temp_dir().join(format!("orca-not-a-dir-{}", std::process::id())));
+    std::fs::write(&file.0, b"a regular file, so no bpffs pins can go below it\n").expect("writing the file");
+    let bpf_root = file.0.join("bpf");
+    let (healthz, metrics) = (
+        format!("{}:{HEALTHZ_PORT}", node.ip),
+        format!("{}:{METRICS_PORT}", node.ip),
+    );
+    let started = k8s_openapi::jiff::Timestamp::now();
+    let argv = [
+        env!("CARGO_BIN_EXE_orca-proxy"),
+        "--proxy-mode",
+        "ebpf",
+        "--bpf-root",
+        bpf_root.to_str().expect("UTF-8 path"),
+        "--hostname-override",
+        "node-a",
+        "--kubeconfig",
+        &kubeconfig,
+        "--healthz-bind-address",
+        &healthz,
+        "--metrics-bind-address",
+        &metrics,
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "-v",
+        "2",
+    ];
+    let mut agent = Agent {
+        child: netns::spawn(&node.netns, &argv, LOG_NAME).expect("starting orca-proxy in node-a"),
+        log: LOG_NAME,
+    };
+    let admin = sb.admin_client();
+
+    // The fallback, with its reason, as a Warning Event and in the mode metric.
+    let fallback = node_events(&admin, "node-a", "orca-proxy", "DataplaneFallback").await;
+    agent.check_running();
+    let e = &fallback[0];
+    assert_eq!(e.type_.as_deref(), Some("Warning"), "{e:?}");
+    assert_eq!(e.action.as_deref(), Some("StartKubeProxy"), "{e:?}");
+    let note = e.note.as_deref().unwrap_or_default();
+    assert!(
+        note.starts_with("eBPF dataplane unavailable, using iptables: ") && note.contains(bpf_root.to_str().unwrap()),
+        "the note names the failure: {note:?}"
+    );
+    let text = tokio::task::block_in_place(|| {
+        scrape_until(
+            &mut agent,
+            &node.netns,
+            &format!("http://{metrics}/metrics"),
+            "the first sync",
+            |t| sample(t, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").is_some_and(|v| v > 0.0),
+        )
+    });
+    let mode = text
+        .lines()
+        .find(|l| l.starts_with("orca_dataplane_mode{"))
+        .unwrap_or_else(|| panic!("orca_dataplane_mode in:\n{text}"));
+    assert!(
+        mode.contains("mode=\"iptables\"") && mode.contains(bpf_root.to_str().unwrap()) && mode.ends_with(" 1"),
+        "{mode}"
+    );
+
+    // The birth cry, regarding the Node as kube-proxy's does, recorded by this run.
+    let starting = node_events(&admin, "node-a", "orca-proxy", "Starting").await;
+    let e = &starting[0];
+    let r = e.regarding.clone().unwrap_or_default();
+    assert_eq!(
+        (r.api_version.as_deref(), r.kind.as_deref(), r.namespace.as_deref()),
+        (Some("v1"), Some("Node"), None),
+        "{e:?}"
+    );
+    assert_eq!((e.type_.as_deref(), e.note.as_deref()), (Some("Normal"), None), "{e:?}");
+    let at = e.event_time.as_ref().map(|t| t.0).expect("eventTime");
+    assert!(at >= started - k8s_openapi::jiff::SignedDuration::from_secs(1), "{e:?}");
+    assert_eq!(e.metadata.namespace.as_deref(), Some("default"));
+
+    agent.check_running();
+    drop(agent);
+    drop(file);
     sb.down().expect("sandbox down");
 }
