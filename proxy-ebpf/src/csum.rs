@@ -44,6 +44,19 @@ pub fn pseudo_header(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: u16) -> 
     acc + u32::from(l4_len)
 }
 
+/// RFC 1624 (eqn. 3): the checksum `hc` after covered bytes `old` became `new` (both in packet
+/// order; `hc` as the big-endian value of the checksum field).
+#[inline(always)]
+pub fn update(hc: u16, old: &[u8], new: &[u8]) -> u16 {
+    let mut acc = u32::from(!hc);
+    let mut i = 0;
+    while i + 1 < old.len() {
+        acc += u32::from(!u16::from_be_bytes([old[i], old[i + 1]]));
+        i += 2;
+    }
+    finish(add_bytes(acc, new))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +85,30 @@ mod tests {
     #[test]
     fn odd_length_pads_with_zero() {
         assert_eq!(checksum(&[0x12, 0x34, 0x56]), checksum(&[0x12, 0x34, 0x56, 0x00]));
+    }
+
+    #[test]
+    fn incremental_update_matches_a_full_recomputation() {
+        let mut hdr = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
+        ];
+        for new in [
+            [10u8, 96, 0, 10],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+            [0x3f, 0x57, 0xc0, 0xa8],
+        ] {
+            let old: [u8; 4] = hdr[12..16].try_into().unwrap();
+            let hc = u16::from_be_bytes([hdr[10], hdr[11]]);
+            hdr[12..16].copy_from_slice(&new);
+            hdr[10..12].copy_from_slice(&update(hc, &old, &new).to_be_bytes());
+            assert!(verify(&hdr), "{new:?}");
+        }
+        let old = [hdr[0], hdr[1]];
+        let hc = u16::from_be_bytes([hdr[10], hdr[11]]);
+        hdr[0..2].copy_from_slice(&[0x46, 0x10]);
+        hdr[10..12].copy_from_slice(&update(hc, &old, &[0x46, 0x10]).to_be_bytes());
+        assert!(verify(&hdr));
     }
 }

@@ -1,5 +1,6 @@
 //! The per-packet flow:
-//! 1. not IPv4 TCP/UDP, or a fragment: pass untouched;
+//! 1. not IPv4 TCP/UDP, or a fragment: pass untouched, except ICMP errors about tracked flows,
+//!    which `icmp` translates like the flow;
 //! 2. a reply of a translated flow (reply-direction conntrack hit): reverse NAT, forward;
 //! 3. not addressed to a frontend: pass;
 //! 4. a tracked flow whose backend is still usable: DNAT (and SNAT) as recorded, forward;
@@ -9,9 +10,11 @@
 //!
 //! "Forward" is `fwd::forward`: a FIB lookup and a redirect to the egress device.
 //!
-//! Masquerading (SNAT to the node address from `ORCA_CONFIG`): external traffic to frontends
-//! flagged `FRONTEND_F_SNAT_EXTERNAL` when it arrives from outside the node, and hairpin traffic (a
-//! pod reaching itself through a Service), as kube-proxy does.
+//! Masquerading (SNAT to the node address from `ORCA_CONFIG`), as kube-proxy does: all traffic to
+//! frontends flagged `FRONTEND_F_SNAT_EXTERNAL` (NodePorts, load-balancer and external IPs of
+//! Services with externalTrafficPolicy Cluster — kube-proxy's KUBE-EXT chain marks every source
+//! for masquerade, local pods included; with the Local policy pods get an unflagged cluster-wide
+//! entry instead), and hairpin traffic (a pod reaching itself through a Service).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -26,7 +29,7 @@ use proxy_ebpf::hdr::{TCP_ACK, TCP_SYN};
 use crate::{
     affinity,
     ct::{self, Snat},
-    fwd, lb, maps,
+    fwd, icmp, lb, maps,
     nat::{self, End},
     parse::{self, Flow},
     reject,
@@ -44,7 +47,9 @@ pub enum Origin {
 #[inline(always)]
 pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
     let Some(mut flow) = parse::parse(ctx) else {
-        return TC_ACT_OK;
+        // ICMP errors about tracked flows are translated with them; the rest passes.
+        // SAFETY: helper without arguments.
+        return icmp::handle(ctx, unsafe { bpf_ktime_get_ns() });
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -94,7 +99,7 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
         },
     };
     affinity::record(&fe, flow.saddr, &backend, now);
-    let masquerade = (origin == Origin::Netdev && fe.flags & FRONTEND_F_SNAT_EXTERNAL != 0)
+    let masquerade = fe.flags & FRONTEND_F_SNAT_EXTERNAL != 0
         || flow.saddr == backend.addr
         || masquerade_by_config(origin, &fe, flow.saddr);
     let snat_addr = if masquerade { snat_ipv4() } else { 0 };

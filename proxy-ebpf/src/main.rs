@@ -7,6 +7,7 @@
 //! - `ct`: connection tracking (an established flow keeps its backend) and reverse NAT state
 //! - `nat`: DNAT to the backend and reverse NAT of replies, with incremental L3/L4 checksums
 //! - `fwd`: delivery of translated packets to their egress device (FIB lookup and redirect)
+//! - `icmp`: ICMP errors about tracked flows, translated like the flow (conntrack's "related")
 //! - `reject`: ICMP port unreachable for frontends without endpoints
 //! - `sock`: cgroup connect/sendmsg/recvmsg/getpeername hooks for clients in the node's namespace
 //! - `datapath`: the per-packet flow that ties them together
@@ -20,6 +21,7 @@ mod affinity;
 mod ct;
 mod datapath;
 mod fwd;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;

@@ -840,9 +840,12 @@ fn external_traffic_is_masqueraded_and_replies_are_restored() {
     }
     assert_eq!(ports.len(), 50);
 
-    // Pods reaching the same frontend are not masqueraded (their replies come back through their node).
+    // Local pods reaching the same NodePort are masqueraded too, as kube-proxy's KUBE-EXT chain
+    // does with externalTrafficPolicy Cluster (the Local policy's pod entry is tested below).
     let (_, out) = dp.run(PROG_FROM_POD, &tcp_frame(CLIENT, NODE_IP, &Tcp::syn(52000, 30080)));
-    assert_eq!(check(&out).src, Ipv4Addr::from(CLIENT));
+    let seen = check(&out);
+    assert_eq!(seen.src, Ipv4Addr::from(NODE_IP));
+    assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&seen.sport), "{}", seen.sport);
 }
 
 #[test]
@@ -969,6 +972,7 @@ fn translated_packets_go_straight_to_the_routed_device_with_the_ttl_decremented(
 #[test]
 fn external_scope_entries_serve_outside_clients_and_pods_get_the_cluster_set() {
     let mut dp = Datapath::load();
+    dp.set_snat_ip(NODE_IP);
     let np = FrontendKey::new(NODE_IP, 30090, IPPROTO_TCP);
     // eTP=Local: outside clients -> the local endpoint A; local pods -> every endpoint (here B).
     dp.set_service(
@@ -989,7 +993,13 @@ fn external_scope_entries_serve_outside_clients_and_pods_get_the_cluster_set() {
             PROG_FROM_POD,
             &tcp_frame(CLIENT, NODE_IP, &Tcp::syn(54000 + sport, 30090)),
         );
-        assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_B));
+        let seen = check(&out);
+        assert_eq!(seen.dst, Ipv4Addr::from(BACKEND_B));
+        assert_eq!(
+            seen.src,
+            Ipv4Addr::from(CLIENT),
+            "pods keep their address with eTP=Local"
+        );
     }
 }
 
@@ -1275,5 +1285,123 @@ fn replies_keep_a_silent_clients_flow_alive() {
     assert!(
         monotonic_ns() - after < 5_000_000_000,
         "the reply did not refresh the service entry"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP errors about translated flows.
+
+/// An ICMP error (`icmp_type`/`code`) from `src` to `dst` quoting `quote` (an IPv4 packet's head).
+fn icmp_error(src: [u8; 4], dst: [u8; 4], icmp_type: u8, code: u8, quote: &[u8]) -> Vec<u8> {
+    let mut m = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0xdc];
+    m.extend_from_slice(quote);
+    let c = csum_fold(csum_add(0, &m));
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    frame(src, dst, IPPROTO_ICMP, &[], 0, &m)
+}
+
+/// Checks the outer IPv4 and ICMP checksums of an ICMP error; returns its outer addresses and
+/// the quote.
+fn check_icmp(f: &[u8]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
+    let ip = &f[14..34];
+    assert_eq!(ip[9], IPPROTO_ICMP);
+    assert_eq!(csum_fold(csum_add(0, ip)), 0, "outer IPv4 checksum invalid");
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &f[34..14 + tot];
+    assert_eq!(csum_fold(csum_add(0, icmp)), 0, "ICMP checksum invalid");
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    (src.into(), dst.into(), icmp[8..].to_vec())
+}
+
+#[test]
+fn icmp_errors_about_a_cluster_ip_flow_are_translated_both_ways() {
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 53, IPPROTO_UDP), 30, 0, &[be(BACKEND_A, 5353)], 0);
+    let query = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, VIP, 40000, 53, b"query", true),
+    );
+    let (_, to_backend) = dp.run(PROG_FROM_POD, &query);
+    assert_eq!(check(&to_backend).dst, Ipv4Addr::from(BACKEND_A));
+
+    // The backend has no listener: port unreachable quoting what it received. The client must
+    // see an error about the packet it sent (to the VIP), from the VIP.
+    let unreach = icmp_error(BACKEND_A, CLIENT, 3, 3, &to_backend[14..14 + 28]);
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &unreach);
+    assert_eq!(rc, TC_ACT_OK);
+    let (src, dst, quote) = check_icmp(&out);
+    assert_eq!((src, dst), (Ipv4Addr::from(VIP), Ipv4Addr::from(CLIENT)));
+    assert_eq!(
+        quote,
+        &query[14..14 + 28],
+        "quote = the client's own packet, checksums included"
+    );
+
+    // The other way: the client reports the VIP's reply (e.g. fragmentation needed); the backend
+    // must see an error about the packet it sent.
+    let reply = frame(
+        BACKEND_A,
+        CLIENT,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(BACKEND_A, CLIENT, 5353, 40000, b"answer", true),
+    );
+    let (_, to_client) = dp.run(PROG_FROM_NETDEV, &reply);
+    assert_eq!(check(&to_client).src, Ipv4Addr::from(VIP));
+    let too_big = icmp_error(CLIENT, VIP, 3, 4, &to_client[14..14 + 28]);
+    let (rc, out) = dp.run(PROG_FROM_POD, &too_big);
+    assert_eq!(rc, TC_ACT_OK);
+    let (src, dst, quote) = check_icmp(&out);
+    assert_eq!((src, dst), (Ipv4Addr::from(CLIENT), Ipv4Addr::from(BACKEND_A)));
+    assert_eq!(quote, &reply[14..14 + 28]);
+
+    // Errors about flows nobody tracks, and ICMP that is not an error, pass untouched.
+    let stranger = frame(
+        CLIENT,
+        BACKEND_C,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, BACKEND_C, 40001, 53, b"x", true),
+    );
+    let unknown = icmp_error(BACKEND_C, CLIENT, 3, 3, &stranger[14..14 + 28]);
+    assert_eq!(dp.run(PROG_FROM_NETDEV, &unknown), (TC_ACT_OK, unknown.clone()));
+    let echo_reply = icmp_error(BACKEND_A, CLIENT, 0, 0, &to_backend[14..14 + 28]);
+    assert_eq!(dp.run(PROG_FROM_NETDEV, &echo_reply), (TC_ACT_OK, echo_reply.clone()));
+}
+
+#[test]
+fn icmp_errors_about_a_masqueraded_node_port_flow_reach_the_outside_client() {
+    let mut dp = Datapath::load();
+    dp.set_snat_ip(NODE_IP);
+    let np = FrontendKey::new(NODE_IP, 30081, IPPROTO_TCP);
+    dp.set_service(np, 31, 0, &[be(BACKEND_B, 8080)], 0);
+    dp.set_flags(np, FRONTEND_F_SNAT_EXTERNAL);
+    let syn = tcp_frame(EXTERNAL_CLIENT, NODE_IP, &Tcp::syn(50500, 30081));
+    let (_, to_backend) = dp.run(PROG_FROM_NETDEV, &syn);
+    let seen = check(&to_backend);
+    assert_eq!(
+        (seen.src, seen.dst),
+        (Ipv4Addr::from(NODE_IP), Ipv4Addr::from(BACKEND_B))
+    );
+
+    // Fragmentation needed on the way to the backend, quoting the whole TCP header (checksum
+    // included), sent to the node (the masqueraded source).
+    let quote_len = to_backend.len() - 14;
+    let too_big = icmp_error(BACKEND_B, NODE_IP, 3, 4, &to_backend[14..14 + quote_len]);
+    let (rc, out) = dp.run(PROG_FROM_NETDEV, &too_big);
+    assert_eq!(rc, TC_ACT_OK);
+    let (src, dst, quote) = check_icmp(&out);
+    assert_eq!((src, dst), (Ipv4Addr::from(NODE_IP), Ipv4Addr::from(EXTERNAL_CLIENT)));
+    assert_eq!(
+        quote,
+        &syn[14..14 + quote_len],
+        "quote = the client's SYN, TCP checksum included"
     );
 }

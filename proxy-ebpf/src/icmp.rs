@@ -1,0 +1,298 @@
+//! ICMP errors of translated flows (destination unreachable, time exceeded, parameter problem),
+//! translated like the kernel's conntrack NAT does for "related" packets: the quoted packet and
+//! the outer header are rewritten so the receiver can match the error to its socket.
+//!
+//! * Towards the client (a backend, or a router on the way to it, reports a packet the client sent
+//!   through a frontend): the quote names the backend; it is rewritten to the frontend (and, for a
+//!   masqueraded flow, the node's address back to the client's), the outer source becomes the
+//!   frontend and the outer destination the client. A UDP client connected to a ClusterIP whose
+//!   backend has no listener gets ECONNREFUSED, and path-MTU discovery works through Services.
+//! * Towards the backend (the client side reports a reply): the quote names the frontend; it is
+//!   rewritten to the backend (and the client to the node's address, when masqueraded), the outer
+//!   destination becomes the backend.
+//!
+//! Only quotes with a 20-byte inner IPv4 header of TCP or UDP are translated; every other ICMP
+//! packet passes untouched. The quote's IPv4 checksum is kept right, and its TCP/UDP checksum when
+//! the quote holds it (the kernel ignores it, but tools do not); the ICMP checksum follows every
+//! change through bpf_l4_csum_replace.
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use orca_common::{CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_ebpf::{
+    csum,
+    hdr::{
+        ETH_HLEN, ETH_P_IP, ICMP_HLEN, IPV4_HLEN, IP_CSUM, IP_DADDR, IP_FRAG_OFF, IP_MF_OFFSET_MASK, IP_PROTO,
+        IP_SADDR, L4_DPORT, L4_SPORT, TCP_CSUM, UDP_CSUM,
+    },
+};
+
+use crate::{fwd, maps, parse::Flow};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+/// Offset of the checksum in the ICMP header.
+const ICMP_CSUM: usize = 2;
+
+/// Translates the packet if it is an ICMP error about a tracked flow; TC_ACT_OK (untouched) for
+/// everything else.
+#[inline(always)]
+pub fn handle(ctx: &TcContext, now_ns: u64) -> i32 {
+    match translate(ctx, now_ns) {
+        Some(Ok(flow)) => fwd::forward(ctx, &flow),
+        // A rewrite failed half-way: the packet would be corrupt.
+        Some(Err(_)) => aya_ebpf::bindings::TC_ACT_SHOT,
+        None => TC_ACT_OK,
+    }
+}
+
+/// The quoted packet.
+struct Quote {
+    ip: usize,
+    l4: usize,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    /// Offset of the quote's TCP/UDP checksum when the quote holds a non-zero one.
+    l4_csum: Option<usize>,
+}
+
+/// `None`: not an ICMP error about a tracked flow. `Some(Ok(outer))`: translated, with the new
+/// outer addresses.
+#[inline(always)]
+fn translate(ctx: &TcContext, now_ns: u64) -> Option<Result<Flow, i64>> {
+    let h_proto: u16 = ctx.load(12).ok()?;
+    if h_proto != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ver_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+        return None;
+    }
+    let ihl_len = usize::from(ver_ihl & 0x0f) * 4;
+    let proto: u8 = ctx.load(ETH_HLEN + IP_PROTO).ok()?;
+    let frag_off: u16 = ctx.load(ETH_HLEN + IP_FRAG_OFF).ok()?;
+    if proto != IPPROTO_ICMP || u16::from_be(frag_off) & IP_MF_OFFSET_MASK != 0 {
+        return None;
+    }
+    let icmp = ETH_HLEN + ihl_len;
+    let icmp_type: u8 = ctx.load(icmp).ok()?;
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETERPROB {
+        return None;
+    }
+    let q = quote(ctx, icmp + ICMP_HLEN)?;
+    let outer_saddr: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
+    let outer_daddr: u32 = ctx.load(ETH_HLEN + IP_DADDR).ok()?;
+
+    // The quoted packet travelled in the opposite direction of this error: its reverse is the
+    // tuple the error belongs to.
+    let mut key = CtKey {
+        saddr: q.daddr,
+        daddr: q.saddr,
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let csum_off = icmp + ICMP_CSUM;
+    // SAFETY (both lookups): values are copied out at once.
+    if let Some(rev) = unsafe { maps::CT.get(key) }
+        .copied()
+        .filter(|v| alive(v, q.proto, now_ns))
+    {
+        return Some(to_client(ctx, csum_off, &q, &rev, outer_saddr, outer_daddr, ihl_len));
+    }
+    key.dir = CT_DIR_SERVICE;
+    if let Some(svc) = unsafe { maps::CT.get(key) }
+        .copied()
+        .filter(|v| alive(v, q.proto, now_ns))
+    {
+        return Some(to_backend(ctx, csum_off, &q, &svc, outer_saddr, outer_daddr, ihl_len));
+    }
+    None
+}
+
+/// Towards the client: the quote is client' -> backend; it becomes client -> frontend.
+#[inline(always)]
+fn to_client(
+    ctx: &TcContext,
+    csum_off: usize,
+    q: &Quote,
+    rev: &CtValue,
+    outer_saddr: u32,
+    outer_daddr: u32,
+    ihl_len: usize,
+) -> Result<Flow, i64> {
+    rewrite_quote(ctx, csum_off, q, End::Dst, rev.addr, rev.port)?;
+    let mut daddr = outer_daddr;
+    if rev.nat_addr != 0 {
+        rewrite_quote(ctx, csum_off, q, End::Src, rev.nat_addr, rev.nat_port)?;
+        rewrite_outer(ctx, IP_DADDR, outer_daddr, rev.nat_addr)?;
+        daddr = rev.nat_addr;
+    }
+    rewrite_outer(ctx, IP_SADDR, outer_saddr, rev.addr)?;
+    Ok(outer(rev.addr, daddr, ihl_len))
+}
+
+/// Towards the backend: the quote is frontend -> client; it becomes backend -> client'.
+#[inline(always)]
+fn to_backend(
+    ctx: &TcContext,
+    csum_off: usize,
+    q: &Quote,
+    svc: &CtValue,
+    outer_saddr: u32,
+    outer_daddr: u32,
+    ihl_len: usize,
+) -> Result<Flow, i64> {
+    rewrite_quote(ctx, csum_off, q, End::Src, svc.addr, svc.port)?;
+    let mut saddr = outer_saddr;
+    if svc.nat_addr != 0 {
+        rewrite_quote(ctx, csum_off, q, End::Dst, svc.nat_addr, svc.nat_port)?;
+        rewrite_outer(ctx, IP_SADDR, outer_saddr, svc.nat_addr)?;
+        saddr = svc.nat_addr;
+    }
+    rewrite_outer(ctx, IP_DADDR, outer_daddr, svc.addr)?;
+    Ok(outer(saddr, svc.addr, ihl_len))
+}
+
+#[inline(always)]
+fn alive(v: &CtValue, proto: u8, now_ns: u64) -> bool {
+    now_ns.saturating_sub(v.last_seen_ns) <= v.lifetime_ns(proto)
+}
+
+/// The outer header as a flow, for forwarding.
+#[inline(always)]
+fn outer(saddr: u32, daddr: u32, ihl_len: usize) -> Flow {
+    Flow {
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        proto: IPPROTO_ICMP,
+        tcp_flags: 0,
+        ihl_len,
+        l4_off: ETH_HLEN + ihl_len,
+    }
+}
+
+#[inline(always)]
+fn quote(ctx: &TcContext, ip: usize) -> Option<Quote> {
+    let ver_ihl: u8 = ctx.load(ip).ok()?;
+    if ver_ihl != 0x45 {
+        return None;
+    }
+    let proto: u8 = ctx.load(ip + IP_PROTO).ok()?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let l4 = ip + IPV4_HLEN;
+    let ports: [u16; 2] = ctx.load(l4 + L4_SPORT).ok()?;
+    let csum_at = l4 + if proto == IPPROTO_TCP { TCP_CSUM } else { UDP_CSUM };
+    // A TCP checksum lies beyond the 8 bytes every error quotes; a zero UDP checksum means none.
+    let l4_csum = match ctx.load::<u16>(csum_at) {
+        Ok(c) if c != 0 => Some(csum_at),
+        _ => None,
+    };
+    Some(Quote {
+        ip,
+        l4,
+        saddr: ctx.load(ip + IP_SADDR).ok()?,
+        daddr: ctx.load(ip + IP_DADDR).ok()?,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        l4_csum,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Src,
+    Dst,
+}
+
+/// Stores `new` (2 or 4 bytes, packet order) over `old` at `off` inside the ICMP message and
+/// follows the change in the ICMP checksum.
+#[inline(always)]
+fn store_in_icmp<T: Copy>(
+    ctx: &TcContext,
+    csum_off: usize,
+    off: usize,
+    old: u64,
+    new: T,
+    new_raw: u64,
+) -> Result<(), i64> {
+    ctx.store(off, &new, 0)?;
+    ctx.l4_csum_replace(csum_off, old, new_raw, core::mem::size_of::<T>() as u64)?;
+    Ok(())
+}
+
+/// Rewrites one end (address and port) of the quoted packet, with its IPv4 and TCP/UDP checksums.
+#[inline(always)]
+fn rewrite_quote(ctx: &TcContext, csum_off: usize, q: &Quote, end: End, addr: u32, port: u16) -> Result<(), i64> {
+    let (old_addr, old_port, addr_off, port_off) = match end {
+        End::Src => (q.saddr, q.sport, IP_SADDR, L4_SPORT),
+        End::Dst => (q.daddr, q.dport, IP_DADDR, L4_DPORT),
+    };
+    let (oa, na) = (old_addr.to_ne_bytes(), addr.to_ne_bytes());
+    let (op, np) = (old_port.to_ne_bytes(), port.to_ne_bytes());
+    if old_addr != addr {
+        store_in_icmp(
+            ctx,
+            csum_off,
+            q.ip + addr_off,
+            u64::from(old_addr),
+            addr,
+            u64::from(addr),
+        )?;
+        let ip_csum: u16 = ctx.load(q.ip + IP_CSUM)?;
+        let new_ip_csum = csum::update(u16::from_be(ip_csum), &oa, &na).to_be();
+        store_in_icmp(
+            ctx,
+            csum_off,
+            q.ip + IP_CSUM,
+            u64::from(ip_csum),
+            new_ip_csum,
+            u64::from(new_ip_csum),
+        )?;
+    }
+    if old_port != port {
+        store_in_icmp(
+            ctx,
+            csum_off,
+            q.l4 + port_off,
+            u64::from(old_port),
+            port,
+            u64::from(port),
+        )?;
+    }
+    if let Some(at) = q.l4_csum {
+        // The TCP/UDP checksum covers the pseudo header (the addresses) and the ports.
+        let old: u16 = ctx.load(at)?;
+        let mut c = csum::update(u16::from_be(old), &oa, &na);
+        c = csum::update(c, &op, &np);
+        if c == 0 && q.proto == IPPROTO_UDP {
+            c = 0xffff;
+        }
+        let c = c.to_be();
+        if c != old {
+            store_in_icmp(ctx, csum_off, at, u64::from(old), c, u64::from(c))?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites an outer address (the ICMP checksum has no pseudo header).
+#[inline(always)]
+fn rewrite_outer(ctx: &TcContext, off: usize, old: u32, new: u32) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(old), u64::from(new), 4)?;
+    ctx.store(ETH_HLEN + off, &new, 0)?;
+    Ok(())
+}
