@@ -31,6 +31,8 @@ pub struct Settings {
     pub healthz: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub bpf_root: PathBuf,
+    /// The eBPF dataplane's backend choice for Services without the `orca.dev/load-balancing` annotation.
+    pub load_balancing: crate::model::LoadBalancing,
     pub verbosity: u8,
     pub log_format: LogFormat,
 }
@@ -96,6 +98,7 @@ impl Settings {
             healthz,
             metrics,
             bpf_root: f.bpf_root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
+            load_balancing: f.ebpf_load_balancing.unwrap_or_default(),
             verbosity: f.verbosity.unwrap_or(0),
             log_format: f.log_format.unwrap_or(LogFormat::Text),
         })

@@ -63,6 +63,10 @@ pub struct Flags {
     /// Refuse to fall back to iptables when the eBPF dataplane cannot load.
     #[arg(long, global = true)]
     pub no_fallback: bool,
+    /// How the eBPF dataplane picks backends: random (kube-proxy's behaviour) or maglev (consistent hashing:
+    /// a backend change moves the fewest flows). A Service's `orca.dev/load-balancing` annotation overrides it.
+    #[arg(long, global = true, value_enum)]
+    pub ebpf_load_balancing: Option<crate::model::LoadBalancing>,
     /// The CIDR ranges of pods in the cluster (comma-separated); ClusterIP traffic from outside them is masqueraded.
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
     pub cluster_cidr: Vec<Cidr>,

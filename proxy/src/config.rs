@@ -90,6 +90,8 @@ struct OrcaSection {
     no_fallback: Option<bool>,
     /// Where eBPF objects are pinned.
     bpf_root: Option<String>,
+    /// `random` or `maglev` (`--ebpf-load-balancing`).
+    load_balancing: Option<String>,
 }
 
 /// The values of a config file that Orca uses, validated.
@@ -110,6 +112,7 @@ pub struct FileSettings {
     pub log_format: Option<LogFormat>,
     pub no_fallback: Option<bool>,
     pub bpf_root: Option<PathBuf>,
+    pub load_balancing: Option<crate::model::LoadBalancing>,
 }
 
 fn duration(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -186,6 +189,13 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
     {
         bail!("detectLocalMode: invalid value {d:?}: Orca supports ClusterCIDR");
     }
+    let load_balancing = match f.orca.as_ref().and_then(|o| o.load_balancing.as_deref()) {
+        None => None,
+        Some(v) => Some(
+            v.parse::<crate::model::LoadBalancing>()
+                .map_err(|e| anyhow!("orca.loadBalancing: invalid value {v:?}: {e}"))?,
+        ),
+    };
     Ok(FileSettings {
         kubeconfig: f
             .client_connection
@@ -207,6 +217,7 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
         log_format,
         no_fallback: f.orca.as_ref().and_then(|o| o.no_fallback),
         bpf_root: f.orca.as_ref().and_then(|o| o.bpf_root.clone()).map(PathBuf::from),
+        load_balancing,
     })
 }
 
@@ -237,6 +248,7 @@ pub fn merge(flags: &Flags, file: FileSettings) -> Flags {
     f.log_format = f.log_format.or(file.log_format);
     f.no_fallback = f.no_fallback || file.no_fallback.unwrap_or(false);
     f.bpf_root = f.bpf_root.or(file.bpf_root);
+    f.ebpf_load_balancing = f.ebpf_load_balancing.or(file.load_balancing);
     f
 }
 
@@ -280,6 +292,7 @@ logging:
 orca:
   noFallback: true
   bpfRoot: /sys/fs/bpf/orca-test
+  loadBalancing: maglev
 "#;
 
     #[test]
@@ -295,6 +308,7 @@ orca:
         assert_eq!(s.verbosity, Some(2));
         assert_eq!(s.no_fallback, Some(true));
         assert_eq!(s.bpf_root, Some(PathBuf::from("/sys/fs/bpf/orca-test")));
+        assert_eq!(s.load_balancing, Some(crate::model::LoadBalancing::Maglev));
     }
 
     #[test]
@@ -313,6 +327,8 @@ orca:
         assert!(e.contains("kind") && e.contains("Pod"), "{e}");
         let e = parse("orca:\n  nope: 1").unwrap_err().to_string();
         assert!(e.contains("nope"), "{e}");
+        let e = parse("orca:\n  loadBalancing: roundrobin").unwrap_err().to_string();
+        assert!(e.contains("orca.loadBalancing") && e.contains("roundrobin"), "{e}");
     }
 
     #[test]
@@ -326,5 +342,9 @@ orca:
         assert_eq!(merged.min_sync_period, Some(Duration::from_secs(1)));
         assert_eq!(merged.cluster_cidr.len(), 1);
         assert!(merged.no_fallback);
+        assert_eq!(merged.ebpf_load_balancing, Some(crate::model::LoadBalancing::Maglev));
+        let cli = crate::cli::Cli::try_parse_from(["orca-proxy", "--ebpf-load-balancing", "random"]).unwrap();
+        let merged = merge(&cli.flags, parse(FULL).unwrap());
+        assert_eq!(merged.ebpf_load_balancing, Some(crate::model::LoadBalancing::Random));
     }
 }

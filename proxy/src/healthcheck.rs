@@ -326,6 +326,7 @@ mod tests {
             internal_policy: TrafficPolicy::Cluster,
             health_check_node_port: Some(port),
             traffic_distribution: None,
+            load_balancing: None,
         };
         let eps = (0..local_ready + 1)
             .map(|i| Endpoint {

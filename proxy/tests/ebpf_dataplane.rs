@@ -137,6 +137,7 @@ fn service_on(svc: &str, vip: &str, vport: u16, target: u16, endpoints: &[&str])
         internal_policy: TrafficPolicy::Cluster,
         health_check_node_port: None,
         traffic_distribution: None,
+        load_balancing: None,
     };
     let eps = endpoints
         .iter()
@@ -542,4 +543,73 @@ fn host_namespace_clients_use_the_socket_hooks() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// `--no-fallback`: when eBPF cannot run, the agent stops at start with the reason instead of
+/// running iptables. eBPF fails for real here: `--bpf-root` lies below a regular file, so no pin
+/// directory can be created. The agent runs in a namespace of its own and never reaches an
+/// apiserver (the kubeconfig points at a closed loopback port).
+#[test]
+fn no_fallback_stops_the_start_with_the_reason() {
+    let prefix = format!("orca-ebdp-{}-nofb", std::process::id());
+    let dir = std::env::temp_dir().join(&prefix);
+    struct Cleanup(String, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(prefix.clone(), dir.clone());
+    std::fs::create_dir_all(&dir).unwrap();
+    run(&["ip", "netns", "add", &prefix]);
+    run(&["ip", "-n", &prefix, "link", "set", "lo", "up"]);
+    let file = dir.join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         contexts: [{name: c, context: {cluster: c, user: u}}]\ncurrent-context: c\nusers: [{name: u, user: {token: t}}]\n",
+    )
+    .unwrap();
+    let bpf_root = file.join("bpf");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &prefix, env!("CARGO_BIN_EXE_orca-proxy")])
+        .args(["--proxy-mode", "ebpf", "--no-fallback", "--hostname-override", "n"])
+        .arg("--bpf-root")
+        .arg(&bpf_root)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn orca-proxy");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("orca-proxy --no-fallback kept running although eBPF cannot run");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("eBPF dataplane unavailable and --no-fallback is set")
+            && stderr.contains(&bpf_root.display().to_string()),
+        "the error names the flag and the failure:\n{stderr}"
+    );
+    assert!(!stderr.contains("using iptables"), "{stderr}");
 }

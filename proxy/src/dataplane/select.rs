@@ -29,6 +29,7 @@ fn iptables(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
 fn ebpf(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
     let opts = EbpfOptions {
         bpf_root: s.bpf_root.clone(),
+        maglev: s.load_balancing == crate::model::LoadBalancing::Maglev,
         ..Default::default()
     };
     Ok(Box::new(EbpfDataplane::new(s.dataplane.clone(), opts)?))

@@ -21,6 +21,10 @@ pub use cidr::Cidr;
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the control plane puts on headless Services' EndpointSlices; kube-proxy ignores them.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Orca's per-Service choice of backend selection in the eBPF dataplane: `random` or `maglev`
+/// (overrides `--ebpf-load-balancing`; the iptables dataplane always chooses at random, as
+/// kube-proxy does).
+pub const ANNOTATION_LOAD_BALANCING: &str = "orca.dev/load-balancing";
 /// Label linking an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// The Node label giving its zone.
@@ -147,6 +151,31 @@ pub struct ServicePort {
     pub health_check_node_port: Option<u16>,
     /// spec.trafficDistribution, as written.
     pub traffic_distribution: Option<String>,
+    /// The `orca.dev/load-balancing` annotation, when valid.
+    pub load_balancing: Option<LoadBalancing>,
+}
+
+/// How the eBPF dataplane picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalancing {
+    /// Uniformly at random (kube-proxy's behaviour).
+    #[default]
+    Random,
+    /// Maglev consistent hashing of the 5-tuple: every node picks the same backend for a flow,
+    /// and a backend change moves the fewest flows.
+    Maglev,
+}
+
+impl std::str::FromStr for LoadBalancing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "random" => Ok(Self::Random),
+            "maglev" => Ok(Self::Maglev),
+            other => Err(format!("unknown value {other:?} (expected \"random\" or \"maglev\")")),
+        }
+    }
 }
 
 impl ServicePort {

@@ -199,6 +199,7 @@ mod tests {
             },
             health_check_node_port: None,
             traffic_distribution: None,
+            load_balancing: None,
         }
     }
 

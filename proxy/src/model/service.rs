@@ -6,8 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    Cidr, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT, LABEL_HEADLESS,
-    LABEL_SERVICE_PROXY_NAME,
+    Cidr, LoadBalancing, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy, ANNOTATION_LOAD_BALANCING,
+    DEFAULT_AFFINITY_TIMEOUT, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME,
 };
 
 /// Why a Service yields no service ports at all.
@@ -86,6 +86,20 @@ pub fn service_ports(svc: &Service) -> Result<(Vec<ServicePort>, Warnings), Skip
         return Err(Skip::Headless);
     }
     let mut warnings = Warnings::new();
+    let load_balancing = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_LOAD_BALANCING))
+        .and_then(|v| match v.parse::<LoadBalancing>() {
+            Ok(lb) => Some(lb),
+            Err(e) => {
+                warnings.push(format!(
+                    "annotation {ANNOTATION_LOAD_BALANCING}: {e}; using the default"
+                ));
+                None
+            }
+        });
     let mut raw_ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
     if raw_ips.is_empty() && !primary.is_empty() {
         raw_ips.push(primary.to_string());
@@ -211,6 +225,7 @@ pub fn service_ports(svc: &Service) -> Result<(Vec<ServicePort>, Warnings), Skip
             internal_policy,
             health_check_node_port,
             traffic_distribution: spec.traffic_distribution.clone(),
+            load_balancing,
         });
     }
     Ok((ports, warnings))
@@ -318,6 +333,33 @@ mod tests {
         assert_eq!(p.health_check_node_port, Some(32000));
         assert_eq!(p.traffic_distribution.as_deref(), Some("PreferSameZone"));
         assert!(p.uses_cluster_endpoints() && p.uses_local_endpoints());
+        assert_eq!(p.load_balancing, None);
+    }
+
+    #[test]
+    fn load_balancing_annotation() {
+        let with = |v: &str| {
+            svc(json!({
+                "metadata": {"namespace": "ns", "name": "s", "annotations": {"orca.dev/load-balancing": v}},
+                "spec": {"clusterIP": "10.96.0.5", "ports": [{"port": 80}]}
+            }))
+        };
+        let (ports, warnings) = service_ports(&with("maglev")).unwrap();
+        assert_eq!(
+            (ports[0].load_balancing, warnings.len()),
+            (Some(LoadBalancing::Maglev), 0)
+        );
+        let (ports, _) = service_ports(&with("random")).unwrap();
+        assert_eq!(ports[0].load_balancing, Some(LoadBalancing::Random));
+        // A bad value is a warning; the Service is served with the default.
+        let (ports, warnings) = service_ports(&with("round-robin")).unwrap();
+        assert_eq!(ports[0].load_balancing, None);
+        assert!(
+            warnings.len() == 1
+                && warnings[0].contains("orca.dev/load-balancing")
+                && warnings[0].contains("round-robin"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

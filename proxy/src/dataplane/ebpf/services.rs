@@ -154,6 +154,11 @@ impl Programmer {
             .port
             .session_affinity
             .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+        // The Service's annotation wins over the agent-wide choice.
+        let maglev = st
+            .port
+            .load_balancing
+            .map_or(self.maglev, |lb| lb == crate::model::LoadBalancing::Maglev);
         let mut wanted_sets: BTreeMap<SetKind, Vec<Backend>> = BTreeMap::new();
         for kind in desired_frontends.values() {
             wanted_sets.entry(*kind).or_insert_with(|| {
@@ -196,7 +201,7 @@ impl Programmer {
                     })
             });
             let next = match &current {
-                Some(cur) if &cur.backends == backends && cur.maglev == (self.maglev && !backends.is_empty()) => {
+                Some(cur) if &cur.backends == backends && cur.maglev == (maglev && !backends.is_empty()) => {
                     entry.sets.insert(*kind, cur.clone());
                     continue;
                 }
@@ -204,13 +209,13 @@ impl Programmer {
                     id: cur.id,
                     base: if cur.base == 0 { SLOT_HALF } else { 0 },
                     backends: backends.clone(),
-                    maglev: self.maglev && !backends.is_empty(),
+                    maglev: maglev && !backends.is_empty(),
                 },
                 None => PublishedSet {
                     id: self.alloc_id(),
                     base: 0,
                     backends: backends.clone(),
-                    maglev: self.maglev && !backends.is_empty(),
+                    maglev: maglev && !backends.is_empty(),
                 },
             };
             if next.maglev {

@@ -161,6 +161,7 @@ fn port(n: &str, vip: &str) -> ServicePort {
         internal_policy: TrafficPolicy::Cluster,
         health_check_node_port: None,
         traffic_distribution: None,
+        load_balancing: None,
     }
 }
 
@@ -502,4 +503,39 @@ fn maglev_tables_switch_with_their_backend_sets() {
     }
     p.remove(&mut m, &name("mg")).unwrap();
     assert!(m.maglev.is_empty());
+}
+
+#[test]
+fn the_load_balancing_annotation_overrides_the_agent_default() {
+    use crate::model::LoadBalancing;
+    let cfg = DataplaneConfig::default();
+    let eps = || vec![ep("10.244.1.1", false), ep("10.244.1.2", false)];
+    let maglev_flag = |m: &FakeMaps, ip: &str| m.fe[&fk(ip, 80)].flags & orca_common::FRONTEND_F_MAGLEV != 0;
+    for agent_maglev in [false, true] {
+        let mut m = FakeMaps::default();
+        let mut p = Programmer::default().with_maglev(agent_maglev);
+        let mut annotated_maglev = port("a", "10.96.0.60");
+        annotated_maglev.load_balancing = Some(LoadBalancing::Maglev);
+        let mut annotated_random = port("b", "10.96.0.61");
+        annotated_random.load_balancing = Some(LoadBalancing::Random);
+        let plain = port("c", "10.96.0.62");
+        for sp in [annotated_maglev, annotated_random, plain] {
+            p.upsert(&mut m, &state(sp, eps()), &node(), &cfg).unwrap();
+            m.check();
+        }
+        assert!(maglev_flag(&m, "10.96.0.60"), "agent maglev={agent_maglev}");
+        assert!(!maglev_flag(&m, "10.96.0.61"), "agent maglev={agent_maglev}");
+        assert_eq!(maglev_flag(&m, "10.96.0.62"), agent_maglev);
+        let tables = if agent_maglev { 2 } else { 1 };
+        assert_eq!(m.maglev.len(), tables * orca_common::MAGLEV_TABLE_SIZE as usize);
+
+        // Removing the annotation falls back to the agent's choice (and frees or writes the table).
+        let mut sp = port("a", "10.96.0.60");
+        sp.load_balancing = None;
+        p.upsert(&mut m, &state(sp, eps()), &node(), &cfg).unwrap();
+        m.check();
+        assert_eq!(maglev_flag(&m, "10.96.0.60"), agent_maglev);
+        let tables = if agent_maglev { 2 } else { 0 };
+        assert_eq!(m.maglev.len(), tables * orca_common::MAGLEV_TABLE_SIZE as usize);
+    }
 }

@@ -32,6 +32,7 @@ fn port(name: &str, ip: &str, p: u16, protocol: Protocol) -> ServicePort {
         internal_policy: TrafficPolicy::Cluster,
         health_check_node_port: None,
         traffic_distribution: None,
+        load_balancing: None,
     }
 }
 
