@@ -5,6 +5,7 @@
 //! * `orca-bench load ...` is the load generator the run starts inside the client pod's network namespace.
 //!
 //! `cargo xtask bench [--quick]` builds everything in release mode and runs `orca-bench run`.
+mod backend;
 mod cluster;
 mod load;
 mod probe;
@@ -64,6 +65,24 @@ struct RunArgs {
     /// Endpoint changes for programming latency per proxy and scale; default 10 (quick) or 50.
     #[arg(long)]
     prog_changes: Option<usize>,
+    /// Time limit of one configuration's programming-latency changes at one scale, seconds (a proxy whose syncs
+    /// take many seconds reports fewer changes, and the report says so).
+    #[arg(long, default_value_t = 400)]
+    prog_budget_s: u64,
+    /// Pause between programming-latency changes, ms (upstream's min-sync-period is 1 s).
+    #[arg(long, default_value_t = 1100)]
+    prog_gap_ms: u64,
+    /// Backend of the iptables-mode proxies (Orca's and upstream's alike): auto = nft below 5,000 Services,
+    /// legacy from there on (iptables-nft-restore is quadratic: minutes per sync at 10k Services).
+    #[arg(long, value_enum, default_value_t = backend::BackendChoice::Auto)]
+    iptables_backend: backend::BackendChoice,
+    /// Profile the machine (`perf record -a`) during the first cross-node connect run of each configuration at
+    /// the largest scale; the top symbols go into the report.
+    #[arg(long)]
+    profile: bool,
+    /// Concurrent apiserver requests while creating the filler Services.
+    #[arg(long, default_value_t = cluster::FILL_CONCURRENCY)]
+    fill_concurrency: usize,
     /// BPF_PROG_TEST_RUN repeat count.
     #[arg(long, default_value_t = 100_000)]
     tc_repeat: u32,
@@ -133,7 +152,11 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         max_ops: a.max_ops.clamp(1, load::MAX_OPS_CAP),
         workers: a.workers.clamp(1, 64),
         prog_changes: a.prog_changes.unwrap_or(if quick { 10 } else { 50 }).clamp(1, 500),
-        prog_gap: Duration::from_millis(1100),
+        prog_gap: Duration::from_millis(a.prog_gap_ms.clamp(0, 10_000)),
+        iptables_backend: a.iptables_backend,
+        prog_budget: Duration::from_secs(a.prog_budget_s.clamp(1, 3600)),
+        fill_concurrency: a.fill_concurrency.clamp(1, 512),
+        profile: a.profile,
         tc_repeat: a.tc_repeat.clamp(1, 10_000_000),
         command,
     };

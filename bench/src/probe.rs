@@ -99,6 +99,8 @@ pub fn parse_histogram(text: &str, name: &str) -> Option<Histogram> {
 
 pub const NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
 pub const SYNC_RULES: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+pub const SYNC_FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+pub const SYNC_PARTIAL: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
 
 /// RSS and CPU time of one process.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -178,6 +180,63 @@ pub fn proc_stats(pid: u32, comm: &str) -> Result<ProcStats> {
     })
 }
 
+/// `perf record -a` for `secs` seconds into `out`, then the top of `perf report` by comm, object and symbol
+/// (entries of at least 0.5% of all samples, at most 60 lines). The data file is removed afterwards.
+pub fn perf_profile(out: &Path, secs: f64) -> Result<String> {
+    let outs = out.to_str().context("non-UTF-8 temp path")?;
+    let sleep = format!("{secs:.2}");
+    let rec = std::process::Command::new("perf")
+        .args(["record", "-a", "-F", "999", "-q", "-o", outs, "--", "sleep", &sleep])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running perf record")?;
+    let result = (|| {
+        if !rec.status.success() {
+            bail!("perf record failed: {}", String::from_utf8_lossy(&rec.stderr).trim());
+        }
+        let rep = std::process::Command::new("perf")
+            .args([
+                "report",
+                "-i",
+                outs,
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "comm,dso,symbol",
+                "--percent-limit",
+                "0.5",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running perf report")?;
+        if !rep.status.success() {
+            bail!("perf report failed: {}", String::from_utf8_lossy(&rep.stderr).trim());
+        }
+        let text = String::from_utf8_lossy(&rep.stdout);
+        let samples = text
+            .lines()
+            .find(|l| l.starts_with("# Samples"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let mut lines = vec![samples];
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .map(|l| {
+                    let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+                    // Without hardware counters perf prints empty IPC columns ("- -").
+                    l.trim_end_matches(" - -").to_string()
+                })
+                .take(60),
+        );
+        Ok(lines.join("\n"))
+    })();
+    let _ = std::fs::remove_file(out);
+    let _ = std::fs::remove_file(format!("{outs}.old"));
+    result
+}
+
 /// TC program cost, nanoseconds per run as BPF_PROG_TEST_RUN reports it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TcCost {
@@ -189,6 +248,58 @@ pub struct TcCost {
     pub repeat: u32,
     pub service_verdict: u32,
     pub passthrough_verdict: u32,
+    /// The same test run of a two-instruction TC program (`r0 = TC_ACT_OK; exit`) on the SYN: the harness's own
+    /// per-repeat floor (skb reset, program dispatch, timing), which `service_ns` includes too.
+    #[serde(default)]
+    pub empty_ns: Option<f64>,
+}
+
+/// BPF_PROG_TEST_RUN of a two-instruction sched_cls program on `frame`, `repeat` times: nanoseconds per run.
+pub fn tc_empty_baseline(frame: &[u8], repeat: u32) -> Result<f64> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    // mov64 r0, 0 ; exit
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+    // kern_version, prog_flags, prog_name[16], ... (zero).
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a valid, zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len() as u32) };
+    if fd < 0 {
+        bail!(
+            "BPF_PROG_LOAD of the empty program: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut out = vec![0u8; frame.len() + 256];
+    // test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration, ...
+    let mut t = [0u8; 128];
+    use std::os::fd::AsRawFd;
+    t[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    t[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    t[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+    t[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    t[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+    t[32..36].copy_from_slice(&repeat.to_ne_bytes());
+    // SAFETY: t is a valid bpf_attr for BPF_PROG_TEST_RUN; its buffers outlive the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, t.as_mut_ptr(), t.len() as u32) };
+    if r < 0 {
+        bail!(
+            "BPF_PROG_TEST_RUN of the empty program: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let duration = u32::from_ne_bytes([t[36], t[37], t[38], t[39]]);
+    Ok(f64::from(duration))
 }
 
 fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
@@ -295,6 +406,7 @@ pub fn tc_cost(
         repeat,
         service_verdict,
         passthrough_verdict,
+        empty_ns: tc_empty_baseline(&svc, repeat).ok(),
     })
 }
 
@@ -354,6 +466,16 @@ kubeproxy_x_count{ip_family="IPv6"} 9
         assert_eq!(ch, 0.5);
         assert!(parse_proc("", stat, 100.0).is_err());
         assert!(parse_proc(status, "123 (x) S 1", 100.0).is_err());
+    }
+
+    #[test]
+    fn empty_program_baseline() {
+        // Needs CAP_BPF; as an unprivileged user the load fails with an error, never a panic.
+        let f = syn_frame(Ipv4Addr::new(10, 244, 1, 2), 40000, Ipv4Addr::new(10, 96, 0, 10), 80);
+        match tc_empty_baseline(&f, 1000) {
+            Ok(ns) => assert!(ns < 10_000.0, "{ns} ns for two instructions"),
+            Err(e) => assert!(e.to_string().contains("BPF_PROG"), "{e}"),
+        }
     }
 
     #[test]

@@ -241,7 +241,66 @@ pub fn control_metrics() -> Vec<Metric> {
             higher_is_better: false,
             get: |c| c.tc.as_ref().map(|t| t.passthrough_ns).into_iter().collect(),
         },
+        Metric {
+            title: "TC test-run floor: a two-instruction program (r0 = TC_ACT_OK; exit) on the same SYN",
+            unit: "ns",
+            higher_is_better: false,
+            get: |c| c.tc.as_ref().and_then(|t| t.empty_ns).into_iter().collect(),
+        },
+        Metric {
+            title: "Full sync: kubeproxy_sync_full_proxy_rules_duration_seconds, mean over the proxy's life at this scale",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| {
+                c.sync_full
+                    .as_ref()
+                    .and_then(|h| h.mean())
+                    .map(|s| s * 1e3)
+                    .into_iter()
+                    .collect()
+            },
+        },
+        Metric {
+            title: "Partial sync during the changes: kubeproxy_sync_partial_proxy_rules_duration_seconds, mean",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| {
+                c.sync_partial
+                    .as_ref()
+                    .and_then(|h| h.mean())
+                    .map(|s| s * 1e3)
+                    .into_iter()
+                    .collect()
+            },
+        },
+        Metric {
+            title: "Partial sync during the changes: p99 bucket bound",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| {
+                c.sync_partial
+                    .as_ref()
+                    .and_then(|h| h.quantile_bound(0.99))
+                    .map(|s| s * 1e3)
+                    .into_iter()
+                    .collect()
+            },
+        },
+        Metric {
+            title: "Re-add latency p50 (PATCH -> the endpoint made ready in the same PATCH answers; coarse)",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| c.prog.as_ref().and_then(|p| q(&p.add_ms, 0.5)).into_iter().collect(),
+        },
     ]
+}
+
+/// Endpoints at scale `s`: the fillers' plus the measured Services' (2 + 2 + 3).
+pub fn endpoints_at(s: usize) -> usize {
+    (0..s.saturating_sub(1))
+        .map(crate::cluster::filler_endpoint_count)
+        .sum::<usize>()
+        + 7
 }
 
 fn find<'a>(r: &'a RunResult, cfg: &str, scale: usize) -> Option<&'a ConfigResult> {
@@ -386,11 +445,58 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
     let _ = writeln!(
         out,
         "\nScale N = N−1 filler Services (selector-less, 2–10 ready endpoints each, EndpointSlices written \
-         directly, dummy addresses in 10.244.16.0/20+) plus the measured Services `bench-remote` (2 pods on node-b), \
-         `bench-local` (2 pods on node-a) and `bench-prog`, recreated after the fillers so they are the newest \
-         objects. The client pod runs on node-a; the load generator is `orca-bench load` started inside its \
-         network namespace. Direct = the same requests to the pod IPs (no proxy running at all)."
+         directly through the apiserver, dummy addresses in 10.244.16.0/20+ that no pod has) plus the measured \
+         Services `bench-remote` (2 pods on node-b), `bench-local` (2 pods on node-a) and `bench-prog`, recreated \
+         after the fillers so they are the newest objects (highest resourceVersion, newest ClusterIP); the fillers \
+         live in namespace `{}`, which sorts before `bench`, so the measured Services are also last in Orca's \
+         iptables dispatch chain, which is written in (namespace, name) order. Upstream kube-proxy's iptables \
+         mode writes KUBE-SERVICES in Go map order (a new order every sync); the table below gives the position \
+         the measured rule had when the load ran. The client pod runs on node-a; the load generator is \
+         `orca-bench load` started inside its network namespace. Direct = the same requests to the pod IPs (no \
+         proxy running at all). Endpoints per scale: {}.",
+        crate::cluster::FILL_NS,
+        r.scales
+            .iter()
+            .map(|s| format!("{s} → {}", endpoints_at(*s)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    if r.results.iter().any(|c| c.iptables_backend.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n**iptables backend and the measured Service's place in the dispatch chain (node-a, after the first \
+             sync).** Both iptables proxies get the same backend at a scale: `nft` = iptables-nft (the default \
+             of an empty node), `legacy` = iptables-legacy, used where iptables-nft-restore's quadratic restore \
+             makes one sync take minutes (see `iptables-scale.md`): the node carries kubelet's \
+             `KUBE-IPTABLES-HINT` chain in the legacy mangle table (Orca's detection picks legacy from it) and \
+             kube-proxy's `iptables*` commands resolve to iptables-legacy, as its image's wrapper would set them.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| config | scale | backend | chain | position of bench-remote:80 | rules in chain | rules in nat |"
+        );
+        let _ = writeln!(out, "| --- | ---: | --- | --- | ---: | ---: | ---: |");
+        for c in &r.results {
+            let Some(b) = &c.iptables_backend else { continue };
+            match &c.position {
+                Some(p) => {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {b} | {} | {} | {} | {} |",
+                        c.config,
+                        c.scale,
+                        p.chain,
+                        p.index.map(|i| i.to_string()).unwrap_or("not found".into()),
+                        p.chain_rules,
+                        p.nat_rules
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "| {} | {} | {b} | – | – | – | – |", c.config, c.scale);
+                }
+            }
+        }
+    }
     let _ = writeln!(out, "\n## Packet path\n");
     for (name, path) in plots
         .iter()
@@ -407,36 +513,50 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
     }
     let _ = writeln!(
         out,
-        "\nProgramming latency: the slice of `bench-prog` (2 endpoints on node-b) is patched to mark one endpoint \
-         unready (with `endpoints.kubernetes.io/last-change-trigger-time`, which upstream's \
-         network_programming_duration measures from); from the moment the PATCH is sent, the client pod opens \
-         new connections in a loop and reads which pod answers; the latency is the send time of the first probe \
-         after the last one the unready pod answered ({} probes in a row without it end the change). Then the \
-         endpoint is made ready again and, after a pause, the next change starts. Histogram p99 values are bucket \
-         upper bounds.",
-        25
+        "\nProgramming latency: `bench-prog` has 3 endpoints (the 2 pods on node-b and one on node-a), 2 ready at \
+         a time. Change k patches its slice (with `endpoints.kubernetes.io/last-change-trigger-time`, which \
+         upstream's network_programming_duration measures from) so that endpoint k mod 3 turns unready and the \
+         one change k−1 took out turns ready again: one PATCH, one sync per change. From the moment the PATCH is \
+         sent, the client pod opens new connections in a loop and reads which pod answers; the removal latency is \
+         the send time of the first probe after the last one the unready pod answered ({} answers in a row without \
+         it, and one from the re-readied pod, end the change); the re-add latency is the first answer of the \
+         re-readied pod. After a pause the next change starts. p50/p99 are over all changes at that scale \
+         (nearest rank); histogram p99 values are bucket upper bounds. The full-sync time is kube-proxy's \
+         kubeproxy_sync_full_proxy_rules_duration_seconds (Orca exports the same metric) and the start-to-\
+         programmed time below.",
+        crate::run::GONE_STREAK
     );
     for m in control_metrics() {
         table(&mut out, r, &m, false);
     }
-    let _ = writeln!(out, "\n| config | scale | changes | timeouts | probe errors | PATCH round trip p50 ms | re-add p50 ms | network_programming count |");
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "\n| config | scale | changes | removal p50 / p99 / max ms | timeouts | re-add not seen | probe errors | PATCH round trip p50 ms | re-add p50 ms | network_programming count | stopped by the time budget |");
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
     for c in &r.results {
         if let Some(p) = &c.prog {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} |",
                 c.config,
                 c.scale,
                 p.removal_ms.len() + p.timeouts,
+                q(&p.removal_ms, 0.5).map(fmt_num).unwrap_or("–".into()),
+                q(&p.removal_ms, 0.99).map(fmt_num).unwrap_or("–".into()),
+                q(&p.removal_ms, 1.0).map(fmt_num).unwrap_or("–".into()),
                 p.timeouts,
+                p.add_timeouts,
                 p.probe_errors,
                 q(&p.patch_rtt_ms, 0.5).map(fmt_num).unwrap_or("–".into()),
                 q(&p.add_ms, 0.5).map(fmt_num).unwrap_or("–".into()),
                 c.net_prog
                     .as_ref()
                     .map(|h| format!("{}", h.count))
-                    .unwrap_or("–".into())
+                    .unwrap_or("–".into()),
+                p.budget_exhausted_s
+                    .map(|s| format!("yes, after {s:.0} s"))
+                    .unwrap_or("no".into())
             );
         }
     }
@@ -532,14 +652,59 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
             None => "- TC program per packet: not measured".into(),
         }
     );
+    let rss = |s: usize| med(r, &ctl[6], "orca-ebpf", s);
     goal_line(
         &mut out,
-        "Orca eBPF agent RSS",
-        med(r, &ctl[6], "orca-ebpf", top),
+        &format!(
+            "Orca eBPF agent RSS on node-a at {} ({} endpoints)",
+            scale_name(top),
+            endpoints_at(top)
+        ),
+        rss(top),
         150.0,
         false,
         "MiB",
     );
+    // The goal names 300,000 endpoints; 2–10 per Service gives fewer at 30k Services: a linear projection from
+    // the two largest scales, labelled as such.
+    let mut measured: Vec<usize> = r.scales.iter().copied().filter(|s| rss(*s).is_some()).collect();
+    measured.sort_unstable();
+    if let [.., s1, s2] = measured[..] {
+        if let (Some(m1), Some(m2)) = (rss(s1), rss(s2)) {
+            let (e1, e2) = (endpoints_at(s1) as f64, endpoints_at(s2) as f64);
+            if e2 > e1 && (endpoints_at(s2) as f64) < 300_000.0 {
+                let per = (m2 - m1) / (e2 - e1);
+                let proj = m2 + per * (300_000.0 - e2);
+                let _ = writeln!(
+                    out,
+                    "  - projected to 300,000 endpoints (linear from {} and {}: {:.1} KiB per endpoint): {:.0} MiB — a \
+                     projection, not a measurement",
+                    scale_name(s1),
+                    scale_name(s2),
+                    per * 1024.0,
+                    proj
+                );
+            }
+        }
+    }
+    if r.results.iter().any(|c| c.profile.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n## Profiles\n\n`perf record -a -F 999` over most of the first cross-node connect run at the largest \
+             scale (the whole machine: load generator, servers, proxies, and whatever else ran); entries ≥ 0.5% of \
+             all samples, by command, object and symbol."
+        );
+        for c in &r.results {
+            if let Some(p) = &c.profile {
+                let _ = writeln!(
+                    out,
+                    "\n<details><summary>{} at {}</summary>\n\n```\n{p}\n```\n</details>",
+                    c.config,
+                    scale_name(c.scale)
+                );
+            }
+        }
+    }
     if !r.notes.is_empty() || r.results.iter().any(|c| !c.errors.is_empty()) {
         let _ = writeln!(out, "\n## Errors and notes\n");
         for n in &r.notes {
@@ -796,9 +961,13 @@ mod tests {
         );
         assert!(md.contains("programming latency p99, Orca eBPF: not measured"), "{md}");
         assert!(
-            md.contains("Orca eBPF agent RSS: 40.00 MiB (goal < 150.0 MiB) — met"),
+            md.contains(
+                "Orca eBPF agent RSS on node-a at 1000 Services (6001 endpoints): 40.00 MiB (goal < 150.0 MiB) — met"
+            ),
             "{md}"
         );
+        assert!(md.contains("projected to 300,000 endpoints"), "{md}");
+        assert_eq!(endpoints_at(1), 7);
         assert!(md.contains("this run did not reach that scale"), "{md}");
     }
 

@@ -1,6 +1,7 @@
 //! The benchmark run: one sandbox, server pods on both nodes, a client pod on node-a; for each scale the filler
 //! Services are topped up through the apiserver, the measured Services are (re)created last, and every
 //! configuration (direct pod IPs, then each proxy started on both nodes) is measured `repeats` times.
+use crate::backend::{self, Backend, BackendChoice, ChainPosition, LegacyShim};
 use crate::cluster::{self, BENCH_NS};
 use crate::load::{LoadResult, Mode};
 use crate::probe::{self, Histogram, ProcStats, TcCost};
@@ -64,6 +65,14 @@ pub struct RunOpts {
     pub prog_changes: usize,
     /// Pause after a change was observed before the next one (upstream's default min-sync-period is 1 s).
     pub prog_gap: Duration,
+    /// Time limit of one configuration's programming-latency changes at one scale (checked between changes).
+    pub prog_budget: Duration,
+    /// Backend of the iptables-mode proxies.
+    pub iptables_backend: BackendChoice,
+    /// Concurrent apiserver requests while creating fillers.
+    pub fill_concurrency: usize,
+    /// Profile (`perf record -a`) the first cross-node connect run of each configuration at the largest scale.
+    pub profile: bool,
     /// BPF_PROG_TEST_RUN repeat count.
     pub tc_repeat: u32,
     /// The command line that reproduces the run (for the report).
@@ -75,14 +84,21 @@ pub struct RunOpts {
 pub struct ProgResult {
     /// Slice patch sent -> the datapath stopped sending to the unready endpoint, milliseconds.
     pub removal_ms: Vec<f64>,
-    /// Patch back to ready -> the endpoint answered again (a coarse upper bound: the balancer must pick it).
+    /// Patch -> the endpoint the previous change had marked unready answered again (a coarse upper bound: the
+    /// balancer must pick it).
     pub add_ms: Vec<f64>,
+    /// Changes whose re-readied endpoint never answered while the removal was probed.
+    #[serde(default)]
+    pub add_timeouts: usize,
     /// Round trip of the slice PATCH at the apiserver, milliseconds (part of every latency above).
     pub patch_rtt_ms: Vec<f64>,
     /// Changes that did not converge within the bound.
     pub timeouts: usize,
     /// Probe requests that failed (refused, reset, timed out) while the datapath changed.
     pub probe_errors: usize,
+    /// The changes stopped before `--prog-changes` because `--prog-budget-s` ran out (seconds spent).
+    #[serde(default)]
+    pub budget_exhausted_s: Option<f64>,
 }
 
 /// Everything measured for one configuration at one scale.
@@ -101,6 +117,22 @@ pub struct ConfigResult {
     pub net_prog: Option<Histogram>,
     /// The same over the proxy's whole life at this scale.
     pub sync_rules: Option<Histogram>,
+    /// kubeproxy_sync_full_proxy_rules_duration_seconds over the proxy's life at this scale.
+    #[serde(default)]
+    pub sync_full: Option<Histogram>,
+    /// kubeproxy_sync_partial_proxy_rules_duration_seconds during the programming-latency changes.
+    #[serde(default)]
+    pub sync_partial: Option<Histogram>,
+    /// iptables modes: the backend they ran on ("nft" or "legacy").
+    #[serde(default)]
+    pub iptables_backend: Option<String>,
+    /// iptables modes: where the measured Service (`bench-remote`:80) is in the dispatch chain on node-a.
+    #[serde(default)]
+    pub position: Option<ChainPosition>,
+    /// `perf record -a` during the first cross-node connect run (largest scale, `--profile`): `perf report`
+    /// lines (comm, object, symbol, share of all samples on the machine).
+    #[serde(default)]
+    pub profile: Option<String>,
     pub procs: Vec<(String, ProcStats)>,
     pub tc: Option<TcCost>,
     pub errors: Vec<String>,
@@ -316,54 +348,71 @@ async fn probe_until(
     (seen, errors, false)
 }
 
-/// Consecutive answers without the removed endpoint that declare it gone (with one other endpoint left, a
-/// still-programmed endpoint escapes that many probes with probability 2^-25).
-const GONE_STREAK: usize = 25;
+/// Consecutive answers without the removed endpoint that declare it gone (with two other endpoints left, a
+/// still-programmed endpoint escapes that many probes with probability (2/3)^30 < 10^-5).
+pub const GONE_STREAK: usize = 30;
 
+/// Programming latency over `o.prog_changes` changes of `bench-prog`'s slice (three backends, two ready at a
+/// time). Change k marks backend k mod 3 unready and the one change k−1 had marked unready ready again, in one
+/// PATCH, so every change is one endpoint turning unready (plus one turning ready), i.e. one sync of the proxy.
+/// The removal latency is from sending the PATCH to the first probe after the last one the unready backend
+/// answered; the probing of a change ends after `GONE_STREAK` answers in a row without it (and once the
+/// re-readied backend answered, which gives the coarse re-add latency).
 async fn programming_latency(
     client: &kube::Client,
     ns: &str,
     vip: SocketAddr,
     backends: &[PodInfo],
+    gap: Duration,
     o: &RunOpts,
 ) -> Result<ProgResult> {
     let mut r = ProgResult::default();
-    let all: Vec<(Ipv4Addr, bool)> = backends.iter().map(|p| (p.ip, true)).collect();
+    let n = backends.len();
+    if n < 2 {
+        bail!("programming latency needs at least 2 backends, got {n}");
+    }
+    let mut back: Option<String> = None;
+    let started = Instant::now();
     for k in 0..o.prog_changes {
-        let victim = &backends[k % backends.len()];
-        let eps: Vec<(Ipv4Addr, bool)> = backends.iter().map(|p| (p.ip, p.name != victim.name)).collect();
+        if k > 0 && started.elapsed() > o.prog_budget {
+            r.budget_exhausted_s = Some(started.elapsed().as_secs_f64());
+            break;
+        }
+        let victim = backends[k % n].name.clone();
+        let eps: Vec<(Ipv4Addr, bool)> = backends.iter().map(|p| (p.ip, p.name != victim)).collect();
         let t0 = Instant::now();
         cluster::set_prog_endpoints(client, "bench-prog", &eps).await?;
         r.patch_rtt_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        let vname = victim.name.clone();
-        let (seen, errs, ok) = probe_until(ns, vip, Duration::from_secs(10), |s| {
-            s.len() >= GONE_STREAK && s[s.len() - GONE_STREAK..].iter().all(|(_, p)| *p != vname)
+        let want_back = back.clone();
+        let (seen, errs, ok) = probe_until(ns, vip, Duration::from_secs(60), |s| {
+            s.len() >= GONE_STREAK
+                && s[s.len() - GONE_STREAK..].iter().all(|(_, p)| *p != victim)
+                && want_back.as_ref().is_none_or(|b| s.iter().any(|(_, p)| p == b))
         })
         .await;
         r.probe_errors += errs;
-        if ok {
-            // The first probe sent after the last one the removed endpoint answered.
-            let last_hit = seen.iter().rposition(|(_, p)| *p == vname);
-            let first_clean = last_hit.map(|i| i + 1).unwrap_or(0);
-            let t = seen[first_clean].0;
-            r.removal_ms.push(t.duration_since(t0).as_secs_f64() * 1e3);
-        } else {
+        let last_hit = seen.iter().rposition(|(_, p)| *p == victim);
+        let first_clean = last_hit.map(|i| i + 1).unwrap_or(0);
+        let gone = seen.len() >= first_clean + GONE_STREAK;
+        if gone {
+            r.removal_ms
+                .push(seen[first_clean].0.duration_since(t0).as_secs_f64() * 1e3);
+        }
+        if let Some(b) = &back {
+            match seen.iter().find(|(_, p)| p == b) {
+                Some((t, _)) => r.add_ms.push(t.duration_since(t0).as_secs_f64() * 1e3),
+                None => r.add_timeouts += 1,
+            }
+        }
+        if !ok && !gone {
             r.timeouts += 1;
         }
-        // Back to ready; wait until it answers again.
-        let t1 = Instant::now();
-        cluster::set_prog_endpoints(client, "bench-prog", &all).await?;
-        let (seen, errs, ok) = probe_until(ns, vip, Duration::from_secs(10), |s| {
-            s.last().is_some_and(|(_, p)| *p == victim.name)
-        })
-        .await;
-        r.probe_errors += errs;
-        match (ok, seen.last()) {
-            (true, Some((t, _))) => r.add_ms.push(t.duration_since(t1).as_secs_f64() * 1e3),
-            _ => r.timeouts += 1,
-        }
-        tokio::time::sleep(o.prog_gap).await;
+        back = Some(victim);
+        tokio::time::sleep(gap).await;
     }
+    // Leave every backend ready.
+    let all: Vec<(Ipv4Addr, bool)> = backends.iter().map(|p| (p.ip, true)).collect();
+    cluster::set_prog_endpoints(client, "bench-prog", &all).await?;
     Ok(r)
 }
 
@@ -374,20 +423,73 @@ struct Targets {
     remote_sink: SocketAddr,
 }
 
+fn is_iptables(cfg: Config) -> bool {
+    matches!(
+        cfg,
+        Config::Proxy(ProxyKind::OrcaIptables) | Config::Proxy(ProxyKind::KubeProxyIptables)
+    )
+}
+
+/// Measure one configuration; for an iptables mode on iptables-legacy, the node namespaces are marked legacy
+/// before and flushed after (also when the measurement fails).
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     sb: &Sandbox,
     env: &ProxyEnv,
+    shim: Option<&LegacyShim>,
     pods: &Pods,
     vips: (Ipv4Addr, Ipv4Addr, Ipv4Addr),
     cfg: Config,
     scale: usize,
     o: &RunOpts,
 ) -> ConfigResult {
+    let backend = is_iptables(cfg).then(|| Backend::choose(o.iptables_backend, scale));
+    let mut env = env.clone();
     let mut res = ConfigResult {
         config: cfg.name().into(),
         scale,
+        iptables_backend: backend.map(|b| b.name().to_string()),
         ..ConfigResult::default()
     };
+    let nodes: Vec<String> = sb.topology().nodes.iter().map(|n| n.netns.clone()).collect();
+    if backend == Some(Backend::Legacy) {
+        let Some(shim) = shim else {
+            res.errors
+                .push("iptables-legacy requested but the legacy shim was not created".into());
+            return res;
+        };
+        if cfg == Config::Proxy(ProxyKind::KubeProxyIptables) {
+            env.kube_proxy_bin = shim.kube_proxy.clone();
+        }
+        for ns in &nodes {
+            if let Err(e) = backend::mark_legacy(ns) {
+                res.errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    measure_inner(sb, &env, pods, vips, cfg, scale, backend, o, &mut res).await;
+    if backend == Some(Backend::Legacy) {
+        for ns in &nodes {
+            if let Err(e) = backend::flush_legacy(ns) {
+                res.errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure_inner(
+    sb: &Sandbox,
+    env: &ProxyEnv,
+    pods: &Pods,
+    vips: (Ipv4Addr, Ipv4Addr, Ipv4Addr),
+    cfg: Config,
+    scale: usize,
+    backend: Option<Backend>,
+    o: &RunOpts,
+    res: &mut ConfigResult,
+) {
     let (remote_vip, local_vip, prog_vip) = vips;
     let ns = pods.client.netns.clone();
     let topo = sb.topology().clone();
@@ -403,7 +505,7 @@ async fn measure(
                 Ok(p) => Some(p),
                 Err(e) => {
                     res.errors.push(format!("proxy did not start: {e:#}"));
-                    return res;
+                    return;
                 }
             }
         }
@@ -438,11 +540,33 @@ async fn measure(
             if let Some(p) = proxy {
                 res.stop_notes = p.stop().await;
             }
-            return res;
+            return;
         }
     }
     let a = &topo.nodes[0];
+    if let (Some(b), Config::Proxy(kind)) = (backend, cfg) {
+        let chain = if kind.is_upstream() {
+            "KUBE-SERVICES"
+        } else {
+            "ORCA-SERVICES"
+        };
+        let nsa = a.netns.clone();
+        match tokio::task::spawn_blocking(move || backend::position(&nsa, b, chain, remote_vip, 80)).await {
+            Ok(Ok(p)) => {
+                if p.index.is_none() {
+                    res.errors.push(format!(
+                        "{remote_vip}:80 not found in {chain} of iptables-{} ({} rules in nat): wrong backend?",
+                        p.backend, p.nat_rules
+                    ));
+                }
+                res.position = Some(p);
+            }
+            Ok(Err(e)) => res.errors.push(format!("chain position: {e:#}")),
+            Err(e) => res.errors.push(format!("chain position task: {e}")),
+        }
+    }
     let before = scrape(a).await;
+    let profile_now = o.profile && o.scales.last() == Some(&scale);
     for rep in 0..o.repeats {
         for (mode, addrs, slot) in [
             (Mode::Connect, t.remote_http.clone(), 0),
@@ -450,7 +574,20 @@ async fn measure(
             (Mode::Rr, t.remote_echo.clone(), 2),
             (Mode::Stream, vec![t.remote_sink], 3),
         ] {
-            match load(&ns, mode, &addrs, o).await {
+            let prof = (profile_now && rep == 0 && slot == 0).then(|| {
+                let secs = (o.duration_ms as f64 / 1000.0 * 0.8).clamp(0.2, 5.0);
+                let out = std::env::temp_dir().join(format!("orca-bench-perf-{}.data", std::process::id()));
+                tokio::task::spawn_blocking(move || probe::perf_profile(&out, secs))
+            });
+            let loaded = load(&ns, mode, &addrs, o).await;
+            if let Some(p) = prof {
+                match p.await {
+                    Ok(Ok(text)) => res.profile = Some(text),
+                    Ok(Err(e)) => res.errors.push(format!("perf profile: {e:#}")),
+                    Err(e) => res.errors.push(format!("perf profile task: {e}")),
+                }
+            }
+            match loaded {
                 Ok(r) => {
                     if r.failed() > 0 {
                         res.errors.push(format!(
@@ -472,11 +609,13 @@ async fn measure(
     }
     if let Some(mut proxy) = proxy {
         let mid = scrape(a).await;
+        let prog_backends: Vec<PodInfo> = pods.srv_b.iter().chain(pods.srv_a.first()).cloned().collect();
         match programming_latency(
             &sb.admin_client(),
             &ns,
             SocketAddr::from((prog_vip, 80)),
-            &pods.srv_b,
+            &prog_backends,
+            o.prog_gap,
             o,
         )
         .await
@@ -491,9 +630,14 @@ async fn measure(
                 let h0 = probe::parse_histogram(m, probe::NETWORK_PROGRAMMING).unwrap_or_default();
                 res.net_prog = Some(h1.since(&h0));
             }
+            if let Some(h1) = probe::parse_histogram(af, probe::SYNC_PARTIAL) {
+                let h0 = probe::parse_histogram(m, probe::SYNC_PARTIAL).unwrap_or_default();
+                res.sync_partial = Some(h1.since(&h0));
+            }
         }
         if let Some(af) = &after {
             res.sync_rules = probe::parse_histogram(af, probe::SYNC_RULES);
+            res.sync_full = probe::parse_histogram(af, probe::SYNC_FULL);
         }
         if before.is_none() || after.is_none() {
             res.errors
@@ -528,7 +672,6 @@ async fn measure(
         }
         res.stop_notes = proxy.stop().await;
     }
-    res
 }
 
 /// Bring the sandbox up, run everything, tear it down (also on failure).
@@ -544,13 +687,19 @@ pub async fn run(o: &RunOpts) -> Result<RunResult> {
         command: o.command.clone(),
         machine: machine(),
         load_params: format!(
-            "{} workers, {} ms or {} ops per load run, {} repeats; programming latency: {} changes, {} ms apart",
+            "{} workers, {} ms or {} ops per load run, {} repeats; programming latency: {} changes, {} ms apart, \
+             at most {} s per configuration and scale; \
+             iptables backend {:?} (auto = legacy from {} Services); filler creation {} requests in flight",
             o.workers,
             o.duration_ms,
             o.max_ops,
             o.repeats,
             o.prog_changes,
-            o.prog_gap.as_millis()
+            o.prog_gap.as_millis(),
+            o.prog_budget.as_secs(),
+            o.iptables_backend,
+            backend::LEGACY_FROM,
+            o.fill_concurrency
         ),
         ..RunResult::default()
     };
@@ -575,6 +724,15 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
         kubeconfig: sb.kube_proxy_kubeconfig(),
         kube_proxy_bin: sb.bin_dir().join("kube-proxy"),
         orca_proxy_bin: Ok(o.orca_proxy_bin.clone()),
+    };
+    let legacy_needed = o.configs.iter().any(|c| is_iptables(*c))
+        && o.scales
+            .iter()
+            .any(|s| Backend::choose(o.iptables_backend, *s) == Backend::Legacy);
+    let shim = if legacy_needed {
+        Some(LegacyShim::create(&env.kube_proxy_bin)?)
+    } else {
+        None
     };
     let client = sb.admin_client();
     cluster::ensure_namespace(&client, BENCH_NS).await?;
@@ -605,7 +763,7 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
                 ));
             }
             let t = Instant::now();
-            let rate = cluster::create_fillers(&client, have, want).await?;
+            let rate = cluster::create_fillers(&client, have, want, o.fill_concurrency).await?;
             if want > have {
                 println!(
                     "bench: {} filler Services + slices created in {:.1}s ({rate:.0} objects/s)",
@@ -617,7 +775,7 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
             // The measured Services last (highest resourceVersion, newest ClusterIP).
             let remote = cluster::create_selector_service(&client, "bench-remote", "srv-b").await?;
             let local = cluster::create_selector_service(&client, "bench-local", "srv-a").await?;
-            let prog_ips: Vec<Ipv4Addr> = pods.srv_b.iter().map(|p| p.ip).collect();
+            let prog_ips: Vec<Ipv4Addr> = pods.srv_b.iter().chain(pods.srv_a.first()).map(|p| p.ip).collect();
             let prog = cluster::create_prog_service(&client, "bench-prog", &prog_ips).await?;
             for svc in ["bench-remote", "bench-local"] {
                 let t = Instant::now();
@@ -635,7 +793,7 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
             println!("bench: scale {scale}: bench-remote {remote}, bench-local {local}, bench-prog {prog}");
             for &cfg in &o.configs {
                 println!("bench: scale {scale}: {} (load average {})", cfg.name(), loadavg());
-                let r = measure(sb, &env, &pods, (remote, local, prog), cfg, scale, o).await;
+                let r = measure(sb, &env, shim.as_ref(), &pods, (remote, local, prog), cfg, scale, o).await;
                 crate::report::print_brief(&r);
                 out.results.push(r);
             }
