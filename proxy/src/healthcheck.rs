@@ -306,40 +306,18 @@ mod tests {
     use crate::model::{Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// An eTP=Local NodePort Service whose health check node port is `port`, with `local_ready` ready endpoints on
+    /// this node and one on another.
     fn state(port: u16, local_ready: usize) -> Snapshot {
-        let name = ServicePortName {
-            service: ServiceName::new("ns", "lb"),
-            port: String::new(),
-            protocol: Protocol::Tcp,
-        };
-        let sp = ServicePort {
-            name: name.clone(),
-            cluster_ips: vec!["10.96.0.9".parse().unwrap()],
-            port: 80,
-            protocol: Protocol::Tcp,
-            node_port: Some(30080),
-            load_balancer_ips: vec![],
-            external_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            session_affinity: None,
-            external_policy: TrafficPolicy::Local,
-            internal_policy: TrafficPolicy::Cluster,
-            health_check_node_port: Some(port),
-            traffic_distribution: None,
-            load_balancing: None,
-        };
+        let name = ServicePortName::new("ns", "lb", "", Protocol::Tcp);
+        let mut sp = ServicePort::new(name.clone(), "10.96.0.9".parse().unwrap(), 80);
+        sp.node_port = Some(30080);
+        sp.external_policy = TrafficPolicy::Local;
+        sp.health_check_node_port = Some(port);
         let eps = (0..local_ready + 1)
             .map(|i| Endpoint {
-                ip: format!("10.244.1.{}", i + 2).parse().unwrap(),
-                port: 8080,
-                ready: true,
-                serving: true,
-                terminating: false,
                 is_local: i < local_ready,
-                node_name: None,
-                zone: None,
-                zone_hints: Default::default(),
-                node_hints: Default::default(),
+                ..Endpoint::new(format!("10.244.1.{}", i + 2).parse().unwrap(), 8080)
             })
             .collect();
         let node = NodeInfo {

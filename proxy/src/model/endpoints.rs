@@ -269,11 +269,7 @@ mod tests {
         );
         let svc = ServiceName::new("ns", "web");
         let eps = cache.endpoints(&svc);
-        let spn = ServicePortName {
-            service: svc.clone(),
-            port: "http".into(),
-            protocol: Protocol::Tcp,
-        };
+        let spn = ServicePortName::new("ns", "web", "http", Protocol::Tcp);
         let list = &eps[&spn];
         let got: Vec<String> = list.iter().map(|e| e.addr_string()).collect();
         assert_eq!(got, vec!["10.244.1.5:8080", "10.244.2.5:8080", "10.244.2.9:9090"]);
@@ -288,6 +284,32 @@ mod tests {
         assert!(cache.remove(&svc, "web-2"));
         assert!(cache.endpoints(&svc).is_empty());
         assert!(!cache.remove(&svc, "web-2"));
+    }
+
+    #[test]
+    fn constructors_build_what_a_plain_slice_endpoint_merges_to() {
+        let mut cache = EndpointSliceCache::new("node-a");
+        add(
+            &mut cache,
+            json!({"metadata": {"namespace": "ns", "name": "c-1", "labels": {LABEL_SERVICE_NAME: "c"}},
+                   "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "UDP"}],
+                   "endpoints": [{"addresses": ["10.244.1.1"]},
+                                 {"addresses": ["10.244.1.2"], "nodeName": "node-a"},
+                                 {"addresses": ["10.244.1.3"], "nodeName": "node-b", "conditions": {"ready": true}}]}),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let spn = ServicePortName::new("ns", "c", "http", Protocol::Udp);
+        assert_eq!(
+            cache.endpoints(&ServiceName::new("ns", "c")),
+            BTreeMap::from([(
+                spn,
+                vec![
+                    Endpoint::new(ip("10.244.1.1"), 8080),
+                    Endpoint::new(ip("10.244.1.2"), 8080).on_node("node-a", true),
+                    Endpoint::new(ip("10.244.1.3"), 8080).on_node("node-b", false),
+                ]
+            )])
+        );
     }
 
     #[test]

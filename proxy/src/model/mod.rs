@@ -108,6 +108,22 @@ pub struct ServicePortName {
     pub protocol: Protocol,
 }
 
+impl ServicePortName {
+    /// `namespace/name:port/protocol`; `port` is the port's name, empty for a single unnamed port.
+    pub fn new(
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        port: impl Into<String>,
+        protocol: Protocol,
+    ) -> Self {
+        Self {
+            service: ServiceName::new(namespace, name),
+            port: port.into(),
+            protocol,
+        }
+    }
+}
+
 impl fmt::Display for ServicePortName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.service)?;
@@ -179,6 +195,30 @@ impl std::str::FromStr for LoadBalancing {
 }
 
 impl ServicePort {
+    /// A ClusterIP-only service port `name` on `cluster_ip:port`, its protocol taken from `name`, with everything
+    /// else as the API server defaults it (and kube-proxy then treats it): no NodePort, no load-balancer or external
+    /// IPs, no source ranges, no session affinity, external and internal traffic policy Cluster, no health check
+    /// node port, no traffic distribution and no `orca.dev/load-balancing` annotation. Set the public fields for
+    /// anything else (a second cluster IP for a dual-stack Service, a NodePort, ...).
+    pub fn new(name: ServicePortName, cluster_ip: IpAddr, port: u16) -> Self {
+        Self {
+            protocol: name.protocol,
+            name,
+            cluster_ips: vec![cluster_ip],
+            port,
+            node_port: None,
+            load_balancer_ips: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            session_affinity: None,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            traffic_distribution: None,
+            load_balancing: None,
+        }
+    }
+
     /// kube-proxy's ExternallyAccessible: a NodePort, a load-balancer VIP or an external IP.
     pub fn externally_accessible(&self) -> bool {
         self.node_port.is_some() || !self.load_balancer_ips.is_empty() || !self.external_ips.is_empty()
@@ -220,6 +260,32 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A ready endpoint `ip:port` (so also serving, and not terminating), not on this node, with no node name, no
+    /// zone and no topology hints. Set the public fields (or use [`Endpoint::on_node`]) for anything else.
+    pub fn new(ip: IpAddr, port: u16) -> Self {
+        Self {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+            node_name: None,
+            zone: None,
+            zone_hints: BTreeSet::new(),
+            node_hints: BTreeSet::new(),
+        }
+    }
+
+    /// This endpoint placed on Node `node_name`; `is_local` says whether that is the agent's own node.
+    pub fn on_node(self, node_name: impl Into<String>, is_local: bool) -> Self {
+        Self {
+            node_name: Some(node_name.into()),
+            is_local,
+            ..self
+        }
+    }
+
     /// `ip:port`, bracketed for IPv6: the key endpoints are deduplicated by.
     pub fn addr_string(&self) -> String {
         std::net::SocketAddr::new(self.ip, self.port).to_string()
@@ -233,4 +299,15 @@ pub struct NodeInfo {
     /// `topology.kubernetes.io/zone`, when set.
     pub zone: Option<String>,
     pub addresses: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    /// Node `name` with these addresses and no zone label.
+    pub fn new(name: impl Into<String>, addresses: Vec<IpAddr>) -> Self {
+        Self {
+            name: name.into(),
+            zone: None,
+            addresses,
+        }
+    }
 }

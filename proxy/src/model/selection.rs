@@ -142,7 +142,7 @@ pub fn categorize(endpoints: &[Endpoint], svc: &ServicePort, node: &NodeInfo) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServiceName, ServicePortName, TrafficPolicy};
+    use crate::model::{Protocol, ServicePortName, TrafficPolicy};
     use std::collections::BTreeSet;
 
     /// A compact endpoint description: `ip`, readiness flags "r" / "s" / "t" (ready, serving, terminating),
@@ -158,56 +158,37 @@ mod tests {
     fn eps(list: &[E]) -> Vec<Endpoint> {
         list.iter()
             .map(|E(ip, flags, local, zones, nodes)| Endpoint {
-                ip: ip.parse().unwrap(),
-                port: 80,
                 ready: flags.contains('r'),
                 serving: flags.contains('s'),
                 terminating: flags.contains('t'),
-                is_local: *local,
-                node_name: Some(if *local { "node-a".into() } else { "node-b".into() }),
-                zone: None,
                 zone_hints: zones.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
                 node_hints: nodes.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+                ..Endpoint::new(ip.parse().unwrap(), 80).on_node(if *local { "node-a" } else { "node-b" }, *local)
             })
             .collect()
     }
 
+    /// A ClusterIP port, with a NodePort when `external`; eTP=Local takes effect only on an external port.
     fn port(itp_local: bool, etp_local: bool, external: bool) -> ServicePort {
-        ServicePort {
-            name: ServicePortName {
-                service: ServiceName::new("ns", "s"),
-                port: String::new(),
-                protocol: Protocol::Tcp,
-            },
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            port: 80,
-            protocol: Protocol::Tcp,
-            node_port: external.then_some(30080),
-            load_balancer_ips: vec![],
-            external_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            session_affinity: None,
-            external_policy: if etp_local && external {
-                TrafficPolicy::Local
-            } else {
-                TrafficPolicy::Cluster
-            },
-            internal_policy: if itp_local {
-                TrafficPolicy::Local
-            } else {
-                TrafficPolicy::Cluster
-            },
-            health_check_node_port: None,
-            traffic_distribution: None,
-            load_balancing: None,
+        let mut p = ServicePort::new(
+            ServicePortName::new("ns", "s", "", Protocol::Tcp),
+            "10.96.0.10".parse().unwrap(),
+            80,
+        );
+        p.node_port = external.then_some(30080);
+        if etp_local && external {
+            p.external_policy = TrafficPolicy::Local;
         }
+        if itp_local {
+            p.internal_policy = TrafficPolicy::Local;
+        }
+        p
     }
 
     fn node(zone: Option<&str>) -> NodeInfo {
         NodeInfo {
-            name: "node-a".into(),
             zone: zone.map(String::from),
-            addresses: vec![],
+            ..NodeInfo::new("node-a", vec![])
         }
     }
 
@@ -217,266 +198,213 @@ mod tests {
         v
     }
 
-    struct Case {
-        name: &'static str,
-        svc: ServicePort,
-        node: NodeInfo,
-        endpoints: Vec<Endpoint>,
-        cluster: &'static [&'static str],
-        local: &'static [&'static str],
-        all: &'static [&'static str],
-        has_any: bool,
+    /// Expected endpoint IPs: cluster, local, all reachable; and `has_any`.
+    type Want = (
+        &'static [&'static str],
+        &'static [&'static str],
+        &'static [&'static str],
+        bool,
+    );
+
+    /// Checks what `categorize` selects for a port `svc` on `node` from `endpoints` against `want`: the cluster,
+    /// local and all-reachable endpoint IPs, and `has_any`.
+    fn check(case: &str, svc: ServicePort, node: NodeInfo, endpoints: &[E], want: Want) {
+        let (cluster, local, all, has_any) = want;
+        let got = categorize(&eps(endpoints), &svc, &node);
+        assert_eq!(ips(&got.cluster), cluster, "{case}: cluster");
+        assert_eq!(ips(&got.local), local, "{case}: local");
+        assert_eq!(ips(&got.all_reachable), all, "{case}: all reachable");
+        assert_eq!(got.has_any, has_any, "{case}: has_any");
     }
 
     #[test]
     fn categorize_table() {
-        let cases = vec![
-            Case {
-                name: "no endpoints",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: vec![],
-                cluster: &[],
-                local: &[],
-                all: &[],
-                has_any: false,
-            },
-            Case {
-                name: "ready endpoints only, unready dropped",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", true, &[], &[]),
-                    E("10.0.0.2", "", false, &[], &[]),
-                    E("10.0.0.3", "rs", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.1", "10.0.0.3"],
-                local: &[],
-                all: &["10.0.0.1", "10.0.0.3"],
-                has_any: true,
-            },
-            Case {
-                name: "no ready: serving terminating fallback for Cluster",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "st", false, &[], &[]),
-                    E("10.0.0.2", "t", false, &[], &[]),
-                    E("10.0.0.3", "", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.1"],
-                local: &[],
-                all: &["10.0.0.1"],
-                has_any: true,
-            },
-            Case {
-                name: "terminating ignored while one is ready",
-                svc: port(false, false, false),
-                node: node(None),
-                endpoints: eps(&[
-                    E("10.0.0.1", "st", false, &[], &[]),
-                    E("10.0.0.2", "rs", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.2"],
-                local: &[],
-                all: &["10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "zone hints used when all hinted and zone present",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", false, &["zone-a"], &[]),
-                    E("10.0.0.2", "rs", false, &["zone-b"], &[]),
-                    E("10.0.0.3", "rs", false, &["zone-a", "zone-b"], &[]),
-                ]),
-                cluster: &["10.0.0.1", "10.0.0.3"],
-                local: &[],
-                all: &["10.0.0.1", "10.0.0.3"],
-                has_any: true,
-            },
-            Case {
-                name: "zone hints ignored when some endpoint lacks hints",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", false, &["zone-a"], &[]),
-                    E("10.0.0.2", "rs", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.1", "10.0.0.2"],
-                local: &[],
-                all: &["10.0.0.1", "10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "zone hints ignored when the node has no zone label",
-                svc: port(false, false, false),
-                node: node(None),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", false, &["zone-a"], &[]),
-                    E("10.0.0.2", "rs", false, &["zone-b"], &[]),
-                ]),
-                cluster: &["10.0.0.1", "10.0.0.2"],
-                local: &[],
-                all: &["10.0.0.1", "10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "zone hints ignored when none is for this zone",
-                svc: port(false, false, false),
-                node: node(Some("zone-c")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", false, &["zone-a"], &[]),
-                    E("10.0.0.2", "rs", false, &["zone-b"], &[]),
-                ]),
-                cluster: &["10.0.0.1", "10.0.0.2"],
-                local: &[],
-                all: &["10.0.0.1", "10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "hints of unready endpoints do not count",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", false, &["zone-a"], &[]),
-                    E("10.0.0.2", "rs", false, &["zone-b"], &[]),
-                    E("10.0.0.3", "", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.1"],
-                local: &[],
-                all: &["10.0.0.1"],
-                has_any: true,
-            },
-            Case {
-                name: "node hints win over zone hints",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", true, &["zone-a"], &["node-a"]),
-                    E("10.0.0.2", "rs", false, &["zone-a"], &["node-b"]),
-                ]),
-                cluster: &["10.0.0.1"],
-                local: &[],
-                all: &["10.0.0.1"],
-                has_any: true,
-            },
-            Case {
-                name: "node hints not for this node fall back to zone hints",
-                svc: port(false, false, false),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", false, &["zone-a"], &["node-c"]),
-                    E("10.0.0.2", "rs", false, &["zone-b"], &["node-b"]),
-                ]),
-                cluster: &["10.0.0.1"],
-                local: &[],
-                all: &["10.0.0.1"],
-                has_any: true,
-            },
-            Case {
-                name: "iTP=Local: local ready endpoints only",
-                svc: port(true, false, false),
-                node: node(None),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", true, &[], &[]),
-                    E("10.0.0.2", "rs", false, &[], &[]),
-                ]),
-                cluster: &[],
-                local: &["10.0.0.1"],
-                all: &["10.0.0.1"],
-                has_any: true,
-            },
-            Case {
-                name: "iTP=Local with no local endpoint: nothing reachable, but endpoints exist",
-                svc: port(true, false, false),
-                node: node(None),
-                endpoints: eps(&[E("10.0.0.2", "rs", false, &[], &[])]),
-                cluster: &[],
-                local: &[],
-                all: &[],
-                has_any: true,
-            },
-            Case {
-                name: "iTP=Local falls back to local serving terminating",
-                svc: port(true, false, false),
-                node: node(None),
-                endpoints: eps(&[
-                    E("10.0.0.1", "st", true, &[], &[]),
-                    E("10.0.0.2", "rs", false, &[], &[]),
-                ]),
-                cluster: &[],
-                local: &["10.0.0.1"],
-                all: &["10.0.0.1"],
-                has_any: true,
-            },
-            Case {
-                name: "eTP=Local: cluster for internal, local for external",
-                svc: port(false, true, true),
-                node: node(None),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", true, &[], &[]),
-                    E("10.0.0.2", "rs", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.1", "10.0.0.2"],
-                local: &["10.0.0.1"],
-                all: &["10.0.0.1", "10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "eTP=Local with only terminating local endpoints: union of ready cluster and local terminating",
-                svc: port(false, true, true),
-                node: node(None),
-                endpoints: eps(&[
-                    E("10.0.0.1", "st", true, &[], &[]),
-                    E("10.0.0.2", "rs", false, &[], &[]),
-                ]),
-                cluster: &["10.0.0.2"],
-                local: &["10.0.0.1"],
-                all: &["10.0.0.1", "10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "eTP=Local with no local endpoints",
-                svc: port(false, true, true),
-                node: node(None),
-                endpoints: eps(&[E("10.0.0.2", "rs", false, &[], &[])]),
-                cluster: &["10.0.0.2"],
-                local: &[],
-                all: &["10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "eTP=Local with topology: local endpoints outside the zone stay reachable",
-                svc: port(false, true, true),
-                node: node(Some("zone-a")),
-                endpoints: eps(&[
-                    E("10.0.0.1", "rs", true, &["zone-b"], &[]),
-                    E("10.0.0.2", "rs", false, &["zone-a"], &[]),
-                ]),
-                cluster: &["10.0.0.2"],
-                local: &["10.0.0.1"],
-                all: &["10.0.0.1", "10.0.0.2"],
-                has_any: true,
-            },
-            Case {
-                name: "iTP=Local and eTP=Local, only unready endpoints: nothing anywhere",
-                svc: port(true, true, true),
-                node: node(None),
-                endpoints: eps(&[E("10.0.0.1", "", true, &[], &[]), E("10.0.0.2", "t", false, &[], &[])]),
-                cluster: &[],
-                local: &[],
-                all: &[],
-                has_any: false,
-            },
-        ];
-        for c in cases {
-            let got = categorize(&c.endpoints, &c.svc, &c.node);
-            assert_eq!(ips(&got.cluster), c.cluster, "{}: cluster", c.name);
-            assert_eq!(ips(&got.local), c.local, "{}: local", c.name);
-            assert_eq!(ips(&got.all_reachable), c.all, "{}: all reachable", c.name);
-            assert_eq!(got.has_any, c.has_any, "{}: has_any", c.name);
-        }
+        check(
+            "no endpoints",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[],
+            (&[], &[], &[], false),
+        );
+        check(
+            "ready endpoints only, unready dropped",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", true, &[], &[]),
+                E("10.0.0.2", "", false, &[], &[]),
+                E("10.0.0.3", "rs", false, &[], &[]),
+            ],
+            (&["10.0.0.1", "10.0.0.3"], &[], &["10.0.0.1", "10.0.0.3"], true),
+        );
+        check(
+            "no ready: serving terminating fallback for Cluster",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "st", false, &[], &[]),
+                E("10.0.0.2", "t", false, &[], &[]),
+                E("10.0.0.3", "", false, &[], &[]),
+            ],
+            (&["10.0.0.1"], &[], &["10.0.0.1"], true),
+        );
+        check(
+            "terminating ignored while one is ready",
+            port(false, false, false),
+            node(None),
+            &[
+                E("10.0.0.1", "st", false, &[], &[]),
+                E("10.0.0.2", "rs", false, &[], &[]),
+            ],
+            (&["10.0.0.2"], &[], &["10.0.0.2"], true),
+        );
+        check(
+            "zone hints used when all hinted and zone present",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", false, &["zone-a"], &[]),
+                E("10.0.0.2", "rs", false, &["zone-b"], &[]),
+                E("10.0.0.3", "rs", false, &["zone-a", "zone-b"], &[]),
+            ],
+            (&["10.0.0.1", "10.0.0.3"], &[], &["10.0.0.1", "10.0.0.3"], true),
+        );
+        check(
+            "zone hints ignored when some endpoint lacks hints",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", false, &["zone-a"], &[]),
+                E("10.0.0.2", "rs", false, &[], &[]),
+            ],
+            (&["10.0.0.1", "10.0.0.2"], &[], &["10.0.0.1", "10.0.0.2"], true),
+        );
+        check(
+            "zone hints ignored when the node has no zone label",
+            port(false, false, false),
+            node(None),
+            &[
+                E("10.0.0.1", "rs", false, &["zone-a"], &[]),
+                E("10.0.0.2", "rs", false, &["zone-b"], &[]),
+            ],
+            (&["10.0.0.1", "10.0.0.2"], &[], &["10.0.0.1", "10.0.0.2"], true),
+        );
+        check(
+            "zone hints ignored when none is for this zone",
+            port(false, false, false),
+            node(Some("zone-c")),
+            &[
+                E("10.0.0.1", "rs", false, &["zone-a"], &[]),
+                E("10.0.0.2", "rs", false, &["zone-b"], &[]),
+            ],
+            (&["10.0.0.1", "10.0.0.2"], &[], &["10.0.0.1", "10.0.0.2"], true),
+        );
+        check(
+            "hints of unready endpoints do not count",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", false, &["zone-a"], &[]),
+                E("10.0.0.2", "rs", false, &["zone-b"], &[]),
+                E("10.0.0.3", "", false, &[], &[]),
+            ],
+            (&["10.0.0.1"], &[], &["10.0.0.1"], true),
+        );
+        check(
+            "node hints win over zone hints",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", true, &["zone-a"], &["node-a"]),
+                E("10.0.0.2", "rs", false, &["zone-a"], &["node-b"]),
+            ],
+            (&["10.0.0.1"], &[], &["10.0.0.1"], true),
+        );
+        check(
+            "node hints not for this node fall back to zone hints",
+            port(false, false, false),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", false, &["zone-a"], &["node-c"]),
+                E("10.0.0.2", "rs", false, &["zone-b"], &["node-b"]),
+            ],
+            (&["10.0.0.1"], &[], &["10.0.0.1"], true),
+        );
+        check(
+            "iTP=Local: local ready endpoints only",
+            port(true, false, false),
+            node(None),
+            &[
+                E("10.0.0.1", "rs", true, &[], &[]),
+                E("10.0.0.2", "rs", false, &[], &[]),
+            ],
+            (&[], &["10.0.0.1"], &["10.0.0.1"], true),
+        );
+        check(
+            "iTP=Local with no local endpoint: nothing reachable, but endpoints exist",
+            port(true, false, false),
+            node(None),
+            &[E("10.0.0.2", "rs", false, &[], &[])],
+            (&[], &[], &[], true),
+        );
+        check(
+            "iTP=Local falls back to local serving terminating",
+            port(true, false, false),
+            node(None),
+            &[
+                E("10.0.0.1", "st", true, &[], &[]),
+                E("10.0.0.2", "rs", false, &[], &[]),
+            ],
+            (&[], &["10.0.0.1"], &["10.0.0.1"], true),
+        );
+        check(
+            "eTP=Local: cluster for internal, local for external",
+            port(false, true, true),
+            node(None),
+            &[
+                E("10.0.0.1", "rs", true, &[], &[]),
+                E("10.0.0.2", "rs", false, &[], &[]),
+            ],
+            (
+                &["10.0.0.1", "10.0.0.2"],
+                &["10.0.0.1"],
+                &["10.0.0.1", "10.0.0.2"],
+                true,
+            ),
+        );
+        check(
+            "eTP=Local with only terminating local endpoints: union of ready cluster and local terminating",
+            port(false, true, true),
+            node(None),
+            &[
+                E("10.0.0.1", "st", true, &[], &[]),
+                E("10.0.0.2", "rs", false, &[], &[]),
+            ],
+            (&["10.0.0.2"], &["10.0.0.1"], &["10.0.0.1", "10.0.0.2"], true),
+        );
+        check(
+            "eTP=Local with no local endpoints",
+            port(false, true, true),
+            node(None),
+            &[E("10.0.0.2", "rs", false, &[], &[])],
+            (&["10.0.0.2"], &[], &["10.0.0.2"], true),
+        );
+        check(
+            "eTP=Local with topology: local endpoints outside the zone stay reachable",
+            port(false, true, true),
+            node(Some("zone-a")),
+            &[
+                E("10.0.0.1", "rs", true, &["zone-b"], &[]),
+                E("10.0.0.2", "rs", false, &["zone-a"], &[]),
+            ],
+            (&["10.0.0.2"], &["10.0.0.1"], &["10.0.0.1", "10.0.0.2"], true),
+        );
+        check(
+            "iTP=Local and eTP=Local, only unready endpoints: nothing anywhere",
+            port(true, true, true),
+            node(None),
+            &[E("10.0.0.1", "", true, &[], &[]), E("10.0.0.2", "t", false, &[], &[])],
+            (&[], &[], &[], false),
+        );
     }
 }

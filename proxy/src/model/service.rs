@@ -261,6 +261,25 @@ mod tests {
     }
 
     #[test]
+    fn constructor_builds_what_a_minimal_cluster_ip_service_parses_to() {
+        let s = svc(json!({
+            "metadata": {"namespace": "default", "name": "web"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "type": "ClusterIP",
+                     "ports": [{"name": "http", "port": 80, "protocol": "UDP"}, {"port": 443}]}
+        }));
+        let (ports, warnings) = service_ports(&s).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        assert_eq!(
+            ports,
+            vec![
+                ServicePort::new(ServicePortName::new("default", "web", "http", Protocol::Udp), vip, 80),
+                ServicePort::new(ServicePortName::new("default", "web", "", Protocol::Tcp), vip, 443),
+            ]
+        );
+    }
+
+    #[test]
     fn skipped_services() {
         let base = |spec: serde_json::Value, labels: serde_json::Value| {
             svc(json!({"metadata": {"namespace": "ns", "name": "s", "labels": labels}, "spec": spec}))

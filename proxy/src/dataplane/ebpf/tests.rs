@@ -11,7 +11,15 @@ use orca_common::{addr_from_octets, Backend, BackendSlotKey, Frontend, FrontendK
 use super::services::{MapOps, Programmer, SrcRange};
 use crate::dataplane::DataplaneConfig;
 use crate::model::state::ServicePortState;
-use crate::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
+use crate::model::{Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy};
+
+/// The key of a frontend's `i`-th slot (of its backends, or of its Maglev table).
+fn slot_key(f: &Frontend, i: u32) -> BackendSlotKey {
+    BackendSlotKey {
+        service_id: f.service_id,
+        slot: f.slot_base + i,
+    }
+}
 
 #[derive(Default, Clone)]
 struct FakeMaps {
@@ -35,13 +43,9 @@ impl FakeMaps {
             }
             if f.flags & orca_common::FRONTEND_F_MAGLEV != 0 {
                 for i in 0..orca_common::MAGLEV_TABLE_SIZE {
-                    let k = BackendSlotKey {
-                        service_id: f.service_id,
-                        slot: f.slot_base + i,
-                    };
                     let o = self
                         .maglev
-                        .get(&k)
+                        .get(&slot_key(f, i))
                         .unwrap_or_else(|| panic!("op {}: frontend {k:?} uses a missing Maglev entry {i}", self.ops));
                     assert!(
                         *o < u32::from(f.backend_count),
@@ -51,10 +55,7 @@ impl FakeMaps {
                 }
             }
             for i in 0..u32::from(f.backend_count) {
-                let sk = BackendSlotKey {
-                    service_id: f.service_id,
-                    slot: f.slot_base + i,
-                };
+                let sk = slot_key(f, i);
                 let b = self
                     .slots
                     .get(&sk)
@@ -139,53 +140,23 @@ impl MapOps for FakeMaps {
 }
 
 fn name(n: &str) -> ServicePortName {
-    ServicePortName {
-        service: ServiceName::new("ns", n),
-        port: "http".into(),
-        protocol: Protocol::Tcp,
-    }
+    ServicePortName::new("ns", n, "http", Protocol::Tcp)
 }
 
 fn port(n: &str, vip: &str) -> ServicePort {
-    ServicePort {
-        name: name(n),
-        cluster_ips: vec![vip.parse().unwrap()],
-        port: 80,
-        protocol: Protocol::Tcp,
-        node_port: None,
-        load_balancer_ips: vec![],
-        external_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        traffic_distribution: None,
-        load_balancing: None,
-    }
+    ServicePort::new(name(n), vip.parse().unwrap(), 80)
 }
 
+/// A ready endpoint on port 8080, on this node (`node-a`) when `local`, else on `node-b`.
 fn ep(ip: &str, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: 8080,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: local,
-        node_name: Some(if local { "node-a" } else { "node-b" }.into()),
-        zone: None,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
-    }
+    Endpoint::new(ip.parse().unwrap(), 8080).on_node(if local { "node-a" } else { "node-b" }, local)
 }
 
 fn node() -> NodeInfo {
-    NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        addresses: vec!["192.168.50.10".parse().unwrap(), "fd00::10".parse().unwrap()],
-    }
+    NodeInfo::new(
+        "node-a",
+        vec!["192.168.50.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+    )
 }
 
 fn state(p: ServicePort, eps: Vec<Endpoint>) -> ServicePortState {
@@ -202,10 +173,7 @@ fn resolve(m: &FakeMaps, k: &FrontendKey) -> Vec<String> {
     let f = m.fe.get(k).expect("frontend present");
     let mut v: Vec<String> = (0..u32::from(f.backend_count))
         .map(|i| {
-            let b = m.slots[&BackendSlotKey {
-                service_id: f.service_id,
-                slot: f.slot_base + i,
-            }];
+            let b = m.slots[&slot_key(f, i)];
             Ipv4Addr::from(orca_common::addr_octets(b.addr)).to_string()
         })
         .collect();

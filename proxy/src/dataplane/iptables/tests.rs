@@ -1,62 +1,28 @@
 //! Unit tests of the rule generator: exact rules per feature, checked line by line against kube-proxy's.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::rules::{sep_chain, svc_chain, Generator, GeneratorOptions, Ruleset};
 use super::*;
-use crate::model::{Cidr, Endpoint, ServiceName, ServicePort, TrafficPolicy};
+use crate::model::{Cidr, Endpoint, ServicePort, TrafficPolicy};
 
 fn spn(name: &str, port: &str, protocol: Protocol) -> ServicePortName {
-    ServicePortName {
-        service: ServiceName::new("ns", name),
-        port: port.into(),
-        protocol,
-    }
+    ServicePortName::new("ns", name, port, protocol)
 }
 
 fn port(name: &str, ip: &str, p: u16, protocol: Protocol) -> ServicePort {
-    ServicePort {
-        name: spn(name, "http", protocol),
-        cluster_ips: vec![ip.parse().unwrap()],
-        port: p,
-        protocol,
-        node_port: None,
-        load_balancer_ips: vec![],
-        external_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        traffic_distribution: None,
-        load_balancing: None,
-    }
+    ServicePort::new(spn(name, "http", protocol), ip.parse().unwrap(), p)
 }
 
+/// A ready endpoint, on this node (`node-a`) when `local`, else on `node-b`.
 fn ep(ip: &str, p: u16, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: p,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: local,
-        node_name: Some(if local { "node-a" } else { "node-b" }.into()),
-        zone: None,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
-    }
+    Endpoint::new(ip.parse().unwrap(), p).on_node(if local { "node-a" } else { "node-b" }, local)
 }
 
 fn node() -> NodeInfo {
-    NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        addresses: vec!["192.168.50.10".parse().unwrap()],
-    }
+    NodeInfo::new("node-a", vec!["192.168.50.10".parse().unwrap()])
 }
 
 fn snap(states: Vec<(ServicePort, Vec<Endpoint>)>) -> Snapshot {
