@@ -252,6 +252,20 @@ pub struct TcCost {
     /// per-repeat floor (skb reset, program dispatch, timing), which `service_ns` includes too.
     #[serde(default)]
     pub empty_ns: Option<f64>,
+    /// An ARP frame (not IPv4: the program parses the Ethernet header, reads the clock, checks for an ICMP
+    /// error and passes it): the program's fixed entry cost without any map lookup.
+    #[serde(default)]
+    pub nonip_ns: Option<f64>,
+}
+
+/// A broadcast ARP request (Ethernet + 28 bytes).
+pub fn arp_frame() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 10, 244, 1, 2]);
+    f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 244, 1, 1]);
+    f
 }
 
 /// BPF_PROG_TEST_RUN of a two-instruction sched_cls program on `frame`, `repeat` times: nanoseconds per run.
@@ -383,7 +397,7 @@ pub fn tc_cost(
         .program(orca_common::PROG_FROM_POD)
         .context("no orca_from_pod program")?
         .try_into()?;
-    let run = |frame: &[u8]| -> Result<(f64, u32)> {
+    let run_out = |frame: &[u8]| -> Result<(f64, u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog
             .test_run(TestRunOptions {
@@ -393,12 +407,18 @@ pub fn tc_cost(
                 ..TestRunOptions::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
-        Ok((r.duration.as_nanos() as f64, r.return_value))
+        Ok((r.duration.as_nanos() as f64, r.return_value, out))
     };
+    let run = |frame: &[u8]| run_out(frame).map(|(ns, v, _)| (ns, v));
     // Warm up (creates the conntrack entry), then measure.
     let svc = syn_frame(client, 40_000, vip, vport);
     let _ = run(&svc)?;
-    let (service_ns, service_verdict) = run(&svc)?;
+    let (service_ns, service_verdict, out) = run_out(&svc)?;
+    // The program must have translated the SYN: its destination is a backend now, not the ClusterIP.
+    let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    if dst == vip {
+        bail!("the TC program did not translate the SYN to {vip}:{vport} (verdict {service_verdict}): the cost would not be the Service path's");
+    }
     let (passthrough_ns, passthrough_verdict) = run(&syn_frame(client, 40_001, pod, 8080))?;
     Ok(TcCost {
         service_ns,
@@ -407,6 +427,7 @@ pub fn tc_cost(
         service_verdict,
         passthrough_verdict,
         empty_ns: tc_empty_baseline(&svc, repeat).ok(),
+        nonip_ns: run(&arp_frame()).ok().map(|(ns, _)| ns),
     })
 }
 
@@ -483,5 +504,7 @@ kubeproxy_x_count{ip_family="IPv6"} 9
         let f = syn_frame(Ipv4Addr::new(10, 244, 1, 2), 40000, Ipv4Addr::new(10, 96, 0, 10), 80);
         assert_eq!(f.len(), 14 + 20 + 20);
         assert_eq!(csum_fold(csum_add(0, &f[14..34])), 0);
+        let a = arp_frame();
+        assert_eq!((a.len(), &a[12..14]), (42, &[0x08u8, 0x06][..]));
     }
 }

@@ -242,6 +242,12 @@ pub fn control_metrics() -> Vec<Metric> {
             get: |c| c.tc.as_ref().map(|t| t.passthrough_ns).into_iter().collect(),
         },
         Metric {
+            title: "TC program per packet, an ARP frame (not IPv4: parse, clock read, no map lookup)",
+            unit: "ns",
+            higher_is_better: false,
+            get: |c| c.tc.as_ref().and_then(|t| t.nonip_ns).into_iter().collect(),
+        },
+        Metric {
             title: "TC test-run floor: a two-instruction program (r0 = TC_ACT_OK; exit) on the same SYN",
             unit: "ns",
             higher_is_better: false,
