@@ -11,7 +11,6 @@
 //! An agent restart (new dataplane adopting the pinned maps and links) keeps the Service working,
 //! and cleanup removes every pin. Needs root.
 
-use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +21,7 @@ use orca_proxy::dataplane::ebpf::{EbpfDataplane, EbpfOptions};
 use orca_proxy::dataplane::{Dataplane, DataplaneConfig};
 use orca_proxy::model::state::{ServicePortState, Snapshot};
 use orca_proxy::model::tracker::Diff;
-use orca_proxy::model::{Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
+use orca_proxy::model::{Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName};
 
 struct Env {
     prefix: String,
@@ -118,51 +117,17 @@ fn download_service() -> Arc<ServicePortState> {
 }
 
 fn service_on(svc: &str, vip: &str, vport: u16, target: u16, endpoints: &[&str]) -> Arc<ServicePortState> {
-    let name = ServicePortName {
-        service: ServiceName::new("default", svc),
-        port: "http".into(),
-        protocol: Protocol::Tcp,
-    };
-    let port = ServicePort {
-        name,
-        cluster_ips: vec![vip.parse().unwrap()],
-        port: vport,
-        protocol: Protocol::Tcp,
-        node_port: None,
-        load_balancer_ips: vec![],
-        external_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        traffic_distribution: None,
-        load_balancing: None,
-    };
+    let name = ServicePortName::new("default", svc, "http", Protocol::Tcp);
+    let port = ServicePort::new(name, vip.parse().unwrap(), vport);
     let eps = endpoints
         .iter()
-        .map(|ip| Endpoint {
-            ip: ip.parse::<IpAddr>().unwrap(),
-            port: target,
-            ready: true,
-            serving: true,
-            terminating: false,
-            is_local: false,
-            node_name: Some("other".into()),
-            zone: None,
-            zone_hints: Default::default(),
-            node_hints: Default::default(),
-        })
+        .map(|ip| Endpoint::new(ip.parse().unwrap(), target).on_node("other", false))
         .collect();
     Arc::new(ServicePortState::new(port, eps, &node()))
 }
 
 fn node() -> NodeInfo {
-    NodeInfo {
-        name: "node".into(),
-        zone: None,
-        addresses: vec!["10.201.0.1".parse().unwrap()],
-    }
+    NodeInfo::new("node", vec!["10.201.0.1".parse().unwrap()])
 }
 
 fn snapshot(st: &Arc<ServicePortState>) -> Snapshot {

@@ -20,7 +20,7 @@ use orca_proxy::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use orca_proxy::dataplane::{Dataplane, DataplaneConfig};
 use orca_proxy::model::state::{ServicePortState, Snapshot};
 use orca_proxy::model::tracker::Diff;
-use orca_proxy::model::{Cidr, Endpoint, NodeInfo, Protocol, ServiceName, ServicePort, ServicePortName, TrafficPolicy};
+use orca_proxy::model::{Cidr, Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy};
 
 // ---- namespaces -------------------------------------------------------------------------------------------------
 
@@ -144,49 +144,16 @@ fn rules(ns: &Netns, table: &str) -> Vec<String> {
 // ---- model helpers ----------------------------------------------------------------------------------------------
 
 fn node() -> NodeInfo {
-    NodeInfo {
-        name: "node-a".into(),
-        zone: None,
-        addresses: vec!["10.77.1.1".parse().unwrap()],
-    }
+    NodeInfo::new("node-a", vec!["10.77.1.1".parse().unwrap()])
 }
 
 fn port(name: &str, ip: &str, p: u16, protocol: Protocol) -> ServicePort {
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceName::new("ns", name),
-            port: "p".into(),
-            protocol,
-        },
-        cluster_ips: vec![ip.parse().unwrap()],
-        port: p,
-        protocol,
-        node_port: None,
-        load_balancer_ips: vec![],
-        external_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        traffic_distribution: None,
-        load_balancing: None,
-    }
+    ServicePort::new(ServicePortName::new("ns", name, "p", protocol), ip.parse().unwrap(), p)
 }
 
+/// A ready endpoint, on this node (`node-a`) when `local`, else on `node-b`.
 fn ep(ip: &str, p: u16, local: bool) -> Endpoint {
-    Endpoint {
-        ip: ip.parse().unwrap(),
-        port: p,
-        ready: true,
-        serving: true,
-        terminating: false,
-        is_local: local,
-        node_name: Some(if local { "node-a" } else { "node-b" }.into()),
-        zone: None,
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
-    }
+    Endpoint::new(ip.parse().unwrap(), p).on_node(if local { "node-a" } else { "node-b" }, local)
 }
 
 fn state(p: ServicePort, eps: Vec<Endpoint>) -> Arc<ServicePortState> {
@@ -570,6 +537,22 @@ impl Topology {
 
 /// A TCP server in `ns` on `port` answering every connection with the peer address it sees; stops with `stop`.
 fn tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
+    tcp_server_answering(ns, port, stop, |_, peer| peer.ip().to_string())
+}
+
+/// A TCP server in `ns` on `port` answering every connection with the local address it was reached on.
+fn tcp_local_addr_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
+    tcp_server_answering(ns, port, stop, |s, _| s.local_addr().unwrap().ip().to_string())
+}
+
+/// A TCP server in `ns` on `port` writing `answer(connection, peer)` to every connection, for 60 s at the most or
+/// until `stop`; returns how many it served.
+fn tcp_server_answering(
+    ns: &Netns,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    answer: fn(&TcpStream, SocketAddr) -> String,
+) -> std::thread::JoinHandle<usize> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = ns.enter(move || {
         let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
@@ -580,33 +563,7 @@ fn tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::Join
         while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
             match l.accept() {
                 Ok((mut s, peer)) => {
-                    let _ = s.write_all(peer.ip().to_string().as_bytes());
-                    served += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => panic!("accept: {e}"),
-            }
-        }
-        served
-    });
-    rx.recv_timeout(Duration::from_secs(5)).expect("server up");
-    h
-}
-
-/// A TCP server in `ns` on `port` answering every connection with the local address it was reached on.
-fn tcp_local_addr_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = ns.enter(move || {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
-        l.set_nonblocking(true).unwrap();
-        tx.send(()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut served = 0;
-        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    let local = s.local_addr().unwrap().ip().to_string();
-                    let _ = s.write_all(local.as_bytes());
+                    let _ = s.write_all(answer(&s, peer).as_bytes());
                     served += 1;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
