@@ -319,7 +319,10 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// `CT_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// `ct_tick(now)` when a packet of this direction last refreshed the other direction's entry:
+    /// that costs a second lookup, so it happens at most once per tick (about a second) and on
+    /// FIN/RST, not on every packet.
+    pub peer_refreshed: u32,
     /// bpf_ktime_get_ns() of the last packet that used the entry.
     pub last_seen_ns: u64,
 }
@@ -337,6 +340,12 @@ pub const CT_TCP_ESTABLISHED_NS: u64 = 86_400 * 1_000_000_000;
 pub const CT_TCP_FIN_NS: u64 = 120 * 1_000_000_000;
 pub const CT_TCP_RST_NS: u64 = 10 * 1_000_000_000;
 pub const CT_UDP_NS: u64 = 120 * 1_000_000_000;
+
+/// Coarse time for `CtValue::peer_refreshed`: bpf_ktime_get_ns() in units of 2^30 ns (about 1.07 s).
+#[inline(always)]
+pub const fn ct_tick(now_ns: u64) -> u32 {
+    (now_ns >> 30) as u32
+}
 
 impl CtValue {
     /// How long the entry lives without traffic.

@@ -5,7 +5,7 @@
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use orca_common::{
-    Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN, CT_F_RST, NAT_PORT_MAX, NAT_PORT_MIN,
+    ct_tick, Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN, CT_F_RST, NAT_PORT_MAX, NAT_PORT_MIN,
 };
 use proxy_ebpf::hdr::{TCP_FIN, TCP_RST};
 
@@ -68,27 +68,35 @@ fn reply_value(flow: &Flow, service_id: u32, snat: Option<Snat>, now_ns: u64) ->
         service_id,
         nat_addr,
         flags: 0,
-        _pad: 0,
+        peer_refreshed: ct_tick(now_ns),
         last_seen_ns: now_ns,
     }
 }
 
+/// A live conntrack entry, refreshed by the packet that found it.
+pub struct Hit {
+    pub value: CtValue,
+    /// The other direction's entry is due for its refresh (see `CtValue::peer_refreshed`).
+    pub refresh_peer: bool,
+}
+
 /// The live service-direction entry of a packet sent to a frontend, refreshed.
 #[inline(always)]
-pub fn lookup_service(flow: &Flow, now_ns: u64) -> Option<CtValue> {
+pub fn lookup_service(flow: &Flow, now_ns: u64) -> Option<Hit> {
     lookup(flow, &key(flow, CT_DIR_SERVICE), now_ns)
 }
 
 /// The live reply-direction entry of a packet sent by a backend, refreshed.
 #[inline(always)]
-pub fn lookup_reply(flow: &Flow, now_ns: u64) -> Option<CtValue> {
+pub fn lookup_reply(flow: &Flow, now_ns: u64) -> Option<Hit> {
     lookup(flow, &key(flow, CT_DIR_REPLY), now_ns)
 }
 
 /// An entry idle for longer than its lifetime is dead (as an expired conntrack entry): the packet
-/// is treated as untracked and a new flow overwrites it. TCP FIN/RST shorten the lifetime.
+/// is treated as untracked and a new flow overwrites it. TCP FIN/RST shorten the lifetime (and
+/// are passed on to the other direction at once).
 #[inline(always)]
-fn lookup(flow: &Flow, key: &CtKey, now_ns: u64) -> Option<CtValue> {
+fn lookup(flow: &Flow, key: &CtKey, now_ns: u64) -> Option<Hit> {
     let ptr = maps::CT.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup and stays valid during the program;
     // concurrent updates of last_seen_ns / flags from another CPU are benign.
@@ -98,12 +106,21 @@ fn lookup(flow: &Flow, key: &CtKey, now_ns: u64) -> Option<CtValue> {
             return None;
         }
         v.last_seen_ns = now_ns;
+        let closing = flow.tcp_flags & (TCP_RST | TCP_FIN) != 0;
         if flow.tcp_flags & TCP_RST != 0 {
             v.flags |= CT_F_RST;
         } else if flow.tcp_flags & TCP_FIN != 0 {
             v.flags |= CT_F_FIN;
         }
-        Some(*v)
+        let tick = ct_tick(now_ns);
+        let refresh_peer = closing || v.peer_refreshed != tick;
+        if refresh_peer {
+            v.peer_refreshed = tick;
+        }
+        Some(Hit {
+            value: *v,
+            refresh_peer,
+        })
     }
 }
 
@@ -161,7 +178,7 @@ pub fn create(
         service_id,
         nat_addr,
         flags: 0,
-        _pad: 0,
+        peer_refreshed: ct_tick(now_ns),
         last_seen_ns: now_ns,
     };
     let _ = maps::CT.insert(key(flow, CT_DIR_SERVICE), service, 0);

@@ -54,9 +54,12 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if let Some(rev) = ct::lookup_reply(&flow, now) {
+    if let Some(hit) = ct::lookup_reply(&flow, now) {
+        let rev = hit.value;
         // Keyed by the reply as it arrives, before any rewrite.
-        ct::touch_service(&flow, &rev, now);
+        if hit.refresh_peer {
+            ct::touch_service(&flow, &rev, now);
+        }
         let mut r = nat::rewrite(ctx, &mut flow, End::Source, rev.addr, rev.port);
         if r.is_ok() && rev.nat_addr != 0 {
             r = nat::rewrite(ctx, &mut flow, End::Destination, rev.nat_addr, rev.nat_port);
@@ -68,7 +71,8 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
         return TC_ACT_OK;
     };
 
-    if let Some(tracked) = ct::lookup_service(&flow, now) {
+    if let Some(hit) = ct::lookup_service(&flow, now) {
+        let tracked = hit.value;
         let backend = Backend {
             addr: tracked.addr,
             port: tracked.port,
@@ -79,7 +83,9 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
                 addr: tracked.nat_addr,
                 port: tracked.nat_port,
             });
-            ct::ensure_reply(&flow, &backend, fe.service_id, snat, now);
+            if hit.refresh_peer {
+                ct::ensure_reply(&flow, &backend, fe.service_id, snat, now);
+            }
             return translate(ctx, &mut flow, &backend, snat);
         }
     }

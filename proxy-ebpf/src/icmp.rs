@@ -103,60 +103,64 @@ fn translate(ctx: &TcContext, now_ns: u64) -> Option<Result<Flow, i64>> {
         .copied()
         .filter(|v| alive(v, q.proto, now_ns))
     {
-        return Some(to_client(ctx, csum_off, &q, &rev, outer_saddr, outer_daddr, ihl_len));
+        // Towards the client: the quote is client' -> backend; it becomes client -> frontend.
+        return Some(apply(
+            ctx,
+            csum_off,
+            &q,
+            End::Dst,
+            &rev,
+            [outer_saddr, outer_daddr],
+            ihl_len,
+        ));
     }
     key.dir = CT_DIR_SERVICE;
     if let Some(svc) = unsafe { maps::CT.get(key) }
         .copied()
         .filter(|v| alive(v, q.proto, now_ns))
     {
-        return Some(to_backend(ctx, csum_off, &q, &svc, outer_saddr, outer_daddr, ihl_len));
+        // Towards the backend: the quote is frontend -> client; it becomes backend -> client'.
+        return Some(apply(
+            ctx,
+            csum_off,
+            &q,
+            End::Src,
+            &svc,
+            [outer_saddr, outer_daddr],
+            ihl_len,
+        ));
     }
     None
 }
 
-/// Towards the client: the quote is client' -> backend; it becomes client -> frontend.
+/// Rewrites the quote's `end` to the entry's address and port, and for a masqueraded flow its
+/// other end to the entry's NAT address and port; the outer addresses follow (the outer header runs
+/// the opposite way: the quote's destination faces the outer source). Returns the new outer header.
 #[inline(always)]
-fn to_client(
+fn apply(
     ctx: &TcContext,
     csum_off: usize,
     q: &Quote,
-    rev: &CtValue,
-    outer_saddr: u32,
-    outer_daddr: u32,
+    end: End,
+    v: &CtValue,
+    mut outer_addrs: [u32; 2],
     ihl_len: usize,
 ) -> Result<Flow, i64> {
-    rewrite_quote(ctx, csum_off, q, End::Dst, rev.addr, rev.port)?;
-    let mut daddr = outer_daddr;
-    if rev.nat_addr != 0 {
-        rewrite_quote(ctx, csum_off, q, End::Src, rev.nat_addr, rev.nat_port)?;
-        rewrite_outer(ctx, IP_DADDR, outer_daddr, rev.nat_addr)?;
-        daddr = rev.nat_addr;
+    const OUTER_OFF: [usize; 2] = [IP_SADDR, IP_DADDR];
+    let (this, other, this_outer) = match end {
+        End::Dst => (End::Dst, End::Src, 0),
+        End::Src => (End::Src, End::Dst, 1),
+    };
+    let other_outer = 1 - this_outer;
+    rewrite_quote(ctx, csum_off, q, this, v.addr, v.port)?;
+    if v.nat_addr != 0 {
+        rewrite_quote(ctx, csum_off, q, other, v.nat_addr, v.nat_port)?;
+        rewrite_outer(ctx, OUTER_OFF[other_outer], outer_addrs[other_outer], v.nat_addr)?;
+        outer_addrs[other_outer] = v.nat_addr;
     }
-    rewrite_outer(ctx, IP_SADDR, outer_saddr, rev.addr)?;
-    Ok(outer(rev.addr, daddr, ihl_len))
-}
-
-/// Towards the backend: the quote is frontend -> client; it becomes backend -> client'.
-#[inline(always)]
-fn to_backend(
-    ctx: &TcContext,
-    csum_off: usize,
-    q: &Quote,
-    svc: &CtValue,
-    outer_saddr: u32,
-    outer_daddr: u32,
-    ihl_len: usize,
-) -> Result<Flow, i64> {
-    rewrite_quote(ctx, csum_off, q, End::Src, svc.addr, svc.port)?;
-    let mut saddr = outer_saddr;
-    if svc.nat_addr != 0 {
-        rewrite_quote(ctx, csum_off, q, End::Dst, svc.nat_addr, svc.nat_port)?;
-        rewrite_outer(ctx, IP_SADDR, outer_saddr, svc.nat_addr)?;
-        saddr = svc.nat_addr;
-    }
-    rewrite_outer(ctx, IP_DADDR, outer_daddr, svc.addr)?;
-    Ok(outer(saddr, svc.addr, ihl_len))
+    rewrite_outer(ctx, OUTER_OFF[this_outer], outer_addrs[this_outer], v.addr)?;
+    outer_addrs[this_outer] = v.addr;
+    Ok(outer(outer_addrs[0], outer_addrs[1], ihl_len))
 }
 
 #[inline(always)]

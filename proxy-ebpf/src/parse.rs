@@ -1,10 +1,10 @@
-//! Packet parsing. Reads go through bpf_skb_load_bytes, so variable header lengths (IPv4 options)
-//! need no packet-pointer bounds juggling.
+//! Packet parsing with direct packet access (bounds checked against data_end; IPv4 options
+//! included), pulling non-linear heads into the linear area when needed.
 
 use aya_ebpf::programs::TcContext;
 use orca_common::{IPPROTO_TCP, IPPROTO_UDP};
 use proxy_ebpf::hdr::{
-    ETH_HLEN, ETH_P_IP, IP_DADDR, IP_FRAG_OFF, IP_MF_OFFSET_MASK, IP_PROTO, IP_SADDR, L4_SPORT, TCP_FLAGS,
+    ETH_HLEN, ETH_P_IP, IPV4_HLEN, IP_DADDR, IP_FRAG_OFF, IP_MF_OFFSET_MASK, IP_PROTO, IP_SADDR, L4_SPORT, TCP_FLAGS,
 };
 
 /// An IPv4 TCP or UDP packet that is not a fragment.
@@ -33,42 +33,92 @@ impl Flow {
 
 /// `None` for everything the programs leave alone: non-IPv4, IPv4 fragments, protocols other than
 /// TCP and UDP, truncated packets.
+///
+/// Headers are read straight from the packet (direct packet access: no helper call per field).
+/// When they are not all in the linear part of the skb, it is pulled once and the read retried.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Flow> {
-    let h_proto: u16 = ctx.load(12).ok()?;
-    if h_proto != ETH_P_IP.to_be() {
-        return None;
+    match parse_direct(ctx) {
+        Direct::Flow(f) => Some(f),
+        Direct::Skip => None,
+        Direct::Short => {
+            // Headers beyond the linear area (or a truncated packet): make the longest possible
+            // header linear and look again.
+            let want = (ETH_HLEN + 60 + 14).min(ctx.len() as usize) as u32;
+            ctx.pull_data(want).ok()?;
+            match parse_direct(ctx) {
+                Direct::Flow(f) => Some(f),
+                _ => None,
+            }
+        }
     }
-    let ver_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    if ver_ihl >> 4 != 4 {
-        return None;
+}
+
+enum Direct {
+    Flow(Flow),
+    /// Not ours (not IPv4 TCP/UDP, or a fragment).
+    Skip,
+    /// The linear area ends before the headers do.
+    Short,
+}
+
+/// Bytes of the TCP header the programs read (ports and flags).
+const TCP_NEEDED: usize = TCP_FLAGS + 1;
+/// Bytes of the UDP header the programs read (ports).
+const UDP_NEEDED: usize = 4;
+
+#[inline(always)]
+fn parse_direct(ctx: &TcContext) -> Direct {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + ETH_HLEN + IPV4_HLEN > end {
+        return Direct::Short;
+    }
+    // SAFETY (every read below): the bounds were checked against data_end just before, so the
+    // bytes lie inside the packet; unaligned reads, as packet data is not aligned.
+    let (h_proto, ver_ihl, frag_off, proto, saddr, daddr) = unsafe {
+        (
+            ((start + 12) as *const u16).read_unaligned(),
+            *((start + ETH_HLEN) as *const u8),
+            ((start + ETH_HLEN + IP_FRAG_OFF) as *const u16).read_unaligned(),
+            *((start + ETH_HLEN + IP_PROTO) as *const u8),
+            ((start + ETH_HLEN + IP_SADDR) as *const u32).read_unaligned(),
+            ((start + ETH_HLEN + IP_DADDR) as *const u32).read_unaligned(),
+        )
+    };
+    if h_proto != ETH_P_IP.to_be() || ver_ihl >> 4 != 4 {
+        return Direct::Skip;
     }
     let ihl_len = usize::from(ver_ihl & 0x0f) * 4;
-    if ihl_len < 20 {
-        return None;
+    if ihl_len < IPV4_HLEN
+        || u16::from_be(frag_off) & IP_MF_OFFSET_MASK != 0
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+    {
+        return Direct::Skip;
     }
-    let frag_off: u16 = ctx.load(ETH_HLEN + IP_FRAG_OFF).ok()?;
-    if u16::from_be(frag_off) & IP_MF_OFFSET_MASK != 0 {
-        return None;
-    }
-    let proto: u8 = ctx.load(ETH_HLEN + IP_PROTO).ok()?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
-    }
-    let saddr: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
-    let daddr: u32 = ctx.load(ETH_HLEN + IP_DADDR).ok()?;
     let l4_off = ETH_HLEN + ihl_len;
-    let ports: [u16; 2] = ctx.load(l4_off + L4_SPORT).ok()?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        ctx.load(l4_off + TCP_FLAGS).ok()?
-    } else {
-        0
+    let needed = if proto == IPPROTO_TCP { TCP_NEEDED } else { UDP_NEEDED };
+    if start + l4_off + needed > end {
+        return Direct::Short;
+    }
+    let l4 = start + l4_off;
+    // SAFETY: as above (l4 + needed is within the packet).
+    let (sport, dport, tcp_flags) = unsafe {
+        (
+            ((l4 + L4_SPORT) as *const u16).read_unaligned(),
+            ((l4 + L4_SPORT + 2) as *const u16).read_unaligned(),
+            if proto == IPPROTO_TCP {
+                *((l4 + TCP_FLAGS) as *const u8)
+            } else {
+                0
+            },
+        )
     };
-    Some(Flow {
+    Direct::Flow(Flow {
         saddr,
         daddr,
-        sport: ports[0],
-        dport: ports[1],
+        sport,
+        dport,
         proto,
         tcp_flags,
         ihl_len,

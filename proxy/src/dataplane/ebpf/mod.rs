@@ -8,6 +8,7 @@
 pub mod loader;
 pub mod maglev;
 pub mod services;
+pub mod testrun;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
