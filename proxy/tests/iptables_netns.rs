@@ -253,29 +253,30 @@ fn full_sync_read_back_and_cleanup() {
         );
     }
     // Rules as read back by iptables-save.
-    let has = |list: &[String], needle: &str| list.iter().any(|l| l.contains(needle));
-    assert!(has(
-        &nat,
-        "-d 10.96.0.10/32 -p tcp -m comment --comment \"ns/web:p cluster IP\" -m tcp --dport 80 -j ORCA-SVC-"
-    ));
-    assert!(has(
-        &nat,
-        "-m statistic --mode random --probability 0.50000000000 -j ORCA-SEP-"
-    ));
-    assert!(has(&nat, "-j DNAT --to-destination 10.244.1.5:8080"));
-    assert!(has(&nat, "-m recent --rcheck --seconds 600 --reap --name ORCA-SEP-"));
-    assert!(has(&nat, "-m sctp -j DNAT --to-destination 10.244.1.10:3868"));
-    assert!(has(
-        &nat,
-        "-A ORCA-NODEPORTS -p tcp -m comment --comment \"ns/np:p\" -m tcp --dport 30080 -j ORCA-EXT-"
-    ));
-    assert!(has(
-        &nat,
-        "-A ORCA-POSTROUTING -m comment --comment \"orca service traffic requiring SNAT\" -j MASQUERADE"
-    ));
-    assert!(has(&filter, "-d 10.96.0.12/32 -p tcp -m comment --comment \"ns/empty:p has no endpoints\" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable"));
-    assert!(has(&filter, "-A ORCA-PROXY-FIREWALL -d 203.0.113.7/32 -p tcp"));
-    assert!(has(&filter, "--dport 32000 -j ACCEPT"));
+    let nat_has = [
+        "-d 10.96.0.10/32 -p tcp -m comment --comment \"ns/web:p cluster IP\" -m tcp --dport 80 -j ORCA-SVC-",
+        "-m statistic --mode random --probability 0.50000000000 -j ORCA-SEP-",
+        "-j DNAT --to-destination 10.244.1.5:8080",
+        "-m recent --rcheck --seconds 600 --reap --name ORCA-SEP-",
+        "-m sctp -j DNAT --to-destination 10.244.1.10:3868",
+        "-A ORCA-NODEPORTS -p tcp -m comment --comment \"ns/np:p\" -m tcp --dport 30080 -j ORCA-EXT-",
+        "-A ORCA-POSTROUTING -m comment --comment \"orca service traffic requiring SNAT\" -j MASQUERADE",
+    ];
+    let filter_has = [
+        "-d 10.96.0.12/32 -p tcp -m comment --comment \"ns/empty:p has no endpoints\" -m tcp --dport 80 \
+         -j REJECT --reject-with icmp-port-unreachable",
+        "-A ORCA-PROXY-FIREWALL -d 203.0.113.7/32 -p tcp",
+        "--dport 32000 -j ACCEPT",
+    ];
+    for (table, list, needles) in [("nat", &nat, &nat_has[..]), ("filter", &filter, &filter_has[..])] {
+        for needle in needles {
+            assert!(
+                list.iter().any(|l| l.contains(needle)),
+                "no {table} rule has {needle:?}:\n{}",
+                list.join("\n")
+            );
+        }
+    }
 
     // Idempotent: a second full sync changes nothing and adds no duplicate jump.
     dp.full_sync(&desired, &node()).unwrap();
@@ -321,6 +322,26 @@ fn many(n: usize, eps: usize) -> Vec<Arc<ServicePortState>> {
         .collect()
 }
 
+/// A partial sync's diff: these service ports changed.
+fn upserting(states: Vec<Arc<ServicePortState>>) -> Diff {
+    Diff {
+        upserted: states,
+        ..Default::default()
+    }
+}
+
+/// Checks that the partial syncs so far left the kernel (as `read` sees it) exactly as a full sync of `desired` does,
+/// then leaves that full sync done.
+fn assert_same_as_full_sync<T: PartialEq + std::fmt::Debug>(
+    dp: &mut IptablesDataplane,
+    desired: &Snapshot,
+    read: impl Fn() -> T,
+) {
+    let after_partial = read();
+    dp.full_sync(desired, &node()).expect("full sync");
+    assert_eq!(read(), after_partial, "a full sync changes what the partial syncs left");
+}
+
 /// Normalised `iptables-save` of both tables (sorted rules), to compare kernel states.
 fn kernel_state(ns: &Netns) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut r: BTreeSet<String> = rules(ns, "nat").into_iter().map(|l| format!("nat {l}")).collect();
@@ -349,11 +370,7 @@ fn partial_sync_rewrites_only_changed_service_ports() {
     );
     states[7] = changed.clone();
     desired = snapshot(&states);
-    let diff = Diff {
-        upserted: vec![changed.clone()],
-        ..Default::default()
-    };
-    dp.apply(&diff, &desired, &node()).unwrap();
+    dp.apply(&upserting(vec![changed]), &desired, &node()).unwrap();
     let last = dp.last_sync().clone();
     assert!(!last.full);
     // Only svc-7's own chains (SVC + 3 SEP) are declared besides the fixed top-level ones.
@@ -379,28 +396,16 @@ fn partial_sync_rewrites_only_changed_service_ports() {
     );
 
     // The kernel now holds exactly what a full sync of the same state produces.
-    let after_partial = kernel_state(&ns);
-    dp.full_sync(&desired, &node()).unwrap();
-    assert_eq!(kernel_state(&ns), after_partial);
+    assert_same_as_full_sync(&mut dp, &desired, || kernel_state(&ns));
     assert_eq!(dp.last_sync().rules_total, last.rules_total);
 
     // Endpoint removed: its SEP chain is deleted in the same transaction.
     let shrunk = state(states[7].port.clone(), vec![ep("10.100.0.8", 8080, false)]);
     states[7] = shrunk.clone();
     desired = snapshot(&states);
-    dp.apply(
-        &Diff {
-            upserted: vec![shrunk],
-            ..Default::default()
-        },
-        &desired,
-        &node(),
-    )
-    .unwrap();
+    dp.apply(&upserting(vec![shrunk]), &desired, &node()).unwrap();
     assert_eq!(dp.last_sync().chains_deleted, 2);
-    let after_partial = kernel_state(&ns);
-    dp.full_sync(&desired, &node()).unwrap();
-    assert_eq!(kernel_state(&ns), after_partial);
+    assert_same_as_full_sync(&mut dp, &desired, || kernel_state(&ns));
     assert_eq!(dp.last_sync().chains_deleted, 0, "the partial sync left nothing stale");
 
     // A service port removed: all its chains go.
@@ -420,9 +425,7 @@ fn partial_sync_rewrites_only_changed_service_ports() {
         "-X {}\n",
         orca_proxy::dataplane::iptables::rules::svc_chain(removed.name())
     )));
-    let after_partial = kernel_state(&ns);
-    dp.full_sync(&desired, &node()).unwrap();
-    assert_eq!(kernel_state(&ns), after_partial);
+    assert_same_as_full_sync(&mut dp, &desired, || kernel_state(&ns));
 
     dp.cleanup().unwrap();
     assert!(orca_chains(&ns).is_empty());
@@ -487,19 +490,10 @@ fn legacy_backend() {
 
     states[0] = state(states[0].port.clone(), vec![ep("10.244.3.3", 8080, false)]);
     let desired = snapshot(&states);
-    dp.apply(
-        &Diff {
-            upserted: vec![states[0].clone()],
-            ..Default::default()
-        },
-        &desired,
-        &node(),
-    )
-    .unwrap();
+    dp.apply(&upserting(vec![states[0].clone()]), &desired, &node())
+        .unwrap();
     assert_eq!(dp.last_sync().chains_deleted, 2);
-    let after_partial = legacy_rules(&ns);
-    dp.full_sync(&desired, &node()).unwrap();
-    assert_eq!(legacy_rules(&ns), after_partial);
+    assert_same_as_full_sync(&mut dp, &desired, || legacy_rules(&ns));
     dp.cleanup().unwrap();
     assert!(!legacy_rules(&ns).iter().any(|l| l.contains("ORCA-")));
 }
@@ -699,15 +693,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     // ... and losing that endpoint deletes it.
     let moved = state(dns_port, vec![ep("10.77.2.3", 5353, false)]);
     desired.insert(moved.name().clone(), moved.clone());
-    dp.apply(
-        &Diff {
-            upserted: vec![moved],
-            ..Default::default()
-        },
-        &desired,
-        &node(),
-    )
-    .unwrap();
+    dp.apply(&upserting(vec![moved]), &desired, &node()).unwrap();
     assert!(dp.last_sync().conntrack_deleted >= 1);
     assert_eq!(dp.last_sync().conntrack_method, Method::Netlink);
     let after = ct(&t.node);
@@ -751,15 +737,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
         vec![ep("10.77.2.2", 5354, false)],
     );
     desired.insert(dns2.name().clone(), dns2.clone());
-    dp.apply(
-        &Diff {
-            upserted: vec![dns2],
-            ..Default::default()
-        },
-        &desired,
-        &node(),
-    )
-    .unwrap();
+    dp.apply(&upserting(vec![dns2]), &desired, &node()).unwrap();
     assert!(
         dp.last_sync().conntrack_deleted >= 1,
         "{:?}",
@@ -784,15 +762,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     let rand = state(port("rand", "10.96.77.21", 80, Protocol::Tcp), two);
     desired.insert(aff.name().clone(), aff.clone());
     desired.insert(rand.name().clone(), rand.clone());
-    dp.apply(
-        &Diff {
-            upserted: vec![aff, rand],
-            ..Default::default()
-        },
-        &desired,
-        &node(),
-    )
-    .unwrap();
+    dp.apply(&upserting(vec![aff, rand]), &desired, &node()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let server = tcp_local_addr_server(&t.server, 8081, stop.clone());
     let hits = |vip: &str, n: usize| -> BTreeSet<String> {
@@ -870,15 +840,7 @@ fn scale_full_sync() {
         let mut d2 = desired.clone();
         d2.insert(changed.name().clone(), changed.clone());
         let start = Instant::now();
-        dp.apply(
-            &Diff {
-                upserted: vec![changed],
-                ..Default::default()
-            },
-            &d2,
-            &node(),
-        )
-        .unwrap();
+        dp.apply(&upserting(vec![changed]), &d2, &node()).unwrap();
         let partial = start.elapsed();
         let p = dp.last_sync().clone();
         println!(
