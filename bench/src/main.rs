@@ -47,6 +47,10 @@ struct RunArgs {
     /// Configurations (repeatable): direct, orca-ebpf, orca-iptables, kube-proxy-iptables, kube-proxy-nftables.
     #[arg(long = "config")]
     configs: Vec<String>,
+    /// Configurations measured at the first (smallest) scale only (default: all of --config), e.g. `direct,orca-ebpf`
+    /// to get the eBPF(30k)/eBPF(1) ratio without measuring every proxy at 1 Service.
+    #[arg(long, value_delimiter = ',')]
+    first_scale_configs: Vec<String>,
     /// The orca-proxy binary (release build).
     #[arg(long)]
     orca_proxy: PathBuf,
@@ -124,6 +128,19 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     {
         bail!("--orca-proxy {} is not a file", a.orca_proxy.display());
     }
+    let first_scale_configs = if a.first_scale_configs.is_empty() {
+        None
+    } else {
+        let f = a
+            .first_scale_configs
+            .iter()
+            .map(|c| Config::parse(c))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(c) = f.iter().find(|c| !configs.contains(c)) {
+            bail!("--first-scale-configs: {} is not one of the --config set", c.name());
+        }
+        Some(f)
+    };
     let repeats = a.repeats.unwrap_or(3);
     if repeats == 0 || repeats > 50 {
         bail!("--repeats must be 1..=50");
@@ -144,6 +161,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         scales,
         repeats,
         configs,
+        first_scale_configs,
         orca_proxy_bin: std::fs::canonicalize(&a.orca_proxy).unwrap_or(a.orca_proxy.clone()),
         out_dir: a.out.clone(),
         duration_ms: a

@@ -102,6 +102,113 @@ pub const SYNC_RULES: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
 pub const SYNC_FULL: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
 pub const SYNC_PARTIAL: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
 
+/// Sync timings a proxy logged (node-a's log, from a byte offset on).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoggedSyncs {
+    /// Duration of each sync that applied changes (Orca: `synced full=false` lines with changes; kube-proxy:
+    /// every `SyncProxyRules complete`, periodic ones included), ms.
+    pub sync_ms: Vec<f64>,
+    /// Orca only: the oldest change's age when its sync finished (watch event -> datapath written), ms.
+    pub since_change_ms: Vec<f64>,
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ ... final byte in @..~
+            for d in it.by_ref() {
+                if ('@'..='~').contains(&d) && d != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A Go duration string ("1.52s", "697.4ms", "850µs", "1m2.5s") in ms.
+pub fn go_duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim().trim_matches('"');
+    let mut total = 0.0;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        while let Some(&d) = chars.peek() {
+            if d.is_ascii_digit() || d == '.' {
+                break;
+            }
+            unit.push(d);
+            chars.next();
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        total += v * match unit.as_str() {
+            "h" => 3_600_000.0,
+            "m" => 60_000.0,
+            "s" => 1000.0,
+            "ms" => 1.0,
+            "µs" | "us" => 1e-3,
+            "ns" => 1e-6,
+            _ => return None,
+        };
+        any = true;
+    }
+    (any && num.is_empty()).then_some(total)
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let i = line.find(key)?;
+    line[i + key.len()..].split_whitespace().next()
+}
+
+/// Sync timings from a proxy log text (Orca's tracing lines or kube-proxy's klog lines).
+pub fn parse_logged_syncs(text: &str) -> LoggedSyncs {
+    let mut r = LoggedSyncs::default();
+    for raw in text.lines() {
+        if raw.contains("SyncProxyRules complete") {
+            if let Some(ms) = field(raw, "elapsed=").and_then(go_duration_ms) {
+                r.sync_ms.push(ms);
+            }
+            continue;
+        }
+        if !raw.contains("synced") {
+            continue;
+        }
+        let line = strip_ansi(raw);
+        if !line.contains(" synced") || field(&line, "full=") != Some("false") {
+            continue;
+        }
+        let n = |k: &str| field(&line, k).and_then(|v| v.parse::<f64>().ok());
+        if n("upserted=").unwrap_or(0.0) + n("removed=").unwrap_or(0.0) == 0.0 {
+            continue;
+        }
+        if let Some(s) = n("seconds=") {
+            r.sync_ms.push(s * 1e3);
+        }
+        if let Some(s) = n("since_first_change=") {
+            r.since_change_ms.push(s * 1e3);
+        }
+    }
+    r
+}
+
+/// The sync timings `path` logged after byte `from`.
+pub fn logged_syncs(path: &Path, from: u64) -> Result<LoggedSyncs> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let from = (from as usize).min(bytes.len());
+    Ok(parse_logged_syncs(&String::from_utf8_lossy(&bytes[from..])))
+}
+
 /// RSS and CPU time of one process.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProcStats {
@@ -487,6 +594,27 @@ kubeproxy_x_count{ip_family="IPv6"} 9
         assert_eq!(ch, 0.5);
         assert!(parse_proc("", stat, 100.0).is_err());
         assert!(parse_proc(status, "123 (x) S 1", 100.0).is_err());
+    }
+
+    #[test]
+    fn logged_sync_lines() {
+        let text = "\u{1b}[2m2026-11-26T18:35:06.854321Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m \u{1b}[2morca_proxy::sync\u{1b}[0m\u{1b}[2m:\u{1b}[0m synced \u{1b}[3mfull\u{1b}[0m\u{1b}[2m=\u{1b}[0mfalse \u{1b}[3mupserted\u{1b}[0m\u{1b}[2m=\u{1b}[0m1 \u{1b}[3mremoved\u{1b}[0m\u{1b}[2m=\u{1b}[0m0 \u{1b}[3mwritten\u{1b}[0m\u{1b}[2m=\u{1b}[0m7 \u{1b}[3mseconds\u{1b}[0m\u{1b}[2m=\u{1b}[0m0.0003 \u{1b}[3msince_first_change\u{1b}[0m\u{1b}[2m=\u{1b}[0m0.0005
+2026-11-26T18:35:07Z DEBUG orca_proxy::sync: synced full=true upserted=9 removed=0 written=70 seconds=0.2 since_first_change=0.3
+2026-11-26T18:35:08Z DEBUG orca_proxy::sync: synced full=false upserted=0 removed=0 written=0 seconds=0.01
+I1126 18:33:35.927956   26486 proxier.go:649] \"SyncProxyRules complete\" ipFamily=\"IPv4\" elapsed=\"1.962849624s\"
+I1126 18:33:36.927956   26486 proxier.go:649] \"SyncProxyRules complete\" ipFamily=\"IPv4\" elapsed=\"697.5ms\"
+";
+        let r = parse_logged_syncs(text);
+        assert_eq!(r.since_change_ms.len(), 1);
+        assert!((r.since_change_ms[0] - 0.5).abs() < 1e-9);
+        assert_eq!(r.sync_ms.len(), 3, "{r:?}");
+        assert!((r.sync_ms[0] - 0.3).abs() < 1e-9);
+        assert!((r.sync_ms[1] - 1962.849624).abs() < 1e-6);
+        assert!((r.sync_ms[2] - 697.5).abs() < 1e-9);
+        assert_eq!(go_duration_ms("1m2.5s"), Some(62_500.0));
+        assert_eq!(go_duration_ms("850µs"), Some(0.85));
+        assert_eq!(go_duration_ms("12"), None);
+        assert_eq!(go_duration_ms("3parsecs"), None);
     }
 
     #[test]

@@ -293,6 +293,30 @@ pub fn control_metrics() -> Vec<Metric> {
             },
         },
         Metric {
+            title: "Sync duration the proxy logged during the changes, p50 (Orca: syncs that applied changes; kube-proxy: every SyncProxyRules)",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| c.logged.as_ref().and_then(|l| q(&l.sync_ms, 0.5)).into_iter().collect(),
+        },
+        Metric {
+            title: "Sync duration the proxy logged during the changes, p99",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| c.logged.as_ref().and_then(|l| q(&l.sync_ms, 0.99)).into_iter().collect(),
+        },
+        Metric {
+            title: "Orca: change received from the watch -> datapath written (since_first_change), p50",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| c.logged.as_ref().and_then(|l| q(&l.since_change_ms, 0.5)).into_iter().collect(),
+        },
+        Metric {
+            title: "Orca: change received from the watch -> datapath written (since_first_change), p99",
+            unit: "ms",
+            higher_is_better: false,
+            get: |c| c.logged.as_ref().and_then(|l| q(&l.since_change_ms, 0.99)).into_iter().collect(),
+        },
+        Metric {
             title: "Re-add latency p50 (PATCH -> the endpoint made ready in the same PATCH answers; coarse)",
             unit: "ms",
             higher_is_better: false,

@@ -55,6 +55,8 @@ pub struct RunOpts {
     pub scales: Vec<usize>,
     pub repeats: usize,
     pub configs: Vec<Config>,
+    /// Configurations measured at the first (smallest) scale, when not all of them.
+    pub first_scale_configs: Option<Vec<Config>>,
     pub orca_proxy_bin: PathBuf,
     pub out_dir: PathBuf,
     /// Length and op cap of one load run.
@@ -129,6 +131,9 @@ pub struct ConfigResult {
     /// iptables modes: where the measured Service (`bench-remote`:80) is in the dispatch chain on node-a.
     #[serde(default)]
     pub position: Option<ChainPosition>,
+    /// Sync timings node-a's proxy logged during the programming-latency changes.
+    #[serde(default)]
+    pub logged: Option<probe::LoggedSyncs>,
     /// `perf record -a` during the first cross-node connect run (largest scale, `--profile`): `perf report`
     /// lines (comm, object, symbol, share of all samples on the machine).
     #[serde(default)]
@@ -609,6 +614,8 @@ async fn measure_inner(
     }
     if let Some(mut proxy) = proxy {
         let mid = scrape(a).await;
+        let log_path = proxy.log_path(&a.name);
+        let log_from = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
         let prog_backends: Vec<PodInfo> = pods.srv_b.iter().chain(pods.srv_a.first()).cloned().collect();
         match programming_latency(
             &sb.admin_client(),
@@ -624,6 +631,10 @@ async fn measure_inner(
             Err(e) => res.errors.push(format!("programming latency: {e:#}")),
         }
         let after = scrape(a).await;
+        match probe::logged_syncs(&log_path, log_from) {
+            Ok(l) => res.logged = Some(l),
+            Err(e) => res.errors.push(format!("proxy log: {e:#}")),
+        }
         if let (Some(m), Some(af)) = (&mid, &after) {
             // kube-proxy exports the histogram only after its first observation: absent before = empty.
             if let Some(h1) = probe::parse_histogram(af, probe::NETWORK_PROGRAMMING) {
@@ -791,7 +802,11 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
                 }
             }
             println!("bench: scale {scale}: bench-remote {remote}, bench-local {local}, bench-prog {prog}");
-            for &cfg in &o.configs {
+            let cfgs = match &o.first_scale_configs {
+                Some(f) if o.scales.first() == Some(&scale) => f.clone(),
+                _ => o.configs.clone(),
+            };
+            for &cfg in &cfgs {
                 println!("bench: scale {scale}: {} (load average {})", cfg.name(), loadavg());
                 let r = measure(sb, &env, shim.as_ref(), &pods, (remote, local, prog), cfg, scale, o).await;
                 crate::report::print_brief(&r);
