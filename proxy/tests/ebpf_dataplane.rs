@@ -105,6 +105,22 @@ fn enter_netns(name: &str) {
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
+/// Runs `body` on a thread that entered the node namespace (where the dataplane runs), then removes `env`
+/// (namespaces, servers, bpffs) before passing on the body's panic: cleanup comes first, also when the body failed.
+fn run_in_node(env: Env, body: impl FnOnce(&Env) + Send) {
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&env.ns("node"));
+            body(&env)
+        })
+        .join()
+    });
+    drop(env);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 const DOWNLOAD_BYTES: usize = 30_000_000;
 
 fn service(endpoints: &[&str]) -> Arc<ServicePortState> {
@@ -186,149 +202,140 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         );
     }
 
-    let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(&env.ns("node"));
-            let cfg = DataplaneConfig::default();
-            // A layout left by another release (maps pinned under v0) is removed at start-up.
-            let stale = env.bpf_root().join("v0").join("maps");
-            let mounted = orca_proxy::dataplane::ebpf::loader::ensure_bpffs(&env.bpf_root()).expect("bpffs");
-            assert_eq!(mounted.as_deref(), Some(env.bpf_root().as_path()));
-            std::fs::create_dir_all(&stale).unwrap();
-            let mut old = aya::EbpfLoader::new();
-            for m in orca_proxy::dataplane::ebpf::loader::ALL_MAPS {
-                old.map_pin_path(m, stale.join(m));
+    run_in_node(env, |env| {
+        let cfg = DataplaneConfig::default();
+        // A layout left by another release (maps pinned under v0) is removed at start-up.
+        let stale = env.bpf_root().join("v0").join("maps");
+        let mounted = orca_proxy::dataplane::ebpf::loader::ensure_bpffs(&env.bpf_root()).expect("bpffs");
+        assert_eq!(mounted.as_deref(), Some(env.bpf_root().as_path()));
+        std::fs::create_dir_all(&stale).unwrap();
+        let mut old = aya::EbpfLoader::new();
+        for m in orca_proxy::dataplane::ebpf::loader::ALL_MAPS {
+            old.map_pin_path(m, stale.join(m));
+        }
+        drop(old.load(orca_proxy::ebpf_obj::OBJECT).expect("an old layout"));
+        assert!(stale.join(orca_common::MAP_CT).exists());
+        let mut dp = EbpfDataplane::new(cfg.clone(), options(env)).expect("eBPF dataplane");
+        assert!(!env.bpf_root().join("v0").exists(), "the old layout was not removed");
+        // The test mounted the bpffs itself (for the old layout) above.
+        assert_eq!(dp.mounted_bpffs(), None);
+        assert_eq!(dp.attached_interfaces(), ["b0", "c0"]);
+
+        // 1. A ClusterIP with one endpoint: requests reach the backend through the VIP.
+        let st = service(&["10.202.0.2"]);
+        dp.full_sync(&snapshot(&st), &node()).expect("full sync");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (out, err, _) = client_request(env);
+            if out.contains("hello-from-backend") {
+                break;
             }
-            drop(old.load(orca_proxy::ebpf_obj::OBJECT).expect("an old layout"));
-            assert!(stale.join(orca_common::MAP_CT).exists());
-            let mut dp = EbpfDataplane::new(cfg.clone(), options(&env)).expect("eBPF dataplane");
-            assert!(!env.bpf_root().join("v0").exists(), "the old layout was not removed");
-            // The test mounted the bpffs itself (for the old layout) above.
-            assert_eq!(dp.mounted_bpffs(), None);
-            assert_eq!(dp.attached_interfaces(), ["b0", "c0"]);
-
-            // 1. A ClusterIP with one endpoint: requests reach the backend through the VIP.
-            let st = service(&["10.202.0.2"]);
-            dp.full_sync(&snapshot(&st), &node()).expect("full sync");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let (out, err, _) = client_request(&env);
-                if out.contains("hello-from-backend") {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "no answer through the ClusterIP: {out:?} {err:?}"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-
-            // A pod appears (new veth) with no Service change: the watcher attaches to it.
-            let (c2, n) = (env.ns("client2"), env.ns("node"));
-            run(&["ip", "netns", "add", &c2]);
-            run(&[
-                "ip", "-n", &n, "link", "add", "c1", "type", "veth", "peer", "name", "eth0", "netns", &c2,
-            ]);
-            run(&["ip", "-n", &n, "addr", "add", "10.203.0.1/24", "dev", "c1"]);
-            run(&["ip", "-n", &c2, "addr", "add", "10.203.0.2/24", "dev", "eth0"]);
-            run(&["ip", "-n", &n, "link", "set", "c1", "up"]);
-            run(&["ip", "-n", &c2, "link", "set", "eth0", "up"]);
-            run(&["ip", "-n", &c2, "route", "add", "default", "via", "10.203.0.1"]);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let out = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &c2,
-                        "socat",
-                        "-T2",
-                        "-",
-                        "TCP:10.96.0.10:80,connect-timeout=2",
-                    ])
-                    .stdin(Stdio::null())
-                    .output()
-                    .expect("socat");
-                if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the new pod interface c1 was never attached");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
-
-            // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
-            let view = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump pinned maps");
-            assert_eq!(view.len(), 1, "{view:?}");
-            assert_eq!(view[0].address.to_string(), "10.96.0.10:80");
-            assert_eq!(view[0].protocol, "TCP");
-            assert_eq!(
-                view[0].backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
-                ["10.202.0.2:8080"]
-            );
-            assert_eq!(view[0].missing_slots, 0);
-
-            // 2. No endpoints: connect() is refused at once.
-            let empty = service(&[]);
-            let diff = Diff {
-                upserted: vec![empty.clone()],
-                ..Diff::default()
-            };
-            dp.apply(&diff, &snapshot(&empty), &node()).expect("apply");
-            let (out, err, took) = client_request(&env);
-            assert!(out.is_empty(), "{out:?}");
-            assert!(err.contains("Connection refused"), "expected ECONNREFUSED, got {err:?}");
-            assert!(took < Duration::from_secs(2), "reject took {took:?}");
-
-            // 3. Endpoint back, then an agent restart: the new dataplane adopts the pinned maps and
-            //    links (the old one is dropped without cleanup, as when the agent exits).
-            let diff = Diff {
-                upserted: vec![st.clone()],
-                ..Diff::default()
-            };
-            dp.apply(&diff, &snapshot(&st), &node()).expect("apply");
-            assert!(client_request(&env).0.contains("hello-from-backend"));
-            // A long download runs across the restart and must complete intact.
-            let both: Snapshot = [st.clone(), download_service()]
-                .into_iter()
-                .map(|p| (p.name().clone(), p))
-                .collect();
-            dp.full_sync(&both, &node())
-                .expect("full sync with the download service");
-            let download = Command::new("ip")
-                .args(["netns", "exec", &env.ns("client"), "sh", "-c"])
-                .arg("socat -u TCP:10.96.0.11:81,connect-timeout=3 - | (sleep 1; wc -c)")
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("download client");
-            std::thread::sleep(Duration::from_millis(300));
-            drop(dp);
-            // The programs stay attached through the pinned links while no agent runs.
             assert!(
-                client_request(&env).0.contains("hello-from-backend"),
-                "service broke while the agent was down"
+                Instant::now() < deadline,
+                "no answer through the ClusterIP: {out:?} {err:?}"
             );
-            let mut dp = EbpfDataplane::new(cfg, options(&env)).expect("restarted dataplane");
-            dp.full_sync(&both, &node()).expect("full sync after restart");
-            assert!(client_request(&env).0.contains("hello-from-backend"));
-            let out = download.wait_with_output().expect("download");
-            let got: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
-            assert_eq!(got, DOWNLOAD_BYTES, "the download across the restart was cut");
+            std::thread::sleep(Duration::from_millis(200));
+        }
 
-            // 4. Cleanup removes programs, links, maps and pins: the VIP no longer answers.
-            dp.cleanup().expect("cleanup");
-            let versioned = env.bpf_root().join(format!("v{}", orca_common::ABI_VERSION));
-            assert!(!versioned.exists(), "pins left under {}", versioned.display());
-            let (out, _, _) = client_request(&env);
-            assert!(!out.contains("hello-from-backend"), "still translated after cleanup");
-        })
-        .join()
+        // A pod appears (new veth) with no Service change: the watcher attaches to it.
+        let (c2, n) = (env.ns("client2"), env.ns("node"));
+        run(&["ip", "netns", "add", &c2]);
+        run(&[
+            "ip", "-n", &n, "link", "add", "c1", "type", "veth", "peer", "name", "eth0", "netns", &c2,
+        ]);
+        run(&["ip", "-n", &n, "addr", "add", "10.203.0.1/24", "dev", "c1"]);
+        run(&["ip", "-n", &c2, "addr", "add", "10.203.0.2/24", "dev", "eth0"]);
+        run(&["ip", "-n", &n, "link", "set", "c1", "up"]);
+        run(&["ip", "-n", &c2, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", &c2, "route", "add", "default", "via", "10.203.0.1"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &c2,
+                    "socat",
+                    "-T2",
+                    "-",
+                    "TCP:10.96.0.10:80,connect-timeout=2",
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .expect("socat");
+            if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the new pod interface c1 was never attached");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
+
+        // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
+        let view = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump pinned maps");
+        assert_eq!(view.len(), 1, "{view:?}");
+        assert_eq!(view[0].address.to_string(), "10.96.0.10:80");
+        assert_eq!(view[0].protocol, "TCP");
+        assert_eq!(
+            view[0].backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+            ["10.202.0.2:8080"]
+        );
+        assert_eq!(view[0].missing_slots, 0);
+
+        // 2. No endpoints: connect() is refused at once.
+        let empty = service(&[]);
+        let diff = Diff {
+            upserted: vec![empty.clone()],
+            ..Diff::default()
+        };
+        dp.apply(&diff, &snapshot(&empty), &node()).expect("apply");
+        let (out, err, took) = client_request(env);
+        assert!(out.is_empty(), "{out:?}");
+        assert!(err.contains("Connection refused"), "expected ECONNREFUSED, got {err:?}");
+        assert!(took < Duration::from_secs(2), "reject took {took:?}");
+
+        // 3. Endpoint back, then an agent restart: the new dataplane adopts the pinned maps and
+        //    links (the old one is dropped without cleanup, as when the agent exits).
+        let diff = Diff {
+            upserted: vec![st.clone()],
+            ..Diff::default()
+        };
+        dp.apply(&diff, &snapshot(&st), &node()).expect("apply");
+        assert!(client_request(env).0.contains("hello-from-backend"));
+        // A long download runs across the restart and must complete intact.
+        let both: Snapshot = [st.clone(), download_service()]
+            .into_iter()
+            .map(|p| (p.name().clone(), p))
+            .collect();
+        dp.full_sync(&both, &node())
+            .expect("full sync with the download service");
+        let download = Command::new("ip")
+            .args(["netns", "exec", &env.ns("client"), "sh", "-c"])
+            .arg("socat -u TCP:10.96.0.11:81,connect-timeout=3 - | (sleep 1; wc -c)")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("download client");
+        std::thread::sleep(Duration::from_millis(300));
+        drop(dp);
+        // The programs stay attached through the pinned links while no agent runs.
+        assert!(
+            client_request(env).0.contains("hello-from-backend"),
+            "service broke while the agent was down"
+        );
+        let mut dp = EbpfDataplane::new(cfg, options(env)).expect("restarted dataplane");
+        dp.full_sync(&both, &node()).expect("full sync after restart");
+        assert!(client_request(env).0.contains("hello-from-backend"));
+        let out = download.wait_with_output().expect("download");
+        let got: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+        assert_eq!(got, DOWNLOAD_BYTES, "the download across the restart was cut");
+
+        // 4. Cleanup removes programs, links, maps and pins: the VIP no longer answers.
+        dp.cleanup().expect("cleanup");
+        let versioned = env.bpf_root().join(format!("v{}", orca_common::ABI_VERSION));
+        assert!(!versioned.exists(), "pins left under {}", versioned.display());
+        let (out, _, _) = client_request(env);
+        assert!(!out.contains("hello-from-backend"), "still translated after cleanup");
     });
-    // Namespaces, server and bpffs go first, also when the body failed.
-    drop(env);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 /// Agents of several nodes starting at once must not stack bpffs mounts (the later mount would
@@ -442,72 +449,64 @@ fn host_namespace_clients_use_the_socket_hooks() {
     };
     let tcp = "exec socat -T3 - TCP:10.96.0.10:80,connect-timeout=3";
 
-    let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            enter_netns(&env.ns("node"));
-            let opts = EbpfOptions {
-                pod_interface_prefixes: vec![],
-                cgroup: Some(cgroup.clone()),
-                // The socket hooks choose by Maglev here (the TC path is covered at random).
-                maglev: true,
-                ..options(&env)
-            };
-            let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
-            let web = service(&["10.202.0.2"]);
-            let mut dns = (*service_on("dns", "10.96.0.53", 53, 5353, &["10.202.0.2"])).clone();
-            dns.port.protocol = Protocol::Udp;
-            dns.port.name.protocol = Protocol::Udp;
-            let dns = Arc::new(dns);
-            let snap: Snapshot = [web.clone(), dns.clone()]
-                .into_iter()
-                .map(|p| (p.name().clone(), p))
-                .collect();
-            dp.full_sync(&snap, &node()).expect("full sync");
-            let (n, c2) = (env.ns("node"), other.clone());
+    run_in_node(env, |env| {
+        let opts = EbpfOptions {
+            pod_interface_prefixes: vec![],
+            cgroup: Some(cgroup.clone()),
+            // The socket hooks choose by Maglev here (the TC path is covered at random).
+            maglev: true,
+            ..options(env)
+        };
+        let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
+        let web = service(&["10.202.0.2"]);
+        let mut dns = (*service_on("dns", "10.96.0.53", 53, 5353, &["10.202.0.2"])).clone();
+        dns.port.protocol = Protocol::Udp;
+        dns.port.name.protocol = Protocol::Udp;
+        let dns = Arc::new(dns);
+        let snap: Snapshot = [web.clone(), dns.clone()]
+            .into_iter()
+            .map(|p| (p.name().clone(), p))
+            .collect();
+        dp.full_sync(&snap, &node()).expect("full sync");
+        let (n, c2) = (env.ns("node"), other.clone());
 
-            // TCP from a host process of the node's namespace.
-            let (out, err) = sh(&n, true, tcp);
-            assert!(out.contains("hello-from-backend"), "{out:?} {err:?}");
-            // getpeername shows the ClusterIP, not the backend.
-            let (out, err) = sh(
+        // TCP from a host process of the node's namespace.
+        let (out, err) = sh(&n, true, tcp);
+        assert!(out.contains("hello-from-backend"), "{out:?} {err:?}");
+        // getpeername shows the ClusterIP, not the backend.
+        let (out, err) = sh(
                 &n,
                 true,
                 "exec python3 -c 'import socket; s = socket.create_connection((\"10.96.0.10\", 80), 3); print(\"peer=%s:%d\" % s.getpeername())'",
             );
-            assert!(out.contains("peer=10.96.0.10:80"), "{out:?} {err:?}");
-            // Unconnected UDP: the request goes to the backend, the answer comes from the frontend.
-            let (out, err) = sh(&n, true, "echo q | exec socat -T2 - UDP-SENDTO:10.96.0.53:53");
-            assert!(out.contains("udp-hello"), "{out:?} {err:?}");
+        assert!(out.contains("peer=10.96.0.10:80"), "{out:?} {err:?}");
+        // Unconnected UDP: the request goes to the backend, the answer comes from the frontend.
+        let (out, err) = sh(&n, true, "echo q | exec socat -T2 - UDP-SENDTO:10.96.0.53:53");
+        assert!(out.contains("udp-hello"), "{out:?} {err:?}");
 
-            // Not ours: another namespace in the same cgroup, or our namespace outside the cgroup.
-            let (out, err) = sh(&c2, true, tcp);
-            assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
-            let (out, err) = sh(&n, false, tcp);
-            assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
+        // Not ours: another namespace in the same cgroup, or our namespace outside the cgroup.
+        let (out, err) = sh(&c2, true, tcp);
+        assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
+        let (out, err) = sh(&n, false, tcp);
+        assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
 
-            // No endpoints: connect() fails with ECONNREFUSED at once.
-            let empty = service(&[]);
-            let diff = Diff {
-                upserted: vec![empty.clone()],
-                ..Diff::default()
-            };
-            dp.apply(&diff, &snap, &node()).expect("apply");
-            let started = Instant::now();
-            let (out, err) = sh(&n, true, tcp);
-            assert!(out.is_empty() && err.contains("Connection refused"), "{out:?} {err:?}");
-            assert!(started.elapsed() < Duration::from_secs(2));
+        // No endpoints: connect() fails with ECONNREFUSED at once.
+        let empty = service(&[]);
+        let diff = Diff {
+            upserted: vec![empty.clone()],
+            ..Diff::default()
+        };
+        dp.apply(&diff, &snap, &node()).expect("apply");
+        let started = Instant::now();
+        let (out, err) = sh(&n, true, tcp);
+        assert!(out.is_empty() && err.contains("Connection refused"), "{out:?} {err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
 
-            dp.cleanup().expect("cleanup");
-            // Hooks gone: the ClusterIP is not translated any more.
-            let (out, err) = sh(&n, true, tcp);
-            assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
-        })
-        .join()
+        dp.cleanup().expect("cleanup");
+        // Hooks gone: the ClusterIP is not translated any more.
+        let (out, err) = sh(&n, true, tcp);
+        assert!(!out.contains("hello") && !err.contains("refused"), "{out:?} {err:?}");
     });
-    drop(env);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 /// `--no-fallback`: when eBPF cannot run, the agent stops at start with the reason instead of

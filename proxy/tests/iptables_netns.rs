@@ -105,15 +105,24 @@ fn run(c: &mut Command) -> Output {
     out
 }
 
-fn dataplane(ns: &Netns, cfg: DataplaneConfig) -> IptablesDataplane {
+/// The dataplane programming `ns`, on the iptables backend `flavour` (None: the one the namespace's iptables uses).
+fn dataplane(ns: &Netns, cfg: DataplaneConfig, flavour: Option<Flavour>) -> IptablesDataplane {
     IptablesDataplane::new(
         cfg,
         IptablesOptions {
             netns: Some(ns.name.clone()),
-            flavour: None,
+            flavour,
         },
     )
     .expect("iptables dataplane")
+}
+
+/// A dataplane configuration whose pod network is 10.244.0.0/16.
+fn pod_cidr_config() -> DataplaneConfig {
+    DataplaneConfig {
+        cluster_cidrs: vec![cidr("10.244.0.0/16")],
+        ..Default::default()
+    }
 }
 
 /// `(table, chain)` of every `ORCA-*` chain in the namespace.
@@ -205,11 +214,7 @@ fn full_sync_read_back_and_cleanup() {
     let foreign_nat = rules(&ns, "nat");
     let foreign_filter = rules(&ns, "filter");
 
-    let cfg = DataplaneConfig {
-        cluster_cidrs: vec![cidr("10.244.0.0/16")],
-        ..Default::default()
-    };
-    let mut dp = dataplane(&ns, cfg);
+    let mut dp = dataplane(&ns, pod_cidr_config(), None);
     let desired = snapshot(&mixed());
     let stats = dp.full_sync(&desired, &node()).expect("full sync");
     assert_eq!(stats.service_ports, 5);
@@ -353,7 +358,7 @@ fn kernel_state(ns: &Netns) -> (BTreeSet<String>, BTreeSet<String>) {
 #[test]
 fn partial_sync_rewrites_only_changed_service_ports() {
     let ns = Netns::new("part");
-    let mut dp = dataplane(&ns, DataplaneConfig::default());
+    let mut dp = dataplane(&ns, DataplaneConfig::default(), None);
     let mut states = many(200, 2);
     let mut desired = snapshot(&states);
     dp.full_sync(&desired, &node()).unwrap();
@@ -435,7 +440,7 @@ fn partial_sync_rewrites_only_changed_service_ports() {
 #[test]
 fn failed_restore_is_atomic_and_explained() {
     let ns = Netns::new("atomic");
-    let mut dp = dataplane(&ns, DataplaneConfig::default());
+    let mut dp = dataplane(&ns, DataplaneConfig::default(), None);
     dp.full_sync(&snapshot(&mixed()), &node()).unwrap();
     let before = kernel_state(&ns);
     let bad = "*nat\n:ORCA-SERVICES - [0:0]\n-A ORCA-SERVICES -j RETURN\n-A ORCA-SERVICES -m no-such-match -j RETURN\nCOMMIT\n";
@@ -452,17 +457,7 @@ fn failed_restore_is_atomic_and_explained() {
 #[test]
 fn legacy_backend() {
     let ns = Netns::new("legacy");
-    let mut dp = IptablesDataplane::new(
-        DataplaneConfig {
-            cluster_cidrs: vec![cidr("10.244.0.0/16")],
-            ..Default::default()
-        },
-        IptablesOptions {
-            netns: Some(ns.name.clone()),
-            flavour: Some(Flavour::Legacy),
-        },
-    )
-    .unwrap();
+    let mut dp = dataplane(&ns, pod_cidr_config(), Some(Flavour::Legacy));
     assert_eq!(dp.flavour(), Flavour::Legacy);
     let legacy_rules = |ns: &Netns| -> BTreeSet<String> {
         let mut r = BTreeSet::new();
@@ -593,7 +588,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
         nodeport_addresses: vec![cidr("10.77.1.0/24"), cidr("127.0.0.1/32")],
         ..Default::default()
     };
-    let mut dp = dataplane(&t.node, cfg);
+    let mut dp = dataplane(&t.node, cfg, None);
     let web = state(
         {
             let mut p = port("web", "10.96.77.10", 80, Protocol::Tcp);
@@ -806,17 +801,7 @@ fn scale_full_sync() {
     };
     for (n, flavour) in runs {
         let ns = Netns::new("scale");
-        let mut dp = IptablesDataplane::new(
-            DataplaneConfig {
-                cluster_cidrs: vec![cidr("10.244.0.0/16")],
-                ..Default::default()
-            },
-            IptablesOptions {
-                netns: Some(ns.name.clone()),
-                flavour,
-            },
-        )
-        .unwrap();
+        let mut dp = dataplane(&ns, pod_cidr_config(), flavour);
         let fl = dp.flavour().as_str();
         let desired = snapshot(&many(n, 2));
         let start = Instant::now();

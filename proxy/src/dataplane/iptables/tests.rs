@@ -59,6 +59,14 @@ fn with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
     text.lines().filter(|l| l.contains(needle)).collect()
 }
 
+/// The lines of `text` that mention `needle` and one of `any`, in order.
+fn with_any<'a>(text: &'a str, needle: &str, any: &[&str]) -> Vec<&'a str> {
+    with(text, needle)
+        .into_iter()
+        .filter(|l| any.iter().any(|a| l.contains(a)))
+        .collect()
+}
+
 fn block(s: &str) -> Vec<&str> {
     s.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
 }
@@ -358,10 +366,7 @@ fn load_balancer_source_ranges() {
         &snap(vec![(f.clone(), vec![ep("10.244.2.6", 8443, false)])]),
     );
     assert_eq!(
-        with(&t, "Y5GJKP3ERFFMPWOM")
-            .into_iter()
-            .filter(|l| l.contains("FW-") || l.contains("FIREWALL"))
-            .collect::<Vec<_>>(),
+        with_any(&t, "Y5GJKP3ERFFMPWOM", &["FW-", "FIREWALL"]),
         block(
             r#"-A ORCA-PROXY-FIREWALL -m comment --comment "ns/fw:http traffic not accepted by ORCA-FW-Y5GJKP3ERFFMPWOM" -m tcp -p tcp -d 203.0.113.9 --dport 443 -j DROP
             :ORCA-FW-Y5GJKP3ERFFMPWOM - [0:0]
@@ -389,10 +394,7 @@ fn node_port_cluster_policy_and_addresses() {
     let s = snap(vec![(np, two_endpoints())]);
     let t = text(&DataplaneConfig::default(), &s);
     assert_eq!(
-        with(&t, "6NTMJTFMEHCEII5R")
-            .into_iter()
-            .filter(|l| l.contains("EXT") || l.contains("NODEPORTS"))
-            .collect::<Vec<_>>(),
+        with_any(&t, "6NTMJTFMEHCEII5R", &["EXT", "NODEPORTS"]),
         block(
             r#":ORCA-EXT-6NTMJTFMEHCEII5R - [0:0]
             -A ORCA-NODEPORTS -m comment --comment ns/np:http -m tcp -p tcp --dport 30080 -j ORCA-EXT-6NTMJTFMEHCEII5R
