@@ -33,6 +33,10 @@ pub struct Settings {
     pub bpf_root: PathBuf,
     /// The eBPF dataplane's backend choice for Services without the `orca.dev/load-balancing` annotation.
     pub load_balancing: crate::model::LoadBalancing,
+    /// eBPF interface selection; empty means the defaults of `EbpfOptions`.
+    pub pod_interface_prefixes: Vec<String>,
+    pub pod_interfaces: Vec<String>,
+    pub uplinks: Vec<String>,
     pub verbosity: u8,
     pub log_format: LogFormat,
 }
@@ -99,6 +103,9 @@ impl Settings {
             metrics,
             bpf_root: f.bpf_root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
             load_balancing: f.ebpf_load_balancing.unwrap_or_default(),
+            pod_interface_prefixes: f.ebpf_pod_interface_prefixes.clone(),
+            pod_interfaces: f.ebpf_pod_interfaces.clone(),
+            uplinks: f.ebpf_uplinks.clone(),
             verbosity: f.verbosity.unwrap_or(0),
             log_format: f.log_format.unwrap_or(LogFormat::Text),
         })

@@ -67,6 +67,17 @@ pub struct Flags {
     /// a backend change moves the fewest flows). A Service's `orca.dev/load-balancing` annotation overrides it.
     #[arg(long, global = true, value_enum)]
     pub ebpf_load_balancing: Option<crate::model::LoadBalancing>,
+    /// eBPF: interfaces whose name starts with one of these (comma-separated) are the host side of pod veths and get
+    /// the from-pod program as they come and go. Default: cali,veth,lxc,orca-p.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_ifname)]
+    pub ebpf_pod_interface_prefixes: Vec<String>,
+    /// eBPF: pod interfaces named explicitly (comma-separated), besides the prefixes.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_ifname)]
+    pub ebpf_pod_interfaces: Vec<String>,
+    /// eBPF: the node's uplinks (comma-separated), where NodePort, load-balancer and external-IP traffic arrives.
+    /// Default: the interfaces holding one of the node's addresses, else those of the IPv4 default route.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_ifname)]
+    pub ebpf_uplinks: Vec<String>,
     /// The CIDR ranges of pods in the cluster (comma-separated); ClusterIP traffic from outside them is masqueraded.
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
     pub cluster_cidr: Vec<Cidr>,
@@ -110,6 +121,21 @@ pub struct Flags {
 
 pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
     s.parse()
+}
+
+/// A Linux interface name (or a prefix of one): 1 to 15 bytes, no '/', ':' or white space.
+pub fn valid_ifname(s: &str) -> bool {
+    !s.is_empty() && s.len() < 16 && !s.contains(['/', ':']) && !s.chars().any(char::is_whitespace)
+}
+
+fn parse_ifname(s: &str) -> Result<String, String> {
+    if valid_ifname(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not an interface name (1-15 bytes, no '/', ':' or spaces)"
+        ))
+    }
 }
 
 /// Parses a Go duration: a sequence of decimal numbers with units ns, us, µs, ms, s, m, h ("1m30s", "0.5s", "0").

@@ -92,6 +92,12 @@ struct OrcaSection {
     bpf_root: Option<String>,
     /// `random` or `maglev` (`--ebpf-load-balancing`).
     load_balancing: Option<String>,
+    /// `--ebpf-pod-interface-prefixes`.
+    pod_interface_prefixes: Option<Vec<String>>,
+    /// `--ebpf-pod-interfaces`.
+    pod_interfaces: Option<Vec<String>>,
+    /// `--ebpf-uplinks`.
+    uplinks: Option<Vec<String>>,
 }
 
 /// The values of a config file that Orca uses, validated.
@@ -113,6 +119,21 @@ pub struct FileSettings {
     pub no_fallback: Option<bool>,
     pub bpf_root: Option<PathBuf>,
     pub load_balancing: Option<crate::model::LoadBalancing>,
+    pub pod_interface_prefixes: Vec<String>,
+    pub pod_interfaces: Vec<String>,
+    pub uplinks: Vec<String>,
+}
+
+/// Interface names (or name prefixes): non-empty, at most IFNAMSIZ-1 bytes, no '/' or white space.
+fn interfaces(field: &str, v: Option<&Vec<String>>) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for name in v.map(Vec::as_slice).unwrap_or_default() {
+        if !crate::cli::valid_ifname(name) {
+            bail!("{field}: invalid value {name:?}: not an interface name");
+        }
+        out.push(name.clone());
+    }
+    Ok(out)
 }
 
 fn duration(field: &str, v: &Option<String>) -> anyhow::Result<Option<Duration>> {
@@ -189,6 +210,7 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
     {
         bail!("detectLocalMode: invalid value {d:?}: Orca supports ClusterCIDR");
     }
+    let orca = f.orca.as_ref();
     let load_balancing = match f.orca.as_ref().and_then(|o| o.load_balancing.as_deref()) {
         None => None,
         Some(v) => Some(
@@ -218,6 +240,12 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
         no_fallback: f.orca.as_ref().and_then(|o| o.no_fallback),
         bpf_root: f.orca.as_ref().and_then(|o| o.bpf_root.clone()).map(PathBuf::from),
         load_balancing,
+        pod_interface_prefixes: interfaces(
+            "orca.podInterfacePrefixes",
+            orca.and_then(|o| o.pod_interface_prefixes.as_ref()),
+        )?,
+        pod_interfaces: interfaces("orca.podInterfaces", orca.and_then(|o| o.pod_interfaces.as_ref()))?,
+        uplinks: interfaces("orca.uplinks", orca.and_then(|o| o.uplinks.as_ref()))?,
     })
 }
 
@@ -249,6 +277,15 @@ pub fn merge(flags: &Flags, file: FileSettings) -> Flags {
     f.no_fallback = f.no_fallback || file.no_fallback.unwrap_or(false);
     f.bpf_root = f.bpf_root.or(file.bpf_root);
     f.ebpf_load_balancing = f.ebpf_load_balancing.or(file.load_balancing);
+    for (flag, from_file) in [
+        (&mut f.ebpf_pod_interface_prefixes, file.pod_interface_prefixes),
+        (&mut f.ebpf_pod_interfaces, file.pod_interfaces),
+        (&mut f.ebpf_uplinks, file.uplinks),
+    ] {
+        if flag.is_empty() {
+            *flag = from_file;
+        }
+    }
     f
 }
 
@@ -293,6 +330,8 @@ orca:
   noFallback: true
   bpfRoot: /sys/fs/bpf/orca-test
   loadBalancing: maglev
+  podInterfacePrefixes: [cali, eni]
+  uplinks: [bond0]
 "#;
 
     #[test]
@@ -309,6 +348,9 @@ orca:
         assert_eq!(s.no_fallback, Some(true));
         assert_eq!(s.bpf_root, Some(PathBuf::from("/sys/fs/bpf/orca-test")));
         assert_eq!(s.load_balancing, Some(crate::model::LoadBalancing::Maglev));
+        assert_eq!(s.pod_interface_prefixes, ["cali", "eni"]);
+        assert!(s.pod_interfaces.is_empty());
+        assert_eq!(s.uplinks, ["bond0"]);
     }
 
     #[test]
@@ -329,6 +371,8 @@ orca:
         assert!(e.contains("nope"), "{e}");
         let e = parse("orca:\n  loadBalancing: roundrobin").unwrap_err().to_string();
         assert!(e.contains("orca.loadBalancing") && e.contains("roundrobin"), "{e}");
+        let e = parse("orca:\n  uplinks: [\"eth0\", \"a/b\"]").unwrap_err().to_string();
+        assert!(e.contains("orca.uplinks") && e.contains("a/b"), "{e}");
     }
 
     #[test]
@@ -346,5 +390,10 @@ orca:
         let cli = crate::cli::Cli::try_parse_from(["orca-proxy", "--ebpf-load-balancing", "random"]).unwrap();
         let merged = merge(&cli.flags, parse(FULL).unwrap());
         assert_eq!(merged.ebpf_load_balancing, Some(crate::model::LoadBalancing::Random));
+        assert_eq!(merged.ebpf_uplinks, ["bond0"]);
+        let cli = crate::cli::Cli::try_parse_from(["orca-proxy", "--ebpf-uplinks", "eth1,eth2"]).unwrap();
+        let merged = merge(&cli.flags, parse(FULL).unwrap());
+        assert_eq!(merged.ebpf_uplinks, ["eth1", "eth2"]);
+        assert_eq!(merged.ebpf_pod_interface_prefixes, ["cali", "eni"]);
     }
 }

@@ -27,11 +27,16 @@ fn iptables(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
 }
 
 fn ebpf(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
-    let opts = EbpfOptions {
+    let mut opts = EbpfOptions {
         bpf_root: s.bpf_root.clone(),
         maglev: s.load_balancing == crate::model::LoadBalancing::Maglev,
+        pod_interfaces: s.pod_interfaces.clone(),
+        uplinks: s.uplinks.clone(),
         ..Default::default()
     };
+    if !s.pod_interface_prefixes.is_empty() {
+        opts.pod_interface_prefixes = s.pod_interface_prefixes.clone();
+    }
     Ok(Box::new(EbpfDataplane::new(s.dataplane.clone(), opts)?))
 }
 
