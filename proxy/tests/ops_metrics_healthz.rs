@@ -64,6 +64,35 @@ fn agent_log() -> String {
     log_of(LOG_NAME)
 }
 
+/// orca-proxy in node-a's namespace `ns` with kube-proxy's `kubeconfig`, /healthz and /metrics bound to `healthz` and
+/// `metrics`, the sandbox's cluster CIDR and `-v 2`, then `args` (at least `--proxy-mode`).
+fn orca_command(ns: &str, kubeconfig: &str, healthz: &str, metrics: &str, args: &[&str]) -> std::process::Command {
+    let mut argv = vec![
+        "--hostname-override",
+        "node-a",
+        "--kubeconfig",
+        kubeconfig,
+        "--healthz-bind-address",
+        healthz,
+        "--metrics-bind-address",
+        metrics,
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "-v",
+        "2",
+    ];
+    argv.extend_from_slice(args);
+    netns::command_in(ns, env!("CARGO_BIN_EXE_orca-proxy"), &argv)
+}
+
+/// Starts `cmd` (from [`orca_command`]) as the agent, its output in the log `LOG_NAME`.
+fn start_orca(cmd: &mut std::process::Command) -> Agent {
+    Agent {
+        child: netns::spawn_logged(cmd, LOG_NAME).expect("starting orca-proxy in node-a"),
+        log: LOG_NAME,
+    }
+}
+
 /// An HTTP answer: status code, headers (names lowercased), body.
 type Answer = (u16, Vec<(String, String)>, String);
 
@@ -136,29 +165,15 @@ async fn metrics_and_healthz_answer_like_kube_proxy() {
     let kubeconfig = sb.kube_proxy_kubeconfig();
     let healthz = format!("{ip}:{HEALTHZ_PORT}");
     let metrics = format!("{ip}:{METRICS_PORT}");
-    let bin = env!("CARGO_BIN_EXE_orca-proxy");
-    let argv = [
-        bin,
-        "--proxy-mode",
-        "iptables",
-        "--hostname-override",
-        "node-a",
-        "--kubeconfig",
-        kubeconfig.to_str().expect("UTF-8 path"),
-        "--healthz-bind-address",
-        &healthz,
-        "--metrics-bind-address",
-        &metrics,
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "-v",
-        "2",
-    ];
+    let kubeconfig = kubeconfig.to_str().expect("UTF-8 path");
     // Declared after `sb`: dropped (agent stopped) before the sandbox is torn down.
-    let mut agent = Agent {
-        child: netns::spawn(&node.netns, &argv, LOG_NAME).expect("starting orca-proxy in node-a"),
-        log: LOG_NAME,
-    };
+    let mut agent = start_orca(&mut orca_command(
+        &node.netns,
+        kubeconfig,
+        &healthz,
+        &metrics,
+        &["--proxy-mode", "iptables"],
+    ));
     let metrics_url = format!("http://{metrics}/metrics");
     let healthz_url = format!("http://{healthz}/healthz");
 
@@ -501,6 +516,21 @@ fn wait_answer(agents: &mut [&mut Agent], who: &str, ns: &str, url: &str, want: 
     })
 }
 
+/// Waits until Orca's `url` in namespace `ns` and then kube-proxy's answer as `want` (each `(ns, url)`), watching both
+/// agents; returns Orca's body and kube-proxy's.
+fn wait_both(
+    orca: &mut Agent,
+    kp: &mut Agent,
+    (orca_ns, orca_url): (&str, &str),
+    (kp_ns, kp_url): (&str, &str),
+    want: Want,
+    limit: Duration,
+) -> (Value, Value) {
+    let o = wait_answer(&mut [&mut *orca, &mut *kp], "orca", orca_ns, orca_url, want, limit);
+    let k = wait_answer(&mut [orca, kp], "kube-proxy", kp_ns, kp_url, want, limit);
+    (o, k)
+}
+
 /// The events.k8s.io Events in `default` regarding Node `node` from `controller` with `reason`, waiting up to 30 s
 /// for at least one.
 async fn node_events(admin: &kube::Client, node: &str, controller: &str, reason: &str) -> Vec<K8sEvent> {
@@ -572,30 +602,15 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
     let (a_metrics, b_metrics) = (format!("{}:{METRICS_PORT}", a.ip), format!("{}:{METRICS_PORT}", b.ip));
 
     // Orca in node-a, upstream kube-proxy in node-b: same credentials, sync period, and wrapped PATH.
-    let orca_args = [
-        "--proxy-mode",
-        "iptables",
-        "--hostname-override",
-        "node-a",
-        "--kubeconfig",
+    let mut cmd = orca_command(
+        &a.netns,
         &kubeconfig,
-        "--healthz-bind-address",
         &a_healthz,
-        "--metrics-bind-address",
         &a_metrics,
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "--sync-period",
-        &sync_period,
-        "-v",
-        "2",
-    ];
-    let mut cmd = netns::command_in(&a.netns, env!("CARGO_BIN_EXE_orca-proxy"), &orca_args);
+        &["--proxy-mode", "iptables", "--sync-period", &sync_period],
+    );
     cmd.env("PATH", stall.path());
-    let mut orca = Agent {
-        child: netns::spawn_logged(&mut cmd, LOG_NAME).expect("starting orca-proxy in node-a"),
-        log: LOG_NAME,
-    };
+    let mut orca = start_orca(&mut cmd);
     let kp_bin = sb.bin_dir().join("kube-proxy");
     let kp_args = [
         format!("--kubeconfig={kubeconfig}"),
@@ -626,26 +641,13 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
         format!("http://{b_healthz}/healthz"),
         format!("http://{b_healthz}/livez"),
     );
-    let long = Duration::from_secs(90);
+    let (orca_hz, kp_hz) = ((a.netns.as_str(), a_hz.as_str()), (b.netns.as_str(), b_hz.as_str()));
+    // How long the agents have to reach their first healthy answer, and to follow a change after that.
+    let (long, soon) = (Duration::from_secs(90), Duration::from_secs(30));
 
     tokio::task::block_in_place(|| {
         // 1. Both healthy after their first sync; the same fields in /healthz and in /livez (no nodeEligible).
-        let o = wait_answer(
-            &mut [&mut orca, &mut kp],
-            "orca",
-            &a.netns,
-            &a_hz,
-            (200, true, Some(true)),
-            long,
-        );
-        let k = wait_answer(
-            &mut [&mut orca, &mut kp],
-            "kube-proxy",
-            &b.netns,
-            &b_hz,
-            (200, true, Some(true)),
-            long,
-        );
+        let (o, k) = wait_both(&mut orca, &mut kp, orca_hz, kp_hz, (200, true, Some(true)), long);
         assert_eq!(shape(&o), shape(&k), "/healthz fields: orca {o} kube-proxy {k}");
         assert!(!shape(&o).1.is_empty(), "status.IPv4 in {o}");
         let (code_o, lo) = get_json(&a.netns, &a_lz).expect("orca /livez");
@@ -728,7 +730,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
             &a.netns,
             &a_hz,
             (503, false, Some(true)),
-            Duration::from_secs(30),
+            soon,
         );
         let waited = changed_at.elapsed();
         eprintln!("orca /healthz turned 503 {waited:?} after the change (health timeout {HEALTH_TIMEOUT:?})");
@@ -742,7 +744,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
             &b.netns,
             &b_hz,
             (503, false, Some(true)),
-            Duration::from_secs(30),
+            soon,
         );
         assert!(
             stall.blocked_in(&b.netns),
@@ -782,22 +784,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
     let released = k8s_openapi::jiff::Timestamp::now();
     stall.release();
     tokio::task::block_in_place(|| {
-        let o = wait_answer(
-            &mut [&mut orca, &mut kp],
-            "orca",
-            &a.netns,
-            &a_hz,
-            (200, true, Some(true)),
-            Duration::from_secs(30),
-        );
-        wait_answer(
-            &mut [&mut orca, &mut kp],
-            "kube-proxy",
-            &b.netns,
-            &b_hz,
-            (200, true, Some(true)),
-            Duration::from_secs(30),
-        );
+        let (o, _) = wait_both(&mut orca, &mut kp, orca_hz, kp_hz, (200, true, Some(true)), soon);
         assert!(
             time_of(&o, "/status/IPv4/lastUpdated") >= released,
             "a sync after the release: {o}"
@@ -818,22 +805,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
     set_taint(&nodes, "node-a", true).await;
     set_taint(&nodes, "node-b", true).await;
     tokio::task::block_in_place(|| {
-        let o = wait_answer(
-            &mut [&mut orca, &mut kp],
-            "orca",
-            &a.netns,
-            &a_hz,
-            (503, true, Some(false)),
-            Duration::from_secs(30),
-        );
-        let k = wait_answer(
-            &mut [&mut orca, &mut kp],
-            "kube-proxy",
-            &b.netns,
-            &b_hz,
-            (503, true, Some(false)),
-            Duration::from_secs(30),
-        );
+        let (o, k) = wait_both(&mut orca, &mut kp, orca_hz, kp_hz, (503, true, Some(false)), soon);
         assert_eq!(
             shape(&o),
             shape(&k),
@@ -848,22 +820,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
     set_taint(&nodes, "node-a", false).await;
     set_taint(&nodes, "node-b", false).await;
     tokio::task::block_in_place(|| {
-        wait_answer(
-            &mut [&mut orca, &mut kp],
-            "orca",
-            &a.netns,
-            &a_hz,
-            (200, true, Some(true)),
-            Duration::from_secs(30),
-        );
-        wait_answer(
-            &mut [&mut orca, &mut kp],
-            "kube-proxy",
-            &b.netns,
-            &b_hz,
-            (200, true, Some(true)),
-            Duration::from_secs(30),
-        );
+        wait_both(&mut orca, &mut kp, orca_hz, kp_hz, (200, true, Some(true)), soon);
     });
 
     // 6. The Node is being deleted (a finalizer holds it with its deletionTimestamp set): the same as the taint.
@@ -883,22 +840,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
             .unwrap_or_else(|e| panic!("deleting {n}: {e}"));
     }
     tokio::task::block_in_place(|| {
-        wait_answer(
-            &mut [&mut orca, &mut kp],
-            "orca",
-            &a.netns,
-            &a_hz,
-            (503, true, Some(false)),
-            Duration::from_secs(30),
-        );
-        wait_answer(
-            &mut [&mut orca, &mut kp],
-            "kube-proxy",
-            &b.netns,
-            &b_hz,
-            (503, true, Some(false)),
-            Duration::from_secs(30),
-        );
+        wait_both(&mut orca, &mut kp, orca_hz, kp_hz, (503, true, Some(false)), soon);
         let (code, _) = get_json(&a.netns, &a_lz).expect("orca /livez");
         assert_eq!(code, 200, "/livez ignores a Node being deleted");
     });
@@ -919,7 +861,7 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
             &a.netns,
             &a_hz,
             (503, true, Some(false)),
-            Duration::from_secs(30),
+            soon,
         );
     });
 
@@ -955,29 +897,18 @@ async fn events_on_start_and_on_dataplane_fallback() {
         format!("{}:{METRICS_PORT}", node.ip),
     );
     let started = k8s_openapi::jiff::Timestamp::now();
-    let argv = [
-        env!("CARGO_BIN_EXE_orca-proxy"),
-        "--proxy-mode",
-        "ebpf",
-        "--bpf-root",
-        bpf_root.to_str().expect("UTF-8 path"),
-        "--hostname-override",
-        "node-a",
-        "--kubeconfig",
+    let mut agent = start_orca(&mut orca_command(
+        &node.netns,
         &kubeconfig,
-        "--healthz-bind-address",
         &healthz,
-        "--metrics-bind-address",
         &metrics,
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "-v",
-        "2",
-    ];
-    let mut agent = Agent {
-        child: netns::spawn(&node.netns, &argv, LOG_NAME).expect("starting orca-proxy in node-a"),
-        log: LOG_NAME,
-    };
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--bpf-root",
+            bpf_root.to_str().expect("UTF-8 path"),
+        ],
+    ));
     let admin = sb.admin_client();
 
     // The fallback, with its reason, as a Warning Event and in the mode metric.
