@@ -11,6 +11,7 @@ mod load;
 mod probe;
 mod report;
 mod run;
+mod tccost;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Cmd {
     Run(RunArgs),
     /// The load generator (run inside a network namespace; prints one JSON line).
     Load(load::LoadArgs),
+    /// TC program cost per packet on every path at each scale (BPF_PROG_TEST_RUN; needs root, no sandbox).
+    TcCost(tccost::TcCostArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -194,6 +197,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run_cmd(a),
+        Cmd::TcCost(a) => tccost::run(a),
         Cmd::Load(a) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

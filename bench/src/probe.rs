@@ -448,13 +448,18 @@ fn csum_fold(mut sum: u32) -> u16 {
 
 /// Ethernet + IPv4 + TCP SYN (checksums valid).
 pub fn syn_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    tcp_frame(src, sport, dst, dport, 0x02)
+}
+
+/// Ethernet + IPv4 + a TCP header with `flags` (checksums valid).
+pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let mut tcp = Vec::with_capacity(20);
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
     tcp.extend_from_slice(&0x1000_0000u32.to_be_bytes());
     tcp.extend_from_slice(&0u32.to_be_bytes());
     tcp.push(5 << 4);
-    tcp.push(0x02);
+    tcp.push(flags);
     tcp.extend_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]);
     let mut pseudo = Vec::new();

@@ -11,6 +11,10 @@ pub struct BenchArgs {
     /// Small scales (1 and 1,000 Services), short runs, 3 repeats: a few minutes.
     #[arg(long)]
     pub quick: bool,
+    /// Only the TC program cost per packet on every path at 1, 1k, 10k and 30k Services (`orca-bench tc-cost`, with
+    /// the extra flags): about a minute, no sandbox.
+    #[arg(long, conflicts_with = "quick")]
+    pub tc_cost: bool,
     /// More flags for `orca-bench run` (e.g. `-- --scales 1,1000,10000 --config direct --config orca-ebpf`).
     #[arg(last = true)]
     pub extra: Vec<String>,
@@ -53,6 +57,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !args.extra.is_empty() {
         shown.push_str(" -- ");
         shown.push_str(&args.extra.join(" "));
+    }
+    if args.tc_cost {
+        let status = Command::new(rel.join("orca-bench"))
+            .current_dir(&root)
+            .arg("tc-cost")
+            .args(&args.extra)
+            .status()
+            .context("running orca-bench tc-cost")?;
+        if !status.success() {
+            bail!("orca-bench tc-cost failed ({status})");
+        }
+        return Ok(());
     }
     let mut cmd = Command::new(rel.join("orca-bench"));
     cmd.current_dir(&root)

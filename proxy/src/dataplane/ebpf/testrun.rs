@@ -72,14 +72,32 @@ pub fn median_single_runs(
     samples: usize,
     mut prepare: impl FnMut(),
 ) -> Result<(f64, u32)> {
+    median_single_runs_with(prog, samples, 0, |_| {
+        prepare();
+        frame.to_vec()
+    })
+}
+
+/// Like `median_single_runs`, with the frame of sample `i` from `frame(i)` (e.g. a new 5-tuple for
+/// every sample), as if it arrived on interface `ifindex` (0: the namespace's loopback).
+pub fn median_single_runs_with(
+    prog: &SchedClassifier,
+    samples: usize,
+    ifindex: u32,
+    mut frame: impl FnMut(usize) -> Vec<u8>,
+) -> Result<(f64, u32)> {
+    // struct __sk_buff up to `ifindex` (offset 40); everything else zero.
+    let mut skb_ctx = [0u8; 44];
+    skb_ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     let mut v = Vec::with_capacity(samples);
     let mut verdict = 0;
-    for _ in 0..samples.max(1) {
-        prepare();
-        let mut out = vec![0u8; frame.len() + 256];
+    for i in 0..samples.max(1) {
+        let f = frame(i);
+        let mut out = vec![0u8; f.len() + 256];
         let r = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
+            data_in: Some(&f),
             data_out: Some(&mut out),
+            ctx_in: (ifindex != 0).then_some(&skb_ctx[..]),
             repeat: 1,
             ..TestRunOptions::default()
         })?;

@@ -1,0 +1,326 @@
+//! `orca-bench tc-cost`: what the TC program costs per packet at each scale, on every path a packet
+//! can take, measured with BPF_PROG_TEST_RUN the honest way (see `orca_proxy::dataplane::ebpf::testrun`:
+//! test-run repeats see the already translated packet, so translating paths are timed one run per
+//! syscall, and the harness's own floor, measured the same way on an empty program, is subtracted).
+//!
+//! The agent's embedded object is loaded with the production map sizes into a network namespace of
+//! this thread's own, whose routes and neighbours let the FIB forward to the measured backends, so
+//! the timed path includes the FIB lookup and the redirect as on a node. The maps are filled as the
+//! agent fills them: `scale` frontends with 2 to 10 backends each (slots, members, then the
+//! frontend); the measured Service is the last one written.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{HashMap, MapData};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, IPPROTO_TCP};
+use orca_proxy::dataplane::ebpf::testrun::{median_empty_runs, median_single_runs_with, EmptyProgram};
+use serde::Serialize;
+
+use crate::probe::tcp_frame;
+
+const TCP_ACK: u8 = 0x10;
+const TCP_SYN: u8 = 0x02;
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_OK: u32 = 0;
+
+#[derive(clap::Args, Debug)]
+pub struct TcCostArgs {
+    /// Scales (Service counts), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,30000")]
+    scales: Vec<usize>,
+    /// Single runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 3000)]
+    samples: usize,
+    /// Leave forwarding off in the namespace: the FIB declines and translated packets go to the stack, so the
+    /// figures leave out the FIB lookup and the redirect (to see what those cost).
+    #[arg(long)]
+    no_forwarding: bool,
+    /// Where the results go (`<date>-tc-cost.{md,json}`; `-no-fwd` appended with --no-forwarding).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+/// Nanoseconds per packet, test-run floor subtracted (medians).
+#[derive(Debug, Serialize)]
+struct Row {
+    services: usize,
+    backends: usize,
+    /// First packet of a connection: frontend hit, backend choice, two conntrack inserts, DNAT, FIB, redirect.
+    new_connection_ns: f64,
+    /// A later packet of the connection: conntrack hit, DNAT, FIB, redirect.
+    established_ns: f64,
+    /// The backend's reply: reverse NAT, FIB, redirect.
+    reply_ns: f64,
+    /// A packet to no frontend (pod to pod): two lookups that miss.
+    passthrough_ns: f64,
+    /// The harness's own cost of one run (empty program), already subtracted above.
+    floor_ns: f64,
+}
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (i >> 8) as u8, i as u8)
+}
+
+fn backend(i: usize, j: usize) -> Ipv4Addr {
+    let n = i * 10 + j;
+    Ipv4Addr::new(10, 245, (n >> 8) as u8, n as u8)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// This thread's own network namespace: a "pod" side and a "backend" side, forwarding on, the backend
+/// range routed and the measured backends' neighbours resolved. Returns (pod ifindex, backend ifindex).
+fn private_netns(measured: &[Ipv4Addr], forwarding: bool) -> Result<(u32, u32)> {
+    // SAFETY: unshare affects only the calling thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    ip(&["link", "add", "orca-tc-b", "type", "veth", "peer", "name", "orca-tc-p"])?;
+    ip(&["link", "set", "orca-tc-b", "up"])?;
+    ip(&["link", "set", "orca-tc-p", "up"])?;
+    ip(&["addr", "add", "10.245.255.254/16", "dev", "orca-tc-b"])?;
+    ip(&["addr", "add", "10.244.0.1/24", "dev", "orca-tc-p"])?;
+    ip(&[
+        "neigh",
+        "add",
+        "10.244.0.7",
+        "lladdr",
+        "02:00:00:00:00:07",
+        "dev",
+        "orca-tc-p",
+        "nud",
+        "permanent",
+    ])?;
+    for (k, b) in measured.iter().enumerate() {
+        let mac = format!("02:00:00:00:01:{:02x}", k);
+        ip(&[
+            "neigh",
+            "add",
+            &b.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "orca-tc-b",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    let setting = format!("net.ipv4.ip_forward={}", u8::from(forwarding));
+    let st = std::process::Command::new("sysctl").args(["-qw", &setting]).status()?;
+    if !st.success() {
+        bail!("sysctl {setting} failed");
+    }
+    let idx = |n: &str| -> Result<u32> {
+        let c = std::ffi::CString::new(n)?;
+        // SAFETY: a valid NUL-terminated name.
+        match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+            0 => bail!("no interface {n}"),
+            i => Ok(i),
+        }
+    };
+    Ok((idx("orca-tc-p")?, idx("orca-tc-b")?))
+}
+
+fn map<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> Result<HashMap<&'a mut MapData, K, V>> {
+    Ok(HashMap::try_from(
+        ebpf.map_mut(name).with_context(|| format!("map {name}"))?,
+    )?)
+}
+
+/// Writes `scale` frontends like the agent (slots and members first, then the frontend); returns the
+/// backend count of every Service.
+fn fill(ebpf: &mut Ebpf, scale: usize) -> Result<usize> {
+    let mut total = 0;
+    for i in 0..scale {
+        let n = 2 + i % 9;
+        let id = i as u32 + 1;
+        for j in 0..n {
+            let b = Backend::new(backend(i, j).octets(), 8080);
+            map::<BackendSlotKey, Backend>(ebpf, orca_common::MAP_BACKENDS)?.insert(
+                BackendSlotKey {
+                    service_id: id,
+                    slot: j as u32,
+                },
+                b,
+                0,
+            )?;
+            map::<MemberKey, u32>(ebpf, orca_common::MAP_MEMBERS)?.insert(MemberKey::of(id, &b), j as u32, 0)?;
+        }
+        let fe = Frontend {
+            service_id: id,
+            backend_count: n as u16,
+            flags: 0,
+            affinity_timeout: 0,
+            slot_base: 0,
+        };
+        map::<FrontendKey, Frontend>(ebpf, orca_common::MAP_FRONTENDS)?.insert(
+            FrontendKey::new(vip(i).octets(), 80, IPPROTO_TCP),
+            fe,
+            0,
+        )?;
+        total += n;
+    }
+    Ok(total)
+}
+
+fn measure(scale: usize, samples: usize, empty: &EmptyProgram, ifs: (u32, u32), translated: u32) -> Result<Row> {
+    let (pod_if, backend_if) = ifs;
+    let mut ebpf = EbpfLoader::new()
+        .load(orca_proxy::ebpf_obj::OBJECT)
+        .context("loading the eBPF object")?;
+    for name in [orca_common::PROG_FROM_POD, orca_common::PROG_FROM_NETDEV] {
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    let backends = fill(&mut ebpf, scale)?;
+    let last = scale - 1;
+    let from_pod: &SchedClassifier = ebpf
+        .program(orca_common::PROG_FROM_POD)
+        .context("from_pod")?
+        .try_into()?;
+    let from_netdev: &SchedClassifier = ebpf
+        .program(orca_common::PROG_FROM_NETDEV)
+        .context("from_netdev")?
+        .try_into()?;
+
+    let expect = |what: &str, verdict: u32, want: u32| -> Result<()> {
+        if verdict != want {
+            bail!("{what}: verdict {verdict}, expected {want} (is the FIB set-up right?)");
+        }
+        Ok(())
+    };
+    // New connections: a new source port every sample.
+    let (new_ns, v) = median_single_runs_with(from_pod, samples, pod_if, |i| {
+        tcp_frame(CLIENT, 10_000 + i as u16, vip(last), 80, TCP_SYN)
+    })?;
+    expect("new connection", v, translated)?;
+    // Established: the flow of the first sample, again and again.
+    let est = tcp_frame(CLIENT, 10_000, vip(last), 80, TCP_ACK);
+    let (est_ns, v) = median_single_runs_with(from_pod, samples, pod_if, |_| est.clone())?;
+    expect("established", v, translated)?;
+    // Replies of that flow: find its backend in the translated packet.
+    let mut out = vec![0u8; est.len() + 64];
+    from_pod.test_run(TestRunOptions {
+        data_in: Some(&est),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    })?;
+    let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let reply = tcp_frame(chosen, 8080, CLIENT, 10_000, TCP_ACK);
+    let (reply_ns, v) = median_single_runs_with(from_netdev, samples, backend_if, |_| reply.clone())?;
+    expect("reply", v, translated)?;
+    // Pass-through: nothing is rewritten, so repeats are faithful.
+    let pass = tcp_frame(CLIENT, 20_000, chosen, 8080, TCP_ACK);
+    let mut out = vec![0u8; pass.len() + 64];
+    let r = from_pod.test_run(TestRunOptions {
+        data_in: Some(&pass),
+        data_out: Some(&mut out),
+        repeat: 100_000,
+        ..TestRunOptions::default()
+    })?;
+    expect("pass-through", r.return_value, TC_ACT_OK)?;
+    let pass_ns = r.duration.as_nanos() as f64 - f64::from(empty.run(&pass, 100_000)?);
+    let floor = median_empty_runs(empty, &est, samples)?;
+    let net = |x: f64| (x - floor).max(0.0);
+    Ok(Row {
+        services: scale,
+        backends,
+        new_connection_ns: net(new_ns),
+        established_ns: net(est_ns),
+        reply_ns: net(reply_ns),
+        passthrough_ns: pass_ns.max(0.0),
+        floor_ns: floor,
+    })
+}
+
+pub fn run(a: TcCostArgs) -> Result<()> {
+    if a.scales.is_empty() || a.scales.contains(&0) || a.scales.iter().any(|&s| s > 60_000) {
+        bail!("--scales: 1..=60000 each");
+    }
+    // The measured Service is always the last one: its backends need neighbours at every scale.
+    let measured: Vec<Ipv4Addr> = a
+        .scales
+        .iter()
+        .flat_map(|&s| (0..2 + (s - 1) % 9).map(move |j| backend(s - 1, j)))
+        .collect();
+    let ifs = private_netns(&measured, !a.no_forwarding)?;
+    let translated = if a.no_forwarding { TC_ACT_OK } else { TC_ACT_REDIRECT };
+    let empty = EmptyProgram::load()?;
+    let mut rows = Vec::new();
+    for &scale in &a.scales {
+        let row = measure(scale, a.samples, &empty, ifs, translated)?;
+        println!(
+            "{:>6} Services ({:>6} backends): new {:>5.0} ns, established {:>5.0} ns, reply {:>5.0} ns, pass-through {:>4.0} ns (floor {:.0} ns)",
+            row.services, row.backends, row.new_connection_ns, row.established_ns, row.reply_ns, row.passthrough_ns, row.floor_ns
+        );
+        rows.push(row);
+    }
+    write(&a, &rows)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, kernel {}", kernel.trim())
+}
+
+fn write(a: &TcCostArgs, rows: &[Row]) -> Result<()> {
+    let now = crate::cluster::rfc3339_now();
+    let date = &now[..10.min(now.len())];
+    let stem = format!("{date}-tc-cost{}", if a.no_forwarding { "-no-fwd" } else { "" });
+    std::fs::create_dir_all(&a.out)?;
+    let json = a.out.join(format!("{stem}.json"));
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&serde_json::json!({"machine": machine(), "samples": a.samples, "rows": rows}))?,
+    )?;
+    let mut md = format!(
+        "# TC program cost per packet\n\nMachine: {}. Command: `cargo xtask bench --tc-cost` \
+         (`orca-bench tc-cost --scales {} --samples {}`), as root.\n\n\
+         BPF_PROG_TEST_RUN of the agent's own programs over maps filled like the agent fills them (production map \
+         sizes; 2 to 10 backends per Service; the measured Service written last), in a network namespace whose \
+         FIB forwards to the backends, so each translated packet includes the FIB lookup and the redirect. \
+         Translating paths are timed one run per syscall (test-run repeats would see the already translated \
+         packet), median of {} runs, minus the median of an empty program's runs (the harness's floor, shown). \
+         Nanoseconds per packet; the goal is ≤ 100 ns.\n\n\
+         | Services | backends | new connection | established | reply | pass-through | floor subtracted |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        machine(),
+        a.scales.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        a.samples,
+        a.samples
+    );
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            r.services, r.backends, r.new_connection_ns, r.established_ns, r.reply_ns, r.passthrough_ns, r.floor_ns
+        ));
+    }
+    let path = a.out.join(format!("{stem}.md"));
+    std::fs::write(&path, md)?;
+    println!("wrote {} and {}", path.display(), json.display());
+    Ok(())
+}
