@@ -16,7 +16,9 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        __sk_buff, bpf_fib_lookup as FibParams, bpf_fib_lookup__bindgen_ty_1, bpf_fib_lookup__bindgen_ty_2,
+        bpf_fib_lookup__bindgen_ty_3, bpf_fib_lookup__bindgen_ty_4, bpf_fib_lookup__bindgen_ty_5,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -33,17 +35,28 @@ const AF_INET: u8 = 2;
 #[inline(always)]
 pub fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
-    // SAFETY: a plain-old-data struct; all-zero is its "no input" state.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = flow.proto;
-    p.sport = flow.sport;
-    p.dport = flow.dport;
-    // tot_len stays 0: the kernel then checks the skb itself against the egress MTU (GSO aware).
-    // SAFETY: reading the context's ingress ifindex.
-    p.ifindex = unsafe { (*skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = flow.saddr;
-    p.__bindgen_anon_4.ipv4_dst = flow.daddr;
+    // Every byte written (the unions through their widest member), without a memset call.
+    let mut p = FibParams {
+        family: AF_INET,
+        l4_protocol: flow.proto,
+        sport: flow.sport,
+        dport: flow.dport,
+        // tot_len 0: the kernel then checks the skb itself against the egress MTU (GSO aware).
+        __bindgen_anon_1: bpf_fib_lookup__bindgen_ty_1 { tot_len: 0 },
+        // SAFETY: reading the context's ingress ifindex.
+        ifindex: unsafe { (*skb).ifindex },
+        __bindgen_anon_2: bpf_fib_lookup__bindgen_ty_2 { rt_metric: 0 },
+        // ipv4_src / ipv4_dst are the first word of these.
+        __bindgen_anon_3: bpf_fib_lookup__bindgen_ty_3 {
+            ipv6_src: [flow.saddr, 0, 0, 0],
+        },
+        __bindgen_anon_4: bpf_fib_lookup__bindgen_ty_4 {
+            ipv6_dst: [flow.daddr, 0, 0, 0],
+        },
+        __bindgen_anon_5: bpf_fib_lookup__bindgen_ty_5 { tbid: 0 },
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
     // SAFETY: `p` lives on this stack frame for the call; the size is the struct's.
     let rc = unsafe { bpf_fib_lookup(skb.cast(), &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
     let rc = rc as u32;
