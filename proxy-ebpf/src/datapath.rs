@@ -54,7 +54,10 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if let Some(hit) = ct::lookup_reply(&flow, now) {
+    // A connection-opening SYN is never a reply (and a backend opening a connection to its client
+    // must not be reverse-translated): only other packets look for a reply entry.
+    let opening = flow.is_tcp() && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(hit) = (!opening).then(|| ct::lookup_reply(&flow, now)).flatten() {
         let rev = hit.value;
         // Keyed by the reply as it arrives, before any rewrite.
         if hit.refresh_peer {
