@@ -88,6 +88,9 @@ struct RunArgs {
     /// the largest scale; the top symbols go into the report.
     #[arg(long)]
     profile: bool,
+    /// Profile node-a's agent (`perf record -g -p`) during the programming-latency changes at the largest scale.
+    #[arg(long)]
+    profile_agent: bool,
     /// Concurrent apiserver requests while creating the filler Services.
     #[arg(long, default_value_t = cluster::FILL_CONCURRENCY)]
     fill_concurrency: usize,
@@ -179,6 +182,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         prog_budget: Duration::from_secs(a.prog_budget_s.clamp(1, 3600)),
         fill_concurrency: a.fill_concurrency.clamp(1, 512),
         profile: a.profile,
+        profile_agent: a.profile_agent,
         tc_repeat: a.tc_repeat.clamp(1, 10_000_000),
         command,
     };

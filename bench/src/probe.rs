@@ -344,6 +344,95 @@ pub fn perf_profile(out: &Path, secs: f64) -> Result<String> {
     result
 }
 
+/// `perf record -g -p <pid>` running until [`AgentProfile::finish`].
+pub struct AgentProfile {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl AgentProfile {
+    pub fn start(pid: u32, out: &Path) -> Result<AgentProfile> {
+        let outs = out.to_str().context("non-UTF-8 temp path")?.to_string();
+        let child = std::process::Command::new("perf")
+            .args(["record", "-q", "-F", "999", "-g", "-p", &pid.to_string(), "-o", &outs])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting perf record")?;
+        Ok(AgentProfile {
+            child,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Stop the recording (SIGINT, as perf expects) and return the top symbols by self time and by
+    /// inclusive time (at most 40 lines each, ≥ 1% of the agent's samples).
+    pub fn finish(mut self) -> Result<String> {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("perf record did not stop within 60 s of SIGINT");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let outs = self.out.to_str().context("non-UTF-8 temp path")?.to_string();
+        let report = |children: bool| -> Result<String> {
+            let mut args = vec![
+                "report",
+                "-i",
+                &outs,
+                "--stdio",
+                "--sort",
+                "symbol",
+                "--percent-limit",
+                "1",
+                "-g",
+                "none",
+            ];
+            args.push(if children { "--children" } else { "--no-children" });
+            let rep = std::process::Command::new("perf")
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .context("running perf report")?;
+            if !rep.status.success() {
+                bail!("perf report failed: {}", String::from_utf8_lossy(&rep.stderr).trim());
+            }
+            let text = String::from_utf8_lossy(&rep.stdout);
+            Ok(text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .map(|l| {
+                    let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+                    l.trim_end_matches(" - -").to_string()
+                })
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n"))
+        };
+        let result = (|| {
+            Ok(format!(
+                "self:\n{}\n\ninclusive (children):\n{}",
+                report(false)?,
+                report(true)?
+            ))
+        })();
+        let _ = std::fs::remove_file(&self.out);
+        let _ = std::fs::remove_file(format!("{outs}.old"));
+        result
+    }
+}
+
 /// TC program cost, nanoseconds per run as BPF_PROG_TEST_RUN reports it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TcCost {

@@ -735,6 +735,23 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
             }
         }
     }
+    if r.results.iter().any(|c| c.agent_profile.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n## Agent profiles during the programming-latency changes\n\n`perf record -F 999 -g -p <node-a's \
+             agent>` from the first to the last change; symbols ≥ 1% of the agent's samples."
+        );
+        for c in &r.results {
+            if let Some(p) = &c.agent_profile {
+                let _ = writeln!(
+                    out,
+                    "\n<details><summary>{} at {}</summary>\n\n```\n{p}\n```\n</details>",
+                    c.config,
+                    scale_name(c.scale)
+                );
+            }
+        }
+    }
     if !r.notes.is_empty() || r.results.iter().any(|c| !c.errors.is_empty()) {
         let _ = writeln!(out, "\n## Errors and notes\n");
         for n in &r.notes {

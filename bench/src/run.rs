@@ -75,6 +75,8 @@ pub struct RunOpts {
     pub fill_concurrency: usize,
     /// Profile (`perf record -a`) the first cross-node connect run of each configuration at the largest scale.
     pub profile: bool,
+    /// Profile node-a's agent (`perf record -p`) during the programming-latency changes at the largest scale.
+    pub profile_agent: bool,
     /// BPF_PROG_TEST_RUN repeat count.
     pub tc_repeat: u32,
     /// The command line that reproduces the run (for the report).
@@ -131,6 +133,10 @@ pub struct ConfigResult {
     /// iptables modes: where the measured Service (`bench-remote`:80) is in the dispatch chain on node-a.
     #[serde(default)]
     pub position: Option<ChainPosition>,
+    /// `perf record -p <node-a's agent>` during the programming-latency changes (largest scale,
+    /// `--profile-agent`): `perf report` lines by symbol (self time).
+    #[serde(default)]
+    pub agent_profile: Option<String>,
     /// Sync timings node-a's proxy logged during the programming-latency changes.
     #[serde(default)]
     pub logged: Option<probe::LoggedSyncs>,
@@ -617,6 +623,25 @@ async fn measure_inner(
         let log_path = proxy.log_path(&a.name);
         let log_from = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
         let prog_backends: Vec<PodInfo> = pods.srv_b.iter().chain(pods.srv_a.first()).cloned().collect();
+        // `--profile-agent`: node-a's agent sampled with perf while the changes run (largest scale).
+        let agent_perf = if o.profile_agent && o.scales.last() == Some(&scale) {
+            let names = ["kube-proxy", "orca-proxy"];
+            match probe::proxy_pids(&a.netns, &names).first() {
+                Some((pid, _)) => {
+                    let out = std::env::temp_dir().join(format!("orca-bench-agent-{}.data", std::process::id()));
+                    match probe::AgentProfile::start(*pid, &out) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            res.errors.push(format!("agent profile: {e:#}"));
+                            None
+                        }
+                    }
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
         match programming_latency(
             &sb.admin_client(),
             &ns,
@@ -631,6 +656,13 @@ async fn measure_inner(
             Err(e) => res.errors.push(format!("programming latency: {e:#}")),
         }
         let after = scrape(a).await;
+        if let Some(p) = agent_perf {
+            match tokio::task::spawn_blocking(move || p.finish()).await {
+                Ok(Ok(text)) => res.agent_profile = Some(text),
+                Ok(Err(e)) => res.errors.push(format!("agent profile: {e:#}")),
+                Err(e) => res.errors.push(format!("agent profile task: {e}")),
+            }
+        }
         match probe::logged_syncs(&log_path, log_from) {
             Ok(l) => res.logged = Some(l),
             Err(e) => res.errors.push(format!("proxy log: {e:#}")),
