@@ -220,6 +220,20 @@ pub struct ProcStats {
     pub cpu_s: f64,
     /// cutime + cstime: waited-for children (kube-proxy's iptables-restore / nft runs).
     pub children_cpu_s: f64,
+    /// RssAnon (heap, stacks) of the RSS.
+    #[serde(default)]
+    pub rss_anon_mib: Option<f64>,
+    /// Threads.
+    #[serde(default)]
+    pub threads: Option<u64>,
+}
+
+fn status_field(status: &str, key: &str) -> Option<f64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Processes named one of `names` inside network namespace `ns` (`ip netns pids`).
@@ -284,6 +298,8 @@ pub fn proc_stats(pid: u32, comm: &str) -> Result<ProcStats> {
         hwm_mib: hwm,
         cpu_s: cpu,
         children_cpu_s: children,
+        rss_anon_mib: status_field(&status, "RssAnon:").map(|kb| kb / 1024.0),
+        threads: status_field(&status, "Threads:").map(|n| n as u64),
     })
 }
 
@@ -689,6 +705,12 @@ kubeproxy_x_count{ip_family="IPv6"} 9
         assert_eq!(cpu, 3.0);
         assert_eq!(ch, 0.5);
         assert!(parse_proc("", stat, 100.0).is_err());
+        assert_eq!(
+            status_field("RssAnon:\t  2048 kB\nThreads:\t7\n", "RssAnon:"),
+            Some(2048.0)
+        );
+        assert_eq!(status_field("Threads:\t7\n", "Threads:"), Some(7.0));
+        assert_eq!(status_field("", "Threads:"), None);
         assert!(parse_proc(status, "123 (x) S 1", 100.0).is_err());
     }
 

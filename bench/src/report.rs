@@ -596,15 +596,27 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
     );
     let _ = writeln!(
         out,
-        "| config | scale | node | process | RSS MiB | peak RSS MiB | CPU s | children CPU s |"
+        "| config | scale | node | process | RSS MiB | of which anon MiB | peak RSS MiB | threads | CPU s | children CPU s |"
     );
-    let _ = writeln!(out, "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        out,
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
     for c in &r.results {
         for (node, p) in &c.procs {
             let _ = writeln!(
                 out,
-                "| {} | {} | {node} | {} ({}) | {:.1} | {:.1} | {:.2} | {:.2} |",
-                c.config, c.scale, p.comm, p.pid, p.rss_mib, p.hwm_mib, p.cpu_s, p.children_cpu_s
+                "| {} | {} | {node} | {} ({}) | {:.1} | {} | {:.1} | {} | {:.2} | {:.2} |",
+                c.config,
+                c.scale,
+                p.comm,
+                p.pid,
+                p.rss_mib,
+                p.rss_anon_mib.map(|m| format!("{m:.1}")).unwrap_or("–".into()),
+                p.hwm_mib,
+                p.threads.map(|t| t.to_string()).unwrap_or("–".into()),
+                p.cpu_s,
+                p.children_cpu_s
             );
         }
     }
