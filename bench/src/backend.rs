@@ -16,6 +16,12 @@
 //!
 //! Both proxies thus get the same input and the same backend. Everything lives in the sandbox's `orca-node-*`
 //! namespaces and is flushed after each proxy.
+//!
+//! iptables-legacy serialises its users with a lock file, `/run/xtables.lock`, which is machine-wide: the two
+//! sandbox nodes share it while two real nodes would not. At 30k Services one legacy restore takes longer than
+//! the proxies' 5 s lock wait (`-w 5`), so node-b's restore made node-a's fail, forever. Both wrappers (Orca's
+//! and kube-proxy's) therefore set `XTABLES_LOCKFILE` (honoured by iptables 1.8) to a per-namespace file
+//! `/run/orca-bench-xtables-<netns>.lock`, which the shim removes when it is dropped.
 use anyhow::{bail, Context, Result};
 use orca_sandbox::netns;
 use serde::{Deserialize, Serialize};
@@ -68,11 +74,23 @@ impl Backend {
     }
 }
 
-/// The legacy shim: `<dir>/bin/{iptables,ip6tables}{,-save,-restore}` -> xtables-legacy-multi, and
-/// `<dir>/kube-proxy`, a wrapper that puts `<dir>/bin` first in `PATH` and execs the real kube-proxy.
+/// The legacy shim: `<dir>/bin/{iptables,ip6tables}{,-save,-restore}` -> xtables-legacy-multi;
+/// `<dir>/kube-proxy`, a wrapper that puts `<dir>/bin` first in `PATH` and execs the real kube-proxy; and
+/// `<dir>/orca/orca-proxy`, which execs the real orca-proxy. Both set a per-namespace `XTABLES_LOCKFILE`.
 pub struct LegacyShim {
     dir: PathBuf,
     pub kube_proxy: PathBuf,
+    pub orca_proxy: Option<PathBuf>,
+}
+
+/// Prefix of the per-namespace xtables lock files.
+pub const LOCK_PREFIX: &str = "/run/orca-bench-xtables-";
+
+/// Shell lines that set `XTABLES_LOCKFILE` for the namespace the script runs in (left unset outside one).
+fn lockfile_lines() -> String {
+    format!(
+        "ns=$(ip netns identify $$ 2>/dev/null)\nif [ -n \"$ns\" ]; then XTABLES_LOCKFILE={LOCK_PREFIX}$ns.lock; export XTABLES_LOCKFILE; fi\n"
+    )
 }
 
 fn find_on_path(bin: &str) -> Option<PathBuf> {
@@ -92,7 +110,7 @@ fn sh_quote(p: &Path) -> Result<String> {
 }
 
 impl LegacyShim {
-    pub fn create(real_kube_proxy: &Path) -> Result<LegacyShim> {
+    pub fn create(real_kube_proxy: &Path, real_orca_proxy: Option<&Path>) -> Result<LegacyShim> {
         use std::os::unix::fs::PermissionsExt;
         let multi =
             find_on_path("iptables-legacy").context("iptables-legacy not found (Debian: apt-get install iptables)")?;
@@ -114,19 +132,50 @@ impl LegacyShim {
         }
         let kube_proxy = dir.join("kube-proxy");
         let script = format!(
-            "#!/bin/sh\n# orca-bench: kube-proxy on iptables-legacy (what its image's iptables wrapper does on a legacy node)\nPATH={}:\"$PATH\"\nexport PATH\nexec {} \"$@\"\n",
+            "#!/bin/sh\n# orca-bench: kube-proxy on iptables-legacy (what its image's iptables wrapper does on a legacy node)\nPATH={}:\"$PATH\"\nexport PATH\n{}exec {} \"$@\"\n",
             sh_quote(&bin)?,
+            lockfile_lines(),
             sh_quote(real_kube_proxy)?
         );
         std::fs::write(&kube_proxy, script).with_context(|| format!("writing {}", kube_proxy.display()))?;
         std::fs::set_permissions(&kube_proxy, std::fs::Permissions::from_mode(0o755))?;
-        Ok(LegacyShim { dir, kube_proxy })
+        let orca_proxy = match real_orca_proxy {
+            Some(real) => {
+                let d = dir.join("orca");
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                let p = d.join("orca-proxy");
+                let script = format!(
+                    "#!/bin/sh\n# orca-bench: orca-proxy with a per-namespace xtables lock\n{}exec {} \"$@\"\n",
+                    lockfile_lines(),
+                    sh_quote(real)?
+                );
+                std::fs::write(&p, script).with_context(|| format!("writing {}", p.display()))?;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+                Some(p)
+            }
+            None => None,
+        };
+        Ok(LegacyShim {
+            dir,
+            kube_proxy,
+            orca_proxy,
+        })
     }
 }
 
 impl Drop for LegacyShim {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Ok(rd) = std::fs::read_dir("/run") {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.to_str()
+                    .is_some_and(|s| s.starts_with(LOCK_PREFIX) && s.ends_with(".lock"))
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
     }
 }
 
@@ -240,6 +289,32 @@ mod tests {
         assert_eq!(chain_position(save, "KUBE-SERVICES", vip, 80), (Some(3), 3, 5));
         assert_eq!(chain_position(save, "KUBE-SERVICES", vip, 81), (None, 3, 5));
         assert_eq!(chain_position(save, "ORCA-SERVICES", vip, 80), (None, 0, 5));
+    }
+
+    #[test]
+    fn shim_scripts() {
+        let Ok(shim) = LegacyShim::create(Path::new("/bin/true"), Some(Path::new("/bin/true"))) else {
+            return; // no iptables-legacy on this machine
+        };
+        let kp = std::fs::read_to_string(&shim.kube_proxy).unwrap();
+        assert!(
+            kp.contains("XTABLES_LOCKFILE=/run/orca-bench-xtables-$ns.lock") && kp.contains("exec '/bin/true' \"$@\""),
+            "{kp}"
+        );
+        let op = shim.orca_proxy.clone().unwrap();
+        assert_eq!(op.file_name().unwrap(), "orca-proxy");
+        for script in [&shim.kube_proxy, &op] {
+            let st = std::process::Command::new("sh").arg("-n").arg(script).status().unwrap();
+            assert!(st.success(), "{}", script.display());
+            // Outside a named namespace the wrapper still runs the program.
+            let st = std::process::Command::new(script).status().unwrap();
+            assert!(st.success(), "{}", script.display());
+        }
+        let ipt = shim.dir.join("bin/iptables");
+        assert!(std::fs::read_link(&ipt).unwrap().to_string_lossy().contains("legacy"));
+        let dir = shim.dir.clone();
+        drop(shim);
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -472,6 +472,9 @@ async fn measure(
         if cfg == Config::Proxy(ProxyKind::KubeProxyIptables) {
             env.kube_proxy_bin = shim.kube_proxy.clone();
         }
+        if let (Config::Proxy(ProxyKind::OrcaIptables), Some(o)) = (cfg, &shim.orca_proxy) {
+            env.orca_proxy_bin = Ok(o.clone());
+        }
         for ns in &nodes {
             if let Err(e) = backend::mark_legacy(ns) {
                 res.errors.push(format!("{e:#}"));
@@ -773,7 +776,10 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
             .iter()
             .any(|s| Backend::choose(o.iptables_backend, *s) == Backend::Legacy);
     let shim = if legacy_needed {
-        Some(LegacyShim::create(&env.kube_proxy_bin)?)
+        Some(LegacyShim::create(
+            &env.kube_proxy_bin,
+            env.orca_proxy_bin.as_ref().ok().map(PathBuf::as_path),
+        )?)
     } else {
         None
     };
