@@ -198,7 +198,7 @@ pub async fn run(
         let (diff, counters, desired, node) = {
             let mut t = shared.lock();
             let diff = t.take_diff();
-            (diff, t.counters(), t.desired().clone(), t.node().clone())
+            (diff, t.counters(), t.desired_shared(), t.node().clone())
         };
         // The changes taken now are queued until a sync succeeds; this holds while the dataplane call hangs.
         if let Some(oldest) = diff.oldest_change {

@@ -61,7 +61,9 @@ pub struct ChangeTracker {
     services: HashMap<ServiceName, Vec<ServicePort>>,
     slices: EndpointSliceCache,
     pending: HashMap<ServiceName, Pending>,
-    desired: Snapshot,
+    /// Shared with the sync loop, which takes it once per sync: copy-on-write, so that costs a reference count
+    /// instead of a copy of every service port (the loop drops its reference before the next `take_diff`).
+    desired: Arc<Snapshot>,
     counters: Counters,
 }
 
@@ -82,7 +84,7 @@ impl ChangeTracker {
             node,
             services: HashMap::new(),
             pending: HashMap::new(),
-            desired: Snapshot::new(),
+            desired: Arc::new(Snapshot::new()),
             counters: Counters::default(),
         }
     }
@@ -239,6 +241,12 @@ impl ChangeTracker {
     pub fn take_diff(&mut self) -> Diff {
         let mut diff = Diff::default();
         let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return diff;
+        }
+        // Taken out while `compute` borrows self; a sync still holding the previous one makes this a copy.
+        let mut shared = std::mem::take(&mut self.desired);
+        let desired = Arc::make_mut(&mut shared);
         let mut names: Vec<&ServiceName> = pending.keys().collect();
         names.sort();
         for svc in names {
@@ -247,21 +255,22 @@ impl ChangeTracker {
             diff.trigger_times.extend(p.trigger_times.iter().copied());
             diff.services.push(svc.clone());
             let new_states = self.compute(svc);
-            let old_names: Vec<ServicePortName> = self.desired.range(port_range(svc)).map(|(k, _)| k.clone()).collect();
+            let old_names: Vec<ServicePortName> = desired.range(port_range(svc)).map(|(k, _)| k.clone()).collect();
             for old in old_names {
                 if !new_states.contains_key(&old) {
-                    self.desired.remove(&old);
+                    desired.remove(&old);
                     diff.removed.push(old);
                 }
             }
             for (name, state) in new_states {
-                if self.desired.get(&name).map(|s| s.as_ref()) != Some(&state) {
+                if desired.get(&name).map(|s| s.as_ref()) != Some(&state) {
                     let state = Arc::new(state);
-                    self.desired.insert(name, state.clone());
+                    desired.insert(name, state.clone());
                     diff.upserted.push(state);
                 }
             }
         }
+        self.desired = shared;
         diff
     }
 
@@ -282,6 +291,11 @@ impl ChangeTracker {
     /// The desired state as of the last `take_diff`.
     pub fn desired(&self) -> &Snapshot {
         &self.desired
+    }
+
+    /// The same, shared (O(1); see the field).
+    pub fn desired_shared(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.desired)
     }
 }
 
@@ -331,6 +345,37 @@ mod tests {
                          "annotations": {ANNOTATION_LAST_CHANGE_TRIGGER_TIME: "2026-11-26T10:00:00Z"}},
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": eps}))
         .unwrap()
+    }
+
+    #[test]
+    fn the_sync_loop_shares_the_desired_state_instead_of_copying_it() {
+        let mut t = tracker();
+        for i in 0..2_000u32 {
+            let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+            t.service_updated(&svc(&format!("s{i}"), &ip, json!([{"name": "http", "port": 80}])));
+            t.slice_updated(&slice(&format!("s{i}"), &format!("s{i}-a"), &[("10.244.2.1", true)]));
+        }
+        t.take_diff();
+        let held = t.desired_shared();
+        // Nothing pending: the same snapshot, not a copy.
+        t.take_diff();
+        assert!(Arc::ptr_eq(&held, &t.desired_shared()));
+        // A change while the previous sync still holds its snapshot: copied once, the old one untouched.
+        t.slice_updated(&slice("s7", "s7-a", &[("10.244.2.9", true)]));
+        let d = t.take_diff();
+        assert_eq!(d.upserted.len(), 1);
+        let now = t.desired_shared();
+        assert!(!Arc::ptr_eq(&held, &now));
+        assert_eq!((held.len(), now.len()), (2_000, 2_000));
+        let name = d.upserted[0].port.name.clone();
+        assert_ne!(held[&name], now[&name], "the held snapshot must not see the change");
+        // Once the sync dropped its reference, changes are made in place.
+        drop(held);
+        let before = Arc::as_ptr(&now);
+        drop(now);
+        t.slice_updated(&slice("s8", "s8-a", &[("10.244.2.9", true)]));
+        t.take_diff();
+        assert_eq!(Arc::as_ptr(&t.desired_shared()), before);
     }
 
     #[test]
