@@ -167,7 +167,7 @@ pub fn control_metrics() -> Vec<Metric> {
             },
         },
         Metric {
-            title: "network_programming_duration_seconds during the changes (removals and re-adds): mean (proxy's own metric)",
+            title: "network_programming_duration_seconds during the changes: mean (proxy's own metric)",
             unit: "ms",
             higher_is_better: false,
             get: |c| {
@@ -764,7 +764,11 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
             }
         }
     }
-    if !r.notes.is_empty() || r.results.iter().any(|c| !c.errors.is_empty()) {
+    if !r.notes.is_empty()
+        || r.results
+            .iter()
+            .any(|c| !c.errors.is_empty() || !c.stop_notes.is_empty())
+    {
         let _ = writeln!(out, "\n## Errors and notes\n");
         for n in &r.notes {
             let _ = writeln!(out, "- {n}");
@@ -772,6 +776,15 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
         for c in &r.results {
             for e in &c.errors {
                 let _ = writeln!(out, "- {} at {}: {}", c.config, c.scale, e.replace('\n', " "));
+            }
+            for e in &c.stop_notes {
+                let _ = writeln!(
+                    out,
+                    "- {} at {}, stopping (the node is reset afterwards regardless): {}",
+                    c.config,
+                    c.scale,
+                    e.replace('\n', " ")
+                );
             }
         }
     }
