@@ -486,50 +486,8 @@ pub fn arp_frame() -> Vec<u8> {
 
 /// BPF_PROG_TEST_RUN of a two-instruction sched_cls program on `frame`, `repeat` times: nanoseconds per run.
 pub fn tc_empty_baseline(frame: &[u8], repeat: u32) -> Result<f64> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    // mov64 r0, 0 ; exit
-    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
-    let license = b"GPL\0";
-    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
-    // kern_version, prog_flags, prog_name[16], ... (zero).
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
-    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: attr is a valid, zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len() as u32) };
-    if fd < 0 {
-        bail!(
-            "BPF_PROG_LOAD of the empty program: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    // SAFETY: the kernel just returned this descriptor to us.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut out = vec![0u8; frame.len() + 256];
-    // test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration, ...
-    let mut t = [0u8; 128];
-    use std::os::fd::AsRawFd;
-    t[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    t[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    t[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
-    t[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
-    t[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
-    t[32..36].copy_from_slice(&repeat.to_ne_bytes());
-    // SAFETY: t is a valid bpf_attr for BPF_PROG_TEST_RUN; its buffers outlive the call.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, t.as_mut_ptr(), t.len() as u32) };
-    if r < 0 {
-        bail!(
-            "BPF_PROG_TEST_RUN of the empty program: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let duration = u32::from_ne_bytes([t[36], t[37], t[38], t[39]]);
-    Ok(f64::from(duration))
+    let empty = orca_proxy::dataplane::ebpf::testrun::EmptyProgram::load()?;
+    Ok(f64::from(empty.run(frame, repeat)?))
 }
 
 fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
