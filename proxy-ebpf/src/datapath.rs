@@ -48,8 +48,7 @@ pub enum Origin {
 pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
     let Some(mut flow) = parse::parse(ctx) else {
         // ICMP errors about tracked flows are translated with them; the rest passes.
-        // SAFETY: helper without arguments.
-        return icmp::handle(ctx, unsafe { bpf_ktime_get_ns() });
+        return icmp::handle(ctx);
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -37,8 +37,8 @@ const ICMP_CSUM: usize = 2;
 /// Translates the packet if it is an ICMP error about a tracked flow; TC_ACT_OK (untouched) for
 /// everything else.
 #[inline(always)]
-pub fn handle(ctx: &TcContext, now_ns: u64) -> i32 {
-    match translate(ctx, now_ns) {
+pub fn handle(ctx: &TcContext) -> i32 {
+    match translate(ctx) {
         Some(Ok(flow)) => fwd::forward(ctx, &flow),
         // A rewrite failed half-way: the packet would be corrupt.
         Some(Err(_)) => aya_ebpf::bindings::TC_ACT_SHOT,
@@ -62,7 +62,7 @@ struct Quote {
 /// `None`: not an ICMP error about a tracked flow. `Some(Ok(outer))`: translated, with the new
 /// outer addresses.
 #[inline(always)]
-fn translate(ctx: &TcContext, now_ns: u64) -> Option<Result<Flow, i64>> {
+fn translate(ctx: &TcContext) -> Option<Result<Flow, i64>> {
     let h_proto: u16 = ctx.load(12).ok()?;
     if h_proto != ETH_P_IP.to_be() {
         return None;
@@ -98,37 +98,21 @@ fn translate(ctx: &TcContext, now_ns: u64) -> Option<Result<Flow, i64>> {
         _pad: 0,
     };
     let csum_off = icmp + ICMP_CSUM;
-    // SAFETY (both lookups): values are copied out at once.
-    if let Some(rev) = unsafe { maps::CT.get(key) }
-        .copied()
-        .filter(|v| alive(v, q.proto, now_ns))
-    {
-        // Towards the client: the quote is client' -> backend; it becomes client -> frontend.
-        return Some(apply(
-            ctx,
-            csum_off,
-            &q,
-            End::Dst,
-            &rev,
-            [outer_saddr, outer_daddr],
-            ihl_len,
-        ));
-    }
-    key.dir = CT_DIR_SERVICE;
-    if let Some(svc) = unsafe { maps::CT.get(key) }
-        .copied()
-        .filter(|v| alive(v, q.proto, now_ns))
-    {
-        // Towards the backend: the quote is frontend -> client; it becomes backend -> client'.
-        return Some(apply(
-            ctx,
-            csum_off,
-            &q,
-            End::Src,
-            &svc,
-            [outer_saddr, outer_daddr],
-            ihl_len,
-        ));
+    // The clock is read only for ICMP errors (not for every ARP, IPv6 or other non-TCP/UDP frame).
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // Towards the client (a reply-direction entry): the quote is client' -> backend; it becomes
+    // client -> frontend. Towards the backend (a service-direction entry): the quote is
+    // frontend -> client; it becomes backend -> client'.
+    for (dir, end) in [(CT_DIR_REPLY, End::Dst), (CT_DIR_SERVICE, End::Src)] {
+        key.dir = dir;
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { maps::CT.get(key) }
+            .copied()
+            .filter(|v| alive(v, q.proto, now_ns))
+        {
+            return Some(apply(ctx, csum_off, &q, end, &v, [outer_saddr, outer_daddr], ihl_len));
+        }
     }
     None
 }
