@@ -303,6 +303,20 @@ pub fn proc_stats(pid: u32, comm: &str) -> Result<ProcStats> {
     })
 }
 
+/// `perf report --stdio` with `args`: its output, or an error with perf's own message.
+fn perf_report(args: &[&str]) -> Result<String> {
+    let rep = std::process::Command::new("perf")
+        .args(["report", "--stdio"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running perf report")?;
+    if !rep.status.success() {
+        bail!("perf report failed: {}", String::from_utf8_lossy(&rep.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&rep.stdout).into_owned())
+}
+
 /// `perf record -a` for `secs` seconds into `out`, then the top of `perf report` by comm, object and symbol
 /// (entries of at least 0.5% of all samples, at most 60 lines). The data file is removed afterwards.
 pub fn perf_profile(out: &Path, secs: f64) -> Result<String> {
@@ -317,25 +331,15 @@ pub fn perf_profile(out: &Path, secs: f64) -> Result<String> {
         if !rec.status.success() {
             bail!("perf record failed: {}", String::from_utf8_lossy(&rec.stderr).trim());
         }
-        let rep = std::process::Command::new("perf")
-            .args([
-                "report",
-                "-i",
-                outs,
-                "--stdio",
-                "--no-children",
-                "--sort",
-                "comm,dso,symbol",
-                "--percent-limit",
-                "0.5",
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .context("running perf report")?;
-        if !rep.status.success() {
-            bail!("perf report failed: {}", String::from_utf8_lossy(&rep.stderr).trim());
-        }
-        let text = String::from_utf8_lossy(&rep.stdout);
+        let text = perf_report(&[
+            "-i",
+            outs,
+            "--no-children",
+            "--sort",
+            "comm,dso,symbol",
+            "--percent-limit",
+            "0.5",
+        ])?;
         let samples = text
             .lines()
             .find(|l| l.starts_with("# Samples"))
@@ -403,28 +407,17 @@ impl AgentProfile {
         }
         let outs = self.out.to_str().context("non-UTF-8 temp path")?.to_string();
         let report = |children: bool| -> Result<String> {
-            let mut args = vec![
-                "report",
+            let text = perf_report(&[
                 "-i",
                 &outs,
-                "--stdio",
                 "--sort",
                 "symbol",
                 "--percent-limit",
                 "1",
                 "-g",
                 "none",
-            ];
-            args.push(if children { "--children" } else { "--no-children" });
-            let rep = std::process::Command::new("perf")
-                .args(&args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .context("running perf report")?;
-            if !rep.status.success() {
-                bail!("perf report failed: {}", String::from_utf8_lossy(&rep.stderr).trim());
-            }
-            let text = String::from_utf8_lossy(&rep.stdout);
+                if children { "--children" } else { "--no-children" },
+            ])?;
             Ok(text
                 .lines()
                 .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
