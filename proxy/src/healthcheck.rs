@@ -6,7 +6,7 @@
 //! (pkg/proxy/healthcheck/proxy_health.go): /healthz is 503 when syncs stall (see [`SyncHealth`]) or when this node
 //! is not eligible (being deleted, or tainted ToBeDeletedByClusterAutoscaler); /livez ignores node eligibility.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,8 +17,9 @@ use serde::Serialize;
 
 use crate::http::{self, Response};
 use crate::metrics::{CodeLabels, Metrics};
-use crate::model::state::Snapshot;
-use crate::model::{Cidr, ServiceName};
+use crate::model::state::{ServicePortState, Snapshot};
+use crate::model::tracker::Diff;
+use crate::model::{Cidr, ServiceName, ServicePortName};
 use crate::sync::{HealthStatus, SyncHealth};
 
 /// The taint the Cluster Autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
@@ -160,6 +161,12 @@ struct Server {
 /// One listener per healthCheckNodePort, started and stopped as Services come and go.
 pub struct HealthCheckServers {
     servers: HashMap<u16, Server>,
+    /// Per healthCheckNodePort, the service ports naming it and their local ready endpoints.
+    claims: HashMap<u16, BTreeMap<ServicePortName, usize>>,
+    /// The healthCheckNodePort each service port names.
+    claimed: HashMap<ServicePortName, u16>,
+    /// Claimed ports whose listener could not be opened: retried on every sync.
+    unserved: BTreeSet<u16>,
     health: Arc<SyncHealth>,
     health_timeout: Duration,
     nodeport_addresses: Vec<Cidr>,
@@ -173,93 +180,158 @@ pub fn body(svc: &ServiceName, local_endpoints: usize, healthy: bool) -> String 
     )
 }
 
-/// Per Service: its healthCheckNodePort and the number of local ready endpoints over its ports.
-pub fn wanted(desired: &Snapshot) -> BTreeMap<u16, (ServiceName, usize)> {
-    let mut out: BTreeMap<u16, (ServiceName, usize)> = BTreeMap::new();
-    for st in desired.values() {
-        let Some(port) = st.port.health_check_node_port else {
-            continue;
-        };
-        let local = st.endpoints.iter().filter(|e| e.is_local && e.ready).count();
-        let entry = out.entry(port).or_insert_with(|| (st.port.name.service.clone(), 0));
-        if entry.0 == st.port.name.service {
-            entry.1 += local;
+/// A service port's claim: the healthCheckNodePort it names and its local ready endpoints.
+fn claim_of(st: &ServicePortState) -> Option<(u16, usize)> {
+    let port = st.port.health_check_node_port?;
+    Some((port, st.endpoints.iter().filter(|e| e.is_local && e.ready).count()))
+}
+
+/// The Service that owns a healthCheckNodePort, and its local endpoints: the first claimant in service port order
+/// (as when the desired state is walked in order); claims by other Services are reported and ignored.
+fn owner(port: u16, claims: &BTreeMap<ServicePortName, usize>) -> Option<(ServiceName, usize)> {
+    let mut it = claims.iter();
+    let (first, n) = it.next()?;
+    let mut out = (first.service.clone(), *n);
+    for (other, n) in it {
+        if other.service == out.0 {
+            out.1 += n;
         } else {
-            tracing::warn!(port, first = %entry.0, second = %st.port.name.service, "two Services claim one healthCheckNodePort");
+            tracing::warn!(port, first = %out.0, second = %other.service, "two Services claim one healthCheckNodePort");
         }
     }
-    out
+    Some(out)
 }
 
 impl HealthCheckServers {
     pub fn new(health: Arc<SyncHealth>, health_timeout: Duration, nodeport_addresses: Vec<Cidr>) -> Self {
         Self {
             servers: HashMap::new(),
+            claims: HashMap::new(),
+            claimed: HashMap::new(),
+            unserved: BTreeSet::new(),
             health,
             health_timeout,
             nodeport_addresses,
         }
     }
 
-    /// Makes the listeners match `desired`. Must run inside the tokio runtime.
+    /// Makes the listeners match the whole of `desired`. Must run inside the tokio runtime.
     pub fn sync(&mut self, desired: &Snapshot, node_addresses: &[IpAddr]) {
-        let want = wanted(desired);
-        self.servers.retain(|port, s| {
-            let keep = want.get(port).is_some_and(|(svc, _)| *svc == s.service);
-            if !keep {
-                s.task.abort();
+        self.claims.clear();
+        self.claimed.clear();
+        self.unserved.clear();
+        for st in desired.values() {
+            if let Some(claim) = claim_of(st) {
+                self.set_claim(st.name(), Some(claim));
             }
-            keep
-        });
-        for (port, (svc, count)) in want {
-            if let Some(s) = self.servers.get(&port) {
-                s.local_endpoints.store(count, Ordering::Relaxed);
-                continue;
+        }
+        let ports: BTreeSet<u16> = self.claims.keys().chain(self.servers.keys()).copied().collect();
+        for port in ports {
+            self.reconcile(port, node_addresses);
+        }
+    }
+
+    /// Updates the listeners for what `diff` changed, in time proportional to the change (a partial sync must
+    /// not walk every Service). Must run inside the tokio runtime, after [`Self::sync`] has seen a full state.
+    pub fn apply(&mut self, diff: &Diff, node_addresses: &[IpAddr]) {
+        let mut ports = std::mem::take(&mut self.unserved);
+        for st in &diff.upserted {
+            ports.extend(self.set_claim(st.name(), claim_of(st)));
+        }
+        for name in &diff.removed {
+            ports.extend(self.set_claim(name, None));
+        }
+        for port in ports {
+            self.reconcile(port, node_addresses);
+        }
+    }
+
+    /// Records a service port's claim (or its absence); returns the healthCheckNodePorts whose owner or count may
+    /// have changed.
+    fn set_claim(&mut self, name: &ServicePortName, claim: Option<(u16, usize)>) -> Vec<u16> {
+        let mut touched = Vec::new();
+        if let Some(old) = self.claimed.remove(name) {
+            if let Some(c) = self.claims.get_mut(&old) {
+                c.remove(name);
+                if c.is_empty() {
+                    self.claims.remove(&old);
+                }
             }
-            let local_endpoints = Arc::new(AtomicUsize::new(count));
-            match self.listen(port, node_addresses) {
-                Ok(listeners) => {
-                    let (health, timeout) = (self.health.clone(), self.health_timeout);
-                    let (svc2, count2) = (svc.clone(), local_endpoints.clone());
-                    let task = tokio::spawn(async move {
-                        let mut tasks = Vec::new();
-                        for l in listeners {
-                            let (health, svc, count) = (health.clone(), svc2.clone(), count2.clone());
-                            tasks.push(tokio::spawn(http::serve(l, move |_path| {
-                                let n = count.load(Ordering::Relaxed);
-                                let healthy = health.status(timeout).healthy;
-                                let mut r = Response::new(
-                                    if n > 0 && healthy { 200 } else { 503 },
-                                    "application/json",
-                                    body(&svc, n, healthy),
-                                );
-                                r.headers.push(("X-Content-Type-Options", "nosniff".into()));
-                                r.headers.push(("X-Load-Balancing-Endpoint-Weight", n.to_string()));
-                                async move { r }
-                            })));
-                        }
-                        // Aborting this task drops the handles without stopping them; stop them explicitly.
-                        struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
-                        impl Drop for AbortAll {
-                            fn drop(&mut self) {
-                                for t in &self.0 {
-                                    t.abort();
-                                }
+            touched.push(old);
+        }
+        if let Some((port, local)) = claim {
+            self.claimed.insert(name.clone(), port);
+            self.claims.entry(port).or_default().insert(name.clone(), local);
+            touched.push(port);
+        }
+        touched
+    }
+
+    /// Makes the listener on one healthCheckNodePort match its claims.
+    fn reconcile(&mut self, port: u16, node_addresses: &[IpAddr]) {
+        let want = self.claims.get(&port).and_then(|c| owner(port, c));
+        if let Some(s) = self.servers.get(&port) {
+            match &want {
+                Some((svc, count)) if *svc == s.service => {
+                    s.local_endpoints.store(*count, Ordering::Relaxed);
+                    return;
+                }
+                _ => {
+                    s.task.abort();
+                    self.servers.remove(&port);
+                }
+            }
+        }
+        let Some((svc, count)) = want else {
+            return;
+        };
+        self.unserved.remove(&port);
+        let local_endpoints = Arc::new(AtomicUsize::new(count));
+        match self.listen(port, node_addresses) {
+            Ok(listeners) => {
+                let (health, timeout) = (self.health.clone(), self.health_timeout);
+                let (svc2, count2) = (svc.clone(), local_endpoints.clone());
+                let task = tokio::spawn(async move {
+                    let mut tasks = Vec::new();
+                    for l in listeners {
+                        let (health, svc, count) = (health.clone(), svc2.clone(), count2.clone());
+                        tasks.push(tokio::spawn(http::serve(l, move |_path| {
+                            let n = count.load(Ordering::Relaxed);
+                            let healthy = health.status(timeout).healthy;
+                            let mut r = Response::new(
+                                if n > 0 && healthy { 200 } else { 503 },
+                                "application/json",
+                                body(&svc, n, healthy),
+                            );
+                            r.headers.push(("X-Content-Type-Options", "nosniff".into()));
+                            r.headers.push(("X-Load-Balancing-Endpoint-Weight", n.to_string()));
+                            async move { r }
+                        })));
+                    }
+                    // Aborting this task drops the handles without stopping them; stop them explicitly.
+                    struct AbortAll(Vec<tokio::task::JoinHandle<()>>);
+                    impl Drop for AbortAll {
+                        fn drop(&mut self) {
+                            for t in &self.0 {
+                                t.abort();
                             }
                         }
-                        let _guard = AbortAll(tasks);
-                        std::future::pending::<()>().await;
-                    });
-                    self.servers.insert(
-                        port,
-                        Server {
-                            service: svc,
-                            local_endpoints,
-                            task,
-                        },
-                    );
-                }
-                Err(e) => tracing::error!(port, service = %svc, error = %e, "cannot serve healthCheckNodePort"),
+                    }
+                    let _guard = AbortAll(tasks);
+                    std::future::pending::<()>().await;
+                });
+                self.servers.insert(
+                    port,
+                    Server {
+                        service: svc,
+                        local_endpoints,
+                        task,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(port, service = %svc, error = %e, "cannot serve healthCheckNodePort");
+                self.unserved.insert(port);
             }
         }
     }
@@ -281,6 +353,22 @@ impl HealthCheckServers {
                 l.set_nonblocking(true)?;
                 tokio::net::TcpListener::from_std(l)
             })
+            .collect()
+    }
+
+    /// Per claimed healthCheckNodePort: the Service that owns it and its local endpoints (served or not).
+    pub fn owners(&self) -> BTreeMap<u16, (ServiceName, usize)> {
+        self.claims
+            .iter()
+            .filter_map(|(p, c)| Some((*p, owner(*p, c)?)))
+            .collect()
+    }
+
+    /// Per served healthCheckNodePort: its Service and the local endpoint count it answers with.
+    pub fn served(&self) -> BTreeMap<u16, (ServiceName, usize)> {
+        self.servers
+            .iter()
+            .map(|(p, s)| (*p, (s.service.clone(), s.local_endpoints.load(Ordering::Relaxed))))
             .collect()
     }
 
@@ -381,6 +469,95 @@ mod tests {
         hc2.sync(&Snapshot::new(), &lo);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    }
+
+    /// An eTP=Local service port `ns/svc:port_name` naming healthCheckNodePort `hc` with `local` local ready
+    /// endpoints.
+    fn claim(svc: &str, port_name: &str, hc: u16, local: usize) -> Arc<ServicePortState> {
+        let name = ServicePortName::new("ns", svc, port_name, Protocol::Tcp);
+        let mut sp = ServicePort::new(name, "10.96.0.9".parse().unwrap(), 80);
+        sp.external_policy = TrafficPolicy::Local;
+        sp.health_check_node_port = Some(hc);
+        let eps = (0..local)
+            .map(|i| Endpoint {
+                is_local: true,
+                ..Endpoint::new(format!("10.244.1.{}", i + 2).parse().unwrap(), 8080)
+            })
+            .collect();
+        Arc::new(ServicePortState::new(sp, eps, &NodeInfo::new("node-a", vec![])))
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test]
+    async fn changes_applied_one_by_one_serve_what_a_full_sync_serves() {
+        let (p1, p2, p3) = (free_port(), free_port(), free_port());
+        let lo = ["127.0.0.1".parse().unwrap()];
+        let new = |cidrs: Vec<Cidr>| HealthCheckServers::new(Arc::new(SyncHealth::default()), Duration::ZERO, cidrs);
+        let mut desired = Snapshot::new();
+        let mut hc = new(vec![]);
+        let step = |hc: &mut HealthCheckServers,
+                    desired: &mut Snapshot,
+                    up: Vec<Arc<ServicePortState>>,
+                    gone: Vec<ServicePortName>| {
+            for st in &up {
+                desired.insert(st.name().clone(), st.clone());
+            }
+            for n in &gone {
+                desired.remove(n);
+            }
+            let diff = Diff {
+                upserted: up,
+                removed: gone,
+                ..Default::default()
+            };
+            hc.apply(&diff, &lo);
+            // The reference serves no address (its node has none in its nodePortAddresses), so it binds nothing.
+            let mut full = new(vec!["192.0.2.0/24".parse().unwrap()]);
+            full.sync(desired, &lo);
+            assert_eq!(hc.owners(), full.served());
+            hc.owners()
+        };
+        let a = |n| ServiceName::new("ns", n);
+        // Two ports of Service a share p1 (counts add up); b serves p2.
+        let s = step(
+            &mut hc,
+            &mut desired,
+            vec![
+                claim("a", "http", p1, 2),
+                claim("a", "https", p1, 1),
+                claim("b", "", p2, 1),
+            ],
+            vec![],
+        );
+        assert_eq!(s, [(p1, (a("a"), 3)), (p2, (a("b"), 1))].into());
+        // a loses its local endpoints on one port.
+        let s = step(&mut hc, &mut desired, vec![claim("a", "http", p1, 0)], vec![]);
+        assert_eq!(s[&p1], (a("a"), 1));
+        // b moves to p3: p2 closes.
+        let s = step(&mut hc, &mut desired, vec![claim("b", "", p3, 4)], vec![]);
+        assert_eq!(s, [(p1, (a("a"), 1)), (p3, (a("b"), 4))].into());
+        // c also claims p1: a keeps it.
+        let s = step(&mut hc, &mut desired, vec![claim("c", "", p1, 5)], vec![]);
+        assert_eq!(s[&p1], (a("a"), 1));
+        // a goes away: c takes p1 over.
+        let gone = vec![
+            ServicePortName::new("ns", "a", "http", Protocol::Tcp),
+            ServicePortName::new("ns", "a", "https", Protocol::Tcp),
+        ];
+        let s = step(&mut hc, &mut desired, vec![], gone);
+        assert_eq!(s, [(p1, (a("c"), 5)), (p3, (a("b"), 4))].into());
+        // c's listener may have found p1 still bound by a's aborted one; a later sync, even with no change, retries.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hc.apply(&Diff::default(), &lo);
+        assert_eq!(hc.served(), hc.owners());
+        assert!(get(p1).await.contains("\"name\": \"c\""));
     }
 
     fn node(v: serde_json::Value) -> Node {

@@ -235,7 +235,11 @@ pub async fn run(
                 }
                 metrics.service_ports.set(desired.len() as i64);
                 health.updated();
-                health_checks.sync(&desired, &node.addresses);
+                if full {
+                    health_checks.sync(&desired, &node.addresses);
+                } else {
+                    health_checks.apply(&diff, &node.addresses);
+                }
                 if full || !diff.is_empty() {
                     tracing::debug!(
                         full,
