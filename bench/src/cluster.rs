@@ -21,9 +21,9 @@ pub const MANAGED_BY: &str = "orca-bench";
 /// Concurrent requests while creating fillers (default of `--fill-concurrency`).
 pub const FILL_CONCURRENCY: usize = 64;
 
-/// Endpoints of filler `i`: 2 to 10.
-pub fn filler_endpoint_count(i: usize) -> usize {
-    2 + i % 9
+/// Endpoints of filler `i`: `fixed`, or 2 to 10 in turn.
+pub fn filler_endpoint_count(i: usize, fixed: Option<usize>) -> usize {
+    fixed.unwrap_or(2 + i % 9)
 }
 
 /// Dummy endpoint address `j` of filler `i`: inside the cluster CIDR 10.244.0.0/16 but outside both nodes' pod
@@ -93,7 +93,13 @@ pub async fn filler_count(client: &Client) -> Result<usize> {
 /// Create fillers `from..to` (Service, then its slice), `concurrency` requests at a time (kube-rs has no
 /// client-side rate limit: the apiserver is the only bound). Prints progress every 5,000 fillers. Returns the
 /// number of objects created per second.
-pub async fn create_fillers(client: &Client, from: usize, to: usize, concurrency: usize) -> Result<f64> {
+pub async fn create_fillers(
+    client: &Client,
+    from: usize,
+    to: usize,
+    concurrency: usize,
+    endpoints: Option<usize>,
+) -> Result<f64> {
     if to <= from {
         return Ok(0.0);
     }
@@ -111,8 +117,9 @@ pub async fn create_fillers(client: &Client, from: usize, to: usize, concurrency
                 let name = format!("fill-{i}");
                 let s: Service = serde_json::from_value(selectorless_service(FILL_NS, &name))?;
                 create_or_exists(svcs.create(&pp, &s).await).with_context(|| format!("creating service {name}"))?;
-                let eps: Vec<(Ipv4Addr, bool)> =
-                    (0..filler_endpoint_count(i)).map(|j| (filler_ip(i, j), true)).collect();
+                let eps: Vec<(Ipv4Addr, bool)> = (0..filler_endpoint_count(i, endpoints))
+                    .map(|j| (filler_ip(i, j), true))
+                    .collect();
                 let sl: EndpointSlice =
                     serde_json::from_value(slice_json(FILL_NS, &format!("{name}-x"), &name, &eps, 8080))?;
                 create_or_exists(slices.create(&pp, &sl).await).with_context(|| format!("creating slice of {name}"))?;
@@ -259,10 +266,10 @@ mod tests {
 
     #[test]
     fn filler_shape() {
-        let counts: Vec<usize> = (0..9).map(filler_endpoint_count).collect();
+        let counts: Vec<usize> = (0..9).map(|i| filler_endpoint_count(i, None)).collect();
         assert_eq!(counts, vec![2, 3, 4, 5, 6, 7, 8, 9, 10]);
         for i in [0, 1, 999, 29_999] {
-            for j in 0..filler_endpoint_count(i) {
+            for j in 0..filler_endpoint_count(i, None) {
                 let ip = filler_ip(i, j);
                 let o = ip.octets();
                 assert_eq!((o[0], o[1]), (10, 244));

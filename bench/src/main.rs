@@ -94,6 +94,10 @@ struct RunArgs {
     /// Concurrent apiserver requests while creating the filler Services.
     #[arg(long, default_value_t = cluster::FILL_CONCURRENCY)]
     fill_concurrency: usize,
+    /// Endpoints of every filler Service (default: 2 to 10 in turn), e.g. 10 for 300,000 endpoints at 30,000
+    /// Services.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    filler_endpoints: Option<u16>,
     /// BPF_PROG_TEST_RUN repeat count.
     #[arg(long, default_value_t = 100_000)]
     tc_repeat: u32,
@@ -181,6 +185,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         iptables_backend: a.iptables_backend,
         prog_budget: Duration::from_secs(a.prog_budget_s.clamp(1, 3600)),
         fill_concurrency: a.fill_concurrency.clamp(1, 512),
+        filler_endpoints: a.filler_endpoints.map(usize::from),
         profile: a.profile,
         profile_agent: a.profile_agent,
         tc_repeat: a.tc_repeat.clamp(1, 10_000_000),

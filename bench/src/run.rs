@@ -73,6 +73,8 @@ pub struct RunOpts {
     pub iptables_backend: BackendChoice,
     /// Concurrent apiserver requests while creating fillers.
     pub fill_concurrency: usize,
+    /// Endpoints of every filler Service (None: 2 to 10 in turn).
+    pub filler_endpoints: Option<usize>,
     /// Profile (`perf record -a`) the first cross-node connect run of each configuration at the largest scale.
     pub profile: bool,
     /// Profile node-a's agent (`perf record -p`) during the programming-latency changes at the largest scale.
@@ -162,6 +164,13 @@ pub struct RunResult {
     pub results: Vec<ConfigResult>,
     /// Filler creation rate (objects/s) per scale.
     pub fill_rate: Vec<(usize, f64)>,
+    /// Endpoints of every filler Service (None: 2 to 10 in turn).
+    #[serde(default)]
+    pub filler_endpoints: Option<usize>,
+    /// TC program cost per packet at each scale (`orca-bench tc-cost`'s measurement, taken before the sandbox
+    /// starts, on the agent's programs over maps filled to the scale).
+    #[serde(default)]
+    pub tc_cost: Vec<crate::tccost::Row>,
     pub load_start: String,
     pub load_end: String,
     pub started_utc: String,
@@ -730,6 +739,7 @@ pub async fn run(o: &RunOpts) -> Result<RunResult> {
         configs: o.configs.iter().map(|c| c.name().to_string()).collect(),
         load_start: loadavg(),
         started_utc: cluster::rfc3339_now(),
+        filler_endpoints: o.filler_endpoints,
         command: o.command.clone(),
         machine: machine(),
         load_params: format!(
@@ -749,6 +759,16 @@ pub async fn run(o: &RunOpts) -> Result<RunResult> {
         ),
         ..RunResult::default()
     };
+    println!(
+        "bench: TC program cost per packet at {:?} Services (before the sandbox, on a quiet machine)",
+        o.scales
+    );
+    let scales = o.scales.clone();
+    match tokio::task::spawn_blocking(move || crate::tccost::measure_scales(&scales, 3000, true)).await {
+        Ok(Ok(rows)) => out.tc_cost = rows,
+        Ok(Err(e)) => out.notes.push(format!("TC cost per packet not measured: {e:#}")),
+        Err(e) => out.notes.push(format!("TC cost per packet not measured: {e}")),
+    }
     println!("bench: control-plane binaries");
     build::ensure_k8s_binaries()?;
     println!("bench: bringing the sandbox up (load average {})", out.load_start);
@@ -812,7 +832,7 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
                 ));
             }
             let t = Instant::now();
-            let rate = cluster::create_fillers(&client, have, want, o.fill_concurrency).await?;
+            let rate = cluster::create_fillers(&client, have, want, o.fill_concurrency, o.filler_endpoints).await?;
             if want > have {
                 println!(
                     "bench: {} filler Services + slices created in {:.1}s ({rate:.0} objects/s)",

@@ -45,20 +45,20 @@ pub struct TcCostArgs {
 }
 
 /// Nanoseconds per packet, test-run floor subtracted (medians).
-#[derive(Debug, Serialize)]
-struct Row {
-    services: usize,
-    backends: usize,
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Row {
+    pub services: usize,
+    pub backends: usize,
     /// First packet of a connection: frontend hit, backend choice, two conntrack inserts, DNAT, FIB, redirect.
-    new_connection_ns: f64,
+    pub new_connection_ns: f64,
     /// A later packet of the connection: conntrack hit, DNAT, FIB, redirect.
-    established_ns: f64,
+    pub established_ns: f64,
     /// The backend's reply: reverse NAT, FIB, redirect.
-    reply_ns: f64,
+    pub reply_ns: f64,
     /// A packet to no frontend (pod to pod): two lookups that miss.
-    passthrough_ns: f64,
+    pub passthrough_ns: f64,
     /// The harness's own cost of one run (empty program), already subtracted above.
-    floor_ns: f64,
+    pub floor_ns: f64,
 }
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
@@ -249,28 +249,38 @@ fn measure(scale: usize, samples: usize, empty: &EmptyProgram, ifs: (u32, u32), 
 }
 
 pub fn run(a: TcCostArgs) -> Result<()> {
-    if a.scales.is_empty() || a.scales.contains(&0) || a.scales.iter().any(|&s| s > 60_000) {
+    let rows = measure_scales(&a.scales, a.samples, !a.no_forwarding)?;
+    write(&a, &rows)
+}
+
+/// Every scale's row, measured in a network namespace of a thread of its own (gone with the thread).
+pub fn measure_scales(scales: &[usize], samples: usize, forwarding: bool) -> Result<Vec<Row>> {
+    if scales.is_empty() || scales.contains(&0) || scales.iter().any(|&s| s > 60_000) {
         bail!("--scales: 1..=60000 each");
     }
-    // The measured Service is always the last one: its backends need neighbours at every scale.
-    let measured: Vec<Ipv4Addr> = a
-        .scales
-        .iter()
-        .flat_map(|&s| (0..2 + (s - 1) % 9).map(move |j| backend(s - 1, j)))
-        .collect();
-    let ifs = private_netns(&measured, !a.no_forwarding)?;
-    let translated = if a.no_forwarding { TC_ACT_OK } else { TC_ACT_REDIRECT };
-    let empty = EmptyProgram::load()?;
-    let mut rows = Vec::new();
-    for &scale in &a.scales {
-        let row = measure(scale, a.samples, &empty, ifs, translated)?;
-        println!(
-            "{:>6} Services ({:>6} backends): new {:>5.0} ns, established {:>5.0} ns, reply {:>5.0} ns, pass-through {:>4.0} ns (floor {:.0} ns)",
-            row.services, row.backends, row.new_connection_ns, row.established_ns, row.reply_ns, row.passthrough_ns, row.floor_ns
-        );
-        rows.push(row);
-    }
-    write(&a, &rows)
+    let scales = scales.to_vec();
+    std::thread::spawn(move || {
+        // The measured Service is always the last one: its backends need neighbours at every scale.
+        let measured: Vec<Ipv4Addr> = scales
+            .iter()
+            .flat_map(|&s| (0..2 + (s - 1) % 9).map(move |j| backend(s - 1, j)))
+            .collect();
+        let ifs = private_netns(&measured, forwarding)?;
+        let translated = if forwarding { TC_ACT_REDIRECT } else { TC_ACT_OK };
+        let empty = EmptyProgram::load()?;
+        let mut rows = Vec::new();
+        for &scale in &scales {
+            let row = measure(scale, samples, &empty, ifs, translated)?;
+            println!(
+                "{:>6} Services ({:>6} backends): new {:>5.0} ns, established {:>5.0} ns, reply {:>5.0} ns, pass-through {:>4.0} ns (floor {:.0} ns)",
+                row.services, row.backends, row.new_connection_ns, row.established_ns, row.reply_ns, row.passthrough_ns, row.floor_ns
+            );
+            rows.push(row);
+        }
+        Ok(rows)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the TC cost thread panicked"))?
 }
 
 fn machine() -> String {
