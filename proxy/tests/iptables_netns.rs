@@ -436,6 +436,57 @@ fn partial_sync_rewrites_only_changed_service_ports() {
     assert!(orca_chains(&ns).is_empty());
 }
 
+/// Partial syncs skip the jump checks (each reads a whole table); the mangle canary tells them when the tables were
+/// flushed, and the sync then becomes a full one that puts everything back, jumps included.
+#[test]
+fn flushed_tables_are_noticed_by_the_canary_and_repaired() {
+    let ns = Netns::new("canary");
+    let mut dp = dataplane(&ns, DataplaneConfig::default(), None);
+    let mut states = many(20, 2);
+    let mut desired = snapshot(&states);
+    dp.full_sync(&desired, &node()).unwrap();
+    let (_, chains) = kernel_state(&ns);
+    assert!(chains.contains("mangle ORCA-PROXY-CANARY"), "{chains:?}");
+
+    // A partial sync with the canary in place: no full sync.
+    let changed = state(states[3].port.clone(), vec![ep("10.100.0.4", 8080, false)]);
+    states[3] = changed.clone();
+    desired = snapshot(&states);
+    dp.apply(&upserting(vec![changed]), &desired, &node()).unwrap();
+    assert!(!dp.last_sync().full);
+
+    // Someone flushes and deletes everything (as `iptables -F; iptables -X` per table does).
+    for t in ["filter", "nat", "mangle"] {
+        ns.sh(&["iptables", "-t", t, "-F"]);
+        ns.sh(&["iptables", "-t", t, "-X"]);
+    }
+    assert!(orca_chains(&ns).is_empty());
+    let changed = state(states[5].port.clone(), vec![ep("10.100.0.6", 8080, false)]);
+    states[5] = changed.clone();
+    desired = snapshot(&states);
+    dp.apply(&upserting(vec![changed]), &desired, &node()).unwrap();
+    assert!(
+        dp.last_sync().full,
+        "the missing canary turns the partial sync into a full one"
+    );
+    assert!(orca_chains(&ns).contains(&("mangle".to_string(), "ORCA-PROXY-CANARY".to_string())));
+    for j in orca_proxy::dataplane::iptables::rules::JUMPS {
+        let listed = ns.sh(&["iptables", "-t", j.table, "-S", j.from]);
+        assert!(
+            listed.lines().any(|l| l == j.save_form()),
+            "{} not in {listed}",
+            j.save_form()
+        );
+    }
+    // Everything is back: a full sync on top changes nothing (the jumps included).
+    assert_same_as_full_sync(&mut dp, &desired, || {
+        (kernel_state(&ns), rules(&ns, "nat"), rules(&ns, "filter"))
+    });
+
+    dp.cleanup().unwrap();
+    assert!(orca_chains(&ns).is_empty(), "cleanup removes the canary too");
+}
+
 /// A transaction that fails part-way changes nothing (one atomic iptables-restore), and the error quotes the line.
 #[test]
 fn failed_restore_is_atomic_and_explained() {

@@ -7,15 +7,17 @@
 //!   with `iptables-save -t nat`/`filter`); a partial sync ([`Dataplane::apply`]) rewrites the dispatch chains
 //!   (`ORCA-SERVICES`, `ORCA-NODEPORTS`, every filter chain) and the own chains of the changed service ports only,
 //!   and deletes the chains of removed ones (and the chains changed ports no longer use).
-//! - The jump rules from the built-in chains are checked on every sync (one `iptables -S` per built-in chain; `-C`
-//!   and `-I` for a jump not found).
+//! - The jump rules from the built-in chains are checked on every full sync (one `iptables -S` per built-in chain;
+//!   `-C` and `-I` for a jump not found), as kube-proxy does: with iptables-legacy each of those calls reads the
+//!   whole table (seconds at 30k Services), so partial syncs skip them. Like kube-proxy's `KUBE-PROXY-CANARY`, an
+//!   empty `ORCA-PROXY-CANARY` chain in the small mangle table is checked before every partial sync instead: when
+//!   it is gone, the tables were flushed, and the sync becomes a full one.
 //! - The flavour (nft or legacy) is detected as kube-proxy's iptables wrapper does ([`exec::Exec::detect`]).
 //! - After a sync, stale UDP conntrack entries are deleted ([`conntrack`]).
 //! - IPv4 only for now: IPv6 service ports/endpoints are skipped (`ip6tables-restore` is not driven yet).
 //!
-//! Deliberate differences from kube-proxy: no nfacct counters (so no separate localhost-NodePort nfacct rule), no
-//! mangle-table canary chain (an external flush is repaired by the next full sync, or by the full sync the runner
-//! falls back to when a partial restore fails), conntrack cleanup by endpoint/first-endpoint deltas (kube-proxy
+//! Deliberate differences from kube-proxy: no nfacct counters (so no separate localhost-NodePort nfacct rule), the
+//! canary is checked at each partial sync rather than polled every minute, conntrack cleanup by endpoint/first-endpoint deltas (kube-proxy
 //! before 1.31) rather than by scanning every UDP entry, and comment text restricted to `[A-Za-z0-9._:/-]`.
 //!
 //! Scale (`proxy/tests/iptables_netns.rs::scale_full_sync`, release build, in a network namespace, iptables 1.8.9,
@@ -49,6 +51,10 @@ use super::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
 use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::tracker::Diff;
 use crate::model::{NodeInfo, Protocol, ServicePortName};
+
+/// The empty mangle chain whose absence tells a partial sync that the tables were flushed (kube-proxy's
+/// `KUBE-PROXY-CANARY`).
+pub const CANARY: &str = "ORCA-PROXY-CANARY";
 
 /// Options of the iptables dataplane that are not kube-proxy flags.
 #[derive(Debug, Clone, Default)]
@@ -200,9 +206,21 @@ impl IptablesDataplane {
         Ok(())
     }
 
+    /// Whether the mangle canary chain is still there (one `iptables -S` of the small mangle table).
+    fn canary_present(&self) -> bool {
+        self.exec.list_chain("mangle", CANARY).is_ok()
+    }
+
     fn sync(&mut self, desired: &Snapshot, node: &NodeInfo, diff: Option<&Diff>) -> Result<SyncStats> {
         let start = Instant::now();
-        let full = diff.is_none() || !self.synced;
+        let mut full = diff.is_none() || !self.synced;
+        if !full && !self.canary_present() {
+            tracing::warn!(
+                chain = CANARY,
+                "the mangle canary chain is gone (iptables flushed?); doing a full sync"
+            );
+            full = true;
+        }
         let (ruleset, stale_filter, stale_nat) = if full {
             let rs = self.generate(desired, node, &|_| true);
             let existing_nat = chains_with_prefix(&self.exec.save("nat")?, PREFIX);
@@ -247,11 +265,17 @@ impl IptablesDataplane {
             }
             (rs, Vec::new(), stale.into_iter().collect())
         };
-        let (input, lines) = ruleset.restore_input(&stale_filter, &stale_nat);
+        let (mut input, mut lines) = ruleset.restore_input(&stale_filter, &stale_nat);
+        if full {
+            input.push_str(&format!("*mangle\n:{CANARY} - [0:0]\nCOMMIT\n"));
+            lines += 3;
+        }
         let t_generate = start.elapsed();
         self.exec.restore(&input)?;
         let t_restore = start.elapsed() - t_generate;
-        self.ensure_jumps()?;
+        if full {
+            self.ensure_jumps()?;
+        }
         let t_jumps = start.elapsed() - t_generate - t_restore;
         self.ensure_route_localnet(ruleset.localhost_nodeports, full)?;
 
@@ -415,7 +439,7 @@ impl Dataplane for IptablesDataplane {
         self.sync(desired, node, Some(diff))
     }
 
-    /// Removes the jump rules, then flushes and deletes every `ORCA-*` chain of the filter and nat tables.
+    /// Removes the jump rules, then flushes and deletes every `ORCA-*` chain of the filter, nat and mangle tables.
     fn cleanup(&mut self) -> Result<()> {
         let mut errors = Vec::new();
         for j in JUMPS {
@@ -437,7 +461,7 @@ impl Dataplane for IptablesDataplane {
             }
         }
         let mut input = String::new();
-        for table in ["filter", "nat"] {
+        for table in ["filter", "nat", "mangle"] {
             match self.exec.save(table) {
                 Ok(save) => {
                     let chains = chains_with_prefix(&save, PREFIX);
