@@ -426,6 +426,37 @@ pub fn conntrack_filters<'a>(
     out.into_iter().collect()
 }
 
+/// The `iptables-restore --noflush` input that removes Orca from one table, given its `iptables-save`: every `ORCA-*`
+/// chain flushed, every rule of another chain that jumps to one deleted (as iptables-save spells it, which
+/// iptables-restore reads back), then the chains deleted. Empty when the table holds nothing of Orca's.
+pub fn cleanup_input(table: &str, save: &str) -> String {
+    let chains = chains_with_prefix(save, PREFIX);
+    let jumps: Vec<&str> = save
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .filter(|r| !r.starts_with(PREFIX))
+        .filter(|r| {
+            let mut w = r.split_whitespace();
+            w.any(|x| x == "-j" || x == "-g") && w.next().is_some_and(|t| t.starts_with(PREFIX))
+        })
+        .collect();
+    if chains.is_empty() && jumps.is_empty() {
+        return String::new();
+    }
+    let mut out = format!("*{table}\n");
+    for c in &chains {
+        out.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    for j in &jumps {
+        out.push_str(&format!("-D {j}\n"));
+    }
+    for c in &chains {
+        out.push_str(&format!("-X {c}\n"));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
 impl Dataplane for IptablesDataplane {
     fn mode(&self) -> ProxyMode {
         ProxyMode::Iptables
@@ -439,44 +470,15 @@ impl Dataplane for IptablesDataplane {
         self.sync(desired, node, Some(diff))
     }
 
-    /// Removes the jump rules, then flushes and deletes every `ORCA-*` chain of the filter, nat and mangle tables.
+    /// Removes the jump rules, then flushes and deletes every `ORCA-*` chain of the filter, nat and mangle tables:
+    /// one `iptables-save` per table finds them, one `iptables-restore` transaction removes them (with
+    /// iptables-legacy every separate `iptables -C`/`-D` would read the whole table again).
     fn cleanup(&mut self) -> Result<()> {
         let mut errors = Vec::new();
-        for j in JUMPS {
-            let args = j.args();
-            for _ in 0..8 {
-                match self.exec.check_rule(j.table, j.from, &args) {
-                    Ok(true) => {
-                        if let Err(e) = self.exec.delete_rule(j.table, j.from, &args) {
-                            errors.push(format!("{e:#}"));
-                            break;
-                        }
-                    }
-                    Ok(false) => break,
-                    Err(e) => {
-                        errors.push(format!("{e:#}"));
-                        break;
-                    }
-                }
-            }
-        }
         let mut input = String::new();
         for table in ["filter", "nat", "mangle"] {
             match self.exec.save(table) {
-                Ok(save) => {
-                    let chains = chains_with_prefix(&save, PREFIX);
-                    if chains.is_empty() {
-                        continue;
-                    }
-                    input.push_str(&format!("*{table}\n"));
-                    for c in &chains {
-                        input.push_str(&format!(":{c} - [0:0]\n"));
-                    }
-                    for c in &chains {
-                        input.push_str(&format!("-X {c}\n"));
-                    }
-                    input.push_str("COMMIT\n");
-                }
+                Ok(save) => input.push_str(&cleanup_input(table, &save)),
                 Err(e) => errors.push(format!("{e:#}")),
             }
         }

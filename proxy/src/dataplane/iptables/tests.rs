@@ -624,3 +624,29 @@ fn hostile_names_cannot_break_the_restore_input() {
     assert!(t.contains(&format!(":{} - [0:0]", svc_chain(&p.name))));
     assert_eq!(t.lines().filter(|l| l.starts_with("-A ")).count(), 3 + 4 + 2 + 2 + 4);
 }
+
+#[test]
+fn cleanup_input_deletes_jumps_then_chains_and_leaves_the_rest() {
+    let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:ORCA-SERVICES - [0:0]\n\
+                :ORCA-SVC-X - [0:0]\n\
+                -A PREROUTING -m comment --comment \"orca service portals\" -j ORCA-SERVICES\n\
+                -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+                -A OUTPUT -j ORCA-SERVICES\n\
+                -A ORCA-SERVICES -d 10.96.0.1/32 -j ORCA-SVC-X\n\
+                -A ORCA-SVC-X -j DNAT --to-destination 10.244.1.2:80\n\
+                COMMIT\n";
+    assert_eq!(
+        cleanup_input("nat", save),
+        "*nat\n:ORCA-SERVICES - [0:0]\n:ORCA-SVC-X - [0:0]\n\
+         -D PREROUTING -m comment --comment \"orca service portals\" -j ORCA-SERVICES\n\
+         -D OUTPUT -j ORCA-SERVICES\n\
+         -X ORCA-SERVICES\n-X ORCA-SVC-X\nCOMMIT\n"
+    );
+    assert_eq!(
+        cleanup_input(
+            "filter",
+            "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n"
+        ),
+        ""
+    );
+}
