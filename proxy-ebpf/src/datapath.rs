@@ -29,8 +29,7 @@ use proxy_ebpf::hdr::{TCP_ACK, TCP_SYN};
 use crate::{
     affinity,
     ct::{self, Snat},
-    fwd, icmp, lb, maps,
-    nat::{self, End},
+    fwd, icmp, lb, maps, nat,
     parse::{self, Flow},
     reject,
 };
@@ -62,10 +61,12 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
         if hit.refresh_peer {
             ct::touch_service(&flow, &rev, now);
         }
-        let mut r = nat::rewrite(ctx, &mut flow, End::Source, rev.addr, rev.port);
-        if r.is_ok() && rev.nat_addr != 0 {
-            r = nat::rewrite(ctx, &mut flow, End::Destination, rev.nat_addr, rev.nat_port);
-        }
+        let (daddr, dport) = if rev.nat_addr != 0 {
+            (rev.nat_addr, rev.nat_port)
+        } else {
+            (flow.daddr, flow.dport)
+        };
+        let r = nat::rewrite(ctx, &mut flow, rev.addr, rev.port, daddr, dport);
         return deliver(ctx, &flow, r);
     }
 
@@ -120,10 +121,8 @@ pub fn handle(ctx: &TcContext, origin: Origin) -> i32 {
 
 #[inline(always)]
 fn translate(ctx: &TcContext, flow: &mut Flow, backend: &Backend, snat: Option<Snat>) -> i32 {
-    let mut r = nat::rewrite(ctx, flow, End::Destination, backend.addr, backend.port);
-    if let (Ok(()), Some(s)) = (r, snat) {
-        r = nat::rewrite(ctx, flow, End::Source, s.addr, s.port);
-    }
+    let (saddr, sport) = snat.map_or((flow.saddr, flow.sport), |s| (s.addr, s.port));
+    let r = nat::rewrite(ctx, flow, saddr, sport, backend.addr, backend.port);
     deliver(ctx, flow, r)
 }
 

@@ -22,7 +22,10 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext as _,
 };
-use proxy_ebpf::hdr::{ETH_HLEN, IP_CSUM, IP_TTL};
+use proxy_ebpf::{
+    csum,
+    hdr::{ETH_HLEN, IPV4_HLEN, IP_CSUM, IP_TTL},
+};
 
 use crate::parse::Flow;
 
@@ -88,19 +91,28 @@ pub fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
 }
 
 /// Decrements the IPv4 TTL (with its checksum), as forwarding does; `Err` when the packet must
-/// not be forwarded (TTL 1 or 0: the stack sends ICMP time exceeded).
+/// not be forwarded (TTL 1 or 0: the stack sends ICMP time exceeded). Direct packet access; the
+/// checksum update is the kernel's `csum_replace2` (what bpf_l3_csum_replace runs).
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
-    // TTL and protocol form one 16-bit word of the header checksum.
-    let old: u16 = ctx.load(ETH_HLEN + IP_TTL)?;
-    let ttl = old.to_ne_bytes()[0];
-    if ttl <= 1 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + IPV4_HLEN > end {
         return Err(0);
     }
-    let mut bytes = old.to_ne_bytes();
-    bytes[0] = ttl - 1;
-    let new = u16::from_ne_bytes(bytes);
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM, u64::from(old), u64::from(new), 2)?;
-    ctx.store(ETH_HLEN + IP_TTL, &new, 0)?;
+    let word_p = (start + ETH_HLEN + IP_TTL) as *mut u16;
+    let sum_p = (start + ETH_HLEN + IP_CSUM) as *mut u16;
+    // SAFETY: both fields lie inside the IPv4 header checked above; unaligned accesses. TTL and
+    // protocol form one 16-bit word of the header checksum.
+    unsafe {
+        let old = word_p.read_unaligned();
+        let mut bytes = old.to_ne_bytes();
+        if bytes[0] <= 1 {
+            return Err(0);
+        }
+        bytes[0] -= 1;
+        let new = u16::from_ne_bytes(bytes);
+        sum_p.write_unaligned(csum::replace2(sum_p.read_unaligned(), old, new));
+        word_p.write_unaligned(new);
+    }
     Ok(())
 }

@@ -556,6 +556,58 @@ fn dnat_of_udp_with_and_without_checksum() {
     assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 53));
 }
 
+/// A UDP payload of 16 bytes whose checksum is zero once the datagram carries `src`:`sport` ->
+/// `dst`:`dport` (its last two bytes cancel the rest of the sum).
+fn udp_payload_summing_to_zero(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut payload = b"zero-checksum\0\0\0".to_vec();
+    let l4 = udp_bytes(src, dst, sport, dport, &payload, false);
+    let rest = csum_fold(csum_add(pseudo(src, dst, IPPROTO_UDP, l4.len()), &l4));
+    // `rest` is the complement of the folded sum: adding it makes the sum all ones (checksum 0).
+    payload[14..16].copy_from_slice(&rest.to_be_bytes());
+    let l4 = udp_bytes(src, dst, sport, dport, &payload, false);
+    assert_eq!(csum_fold(csum_add(pseudo(src, dst, IPPROTO_UDP, l4.len()), &l4)), 0);
+    payload
+}
+
+#[test]
+fn udp_checksum_that_becomes_zero_is_sent_as_all_ones() {
+    // RFC 768: a computed zero checksum is transmitted as 0xffff (0 means "no checksum"), in both
+    // directions of a translated flow.
+    let mut dp = Datapath::load();
+    dp.set_service(FrontendKey::new(VIP, 53, IPPROTO_UDP), 7, 0, &[be(BACKEND_B, 5353)], 0);
+
+    let payload = udp_payload_summing_to_zero(CLIENT, BACKEND_B, 33010, 5353);
+    let f = frame(
+        CLIENT,
+        VIP,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(CLIENT, VIP, 33010, 53, &payload, true),
+    );
+    let (rc, out) = dp.run(PROG_FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(BACKEND_B), 5353));
+    assert_eq!(seen.l4_csum, 0xffff, "a zero checksum must be sent as 0xffff");
+    assert!(out.ends_with(&payload));
+
+    let payload = udp_payload_summing_to_zero(VIP, CLIENT, 53, 33010);
+    let f = frame(
+        BACKEND_B,
+        CLIENT,
+        IPPROTO_UDP,
+        &[],
+        0,
+        &udp_bytes(BACKEND_B, CLIENT, 5353, 33010, &payload, true),
+    );
+    let (rc, out) = dp.run(PROG_FROM_POD, &f);
+    assert_eq!(rc, TC_ACT_OK);
+    let seen = check(&out);
+    assert_eq!((seen.src, seen.sport), (Ipv4Addr::from(VIP), 53));
+    assert_eq!(seen.l4_csum, 0xffff, "a zero checksum must be sent as 0xffff");
+}
+
 #[test]
 fn established_flow_keeps_its_backend_when_the_backend_set_changes() {
     let mut dp = Datapath::load();
