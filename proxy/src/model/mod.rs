@@ -13,6 +13,7 @@ pub mod tracker;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use cidr::Cidr;
@@ -253,8 +254,11 @@ pub struct Endpoint {
     pub terminating: bool,
     /// On this node (nodeName equals the agent's node).
     pub is_local: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared by every endpoint on the same Node (interned by the slice cache).
+    #[serde(serialize_with = "ser_name")]
+    pub node_name: Option<Arc<str>>,
+    #[serde(serialize_with = "ser_name")]
+    pub zone: Option<Arc<str>>,
     pub zone_hints: BTreeSet<String>,
     pub node_hints: BTreeSet<String>,
 }
@@ -278,7 +282,7 @@ impl Endpoint {
     }
 
     /// This endpoint placed on Node `node_name`; `is_local` says whether that is the agent's own node.
-    pub fn on_node(self, node_name: impl Into<String>, is_local: bool) -> Self {
+    pub fn on_node(self, node_name: impl Into<Arc<str>>, is_local: bool) -> Self {
         Self {
             node_name: Some(node_name.into()),
             is_local,
@@ -290,6 +294,16 @@ impl Endpoint {
     pub fn addr_string(&self) -> String {
         std::net::SocketAddr::new(self.ip, self.port).to_string()
     }
+}
+
+/// Serializes a shared name as the plain string it is.
+fn ser_name<S: serde::Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&v.as_deref(), s)
+}
+
+/// Serializes a shared endpoint list as the plain list it is.
+fn ser_slice<S: serde::Serializer>(v: &Arc<[Endpoint]>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&v[..], s)
 }
 
 /// Facts about the node the agent runs on.
