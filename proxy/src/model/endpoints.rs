@@ -1,12 +1,12 @@
 //! EndpointSlices -> endpoints per service port, merged across every slice of a Service.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{Endpoint, Protocol, ServiceName, ServicePortName, LABEL_SERVICE_NAME};
+use super::{Endpoint, Hints, Protocol, ServiceName, ServicePortName, LABEL_SERVICE_NAME};
 
 /// One parsed EndpointSlice: its ports and endpoints, before they are matched to service ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,8 +30,8 @@ pub struct SliceEndpoint {
     pub terminating: bool,
     pub node_name: Option<Arc<str>>,
     pub zone: Option<Arc<str>>,
-    pub zone_hints: BTreeSet<String>,
-    pub node_hints: BTreeSet<String>,
+    pub zone_hints: Hints,
+    pub node_hints: Hints,
 }
 
 /// Why a slice is not used at all.

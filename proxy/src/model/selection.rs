@@ -165,8 +165,7 @@ fn categorize_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServicePortName, TrafficPolicy};
-    use std::collections::BTreeSet;
+    use crate::model::{Hints, Protocol, ServicePortName, TrafficPolicy};
 
     /// A compact endpoint description: `ip`, readiness flags "r" / "s" / "t" (ready, serving, terminating),
     /// local or not, zone hints, node hints.
@@ -184,8 +183,8 @@ mod tests {
                 ready: flags.contains('r'),
                 serving: flags.contains('s'),
                 terminating: flags.contains('t'),
-                zone_hints: zones.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
-                node_hints: nodes.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+                zone_hints: zones.iter().map(|s| s.to_string()).collect::<Hints>(),
+                node_hints: nodes.iter().map(|s| s.to_string()).collect::<Hints>(),
                 ..Endpoint::new(ip.parse().unwrap(), 80).on_node(if *local { "node-a" } else { "node-b" }, *local)
             })
             .collect()
