@@ -17,7 +17,8 @@ pub struct SliceInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: String,
+    /// Shared with the service port names built from it.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -87,7 +88,11 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<(SliceInfo, Vec<String>), Sl
             continue;
         };
         match Protocol::parse(p.protocol.as_deref()) {
-            Ok(protocol) => ports.push(SlicePort { name, protocol, port }),
+            Ok(protocol) => ports.push(SlicePort {
+                name: name.into(),
+                protocol,
+                port,
+            }),
             Err(e) => warnings.push(format!("ignoring endpoint port {name:?}: {e}")),
         }
     }

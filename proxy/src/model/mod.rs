@@ -81,12 +81,15 @@ impl fmt::Display for Protocol {
 /// `namespace/name` of a Service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    /// Shared by every copy (the tracker, the desired state and the dataplanes each key by it).
+    #[serde(serialize_with = "ser_str")]
+    pub namespace: Arc<str>,
+    #[serde(serialize_with = "ser_str")]
+    pub name: Arc<str>,
 }
 
 impl ServiceName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
@@ -105,16 +108,17 @@ impl fmt::Display for ServiceName {
 pub struct ServicePortName {
     pub service: ServiceName,
     /// The port's name; empty for a single unnamed port.
-    pub port: String,
+    #[serde(serialize_with = "ser_str")]
+    pub port: Arc<str>,
     pub protocol: Protocol,
 }
 
 impl ServicePortName {
     /// `namespace/name:port/protocol`; `port` is the port's name, empty for a single unnamed port.
     pub fn new(
-        namespace: impl Into<String>,
-        name: impl Into<String>,
-        port: impl Into<String>,
+        namespace: impl Into<Arc<str>>,
+        name: impl Into<Arc<str>>,
+        port: impl Into<Arc<str>>,
         protocol: Protocol,
     ) -> Self {
         Self {
@@ -328,6 +332,11 @@ impl serde::Serialize for Hints {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.iter())
     }
+}
+
+/// Serializes a shared string as the plain string it is.
+fn ser_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
 }
 
 /// Serializes a shared name as the plain string it is.
