@@ -241,9 +241,13 @@ pub fn run(a: AgentMemArgs) -> Result<()> {
     drop(desired);
     drop(diff);
     let steady = m.report("steady: diff dropped");
+    // What the eBPF dataplane's full_sync does at its end.
+    let t = std::time::Instant::now();
     // SAFETY: malloc_trim only returns free memory to the kernel.
     unsafe { libc::malloc_trim(0) };
+    let took = t.elapsed();
     m.report("steady after malloc_trim(0)");
+    println!("(malloc_trim took {took:?})");
     // What the Programmer alone keeps.
     drop(programmer);
     let tracker_only = m.report("tracker only (programmer dropped)");
