@@ -5,6 +5,7 @@
 //! * `orca-bench load ...` is the load generator the run starts inside the client pod's network namespace.
 //!
 //! `cargo xtask bench [--quick]` builds everything in release mode and runs `orca-bench run`.
+mod agentmem;
 mod backend;
 mod cluster;
 mod load;
@@ -18,6 +19,9 @@ use clap::{Parser, Subcommand};
 use run::{Config, RunOpts};
 use std::path::PathBuf;
 use std::time::Duration;
+
+#[global_allocator]
+static ALLOC: agentmem::Counting = agentmem::Counting;
 
 #[derive(Parser)]
 #[command(about = "Packet-path and control-plane benchmarks: Orca vs kube-proxy vs direct pod IPs")]
@@ -34,6 +38,9 @@ enum Cmd {
     Load(load::LoadArgs),
     /// TC program cost per packet on every path at each scale (BPF_PROG_TEST_RUN; needs root, no sandbox).
     TcCost(tccost::TcCostArgs),
+    /// The agent's user-space memory per endpoint: synthetic Services and EndpointSlices through the change
+    /// tracker and the eBPF programmer, in-process (no sandbox, no root).
+    AgentMem(agentmem::AgentMemArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,6 +214,7 @@ fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => run_cmd(a),
         Cmd::TcCost(a) => tccost::run(a),
+        Cmd::AgentMem(a) => agentmem::run(a),
         Cmd::Load(a) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -584,7 +584,7 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
             let seen = t
                 .desired()
                 .iter()
-                .any(|(k, v)| k.service.name == "rbac-watch" && v.internal_endpoints().len() == 1);
+                .any(|(k, v)| &*k.service.name == "rbac-watch" && v.internal_endpoints().len() == 1);
             (seen, t.node().zone.clone())
         };
         if seen && zone.as_deref() == Some("zone-x") {

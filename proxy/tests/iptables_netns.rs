@@ -291,7 +291,7 @@ fn full_sync_read_back_and_cleanup() {
     // A service port disappears: the next full sync deletes its chains.
     let before = orca_chains(&ns);
     let mut smaller = desired.clone();
-    let web = smaller.keys().find(|k| k.service.name == "web").unwrap().clone();
+    let web = smaller.keys().find(|k| &*k.service.name == "web").unwrap().clone();
     smaller.remove(&web);
     dp.full_sync(&smaller, &node()).unwrap();
     let after = orca_chains(&ns);

@@ -83,7 +83,7 @@ fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
 
 fn ready_count(s: &Snapshot, svc: &str) -> Option<usize> {
     s.iter()
-        .find(|(k, _)| k.service.name == svc)
+        .find(|(k, _)| &*k.service.name == svc)
         .map(|(_, v)| v.internal_endpoints().len())
 }
 
@@ -149,7 +149,7 @@ async fn watch_tracks_services_and_slices_on_a_real_apiserver() {
         ready_count(s, "web") == Some(1)
     })
     .await;
-    let web = snap.values().find(|v| v.port.name.service.name == "web").unwrap();
+    let web = snap.values().find(|v| &*v.port.name.service.name == "web").unwrap();
     assert_eq!(web.internal_endpoints()[0].ip.to_string(), "10.244.1.12");
     assert_eq!(
         web.endpoints.len(),
@@ -184,10 +184,10 @@ async fn watch_tracks_services_and_slices_on_a_real_apiserver() {
     slices.create(&pp, &orphan).await.unwrap();
     // A marker created last: once it shows up, the earlier objects have been seen too.
     svcs.create(&pp, &service("marker", json!({}))).await.unwrap();
-    let snap = wait_for(&shared, "marker", |s| s.keys().any(|k| k.service.name == "marker")).await;
+    let snap = wait_for(&shared, "marker", |s| s.keys().any(|k| &*k.service.name == "marker")).await;
     for skipped in ["headless", "extname", "other"] {
         assert!(
-            !snap.keys().any(|k| k.service.name == skipped),
+            !snap.keys().any(|k| &*k.service.name == skipped),
             "{skipped} must not be proxied"
         );
     }
@@ -198,7 +198,7 @@ async fn watch_tracks_services_and_slices_on_a_real_apiserver() {
         .await
         .unwrap();
     wait_for(&shared, "marker gone", |s| {
-        !s.keys().any(|k| k.service.name == "marker")
+        !s.keys().any(|k| &*k.service.name == "marker")
     })
     .await;
 

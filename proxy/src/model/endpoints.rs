@@ -1,11 +1,12 @@
 //! EndpointSlices -> endpoints per service port, merged across every slice of a Service.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{Endpoint, Protocol, ServiceName, ServicePortName, LABEL_SERVICE_NAME};
+use super::{Endpoint, Hints, Protocol, ServiceName, ServicePortName, LABEL_SERVICE_NAME};
 
 /// One parsed EndpointSlice: its ports and endpoints, before they are matched to service ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +17,8 @@ pub struct SliceInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: String,
+    /// Shared with the service port names built from it.
+    pub name: Arc<str>,
     pub protocol: Protocol,
     pub port: u16,
 }
@@ -27,10 +29,10 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    pub zone_hints: BTreeSet<String>,
-    pub node_hints: BTreeSet<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub zone_hints: Hints,
+    pub node_hints: Hints,
 }
 
 /// Why a slice is not used at all.
@@ -86,7 +88,11 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<(SliceInfo, Vec<String>), Sl
             continue;
         };
         match Protocol::parse(p.protocol.as_deref()) {
-            Ok(protocol) => ports.push(SlicePort { name, protocol, port }),
+            Ok(protocol) => ports.push(SlicePort {
+                name: name.into(),
+                protocol,
+                port,
+            }),
             Err(e) => warnings.push(format!("ignoring endpoint port {name:?}: {e}")),
         }
     }
@@ -117,8 +123,8 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<(SliceInfo, Vec<String>), Sl
             ready,
             serving,
             terminating,
-            node_name: ep.node_name.clone(),
-            zone: ep.zone.clone(),
+            node_name: ep.node_name.as_deref().map(Arc::from),
+            zone: ep.zone.as_deref().map(Arc::from),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|z| z.iter().map(|z| z.name.clone()).collect())
@@ -129,6 +135,9 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<(SliceInfo, Vec<String>), Sl
                 .unwrap_or_default(),
         });
     }
+    // Kept for as long as the slice exists: no spare capacity.
+    endpoints.shrink_to_fit();
+    ports.shrink_to_fit();
     Ok((SliceInfo { ports, endpoints }, warnings))
 }
 
@@ -136,7 +145,26 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<(SliceInfo, Vec<String>), Sl
 #[derive(Debug, Default)]
 pub struct EndpointSliceCache {
     node_name: String,
-    slices: HashMap<ServiceName, BTreeMap<String, SliceInfo>>,
+    /// Per Service, its slices sorted by name (most Services have one: a vector costs less than a map).
+    slices: HashMap<ServiceName, Vec<(String, SliceInfo)>>,
+    /// Node and zone names, one shared copy each for every endpoint that names them.
+    names: HashSet<Arc<str>>,
+    /// `names` is pruned of names no endpoint uses when it grows past this.
+    names_limit: usize,
+}
+
+/// Pruning of unused interned names starts at this many names.
+const NAMES_MIN_LIMIT: usize = 1024;
+
+/// Replaces `name` by the shared copy in `names`, adding it when new.
+fn intern(names: &mut HashSet<Arc<str>>, name: &mut Option<Arc<str>>) {
+    let Some(n) = name else { return };
+    match names.get(n) {
+        Some(shared) => *n = Arc::clone(shared),
+        None => {
+            names.insert(Arc::clone(n));
+        }
+    }
 }
 
 impl EndpointSliceCache {
@@ -144,16 +172,30 @@ impl EndpointSliceCache {
         Self {
             node_name: node_name.into(),
             slices: HashMap::new(),
+            names: HashSet::new(),
+            names_limit: NAMES_MIN_LIMIT,
         }
     }
 
     /// Stores a slice; returns whether the Service's slices changed.
-    pub fn upsert(&mut self, svc: ServiceName, slice_name: String, info: SliceInfo) -> bool {
+    pub fn upsert(&mut self, svc: ServiceName, slice_name: String, mut info: SliceInfo) -> bool {
         let per_svc = self.slices.entry(svc).or_default();
-        if per_svc.get(&slice_name) == Some(&info) {
+        let at = per_svc.binary_search_by(|(n, _)| n.as_str().cmp(&slice_name));
+        if matches!(at, Ok(i) if per_svc[i].1 == info) {
             return false;
         }
-        per_svc.insert(slice_name, info);
+        for e in &mut info.endpoints {
+            intern(&mut self.names, &mut e.node_name);
+            intern(&mut self.names, &mut e.zone);
+        }
+        match at {
+            Ok(i) => per_svc[i].1 = info,
+            Err(i) => per_svc.insert(i, (slice_name, info)),
+        }
+        if self.names.len() > self.names_limit.max(NAMES_MIN_LIMIT) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.names_limit = (2 * self.names.len()).max(NAMES_MIN_LIMIT);
+        }
         true
     }
 
@@ -162,7 +204,13 @@ impl EndpointSliceCache {
         let Some(per_svc) = self.slices.get_mut(svc) else {
             return false;
         };
-        let removed = per_svc.remove(slice_name).is_some();
+        let removed = match per_svc.binary_search_by(|(n, _)| n.as_str().cmp(slice_name)) {
+            Ok(i) => {
+                per_svc.remove(i);
+                true
+            }
+            Err(_) => false,
+        };
         if per_svc.is_empty() {
             self.slices.remove(svc);
         }
@@ -177,7 +225,7 @@ impl EndpointSliceCache {
     pub fn slice_names(&self, svc: &ServiceName) -> Vec<String> {
         self.slices
             .get(svc)
-            .map(|m| m.keys().cloned().collect())
+            .map(|m| m.iter().map(|(n, _)| n.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -189,7 +237,7 @@ impl EndpointSliceCache {
         let Some(per_svc) = self.slices.get(svc) else {
             return BTreeMap::new();
         };
-        for info in per_svc.values() {
+        for (_, info) in per_svc {
             for p in &info.ports {
                 let spn = ServicePortName {
                     service: svc.clone(),
@@ -310,6 +358,34 @@ mod tests {
                 ]
             )])
         );
+    }
+
+    #[test]
+    fn node_names_are_shared_and_slices_kept_in_name_order() {
+        let mut cache = EndpointSliceCache::new("node-a");
+        for (name, ip) in [("s-2", "10.0.0.2"), ("s-1", "10.0.0.1"), ("s-3", "10.0.0.3")] {
+            add(
+                &mut cache,
+                json!({"metadata": {"namespace": "ns", "name": name, "labels": {LABEL_SERVICE_NAME: "x"}},
+                       "addressType": "IPv4", "ports": [{"port": 80}],
+                       "endpoints": [{"addresses": [ip], "nodeName": "node-b", "zone": "z"}]}),
+            );
+        }
+        let svc = ServiceName::new("ns", "x");
+        assert_eq!(cache.slice_names(&svc), ["s-1", "s-2", "s-3"]);
+        let eps = cache.endpoints(&svc);
+        let list = eps.values().next().unwrap();
+        assert_eq!(list.len(), 3);
+        let (a, b) = (list[0].node_name.as_ref().unwrap(), list[2].node_name.as_ref().unwrap());
+        assert!(Arc::ptr_eq(a, b), "one copy of the node name");
+        assert!(Arc::ptr_eq(
+            list[0].zone.as_ref().unwrap(),
+            list[1].zone.as_ref().unwrap()
+        ));
+        assert_eq!(&**a, "node-b");
+        assert!(cache.remove(&svc, "s-2"));
+        assert!(!cache.remove(&svc, "s-2"));
+        assert_eq!(cache.slice_names(&svc), ["s-1", "s-3"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   PreferSameZone when every ready endpoint has a zone hint and one names this node's zone; else none.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{Endpoint, NodeInfo, ServicePort};
 
@@ -20,14 +21,19 @@ pub enum TopologyMode {
 }
 
 /// The result of categorising a service port's endpoints on one node.
+///
+/// The lists are shared (with each other and with the port's whole endpoint list) wherever they are equal.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Categorized {
     /// Endpoints for Cluster-policy traffic; empty when the port never uses Cluster policy.
-    pub cluster: Vec<Endpoint>,
+    #[serde(serialize_with = "super::ser_slice")]
+    pub cluster: Arc<[Endpoint]>,
     /// Endpoints for Local-policy traffic; empty when the port never uses Local policy.
-    pub local: Vec<Endpoint>,
+    #[serde(serialize_with = "super::ser_slice")]
+    pub local: Arc<[Endpoint]>,
     /// The union of the two: every endpoint some traffic from this node may reach.
-    pub all_reachable: Vec<Endpoint>,
+    #[serde(serialize_with = "super::ser_slice")]
+    pub all_reachable: Arc<[Endpoint]>,
     /// Whether the port has a usable endpoint anywhere in the cluster (even if none is reachable from here).
     pub has_any: bool,
 }
@@ -79,6 +85,31 @@ fn serving_terminating(ep: &Endpoint) -> bool {
 
 /// Categorises `endpoints` of `svc` for `node`, exactly as kube-proxy's CategorizeEndpoints.
 pub fn categorize(endpoints: &[Endpoint], svc: &ServicePort, node: &NodeInfo) -> Categorized {
+    categorize_in(endpoints, None, svc, node)
+}
+
+/// [`categorize`] of a shared list: a category holding every endpoint shares `endpoints` instead of copying it
+/// (the common case: all ready, no hints), and `all_reachable` shares the category it equals.
+pub fn categorize_shared(endpoints: &Arc<[Endpoint]>, svc: &ServicePort, node: &NodeInfo) -> Categorized {
+    categorize_in(endpoints, Some(endpoints), svc, node)
+}
+
+/// The endpoints of `all` that `keep`, shared with `whole` (which holds `all`) when that is every one of them.
+fn pick(all: &[Endpoint], whole: Option<&Arc<[Endpoint]>>, keep: impl Fn(&Endpoint) -> bool) -> Arc<[Endpoint]> {
+    let n = all.iter().filter(|e| keep(e)).count();
+    match whole {
+        Some(w) if n == all.len() => Arc::clone(w),
+        _ if n == 0 => Arc::default(),
+        _ => all.iter().filter(|e| keep(e)).cloned().collect(),
+    }
+}
+
+fn categorize_in(
+    endpoints: &[Endpoint],
+    whole: Option<&Arc<[Endpoint]>>,
+    svc: &ServicePort,
+    node: &NodeInfo,
+) -> Categorized {
     let mut out = Categorized::default();
     if endpoints.is_empty() {
         return out;
@@ -86,18 +117,14 @@ pub fn categorize(endpoints: &[Endpoint], svc: &ServicePort, node: &NodeInfo) ->
     let mut mode = TopologyMode::None;
     if svc.uses_cluster_endpoints() {
         mode = topology_mode(endpoints, node);
-        out.cluster = endpoints
-            .iter()
-            .filter(|e| e.ready && available_for_topology(e, mode, node))
-            .cloned()
-            .collect();
+        out.cluster = pick(endpoints, whole, |e| e.ready && available_for_topology(e, mode, node));
         if out.cluster.is_empty() {
-            out.cluster = endpoints.iter().filter(|e| serving_terminating(e)).cloned().collect();
+            out.cluster = pick(endpoints, whole, serving_terminating);
         }
         out.has_any = !out.cluster.is_empty();
     }
     if !svc.uses_local_endpoints() {
-        out.all_reachable = out.cluster.clone();
+        out.all_reachable = Arc::clone(&out.cluster);
         return out;
     }
 
@@ -113,22 +140,18 @@ pub fn categorize(endpoints: &[Endpoint], svc: &ServicePort, node: &NodeInfo) ->
     }
     let mut use_serving_terminating = false;
     if local_ready {
-        out.local = endpoints.iter().filter(|e| e.is_local && e.ready).cloned().collect();
+        out.local = pick(endpoints, whole, |e| e.is_local && e.ready);
     } else if local_serving_terminating {
         use_serving_terminating = true;
-        out.local = endpoints
-            .iter()
-            .filter(|e| e.is_local && serving_terminating(e))
-            .cloned()
-            .collect();
+        out.local = pick(endpoints, whole, |e| e.is_local && serving_terminating(e));
     }
 
     if !svc.uses_cluster_endpoints() {
-        out.all_reachable = out.local.clone();
+        out.all_reachable = Arc::clone(&out.local);
         return out;
     }
     if mode == TopologyMode::None && !use_serving_terminating {
-        out.all_reachable = out.cluster.clone();
+        out.all_reachable = Arc::clone(&out.cluster);
         return out;
     }
     let mut union: BTreeMap<String, Endpoint> = BTreeMap::new();
@@ -142,8 +165,7 @@ pub fn categorize(endpoints: &[Endpoint], svc: &ServicePort, node: &NodeInfo) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, ServicePortName, TrafficPolicy};
-    use std::collections::BTreeSet;
+    use crate::model::{Hints, Protocol, ServicePortName, TrafficPolicy};
 
     /// A compact endpoint description: `ip`, readiness flags "r" / "s" / "t" (ready, serving, terminating),
     /// local or not, zone hints, node hints.
@@ -161,8 +183,8 @@ mod tests {
                 ready: flags.contains('r'),
                 serving: flags.contains('s'),
                 terminating: flags.contains('t'),
-                zone_hints: zones.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
-                node_hints: nodes.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
+                zone_hints: zones.iter().map(|s| s.to_string()).collect::<Hints>(),
+                node_hints: nodes.iter().map(|s| s.to_string()).collect::<Hints>(),
                 ..Endpoint::new(ip.parse().unwrap(), 80).on_node(if *local { "node-a" } else { "node-b" }, *local)
             })
             .collect()
@@ -215,6 +237,26 @@ mod tests {
         assert_eq!(ips(&got.local), local, "{case}: local");
         assert_eq!(ips(&got.all_reachable), all, "{case}: all reachable");
         assert_eq!(got.has_any, has_any, "{case}: has_any");
+    }
+
+    #[test]
+    fn shared_lists_are_shared_only_when_equal() {
+        let all: Arc<[Endpoint]> = eps(&[
+            E("10.0.0.1", "rs", false, &[], &[]),
+            E("10.0.0.2", "rs", true, &[], &[]),
+        ])
+        .into();
+        let c = categorize_shared(&all, &port(false, false, false), &node(None));
+        assert!(Arc::ptr_eq(&c.cluster, &all) && Arc::ptr_eq(&c.all_reachable, &all));
+        assert!(c.local.is_empty());
+        // One unready: the cluster list is its own (and equal to what the unshared path computes).
+        let all: Arc<[Endpoint]> =
+            eps(&[E("10.0.0.1", "rs", false, &[], &[]), E("10.0.0.2", "", true, &[], &[])]).into();
+        let svc = port(false, true, true);
+        let c = categorize_shared(&all, &svc, &node(None));
+        assert!(!Arc::ptr_eq(&c.cluster, &all));
+        assert_eq!(ips(&c.cluster), ["10.0.0.1"]);
+        assert_eq!(c, categorize(&all, &svc, &node(None)));
     }
 
     #[test]

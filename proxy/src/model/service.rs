@@ -204,7 +204,7 @@ pub fn service_ports(svc: &Service) -> Result<(Vec<ServicePort>, Warnings), Skip
         };
         let spn = ServicePortName {
             service: name.clone(),
-            port: port_name,
+            port: port_name.into(),
             protocol,
         };
         if ports.iter().any(|sp: &ServicePort| sp.name == spn) {

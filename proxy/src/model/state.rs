@@ -3,22 +3,25 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::selection::{categorize, Categorized};
+use super::selection::{categorize_shared, Categorized};
 use super::{Endpoint, NodeInfo, ServicePort, ServicePortName};
 
 /// A service port together with its endpoints, categorised for this node.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServicePortState {
     pub port: ServicePort,
-    /// Every endpoint the slices list for this port, whatever its condition (sorted by address).
-    pub endpoints: Vec<Endpoint>,
+    /// Every endpoint the slices list for this port, whatever its condition (sorted by address); shared with
+    /// the categories of `selected` that hold all of them.
+    #[serde(serialize_with = "super::ser_slice")]
+    pub endpoints: Arc<[Endpoint]>,
     /// The endpoints this node uses, per traffic policy.
     pub selected: Categorized,
 }
 
 impl ServicePortState {
     pub fn new(port: ServicePort, endpoints: Vec<Endpoint>, node: &NodeInfo) -> Self {
-        let selected = categorize(&endpoints, &port, node);
+        let endpoints: Arc<[Endpoint]> = endpoints.into();
+        let selected = categorize_shared(&endpoints, &port, node);
         Self {
             port,
             endpoints,

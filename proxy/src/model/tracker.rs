@@ -128,6 +128,8 @@ impl ChangeTracker {
                 Vec::new()
             }
         };
+        // One shared copy of the name for the key and every port.
+        let name = ports.first().map_or(name, |p| p.name.service.clone());
         let old = if ports.is_empty() {
             self.services.remove(&name)
         } else {
@@ -165,6 +167,8 @@ impl ChangeTracker {
                     tracing::warn!(service = %svc, slice = %name, "{w}");
                 }
                 self.counters.invalid_objects += u64::from(!warnings.is_empty());
+                // Share the Service's copy of its name when the Service is known.
+                let svc = self.services.get_key_value(&svc).map_or(svc, |(k, _)| k.clone());
                 if self.slices.upsert(svc.clone(), name, info) {
                     self.counters.endpoint_changes += 1;
                     self.mark(svc, trigger_time(slice));
@@ -304,7 +308,7 @@ fn port_range(svc: &ServiceName) -> std::ops::RangeInclusive<ServicePortName> {
     use super::Protocol;
     let lo = ServicePortName {
         service: svc.clone(),
-        port: String::new(),
+        port: Arc::from(""),
         protocol: Protocol::Tcp,
     };
     // Port names are DNS labels (lowercase ASCII); U+10FFFF sorts after every one of them.
@@ -415,12 +419,12 @@ mod tests {
         ));
         let d = t.take_diff();
         assert_eq!(d.upserted.len(), 1);
-        assert_eq!(d.upserted[0].name().port, "x");
+        assert_eq!(&*d.upserted[0].name().port, "x");
         t.service_updated(&svc("web", "10.96.0.5", json!([{"name": "x", "port": 81}])));
         let d = t.take_diff();
         assert!(d.upserted.is_empty());
         assert_eq!(d.removed.len(), 1);
-        assert_eq!(d.removed[0].port, "http");
+        assert_eq!(&*d.removed[0].port, "http");
 
         // Deleting the Service removes what is left.
         t.service_deleted(&svc("web", "10.96.0.5", json!([])));
@@ -441,7 +445,7 @@ mod tests {
         t.service_updated(&svc("a", "None", json!([{"port": 80}])));
         let d = t.take_diff();
         assert_eq!(d.removed.len(), 1);
-        assert_eq!(d.removed[0].service.name, "a");
+        assert_eq!(&*d.removed[0].service.name, "a");
         assert_eq!(t.desired().len(), 1);
     }
 

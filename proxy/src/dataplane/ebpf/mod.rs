@@ -302,6 +302,13 @@ impl Dataplane for EbpfDataplane {
             written += self.programmer.upsert(&mut maps, st, node, &self.cfg)?.entries;
         }
         written += self.programmer.sweep(&mut maps)?.entries;
+        // A full sync follows a (re)list: the parsed objects and per-Service temporaries are freed by now; give
+        // their pages back (about 13 MiB of VmRSS at 30k Services x 10 endpoints, `orca-bench agent-mem`).
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(SyncStats {
             objects_written: written,
             service_ports: self.programmer.service_ports(),

@@ -71,9 +71,63 @@ struct PublishedSet {
 
 #[derive(Debug, Default)]
 struct PortEntry {
-    sets: BTreeMap<SetKind, PublishedSet>,
-    frontends: BTreeMap<FrontendKey, SetKind>,
+    sets: VecMap<SetKind, PublishedSet>,
+    frontends: VecMap<FrontendKey, SetKind>,
     ranges: BTreeSet<SrcRange>,
+}
+
+/// A map as a sorted vector: a port has one to a few sets and frontends, and a one-entry BTreeMap allocates a
+/// whole node (eleven slots) for them; this is kept for every service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VecMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for VecMap<K, V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<K: Ord, V> VecMap<K, V> {
+    fn find(&self, k: &K) -> Result<usize, usize> {
+        self.0.binary_search_by(|(x, _)| x.cmp(k))
+    }
+    fn get(&self, k: &K) -> Option<&V> {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+    fn insert(&mut self, k: K, v: V) {
+        match self.find(&k) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (k, v)),
+        }
+    }
+    fn remove(&mut self, k: &K) -> Option<V> {
+        self.find(k).ok().map(|i| self.0.remove(i).1)
+    }
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
+
+impl<K: Ord, V> std::ops::Index<&K> for VecMap<K, V> {
+    type Output = V;
+    fn index(&self, k: &K) -> &V {
+        self.get(k).expect("VecMap: no such key")
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for VecMap<K, V> {
+    /// Later duplicates win, as in a BTreeMap.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(it: I) -> Self {
+        let mut m = Self::default();
+        for (k, v) in it {
+            m.insert(k, v);
+        }
+        m.0.shrink_to_fit();
+        m
+    }
 }
 
 /// What a sync wrote, for stats.
@@ -368,6 +422,7 @@ impl Programmer {
                 self.used_ids.remove(&set.id);
             }
         }
+        entry.sets.0.shrink_to_fit();
         self.ports.insert(name, entry);
         Ok(w)
     }

@@ -276,9 +276,9 @@ struct PortView<'a> {
     external_ips: Vec<Ipv4Addr>,
     lb_ips: Vec<Ipv4Addr>,
     source_ranges: Vec<Cidr>,
-    cluster: Vec<Endpoint>,
-    local: Vec<Endpoint>,
-    reachable: Vec<Endpoint>,
+    cluster: std::sync::Arc<[Endpoint]>,
+    local: std::sync::Arc<[Endpoint]>,
+    reachable: std::sync::Arc<[Endpoint]>,
     has_any: bool,
 }
 
@@ -849,7 +849,7 @@ impl<'a> Generator<'a> {
         } else {
             format!(" -m comment --comment {name}")
         };
-        for ep in &v.reachable {
+        for ep in v.reachable.iter() {
             let addr = ep.addr_string();
             let sep = sep_chain_of(raw, proto, &addr);
             nat_chains.chain(&sep);

@@ -526,7 +526,7 @@ fn ipv6_is_left_out() {
     let mut d = port("ds", "10.96.0.40", 80, Protocol::Tcp);
     d.cluster_ips.push("fd00:96::40".parse().unwrap());
     let mut v6only = port("v6", "fd00:96::41", 80, Protocol::Tcp);
-    v6only.name.port = String::new();
+    v6only.name.port = "".into();
     let t = text(
         &DataplaneConfig::default(),
         &snap(vec![
