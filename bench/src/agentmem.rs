@@ -20,35 +20,44 @@ use orca_proxy::model::tracker::ChangeTracker;
 use orca_proxy::model::NodeInfo;
 use serde_json::json;
 
-/// System's allocator, counting the bytes currently allocated.
+/// System's allocator, counting the bytes currently allocated once `agent-mem` has switched counting on (the other
+/// subcommands, e.g. the load generator, then pay one relaxed load of a flag that never changes, not a shared
+/// counter's cache line).
 pub struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
+static ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn count(delta: isize) {
+    if ON.load(Ordering::Relaxed) {
+        LIVE.fetch_add(delta, Ordering::Relaxed);
+    }
+}
 
 // SAFETY: every call is forwarded to `System` unchanged; only a counter is updated besides.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(l) };
         if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+            count(l.size() as isize);
         }
         p
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         let p = unsafe { System.alloc_zeroed(l) };
         if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+            count(l.size() as isize);
         }
         p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        count(-(l.size() as isize));
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         let q = unsafe { System.realloc(p, l, new) };
         if !q.is_null() {
-            LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+            count(new as isize - l.size() as isize);
         }
         q
     }
@@ -193,6 +202,9 @@ impl Meter {
 }
 
 pub fn run(a: AgentMemArgs) -> Result<()> {
+    // Counted from here on: what was allocated before and is freed later makes the figures smaller, never larger,
+    // and every figure is a difference from a baseline taken after this point.
+    ON.store(true, Ordering::Relaxed);
     let endpoints = a.services * a.endpoints_per_service;
     anyhow::ensure!(
         endpoints <= 1 << 24,
