@@ -61,9 +61,11 @@ pub const PROG_FROM_POD: &str = "orca_from_pod";
 /// Attached (TC ingress) on node uplinks: traffic arriving at the node.
 pub const PROG_FROM_NETDEV: &str = "orca_from_netdev";
 
-/// Map capacities.
-pub const FRONTENDS_MAX: u32 = 65_536;
-pub const BACKENDS_MAX: u32 = 262_144;
+/// Map capacities. The frontend, backend-slot and member maps are allocated as entries are written
+/// (`BPF_F_NO_PREALLOC`), so their capacity costs no kernel memory until used: 1M backend slots hold 300k
+/// endpoints (30k Services x 10) with room for the second slot range each update writes before the switch.
+pub const FRONTENDS_MAX: u32 = 1 << 18;
+pub const BACKENDS_MAX: u32 = 1 << 20;
 pub const CT_MAX: u32 = 262_144;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const SRC_RANGES_MAX: u32 = 16_384;

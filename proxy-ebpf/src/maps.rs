@@ -13,13 +13,13 @@ use orca_common::{
 use orca_common::{MaglevKey, MAGLEV_MAX};
 
 #[map(name = "ORCA_FRONTENDS")]
-pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(FRONTENDS_MAX, 0);
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "ORCA_BACKENDS")]
-pub static BACKENDS: HashMap<BackendSlotKey, Backend> = HashMap::with_max_entries(BACKENDS_MAX, 0);
+pub static BACKENDS: HashMap<BackendSlotKey, Backend> = HashMap::with_max_entries(BACKENDS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "ORCA_MEMBERS")]
-pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(BACKENDS_MAX, 0);
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(BACKENDS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "ORCA_CT4")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(CT_MAX, 0);

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub invalid_objects_total: Family<KindLabels, Counter>,
     pub mode: Family<ModeLabels, Gauge>,
     pub service_ports: Gauge,
+    pub failed_service_ports: Gauge,
     pub map_entries: Family<KindLabels, Gauge>,
     pub proxy_healthz_total: Family<CodeLabels, Counter>,
     pub proxy_livez_total: Family<CodeLabels, Counter>,
@@ -77,6 +78,7 @@ impl Metrics {
             invalid_objects_total: Family::default(),
             mode: Family::default(),
             service_ports: Gauge::default(),
+            failed_service_ports: Gauge::default(),
             map_entries: Family::default(),
             proxy_healthz_total: Family::default(),
             proxy_livez_total: Family::default(),
@@ -163,6 +165,11 @@ impl Metrics {
             "orca_service_ports",
             "Service ports programmed",
             m.service_ports.clone(),
+        );
+        r.register(
+            "orca_failed_service_ports",
+            "Service ports the last sync could not program (e.g. a full BPF map); retried on every sync",
+            m.failed_service_ports.clone(),
         );
         r.register("orca_map_entries", "Entries in each eBPF map", m.map_entries.clone());
         Metrics { registry, ..m }

@@ -234,6 +234,9 @@ pub async fn run(
                     }
                 }
                 metrics.service_ports.set(desired.len() as i64);
+                if ran {
+                    metrics.failed_service_ports.set(stats.failed_service_ports as i64);
+                }
                 health.updated();
                 if full {
                     health_checks.sync(&desired, &node.addresses);

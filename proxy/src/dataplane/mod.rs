@@ -57,6 +57,9 @@ pub struct SyncStats {
     pub objects_written: usize,
     /// Service ports programmed after the sync.
     pub service_ports: usize,
+    /// Service ports the dataplane could not program (e.g. a full BPF map): left as they were, retried on every
+    /// later sync, while every other Service is programmed.
+    pub failed_service_ports: usize,
 }
 
 /// A dataplane: turns the desired state into kernel state.

@@ -10,7 +10,7 @@ pub mod maglev;
 pub mod services;
 pub mod testrun;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,9 +27,9 @@ use orca_common::{
 };
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
-use crate::model::state::Snapshot;
+use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::tracker::Diff;
-use crate::model::NodeInfo;
+use crate::model::{NodeInfo, ServicePortName};
 
 use loader::{Attacher, Role};
 use services::{MapOps, Programmer, SrcRange};
@@ -77,6 +77,8 @@ pub struct EbpfDataplane {
     mounted_bpffs: Option<PathBuf>,
     /// Last value written to `ORCA_CONFIG[CONFIG_SNAT_IPV4]`.
     snat_ipv4: Option<u32>,
+    /// Service ports whose last upsert failed (e.g. a full map): retried on every sync.
+    failed: BTreeSet<ServicePortName>,
 }
 
 /// Attachment state shared with the interface watcher thread.
@@ -206,6 +208,7 @@ impl EbpfDataplane {
             watcher,
             mounted_bpffs,
             snat_ipv4: None,
+            failed: BTreeSet::new(),
         })
     }
 
@@ -284,6 +287,37 @@ fn lock(links: &Mutex<Links>) -> Result<std::sync::MutexGuard<'_, Links>> {
         .map_err(|_| anyhow::anyhow!("the interface watcher panicked"))
 }
 
+/// Programs one service port; a failure (e.g. a full map) is logged once when it starts, recorded in `failed` and
+/// contained to that port, so that every other Service is still programmed. Returns the entries written.
+fn upsert_contained(
+    programmer: &mut Programmer,
+    failed: &mut BTreeSet<ServicePortName>,
+    maps: &mut dyn MapOps,
+    st: &ServicePortState,
+    node: &NodeInfo,
+    cfg: &DataplaneConfig,
+) -> usize {
+    match programmer.upsert(maps, st, node, cfg) {
+        Ok(w) => {
+            if failed.remove(st.name()) {
+                tracing::info!(service = %st.name(), "service port programmed after earlier failures");
+            }
+            w.entries
+        }
+        Err(e) => {
+            if failed.insert(st.name().clone()) {
+                tracing::error!(
+                    service = %st.name(),
+                    error = format!("{e:#}"),
+                    "cannot program this service port (is a BPF map full?); it keeps its previous state and is \
+                     retried on every sync; other Services are not affected"
+                );
+            }
+            0
+        }
+    }
+}
+
 impl Dataplane for EbpfDataplane {
     fn mode(&self) -> ProxyMode {
         ProxyMode::Ebpf
@@ -298,8 +332,9 @@ impl Dataplane for EbpfDataplane {
                 written += self.programmer.remove(&mut maps, &name)?.entries;
             }
         }
+        self.failed.retain(|n| desired.contains_key(n));
         for st in desired.values() {
-            written += self.programmer.upsert(&mut maps, st, node, &self.cfg)?.entries;
+            written += upsert_contained(&mut self.programmer, &mut self.failed, &mut maps, st, node, &self.cfg);
         }
         written += self.programmer.sweep(&mut maps)?.entries;
         // A full sync follows a (re)list: the parsed objects and per-Service temporaries are freed by now; give
@@ -312,22 +347,42 @@ impl Dataplane for EbpfDataplane {
         Ok(SyncStats {
             objects_written: written,
             service_ports: self.programmer.service_ports(),
+            failed_service_ports: self.failed.len(),
         })
     }
 
-    fn apply(&mut self, diff: &Diff, _desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+    fn apply(&mut self, diff: &Diff, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
         self.set_node(node)?;
         let mut maps = AyaMaps { ebpf: &mut self.ebpf };
         let mut written = 0;
         for name in &diff.removed {
             written += self.programmer.remove(&mut maps, name)?.entries;
+            self.failed.remove(name);
         }
         for st in &diff.upserted {
-            written += self.programmer.upsert(&mut maps, st, node, &self.cfg)?.entries;
+            written += upsert_contained(&mut self.programmer, &mut self.failed, &mut maps, st, node, &self.cfg);
+        }
+        // Ports that failed before (and did not change now) are retried: the map may have room again.
+        let retry: Vec<ServicePortName> = self
+            .failed
+            .iter()
+            .filter(|n| !diff.upserted.iter().any(|st| st.name() == *n))
+            .cloned()
+            .collect();
+        for name in retry {
+            match desired.get(&name) {
+                Some(st) => {
+                    written += upsert_contained(&mut self.programmer, &mut self.failed, &mut maps, st, node, &self.cfg)
+                }
+                None => {
+                    self.failed.remove(&name);
+                }
+            }
         }
         Ok(SyncStats {
             objects_written: written,
             service_ports: self.programmer.service_ports(),
+            failed_service_ports: self.failed.len(),
         })
     }
 

@@ -59,6 +59,13 @@ pub enum SetKind {
     ClusterForPods,
 }
 
+/// A map entry an upsert wrote for a new set (taken back if the upsert fails).
+enum NewEntry {
+    Slot(BackendSlotKey),
+    Member(MemberKey),
+    Maglev(BackendSlotKey),
+}
+
 /// A backend set as published in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PublishedSet {
@@ -69,7 +76,7 @@ struct PublishedSet {
     maglev: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct PortEntry {
     sets: VecMap<SetKind, PublishedSet>,
     frontends: VecMap<FrontendKey, SetKind>,
@@ -225,10 +232,14 @@ impl Programmer {
             });
         }
 
-        let mut entry = self.ports.remove(&name).unwrap_or_default();
-        // 1. New slots and members for every set whose backends changed.
+        let previous = self.ports.remove(&name);
+        let mut entry = previous.clone().unwrap_or_default();
+        // 1. New slots and members for every set whose backends changed. A failure here (a full map) takes back
+        //    what this step wrote and leaves the port as it was: its frontends still use the old sets.
         let mut to_free: Vec<PublishedSet> = Vec::new();
-        for (kind, backends) in &wanted_sets {
+        let mut written: Vec<NewEntry> = Vec::new();
+        let mut failure: Option<anyhow::Error> = None;
+        'sets: for (kind, backends) in &wanted_sets {
             let current = entry.sets.get(kind).cloned().or_else(|| {
                 // A restarted agent: reuse the id and slot range a pinned frontend of this set uses.
                 desired_frontends
@@ -279,7 +290,11 @@ impl Programmer {
                         service_id: next.id,
                         slot: next.base + i as u32,
                     };
-                    maps.put_maglev(key, *offset)?;
+                    if let Err(e) = maps.put_maglev(key, *offset) {
+                        failure = Some(e.context("writing a Maglev table"));
+                        break 'sets;
+                    }
+                    written.push(NewEntry::Maglev(key));
                 }
                 w.entries += table.len();
             }
@@ -288,14 +303,42 @@ impl Programmer {
                     service_id: next.id,
                     slot: next.base + i as u32,
                 };
-                maps.put_slot(slot, *b)?;
-                maps.put_member(MemberKey::of(next.id, b), i as u32)?;
+                if let Err(e) = maps.put_slot(slot, *b) {
+                    failure = Some(e.context("writing a backend slot"));
+                    break 'sets;
+                }
+                written.push(NewEntry::Slot(slot));
+                let member = MemberKey::of(next.id, b);
+                let is_new = !current
+                    .as_ref()
+                    .is_some_and(|c| c.id == next.id && c.backends.contains(b));
+                if let Err(e) = maps.put_member(member, i as u32) {
+                    failure = Some(e.context("writing a backend member"));
+                    break 'sets;
+                }
+                if is_new {
+                    written.push(NewEntry::Member(member));
+                }
                 w.entries += 2;
             }
             if let Some(cur) = current {
                 to_free.push(cur);
             }
             entry.sets.insert(*kind, next);
+        }
+        if let Some(e) = failure {
+            for k in written {
+                // Best effort: what cannot be deleted now goes with the next full sync's sweep.
+                let _ = match k {
+                    NewEntry::Slot(k) => maps.del_slot(&k),
+                    NewEntry::Member(k) => maps.del_member(&k),
+                    NewEntry::Maglev(k) => maps.del_maglev(&k),
+                };
+            }
+            if let Some(p) = previous {
+                self.ports.insert(name, p);
+            }
+            return Err(e);
         }
 
         // loadBalancerSourceRanges (IPv4) restrict the load-balancer IP frontends. Like kube-proxy,

@@ -29,6 +29,8 @@ struct FakeMaps {
     ranges: BTreeSet<SrcRange>,
     maglev: BTreeMap<BackendSlotKey, u32>,
     ops: usize,
+    /// Capacity of the slot map (None: unbounded); a new key beyond it fails as a full BPF map does.
+    slot_cap: Option<usize>,
 }
 
 impl FakeMaps {
@@ -85,6 +87,9 @@ impl MapOps for FakeMaps {
         self.op()
     }
     fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> anyhow::Result<()> {
+        if self.slot_cap.is_some_and(|cap| self.slots.len() >= cap) && !self.slots.contains_key(&k) {
+            anyhow::bail!("`bpf_map_update_elem` failed: Argument list too long (os error 7)");
+        }
         self.slots.insert(k, v);
         self.op()
     }
@@ -506,4 +511,87 @@ fn the_load_balancing_annotation_overrides_the_agent_default() {
         let tables = if agent_maglev { 2 } else { 0 };
         assert_eq!(m.maglev.len(), tables * orca_common::MAGLEV_TABLE_SIZE as usize);
     }
+}
+
+#[test]
+fn a_full_map_fails_one_service_port_and_leaves_it_and_the_others_as_they_were() {
+    let mut m = FakeMaps {
+        slot_cap: Some(6),
+        ..Default::default()
+    };
+    let mut p = Programmer::default();
+    let mut failed = BTreeSet::new();
+    let cfg = DataplaneConfig::default();
+    let eps = |ips: &[&str]| ips.iter().map(|ip| ep(ip, false)).collect::<Vec<_>>();
+    let a = |ips: &[&str]| state(port("a", "10.96.0.10"), eps(ips));
+    let b = state(
+        port("b", "10.96.0.11"),
+        eps(&["10.244.2.1", "10.244.2.2", "10.244.2.3", "10.244.2.4", "10.244.2.5"]),
+    );
+    let c = state(
+        port("c", "10.96.0.12"),
+        eps(&["10.244.3.1", "10.244.3.2", "10.244.3.3"]),
+    );
+
+    assert!(
+        super::upsert_contained(
+            &mut p,
+            &mut failed,
+            &mut m,
+            &a(&["10.244.1.1", "10.244.1.2"]),
+            &node(),
+            &cfg
+        ) > 0
+    );
+    // b needs 5 slots, 4 are left: it fails, and what it wrote is taken back.
+    assert_eq!(
+        super::upsert_contained(&mut p, &mut failed, &mut m, &b, &node(), &cfg),
+        0
+    );
+    assert_eq!(
+        failed.iter().map(|n| n.service.name.to_string()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(m.slots.len(), 2, "b's partial writes were removed");
+    assert!(!m.fe.contains_key(&fk("10.96.0.11", 80)));
+    // c fits in what b gave back.
+    assert!(super::upsert_contained(&mut p, &mut failed, &mut m, &c, &node(), &cfg) > 0);
+    assert_eq!(resolve(&m, &fk("10.96.0.12", 80)).len(), 3);
+    // a grows to 3 backends: its new set does not fit beside the old one, so a keeps its 2 backends.
+    assert_eq!(
+        super::upsert_contained(
+            &mut p,
+            &mut failed,
+            &mut m,
+            &a(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]),
+            &node(),
+            &cfg
+        ),
+        0
+    );
+    assert_eq!(
+        resolve(&m, &fk("10.96.0.10", 80)),
+        ["10.244.1.1", "10.244.1.2"]
+    );
+    assert_eq!(failed.len(), 2);
+    m.check();
+    // Room again (the map was resized, or other Services went away): the retries succeed.
+    m.slot_cap = None;
+    assert!(super::upsert_contained(&mut p, &mut failed, &mut m, &b, &node(), &cfg) > 0);
+    assert!(
+        super::upsert_contained(
+            &mut p,
+            &mut failed,
+            &mut m,
+            &a(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]),
+            &node(),
+            &cfg
+        ) > 0
+    );
+    assert!(failed.is_empty());
+    assert_eq!(resolve(&m, &fk("10.96.0.11", 80)).len(), 5);
+    assert_eq!(resolve(&m, &fk("10.96.0.10", 80)).len(), 3);
+    // The slot map holds exactly the published sets (nothing of the failed attempts).
+    assert_eq!(m.slots.len(), 3 + 5 + 3);
+    assert_eq!(m.members.len(), 3 + 5 + 3);
 }

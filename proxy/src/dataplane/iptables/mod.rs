@@ -335,6 +335,7 @@ impl IptablesDataplane {
         Ok(SyncStats {
             objects_written: ruleset.rules_written,
             service_ports: desired.len(),
+            failed_service_ports: 0,
         })
     }
 }
