@@ -569,10 +569,7 @@ fn a_full_map_fails_one_service_port_and_leaves_it_and_the_others_as_they_were()
         ),
         0
     );
-    assert_eq!(
-        resolve(&m, &fk("10.96.0.10", 80)),
-        ["10.244.1.1", "10.244.1.2"]
-    );
+    assert_eq!(resolve(&m, &fk("10.96.0.10", 80)), ["10.244.1.1", "10.244.1.2"]);
     assert_eq!(failed.len(), 2);
     m.check();
     // Room again (the map was resized, or other Services went away): the retries succeed.
