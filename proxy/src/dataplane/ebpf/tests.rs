@@ -532,22 +532,14 @@ fn a_full_map_fails_one_service_port_and_leaves_it_and_the_others_as_they_were()
         port("c", "10.96.0.12"),
         eps(&["10.244.3.1", "10.244.3.2", "10.244.3.3"]),
     );
+    let a3 = a(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]);
+    let up = |p: &mut Programmer, failed: &mut BTreeSet<ServicePortName>, m: &mut FakeMaps, st: &ServicePortState| {
+        super::upsert_contained(p, failed, m, st, &node(), &cfg)
+    };
 
-    assert!(
-        super::upsert_contained(
-            &mut p,
-            &mut failed,
-            &mut m,
-            &a(&["10.244.1.1", "10.244.1.2"]),
-            &node(),
-            &cfg
-        ) > 0
-    );
+    assert!(up(&mut p, &mut failed, &mut m, &a(&["10.244.1.1", "10.244.1.2"])) > 0);
     // b needs 5 slots, 4 are left: it fails, and what it wrote is taken back.
-    assert_eq!(
-        super::upsert_contained(&mut p, &mut failed, &mut m, &b, &node(), &cfg),
-        0
-    );
+    assert_eq!(up(&mut p, &mut failed, &mut m, &b), 0);
     assert_eq!(
         failed.iter().map(|n| n.service.name.to_string()).collect::<Vec<_>>(),
         ["b"]
@@ -555,36 +547,17 @@ fn a_full_map_fails_one_service_port_and_leaves_it_and_the_others_as_they_were()
     assert_eq!(m.slots.len(), 2, "b's partial writes were removed");
     assert!(!m.fe.contains_key(&fk("10.96.0.11", 80)));
     // c fits in what b gave back.
-    assert!(super::upsert_contained(&mut p, &mut failed, &mut m, &c, &node(), &cfg) > 0);
+    assert!(up(&mut p, &mut failed, &mut m, &c) > 0);
     assert_eq!(resolve(&m, &fk("10.96.0.12", 80)).len(), 3);
     // a grows to 3 backends: its new set does not fit beside the old one, so a keeps its 2 backends.
-    assert_eq!(
-        super::upsert_contained(
-            &mut p,
-            &mut failed,
-            &mut m,
-            &a(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]),
-            &node(),
-            &cfg
-        ),
-        0
-    );
+    assert_eq!(up(&mut p, &mut failed, &mut m, &a3), 0);
     assert_eq!(resolve(&m, &fk("10.96.0.10", 80)), ["10.244.1.1", "10.244.1.2"]);
     assert_eq!(failed.len(), 2);
     m.check();
     // Room again (the map was resized, or other Services went away): the retries succeed.
     m.slot_cap = None;
-    assert!(super::upsert_contained(&mut p, &mut failed, &mut m, &b, &node(), &cfg) > 0);
-    assert!(
-        super::upsert_contained(
-            &mut p,
-            &mut failed,
-            &mut m,
-            &a(&["10.244.1.1", "10.244.1.2", "10.244.1.3"]),
-            &node(),
-            &cfg
-        ) > 0
-    );
+    assert!(up(&mut p, &mut failed, &mut m, &b) > 0);
+    assert!(up(&mut p, &mut failed, &mut m, &a3) > 0);
     assert!(failed.is_empty());
     assert_eq!(resolve(&m, &fk("10.96.0.11", 80)).len(), 5);
     assert_eq!(resolve(&m, &fk("10.96.0.10", 80)).len(), 3);
