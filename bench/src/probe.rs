@@ -564,7 +564,8 @@ pub fn tc_cost(
             bpf_root.display()
         );
     }
-    let ebpf = orca_proxy::dataplane::ebpf::loader::load(&dir)?;
+    let settings = orca_proxy::dataplane::ebpf::loader::LoadSettings::for_pinned(&dir)?;
+    let ebpf = orca_proxy::dataplane::ebpf::loader::load(&dir, &settings)?;
     let prog: &SchedClassifier = ebpf
         .program(orca_common::PROG_FROM_POD)
         .context("no orca_from_pod program")?

@@ -10,7 +10,7 @@
 
 /// Layout version of the maps below. The agent pins its maps under `<bpffs root>/v<ABI_VERSION>/`,
 /// so a release that changes a layout never adopts maps written by an older one.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Map names as they appear in the eBPF object (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
 pub const MAP_FRONTENDS: &str = "ORCA_FRONTENDS";
@@ -22,6 +22,7 @@ pub const MAP_CONFIG: &str = "ORCA_CONFIG";
 pub const MAP_SRC_RANGES: &str = "ORCA_SRC_RANGES";
 pub const MAP_SOCK: &str = "ORCA_SOCK";
 pub const MAP_MAGLEV: &str = "ORCA_MAGLEV";
+pub const MAP_STATS: &str = "ORCA_STATS";
 
 /// `ORCA_CONFIG` (array of `u32`) indices.
 /// The node's IPv4 address (packet order) used as source for masqueraded flows; 0 disables SNAT.
@@ -42,12 +43,6 @@ pub const CONFIG_F_CLUSTER_CIDR: u32 = 2;
 /// Service id under which `ORCA_SRC_RANGES` holds the cluster CIDRs (real ids start at 1).
 pub const CLUSTER_CIDR_ID: u32 = 0;
 
-/// Source ports of masqueraded flows come from this range (host order), above Linux's default
-/// ephemeral range (`net.ipv4.ip_local_port_range` 32768-60999), so they do not collide with the
-/// node's own connections.
-pub const NAT_PORT_MIN: u16 = 61_000;
-pub const NAT_PORT_MAX: u16 = 65_535;
-
 /// Socket-level load balancing for clients in the node's own network namespace (host processes,
 /// hostNetwork pods): cgroup/connect4, sendmsg4, recvmsg4 and getpeername4 hooks.
 pub const PROG_CONNECT4: &str = "orca_connect4";
@@ -60,13 +55,17 @@ pub const PROG_GETPEERNAME4: &str = "orca_getpeername4";
 pub const PROG_FROM_POD: &str = "orca_from_pod";
 /// Attached (TC ingress) on node uplinks: traffic arriving at the node.
 pub const PROG_FROM_NETDEV: &str = "orca_from_netdev";
+/// Attached (TC egress) on uplinks and pod veths, unless netfilter is bypassed: traffic leaving the node's stack.
+pub const PROG_EGRESS: &str = "orca_egress";
 
 /// Map capacities. The frontend, backend-slot and member maps are allocated as entries are written
 /// (`BPF_F_NO_PREALLOC`), so their capacity costs no kernel memory until used: 1M backend slots hold 300k
 /// endpoints (30k Services x 10) with room for the second slot range each update writes before the switch.
 pub const FRONTENDS_MAX: u32 = 1 << 18;
 pub const BACKENDS_MAX: u32 = 1 << 20;
-pub const CT_MAX: u32 = 262_144;
+/// Default conntrack capacity: entries of `ORCA_CT4` (two or three per flow; see `CT_DIR_*`), allocated on use.
+/// The agent sizes the map from `--ebpf-conntrack-max` (flows) at load time.
+pub const CT_MAX: u32 = 1 << 21;
 pub const AFFINITY_MAX: u32 = 65_536;
 pub const SRC_RANGES_MAX: u32 = 16_384;
 pub const SOCK_MAX: u32 = 65_536;
@@ -284,15 +283,22 @@ impl MemberKey {
     }
 }
 
-/// Conntrack entry direction: the flow as sent by the client (to a frontend).
+/// Conntrack entry roles (`CtKey::dir`). A translated flow has up to three entries, each keyed by the tuple of
+/// the packets that look it up, and each holding the whole flow (`CtValue`), so that any entry can find (and
+/// refresh) the others:
+///
+/// - `CT_DIR_SERVICE`: client -> frontend, as packets arrive at TC ingress. Every flow.
+/// - `CT_DIR_REPLY`: backend -> client, as replies arrive at TC ingress, where the client is the masquerade
+///   address and port for a masqueraded flow. Masqueraded flows, and every flow when netfilter is bypassed.
+/// - `CT_DIR_INNER`: client <-> backend (the tuple the node's stack and netfilter see between the two halves of
+///   the translation), keyed in canonical order (`CtKey::inner`) so that one lookup at TC egress serves both
+///   directions. Every flow, unless netfilter is bypassed.
 pub const CT_DIR_SERVICE: u8 = 0;
-/// Conntrack entry direction: replies from the backend to the client.
 pub const CT_DIR_REPLY: u8 = 1;
+pub const CT_DIR_INNER: u8 = 2;
 
-/// Map `ORCA_CT4` (LRU hash): `CtKey` -> `CtValue`. Two entries per translated flow:
-/// - `CT_DIR_SERVICE`, keyed by client -> frontend as the client sends it; value: the backend.
-/// - `CT_DIR_REPLY`, keyed by backend -> client as the backend replies; value: the frontend,
-///   which becomes the reply's source again (reverse NAT).
+/// Map `ORCA_CT4` (hash, entries allocated on use, never evicted: expired entries are taken over by new flows
+/// in the datapath and deleted by the agent's garbage collector): `CtKey` -> `CtValue`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
@@ -305,43 +311,280 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
+impl CtKey {
+    /// The `CT_DIR_INNER` key of the flow between `a`:`ap` and `b`:`bp` (either order gives the same key).
+    #[inline(always)]
+    pub fn inner(a: u32, ap: u16, b: u32, bp: u16, proto: u8) -> Self {
+        // Packet-order values compared as plain integers: any total order does, as long as both sides agree.
+        let swap = (a, ap) > (b, bp);
+        let ((saddr, sport), (daddr, dport)) = if swap { ((b, bp), (a, ap)) } else { ((a, ap), (b, bp)) };
+        CtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            dir: CT_DIR_INNER,
+            _pad: 0,
+        }
+    }
+}
+
+/// One translated flow. Addresses in packet order, ports in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtValue {
-    /// Service direction: backend address; reply direction: frontend address (packet order).
-    pub addr: u32,
-    /// Service direction: backend port; reply direction: frontend port (network byte order).
-    pub port: u16,
-    /// Masqueraded flows (`nat_addr` != 0). Service direction: the source port the client's
-    /// packets get; reply direction: the client's port, the replies' new destination port.
+    pub client_addr: u32,
+    pub frontend_addr: u32,
+    pub backend_addr: u32,
+    /// The source masqueraded packets get (the node's address); 0: the flow is not masqueraded.
+    pub nat_addr: u32,
+    pub client_port: u16,
+    pub frontend_port: u16,
+    pub backend_port: u16,
     pub nat_port: u16,
     pub service_id: u32,
-    /// Masqueraded flows. Service direction: the source address the client's packets get (the
-    /// node's); reply direction: the client's address, the replies' new destination. 0: no SNAT.
-    pub nat_addr: u32,
-    /// `CT_F_*` bits.
+    /// `CT_F_*` state bits.
     pub flags: u32,
-    /// `ct_tick(now)` when a packet of this direction last refreshed the other direction's entry:
-    /// that costs a second lookup, so it happens at most once per tick (about a second) and on
-    /// FIN/RST, not on every packet.
+    /// `ct_tick(now)` when this entry last refreshed the flow's other entries: that costs lookups, so it happens
+    /// at most once per tick (about a second) and on every state change, not on every packet.
     pub peer_refreshed: u32,
-    /// bpf_ktime_get_ns() of the last packet that used the entry.
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last packet of the flow seen through this entry.
     pub last_seen_ns: u64,
 }
 
-/// Conntrack flag: a FIN was seen (the connection is closing).
-pub const CT_F_FIN: u32 = 1;
-/// Conntrack flag: a RST was seen.
-pub const CT_F_RST: u32 = 2;
+impl CtValue {
+    /// Whether `other` describes the same flow (the same client, frontend and backend).
+    #[inline(always)]
+    pub fn same_flow(&self, other: &CtValue) -> bool {
+        self.client_addr == other.client_addr
+            && self.client_port == other.client_port
+            && self.frontend_addr == other.frontend_addr
+            && self.frontend_port == other.frontend_port
+            && self.backend_addr == other.backend_addr
+            && self.backend_port == other.backend_port
+    }
 
-/// Idle lifetimes of conntrack entries, after which a packet with the same 5-tuple is a new flow
-/// (and a reply-direction entry no longer rewrites anything). kube-proxy's conntrack settings:
-/// established TCP 24 h (`--conntrack-tcp-timeout-established`), closing TCP like TIME_WAIT /
-/// CLOSE_WAIT, UDP like a conntrack "stream".
-pub const CT_TCP_ESTABLISHED_NS: u64 = 86_400 * 1_000_000_000;
-pub const CT_TCP_FIN_NS: u64 = 120 * 1_000_000_000;
-pub const CT_TCP_RST_NS: u64 = 10 * 1_000_000_000;
-pub const CT_UDP_NS: u64 = 120 * 1_000_000_000;
+    /// The `CT_DIR_SERVICE` key of the flow.
+    #[inline(always)]
+    pub fn service_key(&self, proto: u8) -> CtKey {
+        CtKey {
+            saddr: self.client_addr,
+            daddr: self.frontend_addr,
+            sport: self.client_port,
+            dport: self.frontend_port,
+            proto,
+            dir: CT_DIR_SERVICE,
+            _pad: 0,
+        }
+    }
+
+    /// The `CT_DIR_REPLY` key of the flow: replies as they arrive (to the masquerade address when masqueraded).
+    #[inline(always)]
+    pub fn reply_key(&self, proto: u8) -> CtKey {
+        let (daddr, dport) = if self.nat_addr != 0 {
+            (self.nat_addr, self.nat_port)
+        } else {
+            (self.client_addr, self.client_port)
+        };
+        CtKey {
+            saddr: self.backend_addr,
+            daddr,
+            sport: self.backend_port,
+            dport,
+            proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        }
+    }
+
+    /// The `CT_DIR_INNER` key of the flow.
+    #[inline(always)]
+    pub fn inner_key(&self, proto: u8) -> CtKey {
+        CtKey::inner(
+            self.client_addr,
+            self.client_port,
+            self.backend_addr,
+            self.backend_port,
+            proto,
+        )
+    }
+
+    /// How long the flow lives without traffic in its current state, as the kernel's conntrack decides it.
+    #[inline(always)]
+    pub fn lifetime_ns(&self, proto: u8, t: &CtTimeouts) -> u64 {
+        let f = self.flags;
+        if proto == IPPROTO_TCP {
+            if f & CT_F_RST != 0 {
+                t.tcp_close_ns
+            } else if f & CT_F_FIN_CLIENT != 0 && f & CT_F_FIN_BACKEND != 0 {
+                t.tcp_time_wait_ns
+            } else if f & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) != 0 {
+                t.tcp_close_wait_ns
+            } else if f & CT_F_SEEN_REPLY != 0 {
+                t.tcp_established_ns
+            } else {
+                t.tcp_syn_sent_ns
+            }
+        } else if f & CT_F_SEEN_REPLY != 0 {
+            t.udp_stream_ns
+        } else {
+            t.udp_ns
+        }
+    }
+
+    /// Idle for longer than its lifetime: the flow is over, its 5-tuple (and masquerade port) is free.
+    #[inline(always)]
+    pub fn expired(&self, proto: u8, now_ns: u64, t: &CtTimeouts) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns(proto, t)
+    }
+
+    /// Expired for long enough that every other entry of the flow is expired too (entries refresh each other at
+    /// most once per tick, so they may lag by a tick): only then may an entry be reclaimed by another flow or the
+    /// garbage collector.
+    #[inline(always)]
+    pub fn reclaimable(&self, proto: u8, now_ns: u64, t: &CtTimeouts) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.lifetime_ns(proto, t).saturating_add(CT_RECLAIM_GRACE_NS)
+    }
+
+    /// A TCP connection that is over but whose entry lives on for stray segments (TIME_WAIT: both sides sent
+    /// FIN; CLOSE: reset): a new connection (SYN) may take its 5-tuple over, as the kernel's NAT does.
+    #[inline(always)]
+    pub fn tcp_closed(&self) -> bool {
+        let f = self.flags;
+        f & CT_F_RST != 0 || (f & CT_F_FIN_CLIENT != 0 && f & CT_F_FIN_BACKEND != 0)
+    }
+}
+
+/// Conntrack state: a packet from the backend to the client was seen (TCP: the connection is established; UDP:
+/// a stream).
+pub const CT_F_SEEN_REPLY: u32 = 1;
+/// Conntrack state: the client sent a FIN.
+pub const CT_F_FIN_CLIENT: u32 = 2;
+/// Conntrack state: the backend sent a FIN.
+pub const CT_F_FIN_BACKEND: u32 = 4;
+/// Conntrack state: a RST was seen.
+pub const CT_F_RST: u32 = 8;
+
+/// See `CtValue::reclaimable`: two ticks.
+pub const CT_RECLAIM_GRACE_NS: u64 = 2 << 30;
+
+/// Idle lifetimes per conntrack state, in nanoseconds: the program's global `ORCA_CT_TIMEOUTS` (set when the
+/// agent loads the programs) and the agent's garbage collector use the same values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    /// A SYN without an answer yet (kernel: `nf_conntrack_tcp_timeout_syn_sent`, 120 s).
+    pub tcp_syn_sent_ns: u64,
+    /// kube-proxy's `--conntrack-tcp-timeout-established` (24 h).
+    pub tcp_established_ns: u64,
+    /// One side closed (kube-proxy's `--conntrack-tcp-timeout-close-wait`, 1 h).
+    pub tcp_close_wait_ns: u64,
+    /// Both sides closed (kernel: `nf_conntrack_tcp_timeout_time_wait`, 120 s).
+    pub tcp_time_wait_ns: u64,
+    /// Reset (kernel: `nf_conntrack_tcp_timeout_close`, 10 s).
+    pub tcp_close_ns: u64,
+    /// UDP without a reply (kube-proxy's `--conntrack-udp-timeout`; kernel `nf_conntrack_udp_timeout`, 30 s).
+    pub udp_ns: u64,
+    /// UDP with replies (kube-proxy's `--conntrack-udp-timeout-stream`; kernel 120 s).
+    pub udp_stream_ns: u64,
+}
+
+const SEC: u64 = 1_000_000_000;
+
+impl CtTimeouts {
+    /// The kernel's defaults, with kube-proxy's defaults for established and close-wait TCP.
+    pub const DEFAULT: CtTimeouts = CtTimeouts {
+        tcp_syn_sent_ns: 120 * SEC,
+        tcp_established_ns: 86_400 * SEC,
+        tcp_close_wait_ns: 3_600 * SEC,
+        tcp_time_wait_ns: 120 * SEC,
+        tcp_close_ns: 10 * SEC,
+        udp_ns: 30 * SEC,
+        udp_stream_ns: 120 * SEC,
+    };
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The masquerade source ports: `span` ports from `lo` (host order), skipping `hole_len` ports from `hole_start`
+/// (the node's own ephemeral range, `net.ipv4.ip_local_port_range`, so that the node's connections never pick a
+/// port a masqueraded flow holds). The program's global `ORCA_NAT_PORTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatPorts {
+    pub lo: u32,
+    pub span: u32,
+    pub hole_start: u32,
+    pub hole_len: u32,
+}
+
+impl NatPorts {
+    /// The ports `min..=max` except `exclude` (inclusive; an empty or disjoint exclusion removes nothing). `None`
+    /// when no port is left.
+    pub fn new(min: u16, max: u16, exclude: Option<(u16, u16)>) -> Option<NatPorts> {
+        if min > max {
+            return None;
+        }
+        let (lo, hi) = (u32::from(min), u32::from(max));
+        let (mut hole_start, mut hole_len) = (u32::MAX, 0);
+        if let Some((a, b)) = exclude {
+            let (a, b) = (u32::from(a).max(lo), u32::from(b).min(hi));
+            if a <= b {
+                hole_start = a;
+                hole_len = b - a + 1;
+            }
+        }
+        let span = hi - lo + 1 - hole_len;
+        if span == 0 {
+            return None;
+        }
+        if hole_start == lo {
+            // The hole starts the range: start after it instead.
+            return Some(NatPorts {
+                lo: lo + hole_len,
+                span,
+                hole_start: u32::MAX,
+                hole_len: 0,
+            });
+        }
+        Some(NatPorts {
+            lo,
+            span,
+            hole_start,
+            hole_len,
+        })
+    }
+
+    /// The `r`-th allowed port (`r` taken modulo the number of ports), host order.
+    #[inline(always)]
+    pub fn port(&self, r: u32) -> u16 {
+        let span = if self.span == 0 { 1 } else { self.span };
+        let mut p = self.lo + r % span;
+        if p >= self.hole_start {
+            p += self.hole_len;
+        }
+        p as u16
+    }
+
+    /// Whether `port` (host order) is one of the ports.
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        let p = u32::from(port);
+        let hi = self.lo + self.span + self.hole_len;
+        p >= self.lo && p < hi && !(p >= self.hole_start && p < self.hole_start.saturating_add(self.hole_len))
+    }
+}
+
+/// The default masquerade ports before the node's ephemeral range is cut out (the kernel's MASQUERADE uses
+/// 1024-65535 for unprivileged source ports).
+pub const NAT_PORT_MIN: u16 = 1024;
+pub const NAT_PORT_MAX: u16 = 65_535;
 
 /// Coarse time for `CtValue::peer_refreshed`: bpf_ktime_get_ns() in units of 2^30 ns (about 1.07 s).
 #[inline(always)]
@@ -349,21 +592,45 @@ pub const fn ct_tick(now_ns: u64) -> u32 {
     (now_ns >> 30) as u32
 }
 
-impl CtValue {
-    /// How long the entry lives without traffic.
-    #[inline(always)]
-    pub fn lifetime_ns(&self, proto: u8) -> u64 {
-        if proto != IPPROTO_TCP {
-            CT_UDP_NS
-        } else if self.flags & CT_F_RST != 0 {
-            CT_TCP_RST_NS
-        } else if self.flags & CT_F_FIN != 0 {
-            CT_TCP_FIN_NS
-        } else {
-            CT_TCP_ESTABLISHED_NS
-        }
-    }
-}
+// `ORCA_STATS` (per-CPU array of `u64`) indices: packets per reason, for every drop and every packet the programs
+// leave untranslated although they looked at it as possible Service traffic.
+
+/// Drops.
+pub const REASON_SOURCE_RANGE: u32 = 0;
+pub const REASON_NO_LOCAL_ENDPOINTS: u32 = 1;
+pub const REASON_NO_ENDPOINTS_REJECTED: u32 = 2;
+pub const REASON_NO_ENDPOINTS_DROPPED: u32 = 3;
+pub const REASON_CT_FULL: u32 = 4;
+pub const REASON_NO_SNAT_PORT: u32 = 5;
+/// A packet (or an ICMP error's quote) whose rewrite failed half-way: it would be corrupt.
+pub const REASON_REWRITE_FAILED: u32 = 6;
+/// Untranslated passes: IPv4 fragments (no ports to translate by), non-IPv4 frames, and with netfilter bypassed
+/// translated packets the FIB would not forward (handed to the stack).
+pub const REASON_FRAGMENT: u32 = 7;
+pub const REASON_NOT_IPV4: u32 = 8;
+pub const REASON_FIB_DECLINED: u32 = 9;
+pub const REASON_COUNT: u32 = 10;
+
+/// Name (the metric's `reason` label) and whether the packet was dropped, per `REASON_*`.
+pub const REASONS: [(&str, bool); REASON_COUNT as usize] = [
+    ("source_range", true),
+    ("no_local_endpoints", true),
+    ("no_endpoints_rejected", true),
+    ("no_endpoints_dropped", true),
+    ("conntrack_full", true),
+    ("no_snat_port", true),
+    ("rewrite_failed", true),
+    ("fragment", false),
+    ("not_ipv4", false),
+    ("fib_declined", false),
+];
+
+/// Names of the programs' load-time globals (`EbpfLoader::set_global`).
+pub const GLOBAL_CT_TIMEOUTS: &str = "ORCA_CT_TIMEOUTS";
+pub const GLOBAL_NAT_PORTS: &str = "ORCA_NAT_PORTS";
+/// `u32`, 1: translated packets are forwarded by the programs (FIB lookup and redirect), bypassing the node's
+/// routing and netfilter; 0 (default): DNAT at ingress, SNAT at egress, the stack and netfilter in between.
+pub const GLOBAL_BYPASS_NETFILTER: &str = "ORCA_BYPASS_NETFILTER";
 
 /// Map `ORCA_AFFINITY` (LRU hash): `AffinityKey` -> `AffinityValue` (ClientIP session affinity).
 #[repr(C)]
@@ -397,6 +664,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRangeKey {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for CtTimeouts {}
+    unsafe impl aya::Pod for NatPorts {}
 }
 
 // The layouts are part of the kernel/user ABI: fail the build if one changes by accident.
@@ -408,9 +677,94 @@ const _: () = {
     assert!(size_of::<Backend>() == 8);
     assert!(size_of::<MemberKey>() == 12);
     assert!(size_of::<CtKey>() == 16);
-    assert!(size_of::<CtValue>() == 32);
+    assert!(size_of::<CtValue>() == 48);
+    assert!(size_of::<CtTimeouts>() == 56);
+    assert!(size_of::<NatPorts>() == 16);
     assert!(size_of::<AffinityKey>() == 8);
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SrcRangeKey>() == 8);
     assert!(size_of::<SockKey>() == 16);
 };
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn nat_ports_skip_the_hole_and_cover_every_allowed_port() {
+        let p = NatPorts::new(1024, 65_535, Some((32_768, 60_999))).unwrap();
+        assert_eq!(p.span, 65_535 - 1024 + 1 - (60_999 - 32_768 + 1));
+        let all: BTreeSet<u16> = (0..p.span).map(|r| p.port(r)).collect();
+        assert_eq!(all.len() as u32, p.span);
+        assert_eq!(all.first(), Some(&1024));
+        assert_eq!(all.last(), Some(&65_535));
+        assert!(!all.iter().any(|x| (32_768..=60_999).contains(x)));
+        assert!(all.iter().all(|&x| p.contains(x)));
+        assert!(!p.contains(40_000) && !p.contains(1023));
+        // Wraps around.
+        assert_eq!(p.port(p.span), 1024);
+    }
+
+    #[test]
+    fn nat_ports_with_the_hole_at_an_end_or_outside() {
+        let p = NatPorts::new(1024, 65_535, Some((1000, 2047))).unwrap();
+        assert_eq!((p.port(0), p.span), (2048, 65_535 - 2048 + 1));
+        let p = NatPorts::new(1024, 65_535, Some((60_000, 65_535))).unwrap();
+        assert_eq!((p.port(0), p.port(p.span - 1)), (1024, 59_999));
+        let p = NatPorts::new(20_000, 20_009, None).unwrap();
+        assert_eq!((p.span, p.port(9), p.port(10)), (10, 20_009, 20_000));
+        let p = NatPorts::new(20_000, 20_009, Some((1, 100))).unwrap();
+        assert_eq!(p.span, 10);
+        assert!(NatPorts::new(1024, 65_535, Some((1, 65_535))).is_none());
+        assert!(NatPorts::new(2, 1, None).is_none());
+    }
+
+    #[test]
+    fn inner_keys_are_the_same_from_both_ends() {
+        let a = CtKey::inner(
+            addr_from_octets([10, 0, 0, 1]),
+            4000u16.to_be(),
+            addr_from_octets([10, 0, 0, 2]),
+            80u16.to_be(),
+            IPPROTO_TCP,
+        );
+        let b = CtKey::inner(
+            addr_from_octets([10, 0, 0, 2]),
+            80u16.to_be(),
+            addr_from_octets([10, 0, 0, 1]),
+            4000u16.to_be(),
+            IPPROTO_TCP,
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.dir, CT_DIR_INNER);
+        // Hairpin: the same address at both ends, told apart by the ports.
+        let c = CtKey::inner(7, 1, 7, 2, IPPROTO_UDP);
+        assert_eq!(c, CtKey::inner(7, 2, 7, 1, IPPROTO_UDP));
+    }
+
+    #[test]
+    fn lifetimes_follow_the_kernel_states() {
+        let t = CtTimeouts::DEFAULT;
+        let mut v = CtValue::default();
+        assert_eq!(v.lifetime_ns(IPPROTO_TCP, &t), t.tcp_syn_sent_ns);
+        assert_eq!(v.lifetime_ns(IPPROTO_UDP, &t), t.udp_ns);
+        v.flags = CT_F_SEEN_REPLY;
+        assert_eq!(v.lifetime_ns(IPPROTO_TCP, &t), t.tcp_established_ns);
+        assert_eq!(v.lifetime_ns(IPPROTO_UDP, &t), t.udp_stream_ns);
+        v.flags |= CT_F_FIN_BACKEND;
+        assert_eq!(v.lifetime_ns(IPPROTO_TCP, &t), t.tcp_close_wait_ns);
+        assert!(!v.tcp_closed());
+        v.flags |= CT_F_FIN_CLIENT;
+        assert_eq!(v.lifetime_ns(IPPROTO_TCP, &t), t.tcp_time_wait_ns);
+        assert!(v.tcp_closed());
+        v.flags = CT_F_SEEN_REPLY | CT_F_RST;
+        assert_eq!(v.lifetime_ns(IPPROTO_TCP, &t), t.tcp_close_ns);
+        v.last_seen_ns = 1_000;
+        assert!(!v.expired(IPPROTO_TCP, 1_000 + t.tcp_close_ns, &t));
+        assert!(v.expired(IPPROTO_TCP, 1_001 + t.tcp_close_ns, &t));
+        assert!(!v.reclaimable(IPPROTO_TCP, 1_001 + t.tcp_close_ns, &t));
+        assert!(v.reclaimable(IPPROTO_TCP, 1_001 + t.tcp_close_ns + CT_RECLAIM_GRACE_NS, &t));
+    }
+}

@@ -1,31 +1,48 @@
-//! Connection tracking. A translated flow has two entries in the LRU map: the service direction
-//! (client -> frontend, value: backend and, for masqueraded flows, the source to use), so later
-//! packets keep the backend chosen for the first one, and the reply direction (backend -> client,
-//! or backend -> node for masqueraded flows; value: the frontend and the client) for reverse NAT.
+//! Connection tracking, modelled on the kernel's conntrack: per-state idle lifetimes (SYN sent, established,
+//! closing, time-wait, reset; UDP single-packet and stream), entries that are never evicted to make room (a plain
+//! hash map: when it is full, new flows are dropped and counted, established ones live on), expired entries
+//! taken over by new flows and deleted by the agent's collector.
+//!
+//! A flow has up to three entries (`CT_DIR_*` in orca-common), each keyed by the packets that look it up and each
+//! holding the whole flow, so that every packet needs one lookup and any entry can reach the others:
+//! - `SERVICE` (client -> frontend, TC ingress): the backend chosen for the flow, and its masquerade address;
+//! - `REPLY` (backend -> client or masquerade address, TC ingress): replies of masqueraded flows get their client
+//!   back before the node's stack sees them (with netfilter bypassed: every reply is translated back whole here);
+//! - `INNER` (client <-> backend, TC egress): what the stack forwarded gets its masquerade source (client side)
+//!   or its frontend source back (backend side).
+//!
+//! Each entry is refreshed by the packets that hit it; it refreshes the flow's other entries (and re-creates a
+//! missing one) at most once per tick and whenever the flow's state changes, so that all of them expire together
+//! (a silent client of a streaming backend keeps its flow, and a masquerade port is held exactly as long as its
+//! flow lives).
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use orca_common::{
-    ct_tick, Backend, CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN, CT_F_RST, NAT_PORT_MAX, NAT_PORT_MIN,
+    ct_tick, Backend, CtKey, CtValue, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT,
+    CT_F_RST, CT_F_SEEN_REPLY, IPPROTO_TCP, REASON_CT_FULL, REASON_NO_SNAT_PORT,
 };
 use proxy_ebpf::hdr::{TCP_FIN, TCP_RST};
 
-use crate::{maps, parse::Flow};
+use crate::{
+    cfg, maps,
+    parse::{Flow, Tuple},
+};
 
-/// bpf_map_update_elem flag: fail when the key exists.
+/// bpf_map_update_elem flags.
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
-/// Random source ports tried before a masqueraded flow gives up (the packet is dropped and the
-/// client retransmits).
+const BPF_EXIST: u64 = 2;
+const EEXIST: i32 = 17;
+/// Source ports tried for a new masqueraded flow before it is dropped (the client retransmits).
 const NAT_PORT_TRIES: u32 = 16;
 
-/// Source rewrite of a masqueraded flow: (address, port), packet order / network byte order.
-#[derive(Clone, Copy)]
-pub struct Snat {
-    pub addr: u32,
-    pub port: u16,
-}
-
+/// The key of `flow` in the role `dir` (`CT_DIR_SERVICE` / `CT_DIR_REPLY`: the packet's own tuple; `CT_DIR_INNER`:
+/// canonical).
 #[inline(always)]
-fn key(flow: &Flow, dir: u8) -> CtKey {
+pub fn key(flow: &Flow, dir: u8) -> CtKey {
+    if dir == CT_DIR_INNER {
+        return CtKey::inner(flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto);
+    }
     CtKey {
         saddr: flow.saddr,
         daddr: flow.daddr,
@@ -37,194 +54,228 @@ fn key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// The reply-direction key of `flow` once translated to `backend` (and masqueraded to `snat`).
-#[inline(always)]
-fn reply_key(flow: &Flow, backend: &Backend, snat: Option<Snat>) -> CtKey {
-    let (daddr, dport) = match snat {
-        Some(s) => (s.addr, s.port),
-        None => (flow.saddr, flow.sport),
-    };
-    CtKey {
-        saddr: backend.addr,
-        daddr,
-        sport: backend.port,
-        dport,
-        proto: flow.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    }
-}
-
-#[inline(always)]
-fn reply_value(flow: &Flow, service_id: u32, snat: Option<Snat>, now_ns: u64) -> CtValue {
-    let (nat_addr, nat_port) = match snat {
-        Some(_) => (flow.saddr, flow.sport),
-        None => (0, 0),
-    };
-    CtValue {
-        addr: flow.daddr,
-        port: flow.dport,
-        nat_port,
-        service_id,
-        nat_addr,
-        flags: 0,
-        peer_refreshed: ct_tick(now_ns),
-        last_seen_ns: now_ns,
-    }
-}
-
-/// A live conntrack entry, refreshed by the packet that found it.
+/// A live entry.
 pub struct Hit {
+    ptr: *mut CtValue,
     pub value: CtValue,
-    /// The other direction's entry is due for its refresh (see `CtValue::peer_refreshed`).
-    pub refresh_peer: bool,
 }
 
-/// The live service-direction entry of a packet sent to a frontend, refreshed.
+/// The live entry under `key`; an expired one is a miss (its packet starts a new flow, which takes it over).
 #[inline(always)]
-pub fn lookup_service(flow: &Flow, now_ns: u64) -> Option<Hit> {
-    lookup(flow, &key(flow, CT_DIR_SERVICE), now_ns)
-}
-
-/// The live reply-direction entry of a packet sent by a backend, refreshed.
-#[inline(always)]
-pub fn lookup_reply(flow: &Flow, now_ns: u64) -> Option<Hit> {
-    lookup(flow, &key(flow, CT_DIR_REPLY), now_ns)
-}
-
-/// An entry idle for longer than its lifetime is dead (as an expired conntrack entry): the packet
-/// is treated as untracked and a new flow overwrites it. TCP FIN/RST shorten the lifetime (and
-/// are passed on to the other direction at once).
-#[inline(always)]
-fn lookup(flow: &Flow, key: &CtKey, now_ns: u64) -> Option<Hit> {
+pub fn lookup(key: &CtKey, now_ns: u64) -> Option<Hit> {
     let ptr = maps::CT.get_ptr_mut(key)?;
-    // SAFETY: the pointer comes from a successful lookup and stays valid during the program;
-    // concurrent updates of last_seen_ns / flags from another CPU are benign.
-    unsafe {
-        let v = &mut *ptr;
-        if now_ns.saturating_sub(v.last_seen_ns) > v.lifetime_ns(flow.proto) {
-            return None;
-        }
-        v.last_seen_ns = now_ns;
-        let closing = flow.tcp_flags & (TCP_RST | TCP_FIN) != 0;
+    // SAFETY: the pointer comes from a successful lookup and stays valid during the program.
+    let value = unsafe { *ptr };
+    if value.expired(key.proto, now_ns, &cfg::timeouts()) {
+        return None;
+    }
+    Some(Hit { ptr, value })
+}
+
+/// Records a packet of the flow (sent by the client when `from_client`, else by the backend) in the entry it hit:
+/// the time and the state it leads to; refreshes the flow's other entries when due.
+#[inline(always)]
+pub fn observe(hit: &mut Hit, dir: u8, flow: &Flow, from_client: bool, now_ns: u64) {
+    let mut flags = hit.value.flags;
+    if !from_client {
+        flags |= CT_F_SEEN_REPLY;
+    }
+    if flow.is_tcp() {
         if flow.tcp_flags & TCP_RST != 0 {
-            v.flags |= CT_F_RST;
+            flags |= CT_F_RST;
         } else if flow.tcp_flags & TCP_FIN != 0 {
-            v.flags |= CT_F_FIN;
+            flags |= if from_client { CT_F_FIN_CLIENT } else { CT_F_FIN_BACKEND };
         }
-        let tick = ct_tick(now_ns);
-        let refresh_peer = closing || v.peer_refreshed != tick;
-        if refresh_peer {
-            v.peer_refreshed = tick;
+    }
+    let tick = ct_tick(now_ns);
+    let refresh = flags != hit.value.flags || hit.value.peer_refreshed != tick;
+    hit.value.flags = flags;
+    hit.value.last_seen_ns = now_ns;
+    if refresh {
+        hit.value.peer_refreshed = tick;
+    }
+    // SAFETY: pointer from a successful lookup, valid during the program; a concurrent update from another CPU
+    // is benign (both write the time of a packet of this flow, and state bits only accumulate).
+    unsafe {
+        (*hit.ptr).last_seen_ns = now_ns;
+        (*hit.ptr).flags |= flags;
+        if refresh {
+            (*hit.ptr).peer_refreshed = tick;
         }
-        Some(Hit {
-            value: *v,
-            refresh_peer,
-        })
+    }
+    if refresh {
+        refresh_peers(&hit.value, dir, flow.proto, now_ns);
     }
 }
 
-/// Records that `flow` (client -> frontend) is translated to `backend`, both directions.
-/// For a masqueraded flow (`snat_addr` != 0) a free source port is allocated atomically (the reply
-/// entry is inserted with BPF_NOEXIST); `None` when no port was free.
+/// Keeps the flow's other entries alive with `v`'s time and state, re-creating a missing one. An entry that now
+/// belongs to another flow (its tuple was taken over) is left alone.
 #[inline(always)]
-pub fn create(
-    flow: &Flow,
-    backend: &Backend,
-    service_id: u32,
-    snat_addr: u32,
-    now_ns: u64,
-) -> Result<Option<Snat>, ()> {
-    let snat = if snat_addr != 0 {
-        let mut found = None;
-        for _ in 0..NAT_PORT_TRIES {
-            // SAFETY: helper without arguments.
-            let r = unsafe { bpf_get_prandom_u32() };
-            let span = u32::from(NAT_PORT_MAX - NAT_PORT_MIN) + 1;
-            let port = (NAT_PORT_MIN as u32 + r % span) as u16;
-            let s = Snat {
-                addr: snat_addr,
-                port: port.to_be(),
-            };
-            let value = reply_value(flow, service_id, Some(s), now_ns);
-            if maps::CT
-                .insert(reply_key(flow, backend, Some(s)), value, BPF_NOEXIST)
-                .is_ok()
-            {
-                found = Some(s);
-                break;
-            }
-        }
-        match found {
-            Some(s) => Some(s),
-            None => return Err(()),
-        }
-    } else {
-        // Reply entry first: once the service entry exists, replies must find theirs. Inserts
-        // into an LRU map evict the oldest entry when full; a failure (memory pressure) leaves
-        // the packet translated but untracked, and the next packet tries again.
-        let _ = maps::CT.insert(
-            reply_key(flow, backend, None),
-            reply_value(flow, service_id, None, now_ns),
-            0,
-        );
-        None
-    };
-    let (nat_addr, nat_port) = snat.map_or((0, 0), |s| (s.addr, s.port));
-    let service = CtValue {
-        addr: backend.addr,
-        port: backend.port,
-        nat_port,
-        service_id,
-        nat_addr,
-        flags: 0,
-        peer_refreshed: ct_tick(now_ns),
-        last_seen_ns: now_ns,
-    };
-    let _ = maps::CT.insert(key(flow, CT_DIR_SERVICE), service, 0);
-    Ok(snat)
+fn refresh_peers(v: &CtValue, own: u8, proto: u8, now_ns: u64) {
+    let bypass = cfg::bypass_netfilter();
+    if own != CT_DIR_SERVICE {
+        touch(&v.service_key(proto), v, now_ns);
+    }
+    if own != CT_DIR_REPLY && (v.nat_addr != 0 || bypass) {
+        touch(&v.reply_key(proto), v, now_ns);
+    }
+    if own != CT_DIR_INNER && !bypass {
+        touch(&v.inner_key(proto), v, now_ns);
+    }
 }
 
-/// Recreates a missing reply entry of a tracked flow (the LRU may evict one direction only).
 #[inline(always)]
-pub fn ensure_reply(flow: &Flow, backend: &Backend, service_id: u32, snat: Option<Snat>, now_ns: u64) {
-    let rkey = reply_key(flow, backend, snat);
-    if let Some(ptr) = maps::CT.get_ptr_mut(rkey) {
-        // Traffic in either direction keeps both entries alive, as one conntrack entry would be.
+fn touch(key: &CtKey, v: &CtValue, now_ns: u64) {
+    match maps::CT.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup, valid during the program.
-        unsafe { (*ptr).last_seen_ns = now_ns };
+        Some(p) => unsafe {
+            if (*p).same_flow(v) {
+                (*p).last_seen_ns = now_ns;
+                (*p).flags |= v.flags;
+            }
+        },
+        None => {
+            // Deleted (by the collector, racing with this packet): re-created. A full map leaves it missing; the
+            // next refresh tries again.
+            let _ = maps::CT.insert(key, v, BPF_NOEXIST);
+        }
+    }
+}
+
+/// Forgets the flow `v` before a new flow takes its client tuple (a new connection reusing the 5-tuple of a
+/// closed one): its masquerade port is given back at once.
+#[inline(always)]
+pub fn release(v: &CtValue, proto: u8) {
+    if v.nat_addr == 0 {
         return;
     }
-    let _ = maps::CT.insert(rkey, reply_value(flow, service_id, snat, now_ns), 0);
+    let key = v.reply_key(proto);
+    // SAFETY: the value is compared at once.
+    if unsafe { maps::CT.get(key) }.is_some_and(|r| r.same_flow(v)) {
+        let _ = maps::CT.remove(key);
+    }
 }
 
-/// A reply keeps its flow's service-direction entry alive (a silent client of a streaming
-/// backend must not lose its backend).
+/// Tracks the new flow `flow` (client -> frontend) to `backend`, masqueraded to `snat_addr` unless that is 0: a
+/// masquerade port is allocated, then the entries are written. `Err(reason)` when the map is full or no port
+/// was free (the packet is dropped; the client retransmits).
 #[inline(always)]
-pub fn touch_service(flow: &Flow, rev: &CtValue, now_ns: u64) {
-    let (client, client_port) = if rev.nat_addr != 0 {
-        (rev.nat_addr, rev.nat_port)
-    } else {
-        (flow.daddr, flow.dport)
-    };
-    let skey = CtKey {
-        saddr: client,
-        daddr: rev.addr,
-        sport: client_port,
-        dport: rev.port,
-        proto: flow.proto,
-        dir: CT_DIR_SERVICE,
+pub fn create(flow: &Flow, backend: &Backend, service_id: u32, snat_addr: u32, now_ns: u64) -> Result<CtValue, u32> {
+    let mut v = CtValue {
+        client_addr: flow.saddr,
+        frontend_addr: flow.daddr,
+        backend_addr: backend.addr,
+        nat_addr: 0,
+        client_port: flow.sport,
+        frontend_port: flow.dport,
+        backend_port: backend.port,
+        nat_port: 0,
+        service_id,
+        flags: 0,
+        peer_refreshed: ct_tick(now_ns),
         _pad: 0,
+        last_seen_ns: now_ns,
     };
-    if let Some(ptr) = maps::CT.get_ptr_mut(skey) {
-        // SAFETY: pointer from a successful lookup, valid during the program.
-        unsafe {
-            (*ptr).last_seen_ns = now_ns;
-            if flow.tcp_flags & TCP_RST != 0 {
-                (*ptr).flags |= CT_F_RST;
-            } else if flow.tcp_flags & TCP_FIN != 0 {
-                (*ptr).flags |= CT_F_FIN;
+    let proto = flow.proto;
+    let bypass = cfg::bypass_netfilter();
+    if snat_addr != 0 {
+        allocate_port(&mut v, proto, snat_addr, flow.is_opening(), now_ns)?;
+    } else if bypass && maps::CT.insert(v.reply_key(proto), v, BPF_ANY).is_err() {
+        return Err(REASON_CT_FULL);
+    }
+    let has_reply = snat_addr != 0 || bypass;
+    if !bypass && maps::CT.insert(v.inner_key(proto), v, BPF_ANY).is_err() {
+        if has_reply {
+            let _ = maps::CT.remove(v.reply_key(proto));
+        }
+        return Err(REASON_CT_FULL);
+    }
+    if maps::CT.insert(v.service_key(proto), v, BPF_ANY).is_err() {
+        if has_reply {
+            let _ = maps::CT.remove(v.reply_key(proto));
+        }
+        if !bypass {
+            let _ = maps::CT.remove(v.inner_key(proto));
+        }
+        return Err(REASON_CT_FULL);
+    }
+    Ok(v)
+}
+
+/// Finds a masquerade source port for `v` towards its backend and claims it by writing the flow's reply entry
+/// (whose key is backend -> masquerade address and port): inserted when the tuple is free, or taken over when
+/// its flow is over (expired, or a closed TCP connection when this packet opens a new one, as the kernel's NAT
+/// reuses TIME_WAIT tuples). The client's own port is tried first (as the kernel's masquerade does), then random
+/// ones.
+#[inline(always)]
+fn allocate_port(v: &mut CtValue, proto: u8, snat_addr: u32, opening: bool, now_ns: u64) -> Result<(), u32> {
+    let ports = cfg::nat_ports();
+    let timeouts = cfg::timeouts();
+    v.nat_addr = snat_addr;
+    let own = u16::from_be(v.client_port);
+    for i in 0..NAT_PORT_TRIES {
+        let port = if i == 0 && ports.contains(own) {
+            own
+        } else {
+            // SAFETY: helper without arguments.
+            ports.port(unsafe { bpf_get_prandom_u32() })
+        };
+        v.nat_port = port.to_be();
+        let key = v.reply_key(proto);
+        match maps::CT.insert(key, *v, BPF_NOEXIST) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == -EEXIST => {
+                // SAFETY: the value is copied out at once.
+                let reusable = unsafe { maps::CT.get(key) }.is_some_and(|old| {
+                    old.reclaimable(proto, now_ns, &timeouts) || (opening && proto == IPPROTO_TCP && old.tcp_closed())
+                });
+                if reusable && maps::CT.insert(key, *v, BPF_EXIST).is_ok() {
+                    return Ok(());
+                }
             }
+            Err(_) => return Err(REASON_CT_FULL),
         }
     }
+    Err(REASON_NO_SNAT_PORT)
+}
+
+/// What a packet with `t` becomes through the flow `v` whose entry `dir` it hit (the same rule translates the
+/// packets of the flow and the packets that ICMP errors quote):
+/// - `SERVICE`: to the backend (and, with netfilter bypassed, from the masquerade address);
+/// - `REPLY`: to the client (and, with netfilter bypassed, from the frontend);
+/// - `INNER`: from the masquerade address when the client sent it, from the frontend when the backend did.
+#[inline(always)]
+pub fn translation(dir: u8, v: &CtValue, t: &Tuple) -> Tuple {
+    let bypass = cfg::bypass_netfilter();
+    let mut out = *t;
+    if dir == CT_DIR_SERVICE {
+        out.daddr = v.backend_addr;
+        out.dport = v.backend_port;
+        if bypass && v.nat_addr != 0 {
+            out.saddr = v.nat_addr;
+            out.sport = v.nat_port;
+        }
+    } else if dir == CT_DIR_REPLY {
+        out.daddr = v.client_addr;
+        out.dport = v.client_port;
+        if bypass {
+            out.saddr = v.frontend_addr;
+            out.sport = v.frontend_port;
+        }
+    } else if from_client(v, t) {
+        if v.nat_addr != 0 {
+            out.saddr = v.nat_addr;
+            out.sport = v.nat_port;
+        }
+    } else {
+        out.saddr = v.frontend_addr;
+        out.sport = v.frontend_port;
+    }
+    out
+}
+
+/// Whether a packet with `t` was sent by the flow's client (for `INNER` hits, which serve both directions).
+#[inline(always)]
+pub fn from_client(v: &CtValue, t: &Tuple) -> bool {
+    t.saddr == v.client_addr && t.sport == v.client_port
 }

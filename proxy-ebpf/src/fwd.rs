@@ -1,8 +1,11 @@
-//! Delivery of translated packets straight to their egress device (bpf_fib_lookup, then
-//! bpf_redirect or bpf_redirect_neigh), as Cilium's BPF host routing does.
+//! With `--ebpf-bypass-netfilter` only: delivery of translated packets straight to their egress device
+//! (bpf_fib_lookup, then bpf_redirect or bpf_redirect_neigh), as Cilium's BPF host routing does. The node's
+//! routing and netfilter hooks (FORWARD, POSTROUTING: NetworkPolicy engines, host firewalls, the CNI's own
+//! rules, kernel conntrack) never see these packets. By default the programs do not forward: DNAT at ingress,
+//! SNAT at egress, the stack in between (see `datapath`).
 //!
 //! This is not only faster than handing the packet back to the node's stack: it is what makes
-//! masquerading work at all at TC ingress. A masqueraded packet carries the node's own address as
+//! masquerading work at all when both halves are translated at TC ingress. A masqueraded packet carries the node's own address as
 //! its source, and so does the reverse-translated reply of a NodePort; the stack's input routing
 //! drops such packets as martians (`fib_validate_source`: a source address that is local to the
 //! receiving node). kube-proxy's iptables rules rewrite the source after routing (POSTROUTING), so
@@ -27,7 +30,9 @@ use proxy_ebpf::{
     hdr::{ETH_HLEN, IPV4_HLEN, IP_CSUM, IP_TTL},
 };
 
-use crate::parse::Flow;
+use orca_common::REASON_FIB_DECLINED;
+
+use crate::{parse::Flow, stats};
 
 const AF_INET: u8 = 2;
 const FIB_PARAMS_WORDS: usize = core::mem::size_of::<FibParams>() / 8;
@@ -60,10 +65,8 @@ pub fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
     // SAFETY: `p` lives on this stack frame for the call; the size is the struct's.
     let rc = unsafe { bpf_fib_lookup(skb.cast(), p, core::mem::size_of::<FibParams>() as i32, 0) };
     let rc = rc as u32;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return TC_ACT_OK;
-    }
-    if decrement_ttl(ctx).is_err() {
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH || decrement_ttl(ctx).is_err() {
+        stats::count(REASON_FIB_DECLINED);
         return TC_ACT_OK;
     }
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
@@ -71,6 +74,7 @@ pub fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
         // byte by byte: no helper call, no memcpy subprogram) and redirect.
         let (start, end) = (ctx.data(), ctx.data_end());
         if start + 12 > end {
+            stats::count(REASON_FIB_DECLINED);
             return TC_ACT_OK;
         }
         let eth = start as *mut u8;

@@ -2,14 +2,17 @@
 //! translated like the kernel's conntrack NAT does for "related" packets: the quoted packet and
 //! the outer header are rewritten so the receiver can match the error to its socket.
 //!
-//! * Towards the client (a backend, or a router on the way to it, reports a packet the client sent
-//!   through a frontend): the quote names the backend; it is rewritten to the frontend (and, for a
-//!   masqueraded flow, the node's address back to the client's), the outer source becomes the
-//!   frontend and the outer destination the client. A UDP client connected to a ClusterIP whose
-//!   backend has no listener gets ECONNREFUSED, and path-MTU discovery works through Services.
-//! * Towards the backend (the client side reports a reply): the quote names the frontend; it is
-//!   rewritten to the backend (and the client to the node's address, when masqueraded), the outer
-//!   destination becomes the backend.
+//! An error quotes a packet that left this node; the reverse of the quote is the tuple the flow's packets
+//! have when they arrive at the same hook, so it is looked up like them (at ingress its service or reply entry,
+//! at egress its inner entry) and rewritten by the same rule (`ct::translation`): if the flow turns packets
+//! `a -> b` into `a' -> b'`, the quote `b -> a` becomes `b' -> a'`, the outer destination `b` becomes `b'`, and
+//! an outer source `a` (the endpoint itself reporting; a router on the way keeps its address) becomes `a'`.
+//! So the node's stack and netfilter see errors that quote the client <-> backend flow they know (kernel
+//! conntrack finds them RELATED), the client sees its frontend quoted, the backend its own flow:
+//!
+//! * Towards the client: a UDP client connected to a ClusterIP whose backend has no listener gets
+//!   ECONNREFUSED, and path-MTU discovery works through Services.
+//! * Towards the backend: errors the client side sends about replies.
 //!
 //! Only quotes with a 20-byte inner IPv4 header of TCP or UDP are translated; every other ICMP
 //! packet passes untouched. The quote's IPv4 checksum is kept right, and its TCP/UDP checksum when
@@ -17,7 +20,9 @@
 //! change through bpf_l4_csum_replace.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use orca_common::{CtKey, CtValue, CT_DIR_REPLY, CT_DIR_SERVICE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use orca_common::{
+    CtKey, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REASON_REWRITE_FAILED,
+};
 use proxy_ebpf::{
     csum,
     hdr::{
@@ -26,7 +31,11 @@ use proxy_ebpf::{
     },
 };
 
-use crate::{fwd, maps, parse::Flow};
+use crate::{
+    cfg, ct, fwd,
+    parse::{Flow, Tuple},
+    stats,
+};
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -34,15 +43,15 @@ const ICMP_PARAMETERPROB: u8 = 12;
 /// Offset of the checksum in the ICMP header.
 const ICMP_CSUM: usize = 2;
 
-/// Translates the packet if it is an ICMP error about a tracked flow; TC_ACT_OK (untouched) for
-/// everything else.
+/// Translates the packet if it is an ICMP error about a tracked flow (at TC ingress, or egress when `egress`);
+/// TC_ACT_OK (untouched) for everything else.
 #[inline(always)]
-pub fn handle(ctx: &TcContext) -> i32 {
-    match translate(ctx) {
-        Some(Ok(flow)) => fwd::forward(ctx, &flow),
+pub fn handle(ctx: &TcContext, egress: bool) -> i32 {
+    match translate(ctx, egress) {
+        Some(Ok(flow)) if cfg::bypass_netfilter() => fwd::forward(ctx, &flow),
+        Some(Ok(_)) | None => TC_ACT_OK,
         // A rewrite failed half-way: the packet would be corrupt.
-        Some(Err(_)) => aya_ebpf::bindings::TC_ACT_SHOT,
-        None => TC_ACT_OK,
+        Some(Err(_)) => stats::drop(REASON_REWRITE_FAILED),
     }
 }
 
@@ -62,7 +71,7 @@ struct Quote {
 /// `None`: not an ICMP error about a tracked flow. `Some(Ok(outer))`: translated, with the new
 /// outer addresses.
 #[inline(always)]
-fn translate(ctx: &TcContext) -> Option<Result<Flow, i64>> {
+fn translate(ctx: &TcContext, egress: bool) -> Option<Result<Flow, i64>> {
     let h_proto: u16 = ctx.load(12).ok()?;
     if h_proto != ETH_P_IP.to_be() {
         return None;
@@ -86,70 +95,76 @@ fn translate(ctx: &TcContext) -> Option<Result<Flow, i64>> {
     let outer_saddr: u32 = ctx.load(ETH_HLEN + IP_SADDR).ok()?;
     let outer_daddr: u32 = ctx.load(ETH_HLEN + IP_DADDR).ok()?;
 
-    // The quoted packet travelled in the opposite direction of this error: its reverse is the
-    // tuple the error belongs to.
-    let mut key = CtKey {
+    // The quoted packet travelled in the opposite direction of the flow's packets arriving here.
+    let rev = Tuple {
         saddr: q.daddr,
         daddr: q.saddr,
         sport: q.dport,
         dport: q.sport,
+    };
+    let mut key = CtKey {
+        saddr: rev.saddr,
+        daddr: rev.daddr,
+        sport: rev.sport,
+        dport: rev.dport,
         proto: q.proto,
-        dir: CT_DIR_REPLY,
+        dir: CT_DIR_SERVICE,
         _pad: 0,
     };
-    let csum_off = icmp + ICMP_CSUM;
-    // The clock is read only for ICMP errors (not for every ARP, IPv6 or other non-TCP/UDP frame).
+    // The clock is read only for ICMP errors (not for every other non-TCP/UDP frame).
     // SAFETY: helper without arguments.
     let now_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    // Towards the client (a reply-direction entry): the quote is client' -> backend; it becomes
-    // client -> frontend. Towards the backend (a service-direction entry): the quote is
-    // frontend -> client; it becomes backend -> client'.
-    for (dir, end) in [(CT_DIR_REPLY, End::Dst), (CT_DIR_SERVICE, End::Src)] {
-        key.dir = dir;
-        // SAFETY: the value is copied out at once.
-        if let Some(v) = unsafe { maps::CT.get(key) }
-            .copied()
-            .filter(|v| alive(v, q.proto, now_ns))
-        {
-            return Some(apply(ctx, csum_off, &q, end, &v, [outer_saddr, outer_daddr], ihl_len));
+    let (dir, v) = if egress {
+        if cfg::bypass_netfilter() {
+            return None;
         }
-    }
-    None
+        let k = CtKey::inner(rev.saddr, rev.sport, rev.daddr, rev.dport, q.proto);
+        (CT_DIR_INNER, ct::lookup(&k, now_ns)?.value)
+    } else {
+        match ct::lookup(&key, now_ns) {
+            Some(hit) => (CT_DIR_SERVICE, hit.value),
+            None => {
+                key.dir = CT_DIR_REPLY;
+                (CT_DIR_REPLY, ct::lookup(&key, now_ns)?.value)
+            }
+        }
+    };
+    let new = ct::translation(dir, &v, &rev);
+    Some(apply(
+        ctx,
+        icmp + ICMP_CSUM,
+        &q,
+        &rev,
+        &new,
+        [outer_saddr, outer_daddr],
+        ihl_len,
+    ))
 }
 
-/// Rewrites the quote's `end` to the entry's address and port, and for a masqueraded flow its
-/// other end to the entry's NAT address and port; the outer addresses follow (the outer header runs
-/// the opposite way: the quote's destination faces the outer source). Returns the new outer header.
+/// Rewrites the quote `b -> a` (the reverse of `rev` = `a -> b`) to `b' -> a'` and the outer addresses (see the
+/// module's documentation). Returns the new outer header.
 #[inline(always)]
 fn apply(
     ctx: &TcContext,
     csum_off: usize,
     q: &Quote,
-    end: End,
-    v: &CtValue,
-    mut outer_addrs: [u32; 2],
+    rev: &Tuple,
+    new: &Tuple,
+    outer_addrs: [u32; 2],
     ihl_len: usize,
 ) -> Result<Flow, i64> {
-    const OUTER_OFF: [usize; 2] = [IP_SADDR, IP_DADDR];
-    let (this, other, this_outer) = match end {
-        End::Dst => (End::Dst, End::Src, 0),
-        End::Src => (End::Src, End::Dst, 1),
-    };
-    let other_outer = 1 - this_outer;
-    rewrite_quote(ctx, csum_off, q, this, v.addr, v.port)?;
-    if v.nat_addr != 0 {
-        rewrite_quote(ctx, csum_off, q, other, v.nat_addr, v.nat_port)?;
-        rewrite_outer(ctx, OUTER_OFF[other_outer], outer_addrs[other_outer], v.nat_addr)?;
-        outer_addrs[other_outer] = v.nat_addr;
+    rewrite_quote(ctx, csum_off, q, End::Src, new.daddr, new.dport)?;
+    rewrite_quote(ctx, csum_off, q, End::Dst, new.saddr, new.sport)?;
+    let [mut saddr, mut daddr] = outer_addrs;
+    if daddr == rev.daddr && daddr != new.daddr {
+        rewrite_outer(ctx, IP_DADDR, daddr, new.daddr)?;
+        daddr = new.daddr;
     }
-    rewrite_outer(ctx, OUTER_OFF[this_outer], outer_addrs[this_outer], v.addr)?;
-    outer_addrs[this_outer] = v.addr;
-    Ok(outer(outer_addrs[0], outer_addrs[1], ihl_len))
-}
-
-#[inline(always)]
-fn alive(v: &CtValue, proto: u8, now_ns: u64) -> bool {
-    now_ns.saturating_sub(v.last_seen_ns) <= v.lifetime_ns(proto)
+    if saddr == rev.saddr && saddr != new.saddr {
+        rewrite_outer(ctx, IP_SADDR, saddr, new.saddr)?;
+        saddr = new.saddr;
+    }
+    Ok(outer(saddr, daddr, ihl_len))
 }
 
 /// The outer header as a flow, for forwarding.

@@ -2,15 +2,18 @@
 //! Cilium's bpf/lib:
 //! - `parse`: Ethernet/IPv4/TCP/UDP parsing (fragments, IPv6 and other protocols pass untouched)
 //! - `maps`: the map definitions (types in orca-common)
+//! - `cfg`: load-time settings (conntrack lifetimes, masquerade ports, netfilter bypass)
 //! - `lb`: frontend lookup, backend choice, backend membership
 //! - `affinity`: ClientIP session affinity
-//! - `ct`: connection tracking (an established flow keeps its backend) and reverse NAT state
-//! - `nat`: DNAT to the backend and reverse NAT of replies, with incremental L3/L4 checksums
-//! - `fwd`: delivery of translated packets to their egress device (FIB lookup and redirect)
+//! - `ct`: connection tracking (an established flow keeps its backend; per-state lifetimes; masquerade ports) and
+//!   what each entry translates a packet to
+//! - `nat`: address and port rewriting with incremental L3/L4 checksums
+//! - `fwd`: with netfilter bypassed, delivery of translated packets to their egress device (FIB lookup, redirect)
 //! - `icmp`: ICMP errors about tracked flows, translated like the flow (conntrack's "related")
 //! - `reject`: ICMP port unreachable for frontends without endpoints
 //! - `sock`: cgroup connect/sendmsg/recvmsg/getpeername hooks for clients in the node's namespace
-//! - `datapath`: the per-packet flow that ties them together
+//! - `stats`: counters of drops and untranslated packets, per reason
+//! - `datapath`: the per-packet flow that ties them together (ingress: DNAT; egress: SNAT and reverse DNAT)
 //!
 //! The crate is built for `bpfel-unknown-none` by proxy/build.rs. On the host it compiles to an
 //! empty binary (so `cargo clippy`/`cargo check` cover this code without a BPF target).
@@ -18,6 +21,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod affinity;
+mod cfg;
 mod ct;
 mod datapath;
 mod fwd;
@@ -28,6 +32,7 @@ mod nat;
 mod parse;
 mod reject;
 mod sock;
+mod stats;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier},
@@ -38,13 +43,20 @@ use aya_ebpf::{
 /// backends).
 #[classifier]
 pub fn orca_from_pod(ctx: TcContext) -> i32 {
-    datapath::handle(&ctx, datapath::Origin::Pod)
+    datapath::ingress(&ctx, datapath::Origin::Pod)
 }
 
 /// TC ingress on node uplinks (traffic arriving at the node, and replies of remote backends).
 #[classifier]
 pub fn orca_from_netdev(ctx: TcContext) -> i32 {
-    datapath::handle(&ctx, datapath::Origin::Netdev)
+    datapath::ingress(&ctx, datapath::Origin::Netdev)
+}
+
+/// TC egress on node uplinks and pod veths: the second half of the translation of what the node's stack
+/// forwarded between a client and a backend (masquerade source; the frontend back on replies).
+#[classifier]
+pub fn orca_egress(ctx: TcContext) -> i32 {
+    datapath::egress(&ctx)
 }
 
 /// cgroup/connect4: TCP and connected UDP sockets of the node's namespace to a frontend.

@@ -4,7 +4,8 @@
 use aya_ebpf::programs::TcContext;
 use orca_common::{IPPROTO_TCP, IPPROTO_UDP};
 use proxy_ebpf::hdr::{
-    ETH_HLEN, ETH_P_IP, IPV4_HLEN, IP_DADDR, IP_FRAG_OFF, IP_MF_OFFSET_MASK, IP_PROTO, IP_SADDR, L4_SPORT, TCP_FLAGS,
+    ETH_HLEN, ETH_P_IP, IPV4_HLEN, IP_DADDR, IP_FRAG_OFF, IP_MF_OFFSET_MASK, IP_PROTO, IP_SADDR, L4_SPORT, TCP_ACK,
+    TCP_FLAGS, TCP_SYN,
 };
 
 /// An IPv4 TCP or UDP packet that is not a fragment.
@@ -29,26 +30,63 @@ impl Flow {
     pub fn is_tcp(&self) -> bool {
         self.proto == IPPROTO_TCP
     }
+
+    /// A TCP SYN without ACK: the packet opens a connection.
+    #[inline(always)]
+    pub fn is_opening(&self) -> bool {
+        self.is_tcp() && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    #[inline(always)]
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+        }
+    }
 }
 
-/// `None` for everything the programs leave alone: non-IPv4, IPv4 fragments, protocols other than
+/// Addresses (packet order) and ports (network byte order) of a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Why `parse` found no flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Not IPv4 (IPv6, ARP, ...).
+    NotIpv4,
+    /// An IPv4 fragment: its ports are unknown (or absent), it cannot be translated.
+    Fragment,
+    /// IPv4 of another protocol (ICMP, ...), or truncated.
+    Other,
+}
+
+/// The flow of an IPv4 TCP or UDP packet; otherwise why not: non-IPv4, IPv4 fragments, protocols other than
 /// TCP and UDP, truncated packets.
 ///
 /// Headers are read straight from the packet (direct packet access: no helper call per field).
 /// When they are not all in the linear part of the skb, it is pulled once and the read retried.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Flow> {
+pub fn parse(ctx: &TcContext) -> Result<Flow, Skip> {
     match parse_direct(ctx) {
-        Direct::Flow(f) => Some(f),
-        Direct::Skip => None,
+        Direct::Flow(f) => Ok(f),
+        Direct::Skip(why) => Err(why),
         Direct::Short => {
             // Headers beyond the linear area (or a truncated packet): make the longest possible
             // header linear and look again.
             let want = (ETH_HLEN + 60 + 14).min(ctx.len() as usize) as u32;
-            ctx.pull_data(want).ok()?;
+            ctx.pull_data(want).map_err(|_| Skip::Other)?;
             match parse_direct(ctx) {
-                Direct::Flow(f) => Some(f),
-                _ => None,
+                Direct::Flow(f) => Ok(f),
+                Direct::Skip(why) => Err(why),
+                Direct::Short => Err(Skip::Other),
             }
         }
     }
@@ -57,7 +95,7 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
 enum Direct {
     Flow(Flow),
     /// Not ours (not IPv4 TCP/UDP, or a fragment).
-    Skip,
+    Skip(Skip),
     /// The linear area ends before the headers do.
     Short,
 }
@@ -87,14 +125,14 @@ fn parse_direct(ctx: &TcContext) -> Direct {
         )
     };
     if h_proto != ETH_P_IP.to_be() || ver_ihl >> 4 != 4 {
-        return Direct::Skip;
+        return Direct::Skip(Skip::NotIpv4);
     }
     let ihl_len = usize::from(ver_ihl & 0x0f) * 4;
-    if ihl_len < IPV4_HLEN
-        || u16::from_be(frag_off) & IP_MF_OFFSET_MASK != 0
-        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-    {
-        return Direct::Skip;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP || ihl_len < IPV4_HLEN {
+        return Direct::Skip(Skip::Other);
+    }
+    if u16::from_be(frag_off) & IP_MF_OFFSET_MASK != 0 {
+        return Direct::Skip(Skip::Fragment);
     }
     let l4_off = ETH_HLEN + ihl_len;
     let needed = if proto == IPPROTO_TCP { TCP_NEEDED } else { UDP_NEEDED };

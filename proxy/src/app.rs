@@ -37,6 +37,8 @@ pub struct Settings {
     pub pod_interface_prefixes: Vec<String>,
     pub pod_interfaces: Vec<String>,
     pub uplinks: Vec<String>,
+    pub bypass_netfilter: bool,
+    pub conntrack: crate::dataplane::ebpf::ConntrackOptions,
     pub verbosity: u8,
     pub log_format: LogFormat,
 }
@@ -106,6 +108,8 @@ impl Settings {
             pod_interface_prefixes: f.ebpf_pod_interface_prefixes.clone(),
             pod_interfaces: f.ebpf_pod_interfaces.clone(),
             uplinks: f.ebpf_uplinks.clone(),
+            bypass_netfilter: f.ebpf_bypass_netfilter,
+            conntrack: conntrack_options(f),
             verbosity: f.verbosity.unwrap_or(0),
             log_format: f.log_format.unwrap_or(LogFormat::Text),
         })
@@ -113,6 +117,30 @@ impl Settings {
 }
 
 /// Sets up tracing with kube-proxy-like verbosity levels; RUST_LOG overrides.
+/// The eBPF conntrack from kube-proxy's conntrack flags and Orca's own (a zero timeout keeps the default, as
+/// kube-proxy leaves the kernel's value then).
+fn conntrack_options(f: &Flags) -> crate::dataplane::ebpf::ConntrackOptions {
+    let mut c = crate::dataplane::ebpf::ConntrackOptions::default();
+    if let Some(n) = f.ebpf_conntrack_max {
+        c.max_flows = n;
+    }
+    if let Some(r) = f.ebpf_snat_port_range {
+        c.snat_ports = r;
+    }
+    let t = &mut c.timeouts;
+    for (flag, field) in [
+        (f.conntrack_tcp_timeout_established, &mut t.tcp_established_ns),
+        (f.conntrack_tcp_timeout_close_wait, &mut t.tcp_close_wait_ns),
+        (f.conntrack_udp_timeout, &mut t.udp_ns),
+        (f.conntrack_udp_timeout_stream, &mut t.udp_stream_ns),
+    ] {
+        if let Some(d) = flag.filter(|d| !d.is_zero()) {
+            *field = d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        }
+    }
+    c
+}
+
 pub fn init_logging(verbosity: u8, format: LogFormat) {
     let level = match verbosity {
         0 | 1 => "info",
@@ -204,6 +232,9 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (dataplane, fallback) = crate::dataplane::select::create(&s)?;
     let mode = dataplane.mode();
+    if let Some(source) = dataplane.datapath_source() {
+        metrics.datapath.set_source(source);
+    }
     metrics
         .mode
         .get_or_create(&crate::metrics::ModeLabels {

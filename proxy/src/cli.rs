@@ -78,6 +78,33 @@ pub struct Flags {
     /// Default: the interfaces holding one of the node's addresses, else those of the IPv4 default route.
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_ifname)]
     pub ebpf_uplinks: Vec<String>,
+    /// eBPF: translated packets are forwarded by the programs themselves (FIB lookup and redirect), skipping the
+    /// node's routing and netfilter: faster, but FORWARD/POSTROUTING rules (NetworkPolicy engines in iptables or
+    /// nftables, host firewalls, the CNI's masquerade rules) and kernel conntrack never see Service traffic.
+    /// Default off: DNAT at TC ingress, SNAT at TC egress, netfilter sees client -> backend as with kube-proxy.
+    #[arg(long, global = true)]
+    pub ebpf_bypass_netfilter: bool,
+    /// eBPF: flows the conntrack map holds (two map entries per flow, three when masqueraded; allocated on use).
+    /// Default 1048576.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(512..=1 << 26))]
+    pub ebpf_conntrack_max: Option<u32>,
+    /// eBPF: masquerade source ports, MIN-MAX; the node's ephemeral range (net.ipv4.ip_local_port_range) is
+    /// always left out. Default 1024-65535.
+    #[arg(long, global = true, value_parser = parse_port_range)]
+    pub ebpf_snat_port_range: Option<(u16, u16)>,
+    /// Idle timeout of established TCP connections (kube-proxy's flag; in eBPF mode Orca's conntrack uses it,
+    /// 0 keeps the default 24h).
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Option<Duration>,
+    /// Idle timeout of TCP connections closed on one side (CLOSE_WAIT; eBPF mode, 0 keeps the default 1h).
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Option<Duration>,
+    /// Idle timeout of UDP flows without replies (eBPF mode, 0 keeps the kernel's 30s).
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Option<Duration>,
+    /// Idle timeout of UDP flows with replies (eBPF mode, 0 keeps the kernel's 2m).
+    #[arg(long, global = true, value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Option<Duration>,
     /// The CIDR ranges of pods in the cluster (comma-separated); ClusterIP traffic from outside them is masqueraded.
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
     pub cluster_cidr: Vec<Cidr>,
@@ -117,6 +144,17 @@ pub struct Flags {
     /// kube-proxy's --cleanup: remove what Orca created and exit.
     #[arg(long)]
     pub cleanup: bool,
+}
+
+/// `MIN-MAX` (inclusive), 1 <= MIN <= MAX <= 65535.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("{s:?}: bad port {a:?}"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("{s:?}: bad port {b:?}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((a, b))
 }
 
 pub fn parse_cidr(s: &str) -> Result<Cidr, String> {

@@ -42,7 +42,7 @@ struct FileConfig {
     cluster_cidr: Option<String>,
     node_port_addresses: Option<Vec<String>>,
     oom_score_adj: Option<i32>,
-    conntrack: Option<Any>,
+    conntrack: Option<ConntrackSection>,
     config_sync_period: Option<String>,
     port_range: Option<String>,
     windows_run_as_service: Option<bool>,
@@ -83,6 +83,21 @@ struct RuleSync {
     min_sync_period: Option<String>,
 }
 
+/// kube-proxy's conntrack settings. In eBPF mode Orca's own conntrack uses the timeouts; the sizes of the kernel's
+/// table (`maxPerCore`, `min`) and `tcpBeLiberal` are accepted and not used (`orca.conntrackMax` sizes Orca's).
+#[allow(dead_code)]
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConntrackSection {
+    max_per_core: Option<i64>,
+    min: Option<i64>,
+    tcp_established_timeout: Option<String>,
+    tcp_close_wait_timeout: Option<String>,
+    tcp_be_liberal: Option<bool>,
+    udp_timeout: Option<String>,
+    udp_stream_timeout: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct OrcaSection {
@@ -98,6 +113,12 @@ struct OrcaSection {
     pod_interfaces: Option<Vec<String>>,
     /// `--ebpf-uplinks`.
     uplinks: Option<Vec<String>>,
+    /// `--ebpf-bypass-netfilter`.
+    bypass_netfilter: Option<bool>,
+    /// `--ebpf-conntrack-max` (flows).
+    conntrack_max: Option<u32>,
+    /// `--ebpf-snat-port-range` ("MIN-MAX").
+    snat_port_range: Option<String>,
 }
 
 /// The values of a config file that Orca uses, validated.
@@ -122,6 +143,13 @@ pub struct FileSettings {
     pub pod_interface_prefixes: Vec<String>,
     pub pod_interfaces: Vec<String>,
     pub uplinks: Vec<String>,
+    pub bypass_netfilter: Option<bool>,
+    pub conntrack_max: Option<u32>,
+    pub snat_port_range: Option<(u16, u16)>,
+    pub tcp_established_timeout: Option<Duration>,
+    pub tcp_close_wait_timeout: Option<Duration>,
+    pub udp_timeout: Option<Duration>,
+    pub udp_stream_timeout: Option<Duration>,
 }
 
 /// Interface names (or name prefixes): non-empty, at most IFNAMSIZ-1 bytes, no '/' or white space.
@@ -218,7 +246,36 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
                 .map_err(|e| anyhow!("orca.loadBalancing: invalid value {v:?}: {e}"))?,
         ),
     };
+    let ct = f.conntrack.as_ref();
+    let conntrack_max = match orca.and_then(|o| o.conntrack_max) {
+        Some(n) if !(512..=1 << 26).contains(&n) => {
+            bail!("orca.conntrackMax: invalid value {n}: must be within 512..=67108864")
+        }
+        n => n,
+    };
+    let snat_port_range = match orca.and_then(|o| o.snat_port_range.as_deref()) {
+        None => None,
+        Some(r) => {
+            Some(crate::cli::parse_port_range(r).map_err(|e| anyhow!("orca.snatPortRange: invalid value {r:?}: {e}"))?)
+        }
+    };
     Ok(FileSettings {
+        bypass_netfilter: orca.and_then(|o| o.bypass_netfilter),
+        conntrack_max,
+        snat_port_range,
+        tcp_established_timeout: duration(
+            "conntrack.tcpEstablishedTimeout",
+            &ct.and_then(|c| c.tcp_established_timeout.clone()),
+        )?,
+        tcp_close_wait_timeout: duration(
+            "conntrack.tcpCloseWaitTimeout",
+            &ct.and_then(|c| c.tcp_close_wait_timeout.clone()),
+        )?,
+        udp_timeout: duration("conntrack.udpTimeout", &ct.and_then(|c| c.udp_timeout.clone()))?,
+        udp_stream_timeout: duration(
+            "conntrack.udpStreamTimeout",
+            &ct.and_then(|c| c.udp_stream_timeout.clone()),
+        )?,
         kubeconfig: f
             .client_connection
             .as_ref()
@@ -277,6 +334,13 @@ pub fn merge(flags: &Flags, file: FileSettings) -> Flags {
     f.no_fallback = f.no_fallback || file.no_fallback.unwrap_or(false);
     f.bpf_root = f.bpf_root.or(file.bpf_root);
     f.ebpf_load_balancing = f.ebpf_load_balancing.or(file.load_balancing);
+    f.ebpf_bypass_netfilter = f.ebpf_bypass_netfilter || file.bypass_netfilter.unwrap_or(false);
+    f.ebpf_conntrack_max = f.ebpf_conntrack_max.or(file.conntrack_max);
+    f.ebpf_snat_port_range = f.ebpf_snat_port_range.or(file.snat_port_range);
+    f.conntrack_tcp_timeout_established = f.conntrack_tcp_timeout_established.or(file.tcp_established_timeout);
+    f.conntrack_tcp_timeout_close_wait = f.conntrack_tcp_timeout_close_wait.or(file.tcp_close_wait_timeout);
+    f.conntrack_udp_timeout = f.conntrack_udp_timeout.or(file.udp_timeout);
+    f.conntrack_udp_timeout_stream = f.conntrack_udp_timeout_stream.or(file.udp_stream_timeout);
     for (flag, from_file) in [
         (&mut f.ebpf_pod_interface_prefixes, file.pod_interface_prefixes),
         (&mut f.ebpf_pod_interfaces, file.pod_interfaces),
@@ -332,6 +396,8 @@ orca:
   loadBalancing: maglev
   podInterfacePrefixes: [cali, eni]
   uplinks: [bond0]
+  conntrackMax: 262144
+  snatPortRange: 20000-30000
 "#;
 
     #[test]
@@ -351,6 +417,10 @@ orca:
         assert_eq!(s.pod_interface_prefixes, ["cali", "eni"]);
         assert!(s.pod_interfaces.is_empty());
         assert_eq!(s.uplinks, ["bond0"]);
+        assert_eq!(s.conntrack_max, Some(262_144));
+        assert_eq!(s.snat_port_range, Some((20_000, 30_000)));
+        assert_eq!(s.tcp_established_timeout, Some(Duration::from_secs(86_400)));
+        assert_eq!(s.bypass_netfilter, None);
     }
 
     #[test]
@@ -371,6 +441,14 @@ orca:
         assert!(e.contains("nope"), "{e}");
         let e = parse("orca:\n  loadBalancing: roundrobin").unwrap_err().to_string();
         assert!(e.contains("orca.loadBalancing") && e.contains("roundrobin"), "{e}");
+        let e = parse("orca:\n  conntrackMax: 10").unwrap_err().to_string();
+        assert!(e.contains("orca.conntrackMax") && e.contains("10"), "{e}");
+        let e = parse("orca:\n  snatPortRange: 9-2").unwrap_err().to_string();
+        assert!(e.contains("orca.snatPortRange") && e.contains("9-2"), "{e}");
+        let e = parse("conntrack:\n  udpTimeout: forever").unwrap_err().to_string();
+        assert!(e.contains("conntrack.udpTimeout") && e.contains("forever"), "{e}");
+        let e = parse("conntrack:\n  tcpTimeout: 1s").unwrap_err().to_string();
+        assert!(e.contains("tcpTimeout"), "{e}");
         let e = parse("orca:\n  uplinks: [\"eth0\", \"a/b\"]").unwrap_err().to_string();
         assert!(e.contains("orca.uplinks") && e.contains("a/b"), "{e}");
     }

@@ -7,6 +7,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::dataplane::ebpf::DatapathCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
@@ -43,7 +51,8 @@ pub struct Metrics {
     pub mode: Family<ModeLabels, Gauge>,
     pub service_ports: Gauge,
     pub failed_service_ports: Gauge,
-    pub map_entries: Family<KindLabels, Gauge>,
+    /// The eBPF datapath's own counters, read on each scrape.
+    pub datapath: Arc<DatapathCollector>,
     pub proxy_healthz_total: Family<CodeLabels, Counter>,
     pub proxy_livez_total: Family<CodeLabels, Counter>,
 }
@@ -79,7 +88,7 @@ impl Metrics {
             mode: Family::default(),
             service_ports: Gauge::default(),
             failed_service_ports: Gauge::default(),
-            map_entries: Family::default(),
+            datapath: Arc::default(),
             proxy_healthz_total: Family::default(),
             proxy_livez_total: Family::default(),
             registry: Registry::default(),
@@ -171,7 +180,7 @@ impl Metrics {
             "Service ports the last sync could not program (e.g. a full BPF map); retried on every sync",
             m.failed_service_ports.clone(),
         );
-        r.register("orca_map_entries", "Entries in each eBPF map", m.map_entries.clone());
+        r.register_collector(Box::new(m.datapath.clone()));
         Metrics { registry, ..m }
     }
 
@@ -182,5 +191,120 @@ impl Metrics {
             tracing::error!("encoding metrics failed");
         }
         out
+    }
+}
+
+/// Reads the eBPF datapath's counters (set by the eBPF dataplane when it runs).
+pub type DatapathSource = Box<dyn Fn() -> DatapathCounts + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+/// `orca_datapath_drops_total{reason}`, `orca_datapath_untranslated_total{reason}`, `orca_map_entries{map}`,
+/// `orca_conntrack_*` and `orca_snat_ports_in_use`, read from the datapath on each scrape. Nothing is exported
+/// while no eBPF datapath runs (iptables mode).
+#[derive(Default)]
+pub struct DatapathCollector {
+    source: Mutex<Option<DatapathSource>>,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatapathCollector")
+    }
+}
+
+impl DatapathCollector {
+    pub fn set_source(&self, source: DatapathSource) {
+        if let Ok(mut s) = self.source.lock() {
+            *s = Some(source);
+        }
+    }
+
+    fn read(&self) -> Option<DatapathCounts> {
+        self.source.lock().ok()?.as_ref().map(|f| f())
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(c) = self.read() else {
+            return Ok(());
+        };
+        for (name, help, dropped) in [
+            (
+                "orca_datapath_drops",
+                "Packets the eBPF programs dropped (or answered with a reject), by reason",
+                true,
+            ),
+            (
+                "orca_datapath_untranslated",
+                "Packets the eBPF programs passed untranslated although they could be Service traffic, by reason",
+                false,
+            ),
+        ] {
+            let mut e = encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (i, (reason, is_drop)) in orca_common::REASONS.iter().enumerate() {
+                if *is_drop != dropped {
+                    continue;
+                }
+                let labels = ReasonLabels {
+                    reason: reason.to_string(),
+                };
+                let n = c.reasons.get(i).copied().unwrap_or(0);
+                ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
+            }
+        }
+        let ct = &c.conntrack;
+        let mut maps: Vec<(&str, u64)> = vec![(orca_common::MAP_CT, ct.entries)];
+        maps.extend(ct.other_maps.iter().map(|(n, v)| (*n, *v)));
+        let mut e = encoder.encode_descriptor(
+            "orca_map_entries",
+            "Entries in each eBPF map (as of the conntrack collector's last pass)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, n) in maps {
+            let labels = MapLabels { map: map.to_string() };
+            ConstGauge::new(n as i64).encode(e.encode_family(&labels)?)?;
+        }
+        for (name, help, v) in [
+            (
+                "orca_conntrack_capacity",
+                "Entries the eBPF conntrack map holds at most",
+                ct.capacity,
+            ),
+            (
+                "orca_snat_ports_in_use",
+                "Masquerade source ports held by live flows",
+                ct.snat_ports,
+            ),
+        ] {
+            let g = ConstGauge::new(v as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        for (name, help, v) in [
+            (
+                "orca_conntrack_expired_deleted",
+                "eBPF conntrack entries the collector deleted because they expired",
+                ct.expired_deleted,
+            ),
+            (
+                "orca_conntrack_pressure_deleted",
+                "Unanswered eBPF conntrack entries deleted because the map was nearly full",
+                ct.pressure_deleted,
+            ),
+        ] {
+            let k = ConstCounter::new(v);
+            k.encode(encoder.encode_descriptor(name, help, None, k.metric_type())?)?;
+        }
+        Ok(())
     }
 }

@@ -174,7 +174,7 @@ fn options(env: &Env) -> EbpfOptions {
         pod_interfaces: vec![],
         uplinks: vec!["no-such-uplink".into()],
         cgroup: None,
-        maglev: false,
+        ..EbpfOptions::default()
     }
 }
 

@@ -76,6 +76,11 @@ pub trait Dataplane: Send {
 
     /// Removes every rule, program, map and pin this dataplane owns.
     fn cleanup(&mut self) -> anyhow::Result<()>;
+
+    /// A reader of the datapath's own counters for the metrics (the eBPF dataplane's drops, map occupancy).
+    fn datapath_source(&self) -> Option<crate::metrics::DatapathSource> {
+        None
+    }
 }
 
 pub mod select;

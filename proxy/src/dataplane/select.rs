@@ -32,6 +32,8 @@ fn ebpf(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         maglev: s.load_balancing == crate::model::LoadBalancing::Maglev,
         pod_interfaces: s.pod_interfaces.clone(),
         uplinks: s.uplinks.clone(),
+        bypass_netfilter: s.bypass_netfilter,
+        conntrack: s.conntrack.clone(),
         ..Default::default()
     };
     if !s.pod_interface_prefixes.is_empty() {

@@ -13,13 +13,13 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use orca_common::{
-    ABI_VERSION, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK,
-    MAP_SRC_RANGES,
+    CtTimeouts, NatPorts, ABI_VERSION, GLOBAL_BYPASS_NETFILTER, GLOBAL_CT_TIMEOUTS, GLOBAL_NAT_PORTS, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK, MAP_SRC_RANGES, MAP_STATS,
 };
 
 use crate::ebpf_obj;
 
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_FRONTENDS,
     MAP_BACKENDS,
     MAP_MEMBERS,
@@ -29,6 +29,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_SRC_RANGES,
     MAP_SOCK,
     MAP_MAGLEV,
+    MAP_STATS,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -104,22 +105,61 @@ impl MountLock {
     }
 }
 
+/// What the programs are loaded with: their load-time globals and the conntrack capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSettings {
+    /// Entries of the conntrack map (two or three per flow).
+    pub ct_entries: u32,
+    pub timeouts: CtTimeouts,
+    pub nat_ports: NatPorts,
+    pub bypass_netfilter: bool,
+}
+
+impl LoadSettings {
+    /// The agent's defaults, with the conntrack capacity of the map pinned under `dir/maps` if there is one (a
+    /// tool loading the programs next to a running agent must not replace that agent's conntrack map).
+    pub fn for_pinned(dir: &Path) -> Result<Self> {
+        let conntrack = super::ConntrackOptions::default();
+        let ct_entries = aya::maps::MapData::from_pin(dir.join("maps").join(MAP_CT))
+            .ok()
+            .and_then(|m| m.info().ok().map(|i| i.max_entries()))
+            .unwrap_or_else(|| conntrack.entries());
+        Ok(Self {
+            ct_entries,
+            timeouts: conntrack.timeouts,
+            nat_ports: conntrack.nat_ports()?,
+            bypass_netfilter: false,
+        })
+    }
+}
+
 /// Loads the embedded object, creating its maps or adopting the pinned ones under `dir/maps`,
 /// and loads (verifies) every program.
-pub fn load(dir: &Path) -> Result<Ebpf> {
+pub fn load(dir: &Path, settings: &LoadSettings) -> Result<Ebpf> {
     if !ebpf_obj::available() {
         bail!("this orca-proxy was built without its eBPF programs (AYA_BUILD_SKIP)");
     }
     let maps_dir = dir.join("maps");
     std::fs::create_dir_all(&maps_dir).with_context(|| format!("creating {}", maps_dir.display()))?;
+    drop_resized_ct(&maps_dir.join(MAP_CT), settings.ct_entries)?;
+    let bypass = u32::from(settings.bypass_netfilter);
     let mut loader = EbpfLoader::new();
     for m in ALL_MAPS {
         loader.map_pin_path(m, maps_dir.join(m));
     }
+    loader
+        .map_max_entries(MAP_CT, settings.ct_entries)
+        .override_global(GLOBAL_CT_TIMEOUTS, &settings.timeouts, true)
+        .override_global(GLOBAL_NAT_PORTS, &settings.nat_ports, true)
+        .override_global(GLOBAL_BYPASS_NETFILTER, &bypass, true);
     let mut ebpf = loader
         .load(ebpf_obj::OBJECT)
         .with_context(|| format!("loading the eBPF object (maps pinned under {})", maps_dir.display()))?;
-    for name in [orca_common::PROG_FROM_POD, orca_common::PROG_FROM_NETDEV] {
+    for name in [
+        orca_common::PROG_FROM_POD,
+        orca_common::PROG_FROM_NETDEV,
+        orca_common::PROG_EGRESS,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
@@ -136,6 +176,24 @@ pub fn load(dir: &Path) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// A pinned conntrack map of another capacity cannot be adopted (the kernel fixes a map's size at creation):
+/// its pin is removed, so the load creates one of the configured size. The flows it tracked start over.
+fn drop_resized_ct(pin: &Path, entries: u32) -> Result<()> {
+    let Ok(map) = aya::maps::MapData::from_pin(pin) else {
+        return Ok(());
+    };
+    let current = map.info().map(|i| i.max_entries()).unwrap_or(entries);
+    if current != entries {
+        tracing::warn!(
+            from = current,
+            to = entries,
+            "the conntrack capacity changed: starting a new conntrack map (tracked flows are forgotten)"
+        );
+        std::fs::remove_file(pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    Ok(())
+}
+
 /// Pins the loaded programs under `dir/progs/` (replacing pins of a previous agent, whose
 /// programs live on while links use them) and opens them from there: the interface watcher
 /// thread attaches these handles.
@@ -143,7 +201,7 @@ pub fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<BTreeMap<Role, SchedC
     let progs_dir = dir.join("progs");
     std::fs::create_dir_all(&progs_dir).with_context(|| format!("creating {}", progs_dir.display()))?;
     let mut out = BTreeMap::new();
-    for role in [Role::Pod, Role::Netdev] {
+    for role in [Role::Pod, Role::Netdev, Role::Egress] {
         let name = role.program();
         let path = progs_dir.join(name);
         let prog: &mut SchedClassifier = ebpf
@@ -243,13 +301,15 @@ pub fn attach_sock_programs(ebpf: &mut Ebpf, cgroup: &Path, dir: &Path) -> Resul
     Ok(())
 }
 
-/// The role of an interface.
+/// What a program does on an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// Host side of a pod veth.
+    /// Ingress of the host side of a pod veth.
     Pod,
-    /// Node uplink.
+    /// Ingress of a node uplink.
     Netdev,
+    /// Egress of an uplink or a pod veth.
+    Egress,
 }
 
 impl Role {
@@ -257,6 +317,37 @@ impl Role {
         match self {
             Role::Pod => orca_common::PROG_FROM_POD,
             Role::Netdev => orca_common::PROG_FROM_NETDEV,
+            Role::Egress => orca_common::PROG_EGRESS,
+        }
+    }
+
+    pub fn hook(self) -> Hook {
+        match self {
+            Role::Pod | Role::Netdev => Hook::Ingress,
+            Role::Egress => Hook::Egress,
+        }
+    }
+}
+
+/// The TC hook a program is attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
         }
     }
 }
@@ -330,11 +421,11 @@ pub fn default_route_interfaces() -> Vec<String> {
     out
 }
 
-/// Attachments, by interface name.
+/// Attachments, by interface name and hook.
 pub struct Attacher {
     links_dir: PathBuf,
     tcx: bool,
-    attached: BTreeMap<String, Role>,
+    attached: BTreeMap<(String, Hook), Role>,
 }
 
 impl Attacher {
@@ -348,23 +439,25 @@ impl Attacher {
         })
     }
 
-    pub fn attached(&self) -> &BTreeMap<String, Role> {
+    pub fn attached(&self) -> &BTreeMap<(String, Hook), Role> {
         &self.attached
     }
 
-    fn pin_path(&self, ifname: &str) -> PathBuf {
-        self.links_dir.join(format!("{ifname}-ingress"))
+    fn pin_path(&self, ifname: &str, hook: Hook) -> PathBuf {
+        self.links_dir.join(format!("{ifname}-{}", hook.name()))
     }
 
-    /// Attaches the program of `role` on `ifname`'s ingress. With TCX the link is pinned, and a
+    /// Attaches the program of `role` on `ifname` (at the role's hook). With TCX the link is pinned, and a
     /// link pinned by a previous agent is switched to the new program atomically: no packet goes
     /// unprocessed across an agent restart.
     pub fn attach(&mut self, prog: &mut SchedClassifier, ifname: &str, role: Role) -> Result<()> {
-        if self.attached.get(ifname) == Some(&role) {
+        let hook = role.hook();
+        let slot = (ifname.to_string(), hook);
+        if self.attached.get(&slot) == Some(&role) {
             return Ok(());
         }
         if self.tcx {
-            let pin = self.pin_path(ifname);
+            let pin = self.pin_path(ifname, hook);
             let id = match PinnedLink::from_pin(&pin) {
                 Ok(old) => {
                     let link = FdLink::from(old).try_into().context("pinned link is not a TC link")?;
@@ -376,10 +469,10 @@ impl Attacher {
                 {
                     prog.attach_with_options(
                         ifname,
-                        TcAttachType::Ingress,
+                        hook.attach_type(),
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
-                    .with_context(|| format!("attaching {} to {ifname} (TCX ingress)", role.program()))?
+                    .with_context(|| format!("attaching {} to {ifname} (TCX {})", role.program(), hook.name()))?
                 }
                 Err(e) => return Err(e).with_context(|| format!("opening pinned link {}", pin.display())),
             };
@@ -396,22 +489,27 @@ impl Attacher {
                 tracing::debug!(interface = ifname, error = %e, "clsact (probably present already)");
             }
             let id = prog
-                .attach(ifname, TcAttachType::Ingress)
-                .with_context(|| format!("attaching {} to {ifname} (clsact ingress)", role.program()))?;
+                .attach(ifname, hook.attach_type())
+                .with_context(|| format!("attaching {} to {ifname} (clsact {})", role.program(), hook.name()))?;
             std::mem::forget(prog.take_link(id)?);
         }
         tracing::info!(interface = ifname, program = role.program(), tcx = self.tcx, "attached");
-        self.attached.insert(ifname.to_string(), role);
+        self.attached.insert(slot, role);
         Ok(())
     }
 
     /// Forgets interfaces that disappeared (their links went with them) and removes their pins.
     pub fn forget_missing(&mut self, present: &[String]) {
-        let gone: Vec<String> = self.attached.keys().filter(|n| !present.contains(n)).cloned().collect();
-        for n in gone {
-            let _ = std::fs::remove_file(self.pin_path(&n));
-            self.attached.remove(&n);
-            tracing::info!(interface = %n, "interface gone");
+        let gone: Vec<(String, Hook)> = self
+            .attached
+            .keys()
+            .filter(|(n, _)| !present.contains(n))
+            .cloned()
+            .collect();
+        for (n, hook) in gone {
+            let _ = std::fs::remove_file(self.pin_path(&n, hook));
+            self.attached.remove(&(n.clone(), hook));
+            tracing::info!(interface = %n, hook = hook.name(), "interface gone");
         }
     }
 

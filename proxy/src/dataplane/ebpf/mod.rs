@@ -3,8 +3,9 @@
 //! veths (host side) and node uplinks, and keeps the maps in line with the desired state.
 //!
 //! Layout under the root (default `/sys/fs/bpf/orca`): `v<ABI>/maps/<MAP>`,
-//! `v<ABI>/progs/<program>` and `v<ABI>/links/<ifname>-ingress`.
+//! `v<ABI>/progs/<program>` and `v<ABI>/links/<ifname>-{ingress,egress}`.
 
+pub mod conntrack;
 pub mod loader;
 pub mod maglev;
 pub mod services;
@@ -22,8 +23,8 @@ use aya::maps::{Array, HashMap as AyaHashMap, MapData};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use orca_common::{
-    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS,
-    MAP_MAGLEV, MAP_MEMBERS, MAP_SRC_RANGES,
+    Backend, BackendSlotKey, CtTimeouts, Frontend, FrontendKey, MemberKey, NatPorts, SrcRangeKey, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK, MAP_SRC_RANGES, MAP_STATS,
 };
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
@@ -52,6 +53,67 @@ pub struct EbpfOptions {
     pub cgroup: Option<PathBuf>,
     /// Choose backends by Maglev consistent hashing instead of at random.
     pub maglev: bool,
+    /// Translated packets are forwarded by the programs (FIB lookup and redirect) instead of going through the
+    /// node's routing and netfilter (`--ebpf-bypass-netfilter`).
+    pub bypass_netfilter: bool,
+    pub conntrack: ConntrackOptions,
+}
+
+/// The eBPF conntrack's capacity, lifetimes and masquerade ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConntrackOptions {
+    /// Flows the conntrack map holds (`--ebpf-conntrack-max`); the map has two entries per flow (a masqueraded
+    /// flow takes three).
+    pub max_flows: u32,
+    pub timeouts: CtTimeouts,
+    /// Masquerade source ports (inclusive), before the node's ephemeral range is cut out.
+    pub snat_ports: (u16, u16),
+}
+
+impl Default for ConntrackOptions {
+    fn default() -> Self {
+        Self {
+            max_flows: DEFAULT_CONNTRACK_MAX,
+            timeouts: CtTimeouts::DEFAULT,
+            snat_ports: (orca_common::NAT_PORT_MIN, orca_common::NAT_PORT_MAX),
+        }
+    }
+}
+
+/// Default `--ebpf-conntrack-max`: a million flows.
+pub const DEFAULT_CONNTRACK_MAX: u32 = 1 << 20;
+
+impl ConntrackOptions {
+    /// Entries of the conntrack map.
+    pub fn entries(&self) -> u32 {
+        self.max_flows.saturating_mul(2).max(1024)
+    }
+
+    /// The masquerade ports without the ephemeral range of the calling thread's network namespace
+    /// (`net.ipv4.ip_local_port_range`), so the node's own connections never pick a port a masqueraded flow
+    /// holds.
+    pub fn nat_ports(&self) -> Result<NatPorts> {
+        let eph = ephemeral_ports();
+        let (lo, hi) = self.snat_ports;
+        NatPorts::new(lo, hi, eph).with_context(|| {
+            format!(
+                "no masquerade source port left: the range {lo}-{hi} lies inside the node's ephemeral ports {eph:?} \
+                 (net.ipv4.ip_local_port_range)"
+            )
+        })
+    }
+}
+
+/// `net.ipv4.ip_local_port_range` of the calling thread's network namespace.
+pub fn ephemeral_ports() -> Option<(u16, u16)> {
+    let s = std::fs::read_to_string("/proc/thread-self/net/../sys/net/ipv4/ip_local_port_range")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
+        .ok()?;
+    let mut it = s.split_whitespace().map(|x| x.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => Some((a, b)),
+        _ => None,
+    }
 }
 
 impl Default for EbpfOptions {
@@ -64,6 +126,8 @@ impl Default for EbpfOptions {
             uplinks: vec![],
             cgroup: loader::cgroup2_mount(),
             maglev: false,
+            bypass_netfilter: false,
+            conntrack: ConntrackOptions::default(),
         }
     }
 }
@@ -79,6 +143,9 @@ pub struct EbpfDataplane {
     snat_ipv4: Option<u32>,
     /// Service ports whose last upsert failed (e.g. a full map): retried on every sync.
     failed: BTreeSet<ServicePortName>,
+    collector: conntrack::Collector,
+    /// The per-reason packet counters (`ORCA_STATS`).
+    stats: StatsMap,
 }
 
 /// Attachment state shared with the interface watcher thread.
@@ -119,12 +186,18 @@ impl Links {
             } else {
                 continue;
             };
-            let Some(prog) = self.progs.get_mut(&role) else {
-                continue;
-            };
-            // One interface failing (it vanished meanwhile, ...) must not stop the others.
-            if let Err(e) = self.attacher.attach(prog, name, role) {
-                tracing::warn!(interface = %name, error = %format!("{e:#}"), "cannot attach");
+            let mut roles = vec![role];
+            if !self.opts.bypass_netfilter {
+                roles.push(Role::Egress);
+            }
+            for role in roles {
+                let Some(prog) = self.progs.get_mut(&role) else {
+                    continue;
+                };
+                // One interface failing (it vanished meanwhile, ...) must not stop the others.
+                if let Err(e) = self.attacher.attach(prog, name, role) {
+                    tracing::warn!(interface = %name, error = %format!("{e:#}"), "cannot attach");
+                }
             }
         }
     }
@@ -179,7 +252,13 @@ impl EbpfDataplane {
         let mounted_bpffs = loader::ensure_bpffs(&opts.bpf_root)?;
         remove_other_layouts(&opts.bpf_root)?;
         let dir = loader::versioned_dir(&opts.bpf_root);
-        let mut ebpf = loader::load(&dir)?;
+        let settings = loader::LoadSettings {
+            ct_entries: opts.conntrack.entries(),
+            timeouts: opts.conntrack.timeouts,
+            nat_ports: opts.conntrack.nat_ports()?,
+            bypass_netfilter: opts.bypass_netfilter,
+        };
+        let mut ebpf = loader::load(&dir, &settings)?;
         let progs = loader::pin_programs(&mut ebpf, &dir)?;
         if let Some(cg) = &opts.cgroup {
             let cookie = loader::netns_cookie()?;
@@ -191,6 +270,28 @@ impl EbpfDataplane {
         }
         configure(&mut ebpf, &cfg)?;
         let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf }).with_maglev(opts.maglev);
+        let maps_dir = dir.join("maps");
+        let collector = conntrack::Collector::start(
+            &maps_dir,
+            settings.ct_entries,
+            settings.timeouts,
+            &[
+                MAP_FRONTENDS,
+                MAP_BACKENDS,
+                MAP_MEMBERS,
+                MAP_MAGLEV,
+                MAP_AFFINITY,
+                MAP_SOCK,
+            ],
+        )?;
+        let stats = open_stats(&maps_dir)?;
+        tracing::info!(
+            conntrack_flows = opts.conntrack.max_flows,
+            conntrack_entries = settings.ct_entries,
+            masquerade_ports = settings.nat_ports.span,
+            bypass_netfilter = opts.bypass_netfilter,
+            "eBPF datapath loaded"
+        );
         let attacher = Attacher::new(&dir)?;
         let links = Arc::new(Mutex::new(Links {
             opts,
@@ -209,7 +310,17 @@ impl EbpfDataplane {
             mounted_bpffs,
             snat_ipv4: None,
             failed: BTreeSet::new(),
+            collector,
+            stats,
         })
+    }
+
+    /// What the datapath counted: packets per reason, and what the maps hold (as of the collector's last pass).
+    pub fn datapath_counts(&self) -> DatapathCounts {
+        DatapathCounts {
+            reasons: read_stats(&self.stats),
+            conntrack: self.collector.counts.lock().map(|c| c.clone()).unwrap_or_default(),
+        }
     }
 
     /// The bpffs mount point `new` created, if it mounted one.
@@ -217,9 +328,25 @@ impl EbpfDataplane {
         self.mounted_bpffs.as_deref()
     }
 
+    /// Interfaces with an Orca program attached (at either hook).
     pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.links)
+            .map(|l| l.attacher.attached().keys().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        v.dedup();
+        v
+    }
+
+    /// Every attachment: (interface, program).
+    pub fn attachments(&self) -> Vec<(String, &'static str)> {
         lock(&self.links)
-            .map(|l| l.attacher.attached().keys().cloned().collect())
+            .map(|l| {
+                l.attacher
+                    .attached()
+                    .iter()
+                    .map(|((n, _), r)| (n.clone(), r.program()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -248,6 +375,31 @@ impl EbpfDataplane {
         }
         Ok(())
     }
+}
+
+/// The datapath's own counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatapathCounts {
+    /// Packets per `REASON_*` (summed over CPUs), in `orca_common::REASONS` order.
+    pub reasons: Vec<u64>,
+    pub conntrack: conntrack::CtCounts,
+}
+
+/// The pinned per-reason counters.
+pub type StatsMap = aya::maps::PerCpuArray<MapData, u64>;
+
+/// Opens the `ORCA_STATS` map pinned in `maps_dir`.
+pub fn open_stats(maps_dir: &std::path::Path) -> Result<StatsMap> {
+    let p = maps_dir.join(MAP_STATS);
+    let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+    Ok(StatsMap::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
+/// Sums the per-CPU `ORCA_STATS` counters.
+pub fn read_stats(map: &StatsMap) -> Vec<u64> {
+    (0..orca_common::REASON_COUNT)
+        .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+        .collect()
 }
 
 /// Writes `--masquerade-all` and `--cluster-cidr` (IPv4) into the maps, replacing what a previous
@@ -384,6 +536,22 @@ impl Dataplane for EbpfDataplane {
             service_ports: self.programmer.service_ports(),
             failed_service_ports: self.failed.len(),
         })
+    }
+
+    fn datapath_source(&self) -> Option<crate::metrics::DatapathSource> {
+        let maps_dir = loader::versioned_dir(&lock(&self.links).ok()?.opts.bpf_root).join("maps");
+        let stats = match open_stats(&maps_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "no datapath counters for the metrics");
+                return None;
+            }
+        };
+        let counts = self.collector.counts.clone();
+        Some(Box::new(move || DatapathCounts {
+            reasons: read_stats(&stats),
+            conntrack: counts.lock().map(|c| c.clone()).unwrap_or_default(),
+        }))
     }
 
     fn cleanup(&mut self) -> Result<()> {
