@@ -229,6 +229,11 @@ pub fn command_line(kind: ProxyKind, env: &ProxyEnv, node: &Node, opts: &StartOp
             if kind == ProxyKind::OrcaEbpf && !opts.allow_fallback {
                 v.push("--no-fallback".into());
             }
+            // Extra flags for both Orca modes, e.g. `ORCA_SUITE_ORCA_ARGS=--ebpf-bypass-netfilter` runs the suite
+            // against the eBPF fast path that skips netfilter.
+            if let Ok(extra) = std::env::var("ORCA_SUITE_ORCA_ARGS") {
+                v.extend(extra.split_whitespace().map(String::from));
+            }
             v
         }
     })

@@ -127,6 +127,12 @@ pub fn all() -> Vec<Scenario> {
             run: |c| Box::pin(multi_slice(c)),
         },
         Scenario {
+            name: "netfilter-forward",
+            about: "a FORWARD DROP rule for the backend pod on the translating node blocks the ClusterIP and the \
+                    NodePort (netfilter sees Service traffic), and removing it restores both",
+            run: |c| Box::pin(netfilter_forward(c)),
+        },
+        Scenario {
             name: "udp-cycle",
             about: "UDP to a NodePort from a fixed source port reaches the new pod after the old one is deleted",
             run: |c| Box::pin(udp_cycle(c)),
@@ -946,5 +952,92 @@ async fn multi_slice(ctx: Arc<Ctx>) -> Result<()> {
     )
     .await?;
     ctx.step(format!("second slice deleted: {s}"));
+    Ok(())
+}
+
+/// A rule in a node's `FORWARD` chain (iptables, whichever backend the node's `iptables` is), deleted when dropped
+/// so that a failing scenario leaves nothing behind (the runner also resets the nodes between proxies).
+struct ForwardRule<'a> {
+    ctx: &'a Ctx,
+    netns: String,
+    spec: Vec<String>,
+}
+
+impl<'a> ForwardRule<'a> {
+    fn insert(ctx: &'a Ctx, netns: &str, spec: &[&str]) -> Result<Self> {
+        let mut cmd = vec!["iptables", "-w", "5", "-I", "FORWARD", "1"];
+        cmd.extend_from_slice(spec);
+        ctx.topo.exec(netns, &cmd).context("inserting the FORWARD rule")?;
+        Ok(ForwardRule {
+            ctx,
+            netns: netns.to_string(),
+            spec: spec.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// Packets the rule matched so far.
+    fn packets(&self) -> Result<u64> {
+        let out = self
+            .ctx
+            .topo
+            .exec(&self.netns, &["iptables", "-w", "5", "-L", "FORWARD", "1", "-v", "-n", "-x"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("reading the rule's counter from {text:?}"))
+    }
+
+    fn delete(&mut self) -> Result<()> {
+        if self.spec.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = vec!["iptables", "-w", "5", "-D", "FORWARD"];
+        cmd.extend(self.spec.iter().map(String::as_str));
+        self.ctx.topo.exec(&self.netns, &cmd).context("deleting the FORWARD rule")?;
+        self.spec.clear();
+        Ok(())
+    }
+}
+
+impl Drop for ForwardRule<'_> {
+    fn drop(&mut self) {
+        let _ = self.delete();
+    }
+}
+
+/// What a NetworkPolicy engine or a host firewall in netfilter does: with kube-proxy the packet is DNATed in
+/// PREROUTING, so `FORWARD` sees it going to the backend pod, and a DROP there blocks the Service. A proxy that
+/// forwards translated packets around netfilter would silently bypass it.
+async fn netfilter_forward(ctx: Arc<Ctx>) -> Result<()> {
+    let backend = ctx.deploy(spec("guarded", 1).on_node("node-b")).await?.remove(0);
+    let client = ctx.client_pod("client", "node-a").await?;
+    let all = BTreeSet::from([backend.name.clone()]);
+    let mut svc = simple_service("guarded", "guarded", 80);
+    svc["spec"]["type"] = json!("NodePort");
+    let svc = ctx.create_service(svc).await?;
+    ctx.wait_endpoints("guarded", 1).await?;
+    let vip = sa(cluster_ip(&svc)?, 80);
+    let node_a = ctx.node("node-a")?;
+    let np = sa(node_a.ip, node_port(&svc, None)?);
+    expect_backends(&client.netns, vip, &all).await?;
+    expect_backends(ctx.client_ns(), np, &all).await?;
+    ctx.step(format!("ClusterIP {vip} from a pod on node-a and NodePort {np} from the client: answered"));
+
+    // The translating node is node-a for both: the client pod's node, and the node whose IP the client used.
+    let ip = backend.ip.to_string();
+    let mut rule = ForwardRule::insert(&ctx, &node_a.netns, &["-d", &ip, "-j", "DROP"])?;
+    let errs = expect_unanswered(&client.netns, vip).await?;
+    ctx.step(format!("FORWARD -d {ip} -j DROP on node-a: ClusterIP not answered ({})", errs[0]));
+    let errs = expect_unanswered(ctx.client_ns(), np).await?;
+    ctx.step(format!("... and the NodePort not answered ({})", errs[0]));
+    let dropped = rule.packets()?;
+    ensure!(dropped > 0, "the FORWARD rule matched no packet");
+    ctx.step(format!("the rule dropped {dropped} packets"));
+
+    rule.delete()?;
+    expect_backends(&client.netns, vip, &all).await?;
+    expect_backends(ctx.client_ns(), np, &all).await?;
+    ctx.step("rule removed: both answer again");
     Ok(())
 }
