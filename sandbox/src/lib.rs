@@ -12,6 +12,7 @@
 pub mod build;
 pub mod controlplane;
 pub mod kubelet;
+pub mod load;
 pub mod netns;
 pub mod pods;
 pub mod suite;

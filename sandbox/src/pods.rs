@@ -736,7 +736,7 @@ impl fmt::Display for NetError {
 impl std::error::Error for NetError {}
 
 impl NetError {
-    fn io(e: std::io::Error) -> NetError {
+    pub fn io(e: std::io::Error) -> NetError {
         use std::io::ErrorKind::*;
         match e.kind() {
             ConnectionRefused => NetError::Refused,

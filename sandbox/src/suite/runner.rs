@@ -220,7 +220,8 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
                 Err(e) => Err(format!("setup: {e:#}")),
                 Ok(()) => {
                     let fut = (s.run)(ctx.clone());
-                    let limit = opts.scenario_timeout;
+                    let limit =
+                        scenarios::time_limit(s.name).map_or(opts.scenario_timeout, |t| t.max(opts.scenario_timeout));
                     match tokio::spawn(tokio::time::timeout(limit, fut)).await {
                         Ok(Ok(Ok(()))) => Ok(t.elapsed()),
                         Ok(Ok(Err(e))) => Err(format!("{e:#}")),

@@ -23,6 +23,14 @@ pub struct Scenario {
     pub run: fn(Arc<Ctx>) -> BoxFuture<'static, Result<()>>,
 }
 
+/// A scenario that needs longer than the suite's per-scenario limit gets this much.
+pub fn time_limit(name: &str) -> Option<Duration> {
+    match name {
+        "soak" => Some(Duration::from_secs(480)),
+        _ => None,
+    }
+}
+
 /// Every scenario, in the order the suite runs them.
 pub fn all() -> Vec<Scenario> {
     vec![
@@ -131,6 +139,13 @@ pub fn all() -> Vec<Scenario> {
             about: "a FORWARD DROP rule for the backend pod on the translating node blocks the ClusterIP and the \
                     NodePort (netfilter sees Service traffic), and removing it restores both",
             run: |c| Box::pin(netfilter_forward(c)),
+        },
+        Scenario {
+            name: "soak",
+            about: "from the client, 20,000 TCP connections within 60 s to a NodePort (eTP=Cluster, masqueraded, \
+                    backend on the other node) and 2,000 more once their conntrack entries expired; meanwhile 200,000 \
+                    UDP flows to a ClusterIP and a long-lived TCP connection that never breaks",
+            run: |c| Box::pin(soak(c)),
         },
         Scenario {
             name: "udp-cycle",
@@ -977,10 +992,10 @@ impl<'a> ForwardRule<'a> {
 
     /// Packets the rule matched so far.
     fn packets(&self) -> Result<u64> {
-        let out = self
-            .ctx
-            .topo
-            .exec(&self.netns, &["iptables", "-w", "5", "-L", "FORWARD", "1", "-v", "-n", "-x"])?;
+        let out = self.ctx.topo.exec(
+            &self.netns,
+            &["iptables", "-w", "5", "-L", "FORWARD", "1", "-v", "-n", "-x"],
+        )?;
         let text = String::from_utf8_lossy(&out.stdout);
         text.split_whitespace()
             .next()
@@ -994,7 +1009,10 @@ impl<'a> ForwardRule<'a> {
         }
         let mut cmd = vec!["iptables", "-w", "5", "-D", "FORWARD"];
         cmd.extend(self.spec.iter().map(String::as_str));
-        self.ctx.topo.exec(&self.netns, &cmd).context("deleting the FORWARD rule")?;
+        self.ctx
+            .topo
+            .exec(&self.netns, &cmd)
+            .context("deleting the FORWARD rule")?;
         self.spec.clear();
         Ok(())
     }
@@ -1022,13 +1040,18 @@ async fn netfilter_forward(ctx: Arc<Ctx>) -> Result<()> {
     let np = sa(node_a.ip, node_port(&svc, None)?);
     expect_backends(&client.netns, vip, &all).await?;
     expect_backends(ctx.client_ns(), np, &all).await?;
-    ctx.step(format!("ClusterIP {vip} from a pod on node-a and NodePort {np} from the client: answered"));
+    ctx.step(format!(
+        "ClusterIP {vip} from a pod on node-a and NodePort {np} from the client: answered"
+    ));
 
     // The translating node is node-a for both: the client pod's node, and the node whose IP the client used.
     let ip = backend.ip.to_string();
     let mut rule = ForwardRule::insert(&ctx, &node_a.netns, &["-d", &ip, "-j", "DROP"])?;
     let errs = expect_unanswered(&client.netns, vip).await?;
-    ctx.step(format!("FORWARD -d {ip} -j DROP on node-a: ClusterIP not answered ({})", errs[0]));
+    ctx.step(format!(
+        "FORWARD -d {ip} -j DROP on node-a: ClusterIP not answered ({})",
+        errs[0]
+    ));
     let errs = expect_unanswered(ctx.client_ns(), np).await?;
     ctx.step(format!("... and the NodePort not answered ({})", errs[0]));
     let dropped = rule.packets()?;
@@ -1039,5 +1062,214 @@ async fn netfilter_forward(ctx: Arc<Ctx>) -> Result<()> {
     expect_backends(&client.netns, vip, &all).await?;
     expect_backends(ctx.client_ns(), np, &all).await?;
     ctx.step("rule removed: both answer again");
+    Ok(())
+}
+
+/// How many flows the node that translates the soak's traffic (node-a) tracks: the kernel's conntrack table, and
+/// for Orca eBPF its own conntrack map and the masquerade ports it holds (from the agent's metrics).
+#[derive(Clone, Copy, Debug, Default)]
+struct Tracked {
+    kernel: u64,
+    orca: Option<(u64, u64)>,
+}
+
+impl Tracked {
+    fn max(self, o: Tracked) -> Tracked {
+        Tracked {
+            kernel: self.kernel.max(o.kernel),
+            orca: match (self.orca, o.orca) {
+                (Some((e1, p1)), Some((e2, p2))) => Some((e1.max(e2), p1.max(p2))),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Tracked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} kernel conntrack entries", self.kernel)?;
+        if let Some((entries, ports)) = self.orca {
+            write!(
+                f,
+                "; Orca eBPF: {entries} conntrack map entries, {ports} masquerade ports held"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+async fn tracked_flows(ctx: &Ctx) -> Result<Tracked> {
+    let node = ctx.node("node-a")?;
+    let out = ctx
+        .topo
+        .exec(&node.netns, &["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])
+        .context("reading node-a's conntrack count")?;
+    let kernel = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    if ctx.proxy != crate::suite::proxy::ProxyKind::OrcaEbpf {
+        return Ok(Tracked { kernel, orca: None });
+    }
+    let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
+    let r = pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(3))
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics of node-a: {e}"))?;
+    let metric = |name: &str| -> Result<u64> {
+        r.body
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .with_context(|| format!("no {name} in node-a's metrics"))
+    };
+    Ok(Tracked {
+        kernel,
+        orca: Some((
+            metric("orca_map_entries{map=\"ORCA_CT4\"}")?,
+            metric("orca_snat_ports_in_use")?,
+        )),
+    })
+}
+
+async fn soak(ctx: Arc<Ctx>) -> Result<()> {
+    use crate::load;
+    const TCP_FIRST: usize = 20_000;
+    const TCP_LATER: usize = 2_000;
+    const UDP_SOURCES: usize = 4;
+    const UDP_PER_SOURCE: u16 = 50_000;
+    let backend = ctx.deploy(spec("soak", 1).on_node("node-b")).await?.remove(0);
+    let all = BTreeSet::from([backend.name.clone()]);
+    let heart = ctx.client_pod("heart", "node-a").await?;
+    let mut udp_clients = Vec::new();
+    for i in 0..UDP_SOURCES {
+        udp_clients.push(ctx.client_pod(&format!("udp-{i}"), "node-a").await?.netns);
+    }
+    let mut web = simple_service("soak-web", "soak", 80);
+    web["spec"]["type"] = json!("NodePort");
+    let web = ctx.create_service(web).await?;
+    let udp = ctx
+        .create_service(json!({
+            "metadata": {"name": "soak-udp"},
+            "spec": {"selector": {"app": "soak"}, "ports": [{"port": 53, "targetPort": 8081, "protocol": "UDP"}]},
+        }))
+        .await?;
+    let echo = ctx
+        .create_service(json!({
+            "metadata": {"name": "soak-echo"},
+            "spec": {"selector": {"app": "soak"}, "ports": [{"port": 9000, "targetPort": 9000, "protocol": "TCP"}]},
+        }))
+        .await?;
+    ctx.wait_endpoints("soak-web", 1).await?;
+    let np = sa(ctx.node("node-a")?.ip, node_port(&web, None)?);
+    let udp_vip = sa(cluster_ip(&udp)?, 53);
+    let echo_vip = sa(cluster_ip(&echo)?, 9000);
+    expect_backends(ctx.client_ns(), np, &all).await?;
+    let before = tracked_flows(&ctx).await?;
+    ctx.step(format!("before: {before}"));
+
+    let heartbeat = load::Heartbeat::start(
+        &heart.netns,
+        echo_vip,
+        Duration::from_millis(200),
+        Duration::from_secs(2),
+    )?;
+    let client_ns = ctx.client_ns().to_string();
+    let tcp = tokio::task::spawn_blocking(move || {
+        load::tcp_connections(
+            &client_ns,
+            np,
+            TCP_FIRST,
+            16,
+            Duration::from_secs(50),
+            Duration::from_secs(60),
+        )
+    });
+    let udp_sources = udp_clients.clone();
+    let udp = tokio::task::spawn_blocking(move || {
+        load::udp_flows(
+            &udp_sources,
+            10_000..10_000 + UDP_PER_SOURCE,
+            udp_vip,
+            2,
+            Duration::from_millis(500),
+            Duration::from_secs(120),
+        )
+    });
+    // Sample the occupancy while the load runs.
+    let mut peak = before;
+    while !(tcp.is_finished() && udp.is_finished()) {
+        if let Ok(t) = tracked_flows(&ctx).await {
+            peak = peak.max(t);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let tcp = tcp.await??;
+    let udp = udp.await??;
+    let first_done = Instant::now();
+    ctx.step(format!("{TCP_FIRST} TCP connections to the NodePort {np}: {tcp}"));
+    ctx.step(format!(
+        "{} UDP flows to {udp_vip}: {udp}",
+        UDP_SOURCES * usize::from(UDP_PER_SOURCE)
+    ));
+    // The TCP connections' entries stay for TIME_WAIT (120 s) after the load: one more sample at the end.
+    peak = peak.max(tracked_flows(&ctx).await?);
+    ctx.step(format!("peak (each count's maximum, sampled every 2 s): {peak}"));
+    ensure!(
+        tcp.ok == TCP_FIRST && tcp.elapsed <= Duration::from_secs(60),
+        "TCP connections: {tcp}"
+    );
+    let udp_total = UDP_SOURCES * usize::from(UDP_PER_SOURCE);
+    ensure!(
+        udp.ok + udp.failed() == udp_total && udp.ok * 100 >= udp_total * 99,
+        "UDP flows: {udp} (fewer than 99% answered)"
+    );
+    let hb = heartbeat.report();
+    ensure!(
+        hb.error.is_none(),
+        "the long-lived connection broke during the load: {hb:?}"
+    );
+
+    // The first connections' entries expire: closed TCP after 120 s (TIME_WAIT), UDP streams after 120 s. Orca
+    // eBPF's collector then gives their masquerade ports back; the kernel's conntrack deletes its entries.
+    let expired_after = Duration::from_secs(130);
+    let mut after = tracked_flows(&ctx).await?;
+    loop {
+        let waited = first_done.elapsed();
+        let released = after.orca.is_none_or(|(_, ports)| ports < 100);
+        if waited >= expired_after && released {
+            break;
+        }
+        ensure!(
+            waited < expired_after + Duration::from_secs(60),
+            "60 s after the lifetimes the entries are still held: {after}"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        after = tracked_flows(&ctx).await?;
+    }
+    ctx.step(format!(
+        "{:.0}s after the load: {after}",
+        first_done.elapsed().as_secs_f64()
+    ));
+    let client_ns = ctx.client_ns().to_string();
+    let later = tokio::task::spawn_blocking(move || {
+        load::tcp_connections(
+            &client_ns,
+            np,
+            TCP_LATER,
+            8,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+    })
+    .await??;
+    ctx.step(format!("{TCP_LATER} more TCP connections: {later}"));
+    ensure!(later.ok == TCP_LATER, "TCP connections after the expiry: {later}");
+    let hb = heartbeat.finish();
+    ctx.step(format!(
+        "long-lived connection {:?} -> {echo_vip}: {} exchanges every 200 ms, max round trip {:?}, {}",
+        hb.local,
+        hb.exchanges,
+        hb.max_rtt,
+        hb.error.as_deref().unwrap_or("never broke")
+    ));
+    ensure!(hb.error.is_none(), "the long-lived connection broke: {hb:?}");
     Ok(())
 }
