@@ -6,6 +6,7 @@ use kube::api::ListParams;
 use kube::Api;
 
 use crate::app::{kube_client, Settings};
+use crate::dataplane::ebpf;
 use crate::dataplane::iptables::exec::Exec;
 use crate::model::state::Snapshot;
 use crate::model::tracker::ChangeTracker;
@@ -61,20 +62,57 @@ pub fn render_table(state: &Snapshot) -> String {
     out
 }
 
-/// Reads the ClusterIP frontends back from the kernel: the pinned eBPF maps when they exist, else iptables.
+/// Reads the ClusterIP frontends back from the kernel: the pinned eBPF maps when they exist, else iptables. The
+/// first value names what was read (and where).
 pub fn programmed(
     s: &Settings,
     desired: &Snapshot,
     node: &crate::model::NodeInfo,
-) -> anyhow::Result<(&'static str, verify::FrontendMap)> {
-    match crate::dataplane::ebpf::dump(&s.bpf_root) {
-        Ok(views) => Ok(("ebpf", verify::ebpf_cluster_frontends(&views, desired, &node.addresses))),
+) -> anyhow::Result<(String, verify::FrontendMap)> {
+    let maps_dir = ebpf::pinned_maps_dir(&s.bpf_root);
+    match ebpf::dump(&s.bpf_root) {
+        Ok(views) => Ok((
+            format!("ebpf maps in {}", maps_dir.display()),
+            verify::ebpf_cluster_frontends(&views, desired, &node.addresses),
+        )),
         Err(e) => {
-            tracing::debug!(error = format!("{e:#}"), "no pinned eBPF maps; reading iptables");
+            eprintln!(
+                "no eBPF state found in {} ({e:#}); reading iptables instead (if the agent runs in eBPF mode, \
+                 pass its --bpf-root and run this in the node's mount namespace)",
+                maps_dir.display()
+            );
             let save = Exec::detect(None).save("nat")?;
-            Ok(("iptables", verify::iptables_cluster_frontends(&save)))
+            Ok((
+                "iptables nat table".to_string(),
+                verify::iptables_cluster_frontends(&save),
+            ))
         }
     }
+}
+
+/// Renders the eBPF datapath's counters: every drop and untranslated pass by reason, and the conntrack map.
+pub fn render_datapath(maps_dir: &std::path::Path, d: &ebpf::DatapathCounts) -> String {
+    let mut out = format!("DATAPATH (eBPF, {})\n", maps_dir.display());
+    let ct = &d.conntrack;
+    let share = if ct.capacity == 0 {
+        0.0
+    } else {
+        100.0 * ct.entries as f64 / ct.capacity as f64
+    };
+    out.push_str(&format!(
+        "conntrack\t{} of {} entries ({share:.1}%): {} service, {} reply ({} masquerade ports held), {} inner; {} expired, not yet collected\n",
+        ct.entries, ct.capacity, ct.service, ct.reply, ct.snat_ports, ct.inner, ct.expired_deleted
+    ));
+    for (what, dropped) in [("drops", true), ("untranslated", false)] {
+        let list: Vec<String> = orca_common::REASONS
+            .iter()
+            .zip(&d.reasons)
+            .filter(|((_, drop), _)| *drop == dropped)
+            .map(|((name, _), n)| format!("{name}={n}"))
+            .collect();
+        out.push_str(&format!("{what}\t{}\n", list.join(" ")));
+    }
+    out
 }
 
 pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
@@ -84,6 +122,11 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         print!("{}", render_table(&state));
+        let maps_dir = ebpf::pinned_maps_dir(&s.bpf_root);
+        match ebpf::datapath_report(&s.bpf_root, &s.conntrack.timeouts) {
+            Ok(d) => print!("{}", render_datapath(&maps_dir, &d)),
+            Err(e) => tracing::debug!(error = format!("{e:#}"), "no eBPF datapath counters"),
+        }
     }
     if verify {
         let (mode, have) = programmed(s, &state, &node)?;
@@ -104,4 +147,39 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datapath_section_names_every_reason_and_the_occupancy() {
+        let mut reasons = vec![0u64; orca_common::REASON_COUNT as usize];
+        reasons[orca_common::REASON_NO_SNAT_PORT as usize] = 7;
+        reasons[orca_common::REASON_FRAGMENT as usize] = 2;
+        let d = ebpf::DatapathCounts {
+            reasons,
+            conntrack: crate::dataplane::ebpf::conntrack::CtCounts {
+                entries: 30,
+                capacity: 120,
+                service: 10,
+                reply: 10,
+                snat_ports: 4,
+                inner: 10,
+                ..Default::default()
+            },
+        };
+        let out = render_datapath(std::path::Path::new("/sys/fs/bpf/orca/v3/maps"), &d);
+        assert!(out.contains("30 of 120 entries (25.0%)"), "{out}");
+        assert!(out.contains("4 masquerade ports held"), "{out}");
+        assert!(out.contains("no_snat_port=7"), "{out}");
+        assert!(
+            out.contains("untranslated\tfragment=2 not_ipv4=0 fib_declined=0"),
+            "{out}"
+        );
+        for (name, _) in orca_common::REASONS {
+            assert!(out.contains(&format!("{name}=")), "{name} missing: {out}");
+        }
+    }
 }

@@ -88,6 +88,42 @@ pub fn verdict(key: &CtKey, v: &CtValue, now_ns: u64, t: &CtTimeouts, pressure: 
     Verdict::Keep
 }
 
+/// Counts a live entry in its role.
+fn count_live(counts: &mut CtCounts, k: &CtKey, v: &CtValue) {
+    match k.dir {
+        CT_DIR_SERVICE => counts.service += 1,
+        CT_DIR_REPLY => {
+            counts.reply += 1;
+            if v.nat_addr != 0 {
+                counts.snat_ports += 1;
+            }
+        }
+        CT_DIR_INNER => counts.inner += 1,
+        _ => {}
+    }
+}
+
+/// Reads the conntrack map without changing it (for `orca-proxy status`): live entries per role, and in
+/// `expired_deleted` the entries that are expired and wait for the collector.
+pub fn census(ct: &MapData, t: &CtTimeouts) -> Result<CtCounts> {
+    let fd = ct.fd().as_fd().as_raw_fd();
+    let now = monotonic_ns();
+    let mut entries: Vec<(CtKey, CtValue)> = Vec::new();
+    batch::lookup_all(fd, &mut entries).context("reading the conntrack map")?;
+    let mut counts = CtCounts {
+        entries: entries.len() as u64,
+        capacity: u64::from(ct.info()?.max_entries()),
+        ..Default::default()
+    };
+    for (k, v) in &entries {
+        match verdict(k, v, now, t, false) {
+            Verdict::Keep => count_live(&mut counts, k, v),
+            _ => counts.expired_deleted += 1,
+        }
+    }
+    Ok(counts)
+}
+
 /// One pass over the conntrack map: deletes what `verdict` says, counts the rest.
 pub fn pass(ct: &MapData, capacity: u64, t: &CtTimeouts, totals: &mut CtCounts) -> Result<()> {
     let fd = ct.fd().as_fd().as_raw_fd();
@@ -103,17 +139,7 @@ pub fn pass(ct: &MapData, capacity: u64, t: &CtTimeouts, totals: &mut CtCounts) 
     for (k, v) in &entries {
         match verdict(k, v, now, t, pressure) {
             Verdict::Keep => {
-                match k.dir {
-                    CT_DIR_SERVICE => counts.service += 1,
-                    CT_DIR_REPLY => {
-                        counts.reply += 1;
-                        if v.nat_addr != 0 {
-                            counts.snat_ports += 1;
-                        }
-                    }
-                    CT_DIR_INNER => counts.inner += 1,
-                    _ => {}
-                }
+                count_live(&mut counts, k, v);
                 continue;
             }
             Verdict::Expired => totals.expired_deleted += 1,

@@ -395,6 +395,25 @@ pub fn open_stats(maps_dir: &std::path::Path) -> Result<StatsMap> {
     Ok(StatsMap::try_from(aya::maps::Map::from_map_data(data)?)?)
 }
 
+/// Where the pinned maps of the running (or last) agent under `root` live.
+pub fn pinned_maps_dir(root: &std::path::Path) -> PathBuf {
+    loader::versioned_dir(root).join("maps")
+}
+
+/// The datapath's counters and conntrack occupancy read from the pinned maps under `root` (for `orca-proxy
+/// status`); the conntrack census only reads, so expired entries the collector has not deleted yet are counted
+/// as such.
+pub fn datapath_report(root: &std::path::Path, timeouts: &CtTimeouts) -> Result<DatapathCounts> {
+    let maps_dir = pinned_maps_dir(root);
+    let stats = open_stats(&maps_dir)?;
+    let p = maps_dir.join(orca_common::MAP_CT);
+    let ct = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+    Ok(DatapathCounts {
+        reasons: read_stats(&stats),
+        conntrack: conntrack::census(&ct, timeouts)?,
+    })
+}
+
 /// Sums the per-CPU `ORCA_STATS` counters.
 pub fn read_stats(map: &StatsMap) -> Vec<u64> {
     (0..orca_common::REASON_COUNT)
