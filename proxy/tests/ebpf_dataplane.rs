@@ -271,6 +271,50 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         }
         assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
 
+        // The pod is re-created and its veth gets the same name, within one scan of the watcher (one `ip -batch`:
+        // the new interface is renamed into place right after the old one is deleted): the watcher sees a new
+        // interface index and attaches to it; a watcher that followed names only would keep the dead attachment.
+        let batch = format!(
+            "link add c1new type veth peer name eth0new netns {c2}\nlink del c1\nlink set c1new name c1\n\
+             addr add 10.203.0.1/24 dev c1\nlink set c1 up\n"
+        );
+        let mut child = Command::new("ip")
+            .args(["-n", &n, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("ip -batch");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), batch.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "re-creating c1");
+        run(&["ip", "-n", &c2, "link", "set", "eth0new", "name", "eth0"]);
+        run(&["ip", "-n", &c2, "addr", "add", "10.203.0.2/24", "dev", "eth0"]);
+        run(&["ip", "-n", &c2, "link", "set", "eth0", "up"]);
+        run(&["ip", "-n", &c2, "route", "add", "default", "via", "10.203.0.1"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &c2,
+                    "socat",
+                    "-T2",
+                    "-",
+                    "TCP:10.96.0.10:80,connect-timeout=1",
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .expect("socat");
+            if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the re-created pod interface c1 was never attached"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
+
         // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
         let view = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump pinned maps");
         assert_eq!(view.len(), 1, "{view:?}");

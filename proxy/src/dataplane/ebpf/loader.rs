@@ -354,7 +354,7 @@ impl Hook {
 
 /// Interfaces of the calling thread's network namespace (if_nameindex is netns-aware; sysfs is
 /// not).
-pub fn interfaces() -> Vec<String> {
+pub fn interfaces() -> Vec<(String, u32)> {
     let mut out = Vec::new();
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
     unsafe {
@@ -365,7 +365,10 @@ pub fn interfaces() -> Vec<String> {
         let mut p = list;
         while (*p).if_index != 0 {
             if !(*p).if_name.is_null() {
-                out.push(CStr::from_ptr((*p).if_name).to_string_lossy().into_owned());
+                out.push((
+                    CStr::from_ptr((*p).if_name).to_string_lossy().into_owned(),
+                    (*p).if_index,
+                ));
             }
             p = p.add(1);
         }
@@ -426,6 +429,53 @@ pub struct Attacher {
     links_dir: PathBuf,
     tcx: bool,
     attached: BTreeMap<(String, Hook), Role>,
+    /// The interface index each attached interface had: a pod veth deleted and re-created under the same name
+    /// between two scans is a new interface (the old one's links went with it).
+    ifindex: BTreeMap<String, u32>,
+}
+
+/// `BPF_LINK_TYPE_TCX`, and the interface the TCX link pinned at `pin` is attached to (0 once the interface is
+/// gone), read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD (aya has no accessor for it).
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+fn tcx_pin_ifindex(pin: &Path) -> Option<u32> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 4]| -> libc::c_long {
+        // SAFETY: a bpf_attr prefix of the size passed, whose pointers (set by the callers) outlive the call.
+        unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as u32,
+            )
+        }
+    };
+    let path = CString::new(pin.as_os_str().as_bytes()).ok()?;
+    // BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags.
+    let mut attr = [path.as_ptr() as u64, 0, 0, 0];
+    let fd = bpf(BPF_OBJ_GET, &mut attr);
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union whose tcx member starts with ifindex.
+    let mut info = [0u64; 8];
+    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd (u32), info_len (u32), info (u64).
+    let mut attr = [
+        u64::from(fd.as_raw_fd() as u32) | ((std::mem::size_of_val(&info) as u64) << 32),
+        info.as_mut_ptr() as u64,
+        0,
+        0,
+    ];
+    if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) != 0 || info[0] as u32 != BPF_LINK_TYPE_TCX {
+        return None;
+    }
+    Some(info[2] as u32)
 }
 
 impl Attacher {
@@ -436,6 +486,7 @@ impl Attacher {
             links_dir,
             tcx: aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)),
             attached: BTreeMap::new(),
+            ifindex: BTreeMap::new(),
         })
     }
 
@@ -450,14 +501,20 @@ impl Attacher {
     /// Attaches the program of `role` on `ifname` (at the role's hook). With TCX the link is pinned, and a
     /// link pinned by a previous agent is switched to the new program atomically: no packet goes
     /// unprocessed across an agent restart.
-    pub fn attach(&mut self, prog: &mut SchedClassifier, ifname: &str, role: Role) -> Result<()> {
+    pub fn attach(&mut self, prog: &mut SchedClassifier, ifname: &str, ifindex: u32, role: Role) -> Result<()> {
         let hook = role.hook();
         let slot = (ifname.to_string(), hook);
-        if self.attached.get(&slot) == Some(&role) {
+        if self.attached.get(&slot) == Some(&role) && self.ifindex.get(ifname) == Some(&ifindex) {
             return Ok(());
         }
         if self.tcx {
             let pin = self.pin_path(ifname, hook);
+            // A link pinned for an earlier interface of this name (deleted and re-created while no agent watched)
+            // is defunct: unpin it, and attach afresh.
+            if pin.exists() && tcx_pin_ifindex(&pin) != Some(ifindex) {
+                tracing::info!(interface = ifname, pin = %pin.display(), "pinned link of a former interface of this name: replaced");
+                let _ = std::fs::remove_file(&pin);
+            }
             let id = match PinnedLink::from_pin(&pin) {
                 Ok(old) => {
                     let link = FdLink::from(old).try_into().context("pinned link is not a TC link")?;
@@ -493,23 +550,35 @@ impl Attacher {
                 .with_context(|| format!("attaching {} to {ifname} (clsact {})", role.program(), hook.name()))?;
             std::mem::forget(prog.take_link(id)?);
         }
-        tracing::info!(interface = ifname, program = role.program(), tcx = self.tcx, "attached");
+        tracing::info!(
+            interface = ifname,
+            ifindex,
+            program = role.program(),
+            tcx = self.tcx,
+            "attached"
+        );
         self.attached.insert(slot, role);
+        self.ifindex.insert(ifname.to_string(), ifindex);
         Ok(())
     }
 
-    /// Forgets interfaces that disappeared (their links went with them) and removes their pins.
-    pub fn forget_missing(&mut self, present: &[String]) {
+    /// Forgets interfaces that disappeared (their links went with them) and removes their pins; an interface
+    /// whose index changed (deleted and re-created under the same name) is forgotten too, to be attached again.
+    pub fn forget_missing(&mut self, present: &[(String, u32)]) {
         let gone: Vec<(String, Hook)> = self
             .attached
             .keys()
-            .filter(|(n, _)| !present.contains(n))
+            .filter(|(n, _)| {
+                let now = present.iter().find(|(p, _)| p == n).map(|(_, i)| *i);
+                now.is_none() || now != self.ifindex.get(n).copied()
+            })
             .cloned()
             .collect();
         for (n, hook) in gone {
             let _ = std::fs::remove_file(self.pin_path(&n, hook));
             self.attached.remove(&(n.clone(), hook));
-            tracing::info!(interface = %n, hook = hook.name(), "interface gone");
+            self.ifindex.remove(&n);
+            tracing::info!(interface = %n, hook = hook.name(), "interface gone (or re-created under its name)");
         }
     }
 

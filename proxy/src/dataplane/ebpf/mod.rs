@@ -172,7 +172,7 @@ impl Links {
             }
             u
         };
-        for name in &present {
+        for (name, ifindex) in &present {
             let is_pod = self.opts.pod_interfaces.contains(name)
                 || self
                     .opts
@@ -195,7 +195,7 @@ impl Links {
                     continue;
                 };
                 // One interface failing (it vanished meanwhile, ...) must not stop the others.
-                if let Err(e) = self.attacher.attach(prog, name, role) {
+                if let Err(e) = self.attacher.attach(prog, name, *ifindex, role) {
                     tracing::warn!(interface = %name, error = %format!("{e:#}"), "cannot attach");
                 }
             }
