@@ -65,6 +65,8 @@ pub struct ChangeTracker {
     /// instead of a copy of every service port (the loop drops its reference before the next `take_diff`).
     desired: Arc<Snapshot>,
     counters: Counters,
+    /// The node's addresses changed since the last diff: NodePort states are re-applied even when unchanged.
+    readdressed: bool,
 }
 
 fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
@@ -86,6 +88,7 @@ impl ChangeTracker {
             pending: HashMap::new(),
             desired: Arc::new(Snapshot::new()),
             counters: Counters::default(),
+            readdressed: false,
         }
     }
 
@@ -217,19 +220,26 @@ impl ChangeTracker {
         }
     }
 
-    /// The node object changed: a new zone changes topology for every Service.
+    /// The node object changed: a new zone changes topology for every Service; new addresses (filled in late by
+    /// a cloud controller, or changed) change every NodePort's frontends, although no Service state changes, so
+    /// the next diff re-applies the NodePort Services.
     pub fn node_updated(&mut self, node: NodeInfo) {
         if node == self.node {
             return;
         }
         let zone_changed = node.zone != self.node.zone;
+        let addresses_changed = node.addresses != self.node.addresses;
         self.node = node;
-        if zone_changed {
-            let all: Vec<ServiceName> = self.services.keys().cloned().collect();
-            for s in all {
-                self.mark(s, None);
-            }
+        let affected: Vec<ServiceName> = self
+            .services
+            .iter()
+            .filter(|(_, ports)| zone_changed || (addresses_changed && ports.iter().any(|p| p.node_port.is_some())))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for s in affected {
+            self.mark(s, None);
         }
+        self.readdressed |= addresses_changed;
     }
 
     pub fn has_pending(&self) -> bool {
@@ -245,6 +255,7 @@ impl ChangeTracker {
     pub fn take_diff(&mut self) -> Diff {
         let mut diff = Diff::default();
         let pending = std::mem::take(&mut self.pending);
+        let readdressed = std::mem::take(&mut self.readdressed);
         if pending.is_empty() {
             return diff;
         }
@@ -267,7 +278,8 @@ impl ChangeTracker {
                 }
             }
             for (name, state) in new_states {
-                if desired.get(&name).map(|s| s.as_ref()) != Some(&state) {
+                let unchanged = desired.get(&name).map(|s| s.as_ref()) == Some(&state);
+                if !unchanged || (readdressed && state.port.node_port.is_some()) {
                     let state = Arc::new(state);
                     desired.insert(name, state.clone());
                     diff.upserted.push(state);
@@ -433,6 +445,27 @@ mod tests {
         assert!(t.desired().is_empty());
         assert_eq!(t.counters().service_changes, 4);
         assert_eq!(t.counters().endpoint_changes, 2);
+    }
+
+    #[test]
+    fn node_address_changes_reapply_node_ports() {
+        let mut t = tracker();
+        let np: Service = serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "np"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.7", "ports": [{"port": 80, "nodePort": 30080}]}}))
+        .unwrap();
+        t.service_updated(&np);
+        t.service_updated(&svc("plain", "10.96.0.8", json!([{"port": 80}])));
+        t.take_diff();
+        // The Node's address is filled in late: no Service changed, but the NodePort must be re-applied with it.
+        let mut node = t.node().clone();
+        node.addresses = vec!["192.168.1.10".parse().unwrap()];
+        t.node_updated(node.clone());
+        let d = t.take_diff();
+        assert_eq!(d.upserted.len(), 1, "{d:?}");
+        assert_eq!(&*d.upserted[0].name().service.name, "np");
+        // Nothing changed since: nothing to apply.
+        t.node_updated(node);
+        assert!(t.take_diff().is_empty());
     }
 
     #[test]

@@ -312,6 +312,33 @@ fn nodeport_addresses_restrict_node_port_frontends() {
 }
 
 #[test]
+fn a_node_address_change_moves_node_port_frontends() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let cfg = DataplaneConfig::default();
+    let mut sp = port("np", "10.96.0.22");
+    sp.node_port = Some(30082);
+    let before = NodeInfo {
+        addresses: vec!["192.168.50.10".parse().unwrap()],
+        ..node()
+    };
+    let st = ServicePortState::new(sp.clone(), vec![ep("10.244.1.1", false)], &before);
+    p.upsert(&mut m, &st, &before, &cfg).unwrap();
+    assert!(m.fe.contains_key(&fk("192.168.50.10", 30082)));
+    // The same state re-applied (what the tracker's diff does after the Node's addresses changed).
+    let after = NodeInfo {
+        addresses: vec!["192.168.50.11".parse().unwrap()],
+        ..node()
+    };
+    p.upsert(&mut m, &st, &after, &cfg).unwrap();
+    assert!(m.fe.contains_key(&fk("192.168.50.11", 30082)));
+    assert!(
+        !m.fe.contains_key(&fk("192.168.50.10", 30082)),
+        "the old address's NodePort stayed"
+    );
+}
+
+#[test]
 fn a_restarted_programmer_adopts_ids_and_sweeps_leftovers() {
     let mut m = FakeMaps::default();
     let cfg = DataplaneConfig::default();
