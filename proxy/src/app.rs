@@ -84,6 +84,8 @@ impl Settings {
             sync_period: f.sync_period.unwrap_or(Duration::from_secs(30)),
         };
         anyhow::ensure!(!sync.sync_period.is_zero(), "--sync-period must be greater than 0");
+        let (nodeport_cidrs, nodeport_primary) = crate::cli::split_nodeport_addresses(&f.nodeport_addresses)
+            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
         let healthz = parse_bind(f.healthz_bind_address.as_deref().unwrap_or(DEFAULT_HEALTHZ), 10256)
             .map_err(|e| anyhow::anyhow!("--healthz-bind-address: {e}"))?;
         let metrics = parse_bind(f.metrics_bind_address.as_deref().unwrap_or(DEFAULT_METRICS), 10249)
@@ -96,7 +98,8 @@ impl Settings {
             allow_fallback: !f.no_fallback,
             dataplane: DataplaneConfig {
                 cluster_cidrs: f.cluster_cidr.clone(),
-                nodeport_addresses: f.nodeport_addresses.clone(),
+                nodeport_addresses: nodeport_cidrs,
+                nodeport_primary,
                 masquerade_all: f.masquerade_all,
                 masquerade_bit: f.iptables_masquerade_bit.unwrap_or(14),
             },
@@ -267,7 +270,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         health.clone(),
         s.sync.sync_period * 2,
         s.dataplane.nodeport_addresses.clone(),
-    );
+    )
+    .with_primary(s.dataplane.nodeport_primary);
     let runner = tokio::spawn(crate::sync::run(shared, dataplane, s.sync, health, metrics, hc));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -108,9 +108,10 @@ pub struct Flags {
     /// The CIDR ranges of pods in the cluster (comma-separated); ClusterIP traffic from outside them is masqueraded.
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
     pub cluster_cidr: Vec<Cidr>,
-    /// CIDR ranges of local addresses NodePorts answer on (comma-separated); default every local address.
-    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_cidr)]
-    pub nodeport_addresses: Vec<Cidr>,
+    /// CIDR ranges of local addresses NodePorts answer on (comma-separated), or `primary` (the Node's own
+    /// addresses, as kube-proxy); default every local address.
+    #[arg(long, global = true, value_delimiter = ',', value_parser = parse_nodeport_address)]
+    pub nodeport_addresses: Vec<NodePortAddress>,
     /// SNAT every packet sent to a ClusterIP.
     #[arg(long, global = true)]
     pub masquerade_all: bool,
@@ -159,6 +160,39 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 
 pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
     s.parse()
+}
+
+/// One `--nodeport-addresses` / `nodePortAddresses` value: a CIDR, or kube-proxy's `primary`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// The Node object's addresses (kube-proxy: the node's primary IP of each family).
+    Primary,
+    Cidr(Cidr),
+}
+
+pub fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, String> {
+    if s == "primary" {
+        Ok(NodePortAddress::Primary)
+    } else {
+        parse_cidr(s).map(NodePortAddress::Cidr)
+    }
+}
+
+/// Splits a `--nodeport-addresses` list into (CIDRs, primary); `primary` must stand alone, as kube-proxy's
+/// validation requires.
+pub fn split_nodeport_addresses(list: &[NodePortAddress]) -> Result<(Vec<Cidr>, bool), String> {
+    let primary = list.contains(&NodePortAddress::Primary);
+    if primary && list.len() > 1 {
+        return Err("\"primary\" cannot be combined with CIDRs".into());
+    }
+    let cidrs = list
+        .iter()
+        .filter_map(|a| match a {
+            NodePortAddress::Cidr(c) => Some(*c),
+            NodePortAddress::Primary => None,
+        })
+        .collect();
+    Ok((cidrs, primary))
 }
 
 /// A Linux interface name (or a prefix of one): 1 to 15 bytes, no '/', ':' or white space.

@@ -128,7 +128,7 @@ pub struct FileSettings {
     pub hostname_override: Option<String>,
     pub mode: Option<ProxyMode>,
     pub cluster_cidrs: Vec<Cidr>,
-    pub nodeport_addresses: Vec<Cidr>,
+    pub nodeport_addresses: Vec<crate::cli::NodePortAddress>,
     pub masquerade_all: Option<bool>,
     pub masquerade_bit: Option<u8>,
     pub sync_period: Option<Duration>,
@@ -221,11 +221,13 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
     }
     let mut nodeport_addresses = Vec::new();
     for c in f.node_port_addresses.as_deref().unwrap_or_default() {
-        if c == "primary" {
-            continue; // kube-proxy's "primary": the node's primary IPs, which is what Orca uses by default too.
-        }
-        nodeport_addresses.push(parse_cidr(c).map_err(|e| anyhow!("nodePortAddresses: invalid value {c:?}: {e}"))?);
+        nodeport_addresses.push(
+            crate::cli::parse_nodeport_address(c)
+                .map_err(|e| anyhow!("nodePortAddresses: invalid value {c:?}: {e}"))?,
+        );
     }
+    crate::cli::split_nodeport_addresses(&nodeport_addresses)
+        .map_err(|e| anyhow!("nodePortAddresses: invalid value {nodeport_addresses:?}: {e}"))?;
     let log_format = match f.logging.as_ref().and_then(|l| l.format.as_deref()) {
         None | Some("text") => None,
         Some("json") => Some(LogFormat::Json),
@@ -451,6 +453,36 @@ orca:
         assert!(e.contains("tcpTimeout"), "{e}");
         let e = parse("orca:\n  uplinks: [\"eth0\", \"a/b\"]").unwrap_err().to_string();
         assert!(e.contains("orca.uplinks") && e.contains("a/b"), "{e}");
+        let e = parse("nodePortAddresses: [primary, 10.0.0.0/8]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nodePortAddresses") && e.contains("primary"), "{e}");
+    }
+
+    #[test]
+    fn node_port_addresses_primary_reaches_the_dataplane() {
+        use crate::cli::NodePortAddress;
+        let s = parse("nodePortAddresses: [primary]").unwrap();
+        assert_eq!(s.nodeport_addresses, [NodePortAddress::Primary]);
+        let path = std::env::temp_dir().join(format!("orca-config-primary-{}.yaml", std::process::id()));
+        std::fs::write(&path, "nodePortAddresses: [primary]").unwrap();
+        let cli = crate::cli::Cli::try_parse_from(["orca-proxy", "--config", path.to_str().unwrap()]).unwrap();
+        let settings = crate::app::Settings::from_flags(&cli.flags).unwrap();
+        assert!(settings.dataplane.nodeport_primary);
+        assert!(settings.dataplane.nodeport_addresses.is_empty());
+        // A flag overrides the file.
+        let cli = crate::cli::Cli::try_parse_from([
+            "orca-proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--nodeport-addresses",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        let settings = crate::app::Settings::from_flags(&cli.flags).unwrap();
+        assert!(!settings.dataplane.nodeport_primary);
+        assert_eq!(settings.dataplane.nodeport_addresses.len(), 1);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -170,6 +170,8 @@ pub struct HealthCheckServers {
     health: Arc<SyncHealth>,
     health_timeout: Duration,
     nodeport_addresses: Vec<Cidr>,
+    /// `--nodeport-addresses primary`: listen on the Node object's addresses.
+    primary: bool,
 }
 
 /// kube-proxy's body (tab-indented JSON, no trailing newline).
@@ -212,7 +214,14 @@ impl HealthCheckServers {
             health,
             health_timeout,
             nodeport_addresses,
+            primary: false,
         }
+    }
+
+    /// `--nodeport-addresses primary`: the servers listen on the Node object's addresses only.
+    pub fn with_primary(mut self, primary: bool) -> Self {
+        self.primary = primary;
+        self
     }
 
     /// Makes the listeners match the whole of `desired`. Must run inside the tokio runtime.
@@ -337,7 +346,9 @@ impl HealthCheckServers {
     }
 
     fn listen(&self, port: u16, node_addresses: &[IpAddr]) -> std::io::Result<Vec<tokio::net::TcpListener>> {
-        let addrs: Vec<IpAddr> = if self.nodeport_addresses.is_empty() {
+        let addrs: Vec<IpAddr> = if self.primary {
+            node_addresses.to_vec()
+        } else if self.nodeport_addresses.is_empty() {
             vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
             node_addresses

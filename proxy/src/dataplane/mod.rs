@@ -31,8 +31,11 @@ impl fmt::Display for ProxyMode {
 pub struct DataplaneConfig {
     /// `--cluster-cidr`: traffic to a ClusterIP from outside these ranges is masqueraded.
     pub cluster_cidrs: Vec<Cidr>,
-    /// `--nodeport-addresses`: the local addresses NodePorts answer on; empty means every local address.
+    /// `--nodeport-addresses`: the local addresses NodePorts answer on; empty means every local address (unless
+    /// `nodeport_primary`).
     pub nodeport_addresses: Vec<Cidr>,
+    /// `--nodeport-addresses primary`: NodePorts answer on the Node object's addresses only.
+    pub nodeport_primary: bool,
     /// `--masquerade-all`: masquerade every packet sent to a ClusterIP.
     pub masquerade_all: bool,
     /// `--iptables-masquerade-bit` (0..=31): the fwmark bit that asks for SNAT.
@@ -44,6 +47,7 @@ impl Default for DataplaneConfig {
         Self {
             cluster_cidrs: vec![],
             nodeport_addresses: vec![],
+            nodeport_primary: false,
             masquerade_all: false,
             masquerade_bit: 14,
         }

@@ -375,7 +375,18 @@ impl<'a> Generator<'a> {
         let masq_mark = format!("{:#08x}", 1u32 << bit);
         let localhost = localhost_nodeports(cfg);
         let np_cidrs: Vec<Cidr> = cfg.nodeport_addresses.iter().filter(|c| c.is_ipv4()).copied().collect();
-        let nodeports = if np_cidrs.is_empty() {
+        let nodeports = if cfg.nodeport_primary {
+            // kube-proxy's `primary`: the Node's own addresses (those this node holds).
+            let mut ips: Vec<Ipv4Addr> = v4(&node.addresses)
+                .into_iter()
+                .filter(|ip| local_addrs.contains(&IpAddr::V4(*ip)))
+                .collect();
+            ips.dedup();
+            if ips.is_empty() {
+                tracing::warn!(addresses = ?node.addresses, "--nodeport-addresses primary: the Node has no local IPv4 address yet; NodePorts answer nowhere");
+            }
+            NodePortDest::Ips(ips)
+        } else if np_cidrs.is_empty() {
             NodePortDest::All { localhost: false }
         } else if np_cidrs.iter().any(|c| c.prefix == 0) {
             NodePortDest::All { localhost }

@@ -447,6 +447,20 @@ fn node_port_cluster_policy_and_addresses() {
     let t = rs.restore_input(&[], &[]).0;
     assert!(rs.localhost_nodeports);
     assert!(t.contains("-m addrtype --dst-type LOCAL -j ORCA-NODEPORTS\n"), "{t}");
+    // `primary`: the Node's own address only (192.168.50.10), not every local address.
+    let cfg = DataplaneConfig {
+        nodeport_primary: true,
+        ..Default::default()
+    };
+    let rs = gen_with(&cfg, &s, &addrs);
+    let t = rs.restore_input(&[], &[]).0;
+    assert!(!rs.localhost_nodeports);
+    assert_eq!(
+        with(&t, "-j ORCA-NODEPORTS"),
+        block(
+            r#"-A ORCA-SERVICES -m comment --comment "orca service nodeports; NOTE: this must be the last rule in this chain" -d 192.168.50.10 -j ORCA-NODEPORTS"#
+        )
+    );
 }
 
 #[test]
