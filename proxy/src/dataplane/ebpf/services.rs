@@ -149,6 +149,10 @@ pub struct Programmer {
     ports: HashMap<ServicePortName, PortEntry>,
     /// Who owns each frontend key (two ports could claim one address:port by misconfiguration).
     owners: HashMap<FrontendKey, ServicePortName>,
+    /// Ports refused a frontend another port owns: when the owner lets it go, they are `released` to be
+    /// applied again (kube-proxy's rules of the second Service serve the address as soon as the first is gone).
+    waiting: HashMap<FrontendKey, BTreeSet<ServicePortName>>,
+    released: BTreeSet<ServicePortName>,
     /// Frontends found in pinned maps at start-up, not yet claimed: their service ids and slot
     /// ranges are reused so a restarted agent keeps affinity and switches sets without a gap.
     adoptable: HashMap<FrontendKey, Frontend>,
@@ -201,6 +205,7 @@ impl Programmer {
         cfg: &DataplaneConfig,
     ) -> anyhow::Result<Written> {
         let name = st.name().clone();
+        self.stop_waiting(&name);
         let mut w = Written::default();
         let proto = match st.port.protocol {
             Protocol::Tcp => orca_common::IPPROTO_TCP,
@@ -392,6 +397,7 @@ impl Programmer {
             if let Some(owner) = self.owners.get(fk) {
                 if owner != &name {
                     tracing::warn!(service = %name, owner = %owner, frontend = ?fk, "frontend already used by another service port");
+                    self.waiting.entry(*fk).or_default().insert(name.clone());
                     continue;
                 }
             }
@@ -429,6 +435,7 @@ impl Programmer {
             if !desired_frontends.contains_key(fk) && self.owners.get(fk) == Some(&name) {
                 maps.del_frontend(fk)?;
                 self.owners.remove(fk);
+                self.release(fk);
                 w.entries += 1;
             }
         }
@@ -473,6 +480,7 @@ impl Programmer {
     /// Removes a service port: frontends first, then its slots and members.
     pub fn remove(&mut self, maps: &mut dyn MapOps, name: &ServicePortName) -> anyhow::Result<Written> {
         let mut w = Written::default();
+        self.stop_waiting(name);
         let Some(entry) = self.ports.remove(name) else {
             return Ok(w);
         };
@@ -480,6 +488,7 @@ impl Programmer {
             if self.owners.get(fk) == Some(name) {
                 maps.del_frontend(fk)?;
                 self.owners.remove(fk);
+                self.release(fk);
                 w.entries += 1;
             }
         }
@@ -492,6 +501,28 @@ impl Programmer {
             self.used_ids.remove(&set.id);
         }
         Ok(w)
+    }
+
+    /// `name` no longer waits for any frontend (it is being applied again, or removed).
+    fn stop_waiting(&mut self, name: &ServicePortName) {
+        if !self.waiting.is_empty() {
+            self.waiting.retain(|_, w| {
+                w.remove(name);
+                !w.is_empty()
+            });
+        }
+    }
+
+    /// The owner of `fk` let it go: the ports waiting for it are to be applied again.
+    fn release(&mut self, fk: &FrontendKey) {
+        if let Some(w) = self.waiting.remove(fk) {
+            self.released.extend(w);
+        }
+    }
+
+    /// Ports that were refused a frontend now free: apply them again (from the desired state).
+    pub fn take_released(&mut self) -> BTreeSet<ServicePortName> {
+        std::mem::take(&mut self.released)
     }
 
     pub fn names(&self) -> Vec<ServicePortName> {

@@ -312,6 +312,38 @@ fn nodeport_addresses_restrict_node_port_frontends() {
 }
 
 #[test]
+fn a_shared_external_ip_is_handed_over_when_its_owner_goes() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let cfg = DataplaneConfig::default();
+    let mut a = port("first", "10.96.0.41");
+    a.external_ips = vec!["203.0.113.9".parse().unwrap()];
+    let mut b = port("second", "10.96.0.42");
+    b.external_ips = vec!["203.0.113.9".parse().unwrap()];
+    let sa = state(a, vec![ep("10.244.1.1", false)]);
+    let sb = state(b, vec![ep("10.244.1.2", false)]);
+    p.upsert(&mut m, &sa, &node(), &cfg).unwrap();
+    p.upsert(&mut m, &sb, &node(), &cfg).unwrap();
+    // The first claimant keeps the address; the second waits for it.
+    assert_eq!(resolve(&m, &fk("203.0.113.9", 80)), ["10.244.1.1"]);
+    assert!(p.take_released().is_empty());
+    p.remove(&mut m, sa.name()).unwrap();
+    let released = p.take_released();
+    assert_eq!(released.iter().collect::<Vec<_>>(), [sb.name()]);
+    p.upsert(&mut m, &sb, &node(), &cfg).unwrap();
+    assert_eq!(resolve(&m, &fk("203.0.113.9", 80)), ["10.244.1.2"]);
+    // A waiting port that went away is not handed anything.
+    let mut c = port("third", "10.96.0.43");
+    c.external_ips = vec!["203.0.113.9".parse().unwrap()];
+    let sc = state(c, vec![ep("10.244.1.3", false)]);
+    p.upsert(&mut m, &sc, &node(), &cfg).unwrap();
+    p.remove(&mut m, sc.name()).unwrap();
+    p.remove(&mut m, sb.name()).unwrap();
+    assert!(p.take_released().is_empty());
+    assert!(!m.fe.contains_key(&fk("203.0.113.9", 80)));
+}
+
+#[test]
 fn a_node_address_change_moves_node_port_frontends() {
     let mut m = FakeMaps::default();
     let mut p = Programmer::default();
