@@ -59,11 +59,27 @@ pub enum SetKind {
     ClusterForPods,
 }
 
-/// A map entry an upsert wrote for a new set (taken back if the upsert fails).
+/// A map entry an upsert created (taken back if the upsert fails).
 enum NewEntry {
     Slot(BackendSlotKey),
     Member(MemberKey),
     Maglev(BackendSlotKey),
+    Range(SrcRange),
+    Frontend(FrontendKey),
+}
+
+/// Takes back what a failed upsert created. Best effort: what cannot be deleted now goes with the next full
+/// sync's sweep.
+fn take_back(maps: &mut dyn MapOps, written: Vec<NewEntry>) {
+    for k in written.into_iter().rev() {
+        let _ = match k {
+            NewEntry::Slot(k) => maps.del_slot(&k),
+            NewEntry::Member(k) => maps.del_member(&k),
+            NewEntry::Maglev(k) => maps.del_maglev(&k),
+            NewEntry::Range(r) => maps.del_range(&r),
+            NewEntry::Frontend(k) => maps.del_frontend(&k),
+        };
+    }
 }
 
 /// A backend set as published in the maps.
@@ -332,14 +348,7 @@ impl Programmer {
             entry.sets.insert(*kind, next);
         }
         if let Some(e) = failure {
-            for k in written {
-                // Best effort: what cannot be deleted now goes with the next full sync's sweep.
-                let _ = match k {
-                    NewEntry::Slot(k) => maps.del_slot(&k),
-                    NewEntry::Member(k) => maps.del_member(&k),
-                    NewEntry::Maglev(k) => maps.del_maglev(&k),
-                };
-            }
+            take_back(maps, written);
             if let Some(p) = previous {
                 self.ports.insert(name, p);
             }
@@ -386,12 +395,22 @@ impl Programmer {
                 }
             }
         }
+        // 2. New source ranges, then new frontends, then the port's existing frontends switch to the new sets. A
+        //    full map refuses only new keys (an update of an existing key needs no room), so a failure among the
+        //    new ones takes back everything this upsert created and leaves the port as it was; nothing leaks and
+        //    a retry allocates nothing twice.
         for r in ranges.difference(&entry.ranges) {
-            maps.put_range(*r)?;
+            if let Err(e) = maps.put_range(*r) {
+                take_back(maps, written);
+                if let Some(p) = previous {
+                    self.ports.insert(name, p);
+                }
+                return Err(e.context("writing a source range"));
+            }
+            written.push(NewEntry::Range(*r));
             w.entries += 1;
         }
-
-        // 2. Frontends switch to the new sets.
+        let mut plan: Vec<(FrontendKey, Frontend)> = Vec::with_capacity(desired_frontends.len());
         for (fk, kind) in &desired_frontends {
             let set = &entry.sets[kind];
             if let Some(owner) = self.owners.get(fk) {
@@ -426,10 +445,32 @@ impl Programmer {
                 affinity_timeout: affinity,
                 slot_base: set.base,
             };
-            maps.put_frontend(*fk, value)?;
-            self.adoptable.remove(fk);
-            self.owners.insert(*fk, name.clone());
+            plan.push((*fk, value));
+        }
+        // New keys first (`false` sorts first); a key pinned by a previous agent counts as existing.
+        plan.sort_by_key(|(fk, _)| entry.frontends.get(fk).is_some() || self.adoptable.contains_key(fk));
+        for (fk, value) in plan {
+            let existed = entry.frontends.get(&fk).is_some() || self.adoptable.contains_key(&fk);
+            if let Err(e) = maps.put_frontend(fk, value) {
+                if existed {
+                    return Err(e.context("updating a frontend"));
+                }
+                take_back(maps, written);
+                if let Some(p) = previous {
+                    self.ports.insert(name, p);
+                }
+                return Err(e.context("writing a frontend"));
+            }
+            if !existed {
+                written.push(NewEntry::Frontend(fk));
+            }
             w.entries += 1;
+        }
+        for fk in desired_frontends.keys() {
+            if self.owners.get(fk).is_none_or(|o| o == &name) {
+                self.adoptable.remove(fk);
+                self.owners.insert(*fk, name.clone());
+            }
         }
         for fk in entry.frontends.keys() {
             if !desired_frontends.contains_key(fk) && self.owners.get(fk) == Some(&name) {

@@ -31,6 +31,9 @@ struct FakeMaps {
     ops: usize,
     /// Capacity of the slot map (None: unbounded); a new key beyond it fails as a full BPF map does.
     slot_cap: Option<usize>,
+    /// The same for the frontend and source-range maps.
+    fe_cap: Option<usize>,
+    range_cap: Option<usize>,
 }
 
 impl FakeMaps {
@@ -79,6 +82,9 @@ impl FakeMaps {
 
 impl MapOps for FakeMaps {
     fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> anyhow::Result<()> {
+        if self.fe_cap.is_some_and(|cap| self.fe.len() >= cap) && !self.fe.contains_key(&k) {
+            anyhow::bail!("`bpf_map_update_elem` failed: Argument list too long (os error 7)");
+        }
         self.fe.insert(k, v);
         self.op()
     }
@@ -132,6 +138,9 @@ impl MapOps for FakeMaps {
         self.maglev.keys().copied().collect()
     }
     fn put_range(&mut self, r: SrcRange) -> anyhow::Result<()> {
+        if self.range_cap.is_some_and(|cap| self.ranges.len() >= cap) && !self.ranges.contains(&r) {
+            anyhow::bail!("`bpf_map_update_elem` failed: Argument list too long (os error 7)");
+        }
         self.ranges.insert(r);
         self.op()
     }
@@ -623,4 +632,56 @@ fn a_full_map_fails_one_service_port_and_leaves_it_and_the_others_as_they_were()
     // The slot map holds exactly the published sets (nothing of the failed attempts).
     assert_eq!(m.slots.len(), 3 + 5 + 3);
     assert_eq!(m.members.len(), 3 + 5 + 3);
+}
+
+#[test]
+fn a_full_frontend_or_source_range_map_leaks_nothing_and_retries_allocate_nothing_twice() {
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let mut failed = BTreeSet::new();
+    let cfg = DataplaneConfig::default();
+    let up = |p: &mut Programmer, failed: &mut BTreeSet<ServicePortName>, m: &mut FakeMaps, st: &ServicePortState| {
+        super::upsert_contained(p, failed, m, st, &node(), &cfg)
+    };
+    let a = state(port("a", "10.96.0.50"), vec![ep("10.244.1.1", false)]);
+    assert!(up(&mut p, &mut failed, &mut m, &a) > 0);
+    // b has a ClusterIP and two external IPs: three new frontends, one more than the map has room for.
+    let mut bp = port("b", "10.96.0.51");
+    bp.external_ips = vec!["203.0.113.1".parse().unwrap(), "203.0.113.2".parse().unwrap()];
+    let b = state(bp, vec![ep("10.244.2.1", false), ep("10.244.2.2", false)]);
+    m.fe_cap = Some(3);
+    let (slots, members) = (m.slots.len(), m.members.len());
+    for _ in 0..5 {
+        // Every retry fails the same way and leaves the maps as they were.
+        assert_eq!(up(&mut p, &mut failed, &mut m, &b), 0);
+        assert_eq!(failed.len(), 1);
+        assert_eq!((m.fe.len(), m.slots.len(), m.members.len()), (1, slots, members));
+    }
+    assert_eq!(resolve(&m, &fk("10.96.0.50", 80)), ["10.244.1.1"]);
+    m.check();
+    m.fe_cap = None;
+    assert!(up(&mut p, &mut failed, &mut m, &b) > 0);
+    assert!(failed.is_empty());
+    assert_eq!(m.fe.len(), 4);
+    assert_eq!(
+        m.slots.len(),
+        slots + 4,
+        "an internal and an external set of 2 backends"
+    );
+
+    // A load balancer with source ranges whose range map is full: the same.
+    let mut cp = port("c", "10.96.0.52");
+    cp.load_balancer_ips = vec!["198.51.100.5".parse().unwrap()];
+    cp.load_balancer_source_ranges = vec!["192.0.2.0/24".parse().unwrap(), "198.18.0.0/15".parse().unwrap()];
+    let c = state(cp, vec![ep("10.244.3.1", false)]);
+    m.range_cap = Some(1);
+    let before = (m.fe.len(), m.slots.len(), m.members.len(), m.ranges.len());
+    for _ in 0..3 {
+        assert_eq!(up(&mut p, &mut failed, &mut m, &c), 0);
+        assert_eq!((m.fe.len(), m.slots.len(), m.members.len(), m.ranges.len()), before);
+    }
+    m.range_cap = None;
+    assert!(up(&mut p, &mut failed, &mut m, &c) > 0);
+    assert!(failed.is_empty());
+    m.check();
 }
