@@ -325,6 +325,19 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
             ["10.202.0.2:8080"]
         );
         assert_eq!(view[0].missing_slots, 0);
+        // And its DATAPATH section: the requests above are tracked, nothing was dropped.
+        let report = orca_proxy::dataplane::ebpf::datapath_report(&env.bpf_root(), &orca_common::CtTimeouts::DEFAULT)
+            .expect("datapath counters from the pins");
+        assert!(report.conntrack.capacity > 0, "{report:?}");
+        assert!(report.conntrack.service > 0 && report.conntrack.inner > 0, "{report:?}");
+        assert_eq!(report.reasons.len(), orca_common::REASON_COUNT as usize);
+        let dropped: u64 = orca_common::REASONS
+            .iter()
+            .zip(&report.reasons)
+            .filter(|((_, drop), _)| *drop)
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(dropped, 0, "{report:?}");
 
         // 2. No endpoints: connect() is refused at once.
         let empty = service(&[]);

@@ -142,22 +142,29 @@ pub fn tcp_connections(
 }
 
 /// UDP flows: from each namespace in `sources`, one datagram from each source port in `ports` (a socket bound
-/// to it) to `addr`, waiting up to `reply_timeout` for the answer; `workers_per_source` threads per namespace.
-/// A datagram without an answer is counted, not retried.
+/// to it) to `addr`, waiting up to `reply_timeout` for the answer; `workers_per_source` threads per namespace,
+/// the flows of each source spread evenly over `spread`. A datagram without an answer is counted, not retried.
 pub fn udp_flows(
     sources: &[String],
     ports: std::ops::Range<u16>,
     addr: SocketAddr,
     workers_per_source: usize,
     reply_timeout: Duration,
+    spread: Duration,
     deadline: Duration,
 ) -> Result<Outcome> {
+    let count = usize::from(ports.end.saturating_sub(ports.start)).max(1);
     let started = Instant::now();
     let mut threads = Vec::new();
     for ns in sources {
         let next = Arc::new(AtomicUsize::new(usize::from(ports.start)));
         for _ in 0..workers_per_source.max(1) {
-            let (ns, next, end) = (ns.clone(), next.clone(), usize::from(ports.end));
+            let (ns, next, first, end) = (
+                ns.clone(),
+                next.clone(),
+                usize::from(ports.start),
+                usize::from(ports.end),
+            );
             threads.push(std::thread::spawn(move || -> std::io::Result<Outcome> {
                 enter(&ns)?;
                 let mut out = Outcome::default();
@@ -166,6 +173,10 @@ pub fn udp_flows(
                     let port = next.fetch_add(1, Ordering::Relaxed);
                     if port >= end || started.elapsed() > deadline {
                         return Ok(out);
+                    }
+                    let due = spread.mul_f64((port - first) as f64 / count as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
                     }
                     let r = (|| -> std::io::Result<()> {
                         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;

@@ -120,6 +120,8 @@ pub struct StartOptions {
     pub allow_fallback: bool,
     /// How long to wait for every node's /healthz.
     pub ready_timeout: Duration,
+    /// Orca eBPF only: `--ebpf-bypass-netfilter` (the bench measures it beside the default path).
+    pub bypass_netfilter: bool,
 }
 
 impl Default for StartOptions {
@@ -127,6 +129,7 @@ impl Default for StartOptions {
         StartOptions {
             allow_fallback: false,
             ready_timeout: Duration::from_secs(45),
+            bypass_netfilter: false,
         }
     }
 }
@@ -228,6 +231,9 @@ pub fn command_line(kind: ProxyKind, env: &ProxyEnv, node: &Node, opts: &StartOp
             ];
             if kind == ProxyKind::OrcaEbpf && !opts.allow_fallback {
                 v.push("--no-fallback".into());
+            }
+            if kind == ProxyKind::OrcaEbpf && opts.bypass_netfilter {
+                v.push("--ebpf-bypass-netfilter".into());
             }
             // Extra flags for both Orca modes, e.g. `ORCA_SUITE_ORCA_ARGS=--ebpf-bypass-netfilter` runs the suite
             // against the eBPF fast path that skips netfilter.

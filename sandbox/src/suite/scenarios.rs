@@ -31,6 +31,12 @@ pub fn time_limit(name: &str) -> Option<Duration> {
     }
 }
 
+/// Scenarios that run only when named (`--scenario NAME`), not in the default run (`cargo xtask test`): the soak
+/// takes minutes per proxy, and Orca eBPF does not pass it yet (see issue 12's note).
+pub fn opt_in(name: &str) -> bool {
+    name == "soak"
+}
+
 /// Every scenario, in the order the suite runs them.
 pub fn all() -> Vec<Scenario> {
     vec![
@@ -1098,6 +1104,23 @@ impl std::fmt::Display for Tracked {
     }
 }
 
+/// Orca eBPF: node-a's non-zero datapath drop and pass counters (`orca_datapath_*_total{reason}`), as text.
+async fn datapath_counters(ctx: &Ctx) -> String {
+    let Ok(node) = ctx.node("node-a") else {
+        return String::new();
+    };
+    let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
+    match pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(3)).await {
+        Ok(r) => r
+            .body
+            .lines()
+            .filter(|l| l.starts_with("orca_datapath_") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("metrics of node-a: {e}"),
+    }
+}
+
 async fn tracked_flows(ctx: &Ctx) -> Result<Tracked> {
     let node = ctx.node("node-a")?;
     let out = ctx
@@ -1190,6 +1213,7 @@ async fn soak(ctx: Arc<Ctx>) -> Result<()> {
             udp_vip,
             2,
             Duration::from_millis(500),
+            Duration::from_secs(50),
             Duration::from_secs(120),
         )
     });
@@ -1212,6 +1236,9 @@ async fn soak(ctx: Arc<Ctx>) -> Result<()> {
     // The TCP connections' entries stay for TIME_WAIT (120 s) after the load: one more sample at the end.
     peak = peak.max(tracked_flows(&ctx).await?);
     ctx.step(format!("peak (each count's maximum, sampled every 2 s): {peak}"));
+    if ctx.proxy == crate::suite::proxy::ProxyKind::OrcaEbpf {
+        ctx.step(format!("node-a datapath counters: [{}]", datapath_counters(&ctx).await));
+    }
     ensure!(
         tcp.ok == TCP_FIRST && tcp.elapsed <= Duration::from_secs(60),
         "TCP connections: {tcp}"
