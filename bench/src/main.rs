@@ -64,6 +64,10 @@ struct RunArgs {
     /// The orca-proxy binary (release build).
     #[arg(long)]
     orca_proxy: PathBuf,
+    /// The orca-proxy binary of an earlier build, measured as `--config orca-ebpf-before` (`cargo xtask bench
+    /// --baseline <git rev>` builds it).
+    #[arg(long)]
+    baseline_proxy: Option<PathBuf>,
     /// Where the results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -139,9 +143,9 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         a.configs.iter().map(|c| Config::parse(c)).collect::<Result<Vec<_>>>()?
     };
     if !a.orca_proxy.is_file()
-        && configs
-            .iter()
-            .any(|c| matches!(c, Config::Proxy(k) if !k.is_upstream()))
+        && configs.iter().any(|c| {
+            matches!(c, Config::EbpfBypass | Config::EbpfBefore) || matches!(c, Config::Proxy(k) if !k.is_upstream())
+        })
     {
         bail!("--orca-proxy {} is not a file", a.orca_proxy.display());
     }
@@ -180,6 +184,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         configs,
         first_scale_configs,
         orca_proxy_bin: std::fs::canonicalize(&a.orca_proxy).unwrap_or(a.orca_proxy.clone()),
+        baseline_proxy_bin: a.baseline_proxy.clone(),
         out_dir: a.out.clone(),
         duration_ms: a
             .duration_ms

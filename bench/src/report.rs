@@ -565,21 +565,15 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
     if !r.tc_cost.is_empty() {
         let _ = writeln!(
             out,
-            "\n**TC program cost per packet, by path** (ns; lower is better). Measured before the sandbox started, \
-             as `orca-bench tc-cost` does: BPF_PROG_TEST_RUN of the agent's own programs over maps filled to the \
-             scale (2 to 10 backends per Service, the measured Service written last), in a network namespace whose \
-             FIB forwards to the backends (FIB lookup and redirect included); one run per syscall, median of 3000, \
-             minus an empty program's median (the floor, shown).\n\n\
-             | Services | backends | new connection | established | reply | pass-through | floor subtracted |\n\
-             | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "\n**TC program cost per packet, by path** (ns; lower is better; in brackets the multiple of the same \
+             row's pass-through). Measured before the sandbox started, as `orca-bench tc-cost` does: \
+             BPF_PROG_TEST_RUN of the agent's own programs over maps filled to the scale (2 to 10 backends per \
+             Service, the measured Service written last), in a network namespace whose FIB forwards to the backends; \
+             `netfilter (default)` sums the ingress and the egress program, `bypass-netfilter` includes the FIB \
+             lookup and redirect; one run per syscall, median of 3000, minus an empty program's median (the floor, \
+             shown).\n"
         );
-        for t in &r.tc_cost {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-                t.services, t.backends, t.new_connection_ns, t.established_ns, t.reply_ns, t.passthrough_ns, t.floor_ns
-            );
-        }
+        out.push_str(&crate::tccost::table(&r.tc_cost));
     }
     let _ = writeln!(out, "\n| config | scale | changes | removal p50 / p99 / max ms | timeouts | re-add not seen | probe errors | PATCH round trip p50 ms | re-add p50 ms | network_programming count | stopped by the time budget |");
     let _ = writeln!(
@@ -702,7 +696,11 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
         false,
         "ms",
     );
-    let tc = r.tc_cost.iter().find(|row| row.services == top);
+    // The default path's row (results from before the variants have an empty name).
+    let tc = r
+        .tc_cost
+        .iter()
+        .find(|row| row.services == top && (row.variant.is_empty() || row.variant.starts_with("netfilter")));
     let _ = writeln!(
         out,
         "{}",

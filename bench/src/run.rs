@@ -22,6 +22,10 @@ use std::time::{Duration, Instant};
 pub enum Config {
     Direct,
     Proxy(ProxyKind),
+    /// Orca eBPF with `--ebpf-bypass-netfilter` (not in `ALL`: `--config orca-ebpf-bypass`).
+    EbpfBypass,
+    /// Orca eBPF of an earlier build (`--baseline-proxy`; not in `ALL`: `--config orca-ebpf-before`).
+    EbpfBefore,
 }
 
 impl Config {
@@ -37,12 +41,20 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::Proxy(k) => k.name(),
+            Config::EbpfBypass => "orca-ebpf-bypass",
+            Config::EbpfBefore => "orca-ebpf-before",
         }
     }
 
     pub fn parse(s: &str) -> Result<Config> {
         if s == "direct" {
             return Ok(Config::Direct);
+        }
+        if s == "orca-ebpf-bypass" {
+            return Ok(Config::EbpfBypass);
+        }
+        if s == "orca-ebpf-before" {
+            return Ok(Config::EbpfBefore);
         }
         Ok(Config::Proxy(s.parse()?))
     }
@@ -58,6 +70,8 @@ pub struct RunOpts {
     /// Configurations measured at the first (smallest) scale, when not all of them.
     pub first_scale_configs: Option<Vec<Config>>,
     pub orca_proxy_bin: PathBuf,
+    /// The agent of an earlier build, for `orca-ebpf-before`.
+    pub baseline_proxy_bin: Option<PathBuf>,
     pub out_dir: PathBuf,
     /// Length and op cap of one load run.
     pub duration_ms: u64,
@@ -490,6 +504,12 @@ async fn measure(
             }
         }
     }
+    if cfg == Config::EbpfBefore {
+        env.orca_proxy_bin = o
+            .baseline_proxy_bin
+            .clone()
+            .ok_or_else(|| "orca-ebpf-before needs --baseline-proxy".to_string());
+    }
     measure_inner(sb, &env, pods, vips, cfg, scale, backend, o, &mut res).await;
     if backend == Some(Backend::Legacy) {
         for ns in &nodes {
@@ -519,10 +539,15 @@ async fn measure_inner(
     let t0 = Instant::now();
     let proxy = match cfg {
         Config::Direct => None,
-        Config::Proxy(kind) => {
+        Config::Proxy(_) | Config::EbpfBypass | Config::EbpfBefore => {
+            let kind = match cfg {
+                Config::Proxy(k) => k,
+                _ => ProxyKind::OrcaEbpf,
+            };
             let so = StartOptions {
                 allow_fallback: false,
                 ready_timeout: Duration::from_secs(60 + scale as u64 / 100),
+                bypass_netfilter: cfg == Config::EbpfBypass,
             };
             match Proxy::start(kind, env, so).await {
                 Ok(p) => Some(p),
@@ -540,7 +565,7 @@ async fn measure_inner(
             remote_echo: pods.srv_b.iter().map(|p| p.addr(9000)).collect(),
             remote_sink: pods.srv_b[0].addr(9001),
         },
-        Config::Proxy(_) => Targets {
+        Config::Proxy(_) | Config::EbpfBypass | Config::EbpfBefore => Targets {
             remote_http: vec![SocketAddr::from((remote_vip, 80))],
             local_http: vec![SocketAddr::from((local_vip, 80))],
             remote_echo: vec![SocketAddr::from((remote_vip, 9000))],
@@ -764,7 +789,15 @@ pub async fn run(o: &RunOpts) -> Result<RunResult> {
         o.scales
     );
     let scales = o.scales.clone();
-    match tokio::task::spawn_blocking(move || crate::tccost::measure_scales(&scales, 3000, true)).await {
+    match tokio::task::spawn_blocking(move || {
+        crate::tccost::measure_scales(
+            &scales,
+            3000,
+            &[crate::tccost::Variant::Netfilter, crate::tccost::Variant::Bypass],
+        )
+    })
+    .await
+    {
         Ok(Ok(rows)) => out.tc_cost = rows,
         Ok(Err(e)) => out.notes.push(format!("TC cost per packet not measured: {e:#}")),
         Err(e) => out.notes.push(format!("TC cost per packet not measured: {e}")),
