@@ -34,7 +34,7 @@ const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
 const EEXIST: i32 = 17;
 /// Source ports tried for a new masqueraded flow before it is dropped (the client retransmits).
-const NAT_PORT_TRIES: u32 = 16;
+const NAT_PORT_TRIES: u32 = 32;
 
 /// The key of `flow` in the role `dir` (`CT_DIR_SERVICE` / `CT_DIR_REPLY`: the packet's own tuple; `CT_DIR_INNER`:
 /// canonical).
@@ -204,9 +204,11 @@ pub fn create(flow: &Flow, backend: &Backend, service_id: u32, snat_addr: u32, n
 
 /// Finds a masquerade source port for `v` towards its backend and claims it by writing the flow's reply entry
 /// (whose key is backend -> masquerade address and port): inserted when the tuple is free, or taken over when
-/// its flow is over (expired, or a closed TCP connection when this packet opens a new one, as the kernel's NAT
-/// reuses TIME_WAIT tuples). The client's own port is tried first (as the kernel's masquerade does), then random
-/// ones.
+/// its flow is over: expired, or a closed TCP connection of the same client address and port that this packet
+/// opens again (the kernel's conntrack lets a SYN of the same tuple replace a TIME_WAIT entry, and never gives a
+/// tuple still tracked to another flow: the backend may still hold the old connection in TIME_WAIT, and a late
+/// segment of it would reach the new one). The client's own port is tried first (as the kernel's masquerade
+/// does), then random ones.
 #[inline(always)]
 fn allocate_port(v: &mut CtValue, proto: u8, snat_addr: u32, opening: bool, now_ns: u64) -> Result<(), u32> {
     let ports = cfg::nat_ports();
@@ -227,7 +229,12 @@ fn allocate_port(v: &mut CtValue, proto: u8, snat_addr: u32, opening: bool, now_
             Err(e) if e == -EEXIST => {
                 // SAFETY: the value is copied out at once.
                 let reusable = unsafe { maps::CT.get(key) }.is_some_and(|old| {
-                    old.reclaimable(proto, now_ns, &timeouts) || (opening && proto == IPPROTO_TCP && old.tcp_closed())
+                    old.reclaimable(proto, now_ns, &timeouts)
+                        || (opening
+                            && proto == IPPROTO_TCP
+                            && old.tcp_closed()
+                            && old.client_addr == v.client_addr
+                            && old.client_port == v.client_port)
                 });
                 if reusable && maps::CT.insert(key, *v, BPF_EXIST).is_ok() {
                     return Ok(());

@@ -204,9 +204,10 @@ fn masquerade_ports_are_given_back_when_their_flows_expire() {
 }
 
 #[test]
-fn a_new_connection_takes_over_the_port_of_a_closed_one_at_once() {
-    // As the kernel's NAT reuses a TIME_WAIT tuple for a new SYN: with one masquerade port, a closed connection's
-    // port serves the next connection without waiting for its 120 s.
+fn a_closed_connection_keeps_its_port_except_for_its_own_client_reopening() {
+    // As the kernel's conntrack: a SYN of the same tuple replaces a closed (TIME_WAIT) entry at once, but its
+    // masquerade tuple is never given to another client's flow before it expires (the backend may still hold the
+    // old connection in TIME_WAIT; a late segment of it would reach the new one). With one masquerade port:
     let mut dp = Datapath::load_with(Options {
         nat_ports: NatPorts::new(20_000, 20_000, None),
         ..Options::default()
@@ -231,7 +232,11 @@ fn a_new_connection_takes_over_the_port_of_a_closed_one_at_once() {
         PROG_FROM_NETDEV,
         &tcp_frame(BACKEND_B, NODE_IP, &tcp_flags(8080, 20_000, ACK | FIN)),
     );
-    assert_eq!(open(&dp, EXTERNAL_CLIENT, 50_001), Ok(20_000));
+    // Another client port: no port is free until the closed flow's entry expires.
+    assert_eq!(open(&dp, EXTERNAL_CLIENT, 50_001), Err(TC_ACT_SHOT));
+    assert_eq!(dp.stats()[orca_common::REASON_NO_SNAT_PORT as usize], 2);
+    // The same client port opening again takes it over at once.
+    assert_eq!(open(&dp, EXTERNAL_CLIENT, 50_000), Ok(20_000));
     // A UDP flow's port is not taken over before it expires.
     let mut dp = Datapath::load_with(Options {
         nat_ports: NatPorts::new(20_000, 20_000, None),
