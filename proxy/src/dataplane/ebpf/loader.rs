@@ -377,6 +377,75 @@ pub fn interfaces() -> Vec<(String, u32)> {
     out
 }
 
+/// A netlink route socket subscribed to link changes (RTMGRP_LINK) in the calling thread's network namespace.
+pub struct LinkEvents(std::os::fd::OwnedFd);
+
+impl LinkEvents {
+    pub fn open() -> io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        const RTMGRP_LINK: u32 = 1;
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = RTMGRP_LINK;
+        // SAFETY: binding the socket to a sockaddr_nl of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    /// Waits until a link changed or `timeout` passed; drains what arrived (the caller rescans everything).
+    pub fn wait(&self, timeout: std::time::Duration) {
+        use std::os::fd::AsRawFd as _;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        if n <= 0 {
+            return;
+        }
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: reading into a buffer of the size given; the socket is non-blocking.
+            let r = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// Interfaces (of the calling thread's network namespace) holding one of `addrs`.
 pub fn interfaces_with_addresses(addrs: &[std::net::IpAddr]) -> Vec<String> {
     let mut out = Vec::new();

@@ -220,8 +220,18 @@ impl Watcher {
         let thread = std::thread::Builder::new()
             .name("orca-ebpf-ifwatch".into())
             .spawn(move || {
+                // Link notifications wake the scan at once (a new pod's veth is attached before the pod sends its
+                // first packet); the periodic scan stays as the fallback when they cannot be had.
+                let events = loader::LinkEvents::open()
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "no link notifications: new pod interfaces are found by the periodic scan only")
+                    })
+                    .ok();
                 while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(WATCH_INTERVAL);
+                    match &events {
+                        Some(ev) => ev.wait(WATCH_INTERVAL),
+                        None => std::thread::sleep(WATCH_INTERVAL),
+                    }
                     if let Ok(mut l) = links.lock() {
                         l.scan();
                     }
