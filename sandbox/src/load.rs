@@ -33,6 +33,8 @@ pub struct Outcome {
     pub ok: usize,
     /// Failure (as text) -> count.
     pub failures: BTreeMap<String, usize>,
+    /// The first few failed requests or flows, described (which source port, when).
+    pub failed_samples: Vec<String>,
     pub elapsed: Duration,
 }
 
@@ -45,6 +47,11 @@ impl Outcome {
         self.ok += other.ok;
         for (k, v) in other.failures {
             *self.failures.entry(k).or_default() += v;
+        }
+        for f in other.failed_samples {
+            if self.failed_samples.len() < 10 {
+                self.failed_samples.push(f);
+            }
         }
     }
 }
@@ -59,7 +66,7 @@ impl std::fmt::Display for Outcome {
             self.elapsed.as_secs_f64()
         )?;
         if !self.failures.is_empty() {
-            write!(f, " {:?}", self.failures)?;
+            write!(f, " {:?} e.g. {:?}", self.failures, self.failed_samples)?;
         }
         Ok(())
     }
@@ -116,9 +123,16 @@ pub fn tcp_connections(
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(wait);
                 }
+                let t = started.elapsed();
                 match http_get(addr, Duration::from_secs(5)) {
                     Ok(()) => out.ok += 1,
-                    Err(e) => *out.failures.entry(e).or_default() += 1,
+                    Err(e) => {
+                        if out.failed_samples.len() < 10 {
+                            out.failed_samples
+                                .push(format!("request {i}: {e} (started at {:.1}s)", t.as_secs_f64()));
+                        }
+                        *out.failures.entry(e).or_default() += 1;
+                    }
                 }
             }
         }));
@@ -191,7 +205,16 @@ pub fn udp_flows(
                     })();
                     match r {
                         Ok(()) => out.ok += 1,
-                        Err(e) => *out.failures.entry(classify(e)).or_default() += 1,
+                        Err(e) => {
+                            let e = classify(e);
+                            if out.failed_samples.len() < 10 {
+                                out.failed_samples.push(format!(
+                                    "{ns} port {port}: {e} at {:.1}s",
+                                    started.elapsed().as_secs_f64()
+                                ));
+                            }
+                            *out.failures.entry(e).or_default() += 1;
+                        }
                     }
                 }
             }));
