@@ -94,12 +94,7 @@ fn parse_kinds(names: &[String]) -> Result<Vec<ProxyKind>> {
 pub fn run(args: SuiteArgs) -> Result<()> {
     if args.list {
         for s in orca_sandbox::suite::scenarios::all() {
-            let tag = if orca_sandbox::suite::scenarios::opt_in(s.name) {
-                " (only when named: --scenario)"
-            } else {
-                ""
-            };
-            println!("{:<18} {}{tag}", s.name, s.about);
+            println!("{:<18} {}", s.name, s.about);
         }
         return Ok(());
     }

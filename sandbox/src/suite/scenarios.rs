@@ -31,12 +31,6 @@ pub fn time_limit(name: &str) -> Option<Duration> {
     }
 }
 
-/// Scenarios that run only when named (`--scenario NAME`), not in the default run (`cargo xtask test`): the soak
-/// takes minutes per proxy, and Orca eBPF does not pass it yet (see issue 12's note).
-pub fn opt_in(name: &str) -> bool {
-    name == "soak"
-}
-
 /// Every scenario, in the order the suite runs them.
 pub fn all() -> Vec<Scenario> {
     vec![
