@@ -248,27 +248,10 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         run(&["ip", "-n", &n, "link", "set", "c1", "up"]);
         run(&["ip", "-n", &c2, "link", "set", "eth0", "up"]);
         run(&["ip", "-n", &c2, "route", "add", "default", "via", "10.203.0.1"]);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &c2,
-                    "socat",
-                    "-T2",
-                    "-",
-                    "TCP:10.96.0.10:80,connect-timeout=2",
-                ])
-                .stdin(Stdio::null())
-                .output()
-                .expect("socat");
-            if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the new pod interface c1 was never attached");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            answers_within(&c2, Duration::from_secs(5)),
+            "the new pod interface c1 was never attached"
+        );
         assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
 
         // The pod is re-created and its veth gets the same name, within one scan of the watcher (one `ip -batch`:
@@ -289,30 +272,10 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         run(&["ip", "-n", &c2, "addr", "add", "10.203.0.2/24", "dev", "eth0"]);
         run(&["ip", "-n", &c2, "link", "set", "eth0", "up"]);
         run(&["ip", "-n", &c2, "route", "add", "default", "via", "10.203.0.1"]);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &c2,
-                    "socat",
-                    "-T2",
-                    "-",
-                    "TCP:10.96.0.10:80,connect-timeout=1",
-                ])
-                .stdin(Stdio::null())
-                .output()
-                .expect("socat");
-            if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the re-created pod interface c1 was never attached"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            answers_within(&c2, Duration::from_secs(5)),
+            "the re-created pod interface c1 was never attached"
+        );
         assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
 
         // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
@@ -633,4 +596,32 @@ fn no_fallback_stops_the_start_with_the_reason() {
         "the error names the flag and the failure:\n{stderr}"
     );
     assert!(!stderr.contains("using iptables"), "{stderr}");
+}
+
+/// Whether a client in namespace `ns` gets the backend's answer through the ClusterIP 10.96.0.10:80 within
+/// `limit` (tried every 100 ms).
+fn answers_within(ns: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "socat",
+                "-T2",
+                "-",
+                "TCP:10.96.0.10:80,connect-timeout=1",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("socat");
+        if String::from_utf8_lossy(&out.stdout).contains("hello-from-backend") {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

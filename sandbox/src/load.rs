@@ -72,6 +72,19 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// The load threads' outcomes, merged.
+fn join_all(threads: Vec<JoinHandle<std::io::Result<Outcome>>>) -> Result<Outcome> {
+    let mut total = Outcome::default();
+    for t in threads {
+        let o = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?
+            .context("load thread")?;
+        total.merge(o);
+    }
+    Ok(total)
+}
+
 fn classify(e: std::io::Error) -> String {
     NetError::io(e).to_string()
 }
@@ -137,14 +150,7 @@ pub fn tcp_connections(
             }
         }));
     }
-    let mut total = Outcome::default();
-    for t in threads {
-        let o = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?
-            .context("load thread")?;
-        total.merge(o);
-    }
+    let mut total = join_all(threads)?;
     let missing = count.saturating_sub(total.ok + total.failed());
     if missing > 0 {
         total
@@ -220,14 +226,7 @@ pub fn udp_flows(
             }));
         }
     }
-    let mut total = Outcome::default();
-    for t in threads {
-        let o = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("a load thread panicked"))?
-            .context("load thread")?;
-        total.merge(o);
-    }
+    let mut total = join_all(threads)?;
     total.elapsed = started.elapsed();
     Ok(total)
 }
