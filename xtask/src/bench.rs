@@ -59,6 +59,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.quick {
         shown.push_str(" --quick");
     }
+    if let Some(rev) = &args.baseline {
+        shown.push_str(&format!(" --baseline {rev}"));
+    }
     if !args.extra.is_empty() {
         shown.push_str(" -- ");
         shown.push_str(&args.extra.join(" "));
