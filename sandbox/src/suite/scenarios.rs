@@ -1098,20 +1098,25 @@ impl std::fmt::Display for Tracked {
     }
 }
 
+/// The body of node-a's proxy metrics (`/metrics`).
+async fn node_a_metrics(ctx: &Ctx) -> Result<String> {
+    let node = ctx.node("node-a")?;
+    let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
+    pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(3))
+        .await
+        .map(|r| r.body)
+        .map_err(|e| anyhow::anyhow!("metrics of node-a: {e}"))
+}
+
 /// Orca eBPF: node-a's non-zero datapath drop and pass counters (`orca_datapath_*_total{reason}`), as text.
 async fn datapath_counters(ctx: &Ctx) -> String {
-    let Ok(node) = ctx.node("node-a") else {
-        return String::new();
-    };
-    let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
-    match pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(3)).await {
-        Ok(r) => r
-            .body
+    match node_a_metrics(ctx).await {
+        Ok(body) => body
             .lines()
             .filter(|l| l.starts_with("orca_datapath_") && !l.ends_with(" 0"))
             .collect::<Vec<_>>()
             .join(", "),
-        Err(e) => format!("metrics of node-a: {e}"),
+        Err(e) => format!("{e:#}"),
     }
 }
 
@@ -1125,13 +1130,9 @@ async fn tracked_flows(ctx: &Ctx) -> Result<Tracked> {
     if ctx.proxy != crate::suite::proxy::ProxyKind::OrcaEbpf {
         return Ok(Tracked { kernel, orca: None });
     }
-    let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
-    let r = pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(3))
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics of node-a: {e}"))?;
+    let body = node_a_metrics(ctx).await?;
     let metric = |name: &str| -> Result<u64> {
-        r.body
-            .lines()
+        body.lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|v| v as u64)
