@@ -505,9 +505,12 @@ fn wait_answer(agents: &mut [&mut Agent], who: &str, ns: &str, url: &str, want: 
     let (code, healthy, eligible) = want;
     wait_for(agents, &format!("{who} {url} -> {code}"), limit, || {
         let (c, v) = get_json(ns, url)?;
+        // kube-proxy answers healthy before its proxier has registered its family (no `status` yet): wait for
+        // the per-family entry too, which both agents show from their first sync on.
         let ok = c == code
             && v["healthy"].as_bool() == Some(healthy)
-            && v.get("nodeEligible").and_then(Value::as_bool) == eligible;
+            && v.get("nodeEligible").and_then(Value::as_bool) == eligible
+            && v.pointer("/status/IPv4").is_some();
         if ok {
             Ok(v)
         } else {
