@@ -38,6 +38,8 @@ pub struct Settings {
     pub pod_interfaces: Vec<String>,
     pub uplinks: Vec<String>,
     pub bypass_netfilter: bool,
+    /// `--ebpf-cgroup-root`: where the socket hooks attach (`none`: nowhere); unset, the cgroup v2 mount found.
+    pub cgroup_root: Option<PathBuf>,
     pub conntrack: crate::dataplane::ebpf::ConntrackOptions,
     pub verbosity: u8,
     pub log_format: LogFormat,
@@ -112,6 +114,7 @@ impl Settings {
             pod_interfaces: f.ebpf_pod_interfaces.clone(),
             uplinks: f.ebpf_uplinks.clone(),
             bypass_netfilter: f.ebpf_bypass_netfilter,
+            cgroup_root: f.ebpf_cgroup_root.clone(),
             conntrack: conntrack_options(f),
             verbosity: f.verbosity.unwrap_or(0),
             log_format: f.log_format.unwrap_or(LogFormat::Text),
@@ -235,6 +238,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (dataplane, fallback) = crate::dataplane::select::create(&s)?;
     let mode = dataplane.mode();
+    let degraded = dataplane.degraded();
+    for d in &degraded {
+        metrics
+            .degraded
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: d.reason.to_string(),
+            })
+            .set(1);
+    }
     if let Some(source) = dataplane.datapath_source() {
         metrics.datapath.set_source(source);
     }
@@ -250,6 +262,9 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let events = NodeEvents::new(client.clone(), &s.node_name);
     if let Some(reason) = &fallback {
         events.publish(crate::events::dataplane_fallback(reason));
+    }
+    for d in &degraded {
+        events.publish(crate::events::dataplane_degraded(d));
     }
     let shared = Shared::new(ChangeTracker::new(NodeInfo {
         name: s.node_name.clone(),

@@ -84,6 +84,12 @@ pub struct Flags {
     /// Default off: DNAT at TC ingress, SNAT at TC egress, netfilter sees client -> backend as with kube-proxy.
     #[arg(long, global = true)]
     pub ebpf_bypass_netfilter: bool,
+    /// eBPF: the cgroup v2 directory the socket hooks attach to, so that host-network processes (and hostNetwork
+    /// pods) of the node reach ClusterIPs and NodePorts: the root of the host's cgroup2 hierarchy (the DaemonSet
+    /// mounts it at /run/orca/cgroupv2), or `none`. Default: the cgroup v2 mount the agent sees, with a warning
+    /// when there is none or it is a private cgroup namespace's.
+    #[arg(long, global = true)]
+    pub ebpf_cgroup_root: Option<PathBuf>,
     /// eBPF: flows the conntrack map holds (two map entries per flow, three when masqueraded; allocated on use).
     /// Default 1048576.
     #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(512..=1 << 26))]

@@ -115,6 +115,8 @@ struct OrcaSection {
     uplinks: Option<Vec<String>>,
     /// `--ebpf-bypass-netfilter`.
     bypass_netfilter: Option<bool>,
+    /// `--ebpf-cgroup-root` (a path, or `none`).
+    cgroup_root: Option<String>,
     /// `--ebpf-conntrack-max` (flows).
     conntrack_max: Option<u32>,
     /// `--ebpf-snat-port-range` ("MIN-MAX").
@@ -144,6 +146,7 @@ pub struct FileSettings {
     pub pod_interfaces: Vec<String>,
     pub uplinks: Vec<String>,
     pub bypass_netfilter: Option<bool>,
+    pub cgroup_root: Option<PathBuf>,
     pub conntrack_max: Option<u32>,
     pub snat_port_range: Option<(u16, u16)>,
     pub tcp_established_timeout: Option<Duration>,
@@ -298,6 +301,7 @@ pub fn parse(text: &str) -> anyhow::Result<FileSettings> {
         log_format,
         no_fallback: f.orca.as_ref().and_then(|o| o.no_fallback),
         bpf_root: f.orca.as_ref().and_then(|o| o.bpf_root.clone()).map(PathBuf::from),
+        cgroup_root: f.orca.as_ref().and_then(|o| o.cgroup_root.clone()).map(PathBuf::from),
         load_balancing,
         pod_interface_prefixes: interfaces(
             "orca.podInterfacePrefixes",
@@ -335,6 +339,7 @@ pub fn merge(flags: &Flags, file: FileSettings) -> Flags {
     f.log_format = f.log_format.or(file.log_format);
     f.no_fallback = f.no_fallback || file.no_fallback.unwrap_or(false);
     f.bpf_root = f.bpf_root.or(file.bpf_root);
+    f.ebpf_cgroup_root = f.ebpf_cgroup_root.or(file.cgroup_root);
     f.ebpf_load_balancing = f.ebpf_load_balancing.or(file.load_balancing);
     f.ebpf_bypass_netfilter = f.ebpf_bypass_netfilter || file.bypass_netfilter.unwrap_or(false);
     f.ebpf_conntrack_max = f.ebpf_conntrack_max.or(file.conntrack_max);

@@ -8,6 +8,7 @@
 //! | Warning | FailedToStartProxierHealthcheck | the listen error                       | the healthz port is taken     |
 //! | Warning | FailedToStartMetricServer       | the listen error                       | the metrics port is taken     |
 //! | Warning | DataplaneFallback (Orca's own)  | why eBPF could not run                 | eBPF fell back to iptables    |
+//! | Warning | DataplaneDegraded (Orca's own)  | what is missing and what it breaks     | eBPF runs without a node need |
 //!
 //! The reporting controller is `orca-proxy` (instance `orca-proxy-<hostname>`, as kube-proxy uses
 //! `kube-proxy-<hostname>`), so that during a migration an admin can tell which proxy an Event came from.
@@ -28,6 +29,8 @@ pub const REPORTING_CONTROLLER: &str = "orca-proxy";
 pub const ACTION_START: &str = "StartKubeProxy";
 /// Orca's reason for an eBPF -> iptables fallback.
 pub const REASON_FALLBACK: &str = "DataplaneFallback";
+/// Orca's reason for an eBPF dataplane that runs without something it needs from the node.
+pub const REASON_DEGRADED: &str = "DataplaneDegraded";
 
 /// client-go's event broadcaster: tries per Event and the pause between them.
 const MAX_TRIES: u32 = 12;
@@ -78,6 +81,17 @@ pub fn dataplane_fallback(reason: &str) -> Event {
             &format!("eBPF dataplane unavailable, using iptables: {reason}"),
             MAX_NOTE,
         )),
+        action: ACTION_START.into(),
+        secondary: None,
+    }
+}
+
+/// The eBPF dataplane runs without something it needs from the node (a persistent bpffs, the cgroup2 root).
+pub fn dataplane_degraded(d: &crate::dataplane::Degraded) -> Event {
+    Event {
+        type_: EventType::Warning,
+        reason: REASON_DEGRADED.into(),
+        note: Some(truncate(&format!("{}: {}", d.reason, d.message), MAX_NOTE)),
         action: ACTION_START.into(),
         secondary: None,
     }

@@ -22,6 +22,12 @@ pub struct ModeLabels {
     pub fallback_reason: String,
 }
 
+/// `reason` of `orca_dataplane_degraded`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
@@ -49,6 +55,7 @@ pub struct Metrics {
     pub sync_errors_total: Counter,
     pub invalid_objects_total: Family<KindLabels, Counter>,
     pub mode: Family<ModeLabels, Gauge>,
+    pub degraded: Family<ReasonLabel, Gauge>,
     pub service_ports: Gauge,
     pub failed_service_ports: Gauge,
     /// The eBPF datapath's own counters, read on each scrape.
@@ -86,6 +93,7 @@ impl Metrics {
             sync_errors_total: Counter::default(),
             invalid_objects_total: Family::default(),
             mode: Family::default(),
+            degraded: Family::default(),
             service_ports: Gauge::default(),
             failed_service_ports: Gauge::default(),
             datapath: Arc::default(),
@@ -169,6 +177,11 @@ impl Metrics {
             "orca_dataplane_mode",
             "The active dataplane (1) and why Orca fell back, if it did",
             m.mode.clone(),
+        );
+        r.register(
+            "orca_dataplane_degraded",
+            "1 per thing the dataplane runs without (reason: BpffsNotPersistent, NoCgroup2, CgroupNotRoot)",
+            m.degraded.clone(),
         );
         r.register(
             "orca_service_ports",

@@ -115,6 +115,31 @@ pub fn render_datapath(maps_dir: &std::path::Path, d: &ebpf::DatapathCounts) -> 
     out
 }
 
+/// The `host clients` line: whether the socket hooks that translate for host-network processes are attached.
+pub fn render_socket_hooks(hooks: &[(&str, Option<u64>)]) -> String {
+    let attached: Vec<u64> = hooks.iter().filter_map(|(_, id)| *id).collect();
+    let mut ids = attached.clone();
+    ids.dedup();
+    match (attached.len(), ids.as_slice()) {
+        (0, _) => "host clients\tno socket hooks attached: host-network processes get no Service translation \
+                   (see --ebpf-cgroup-root)"
+            .to_string(),
+        (n, [id]) if n == hooks.len() => format!("host clients\tsocket hooks attached ({n} programs, cgroup id {id})"),
+        (n, _) => {
+            let missing: Vec<&str> = hooks
+                .iter()
+                .filter(|(_, id)| id.is_none())
+                .map(|(name, _)| *name)
+                .collect();
+            format!(
+                "host clients\t{n} of {} socket hooks attached (cgroup ids {ids:?}); missing: {}",
+                hooks.len(),
+                missing.join(", ")
+            )
+        }
+    }
+}
+
 pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
     let (state, node) = desired_state(s).await?;
     if json {
@@ -124,7 +149,13 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
         print!("{}", render_table(&state));
         let maps_dir = ebpf::pinned_maps_dir(&s.bpf_root);
         match ebpf::datapath_report(&s.bpf_root, &s.conntrack.timeouts) {
-            Ok(d) => print!("{}", render_datapath(&maps_dir, &d)),
+            Ok(d) => {
+                print!("{}", render_datapath(&maps_dir, &d));
+                println!(
+                    "{}",
+                    render_socket_hooks(&ebpf::loader::pinned_socket_hooks(&s.bpf_root))
+                );
+            }
             Err(e) => tracing::debug!(error = format!("{e:#}"), "no eBPF datapath counters"),
         }
     }
@@ -151,6 +182,22 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn socket_hooks_line() {
+        let all = [("a", Some(7)), ("b", Some(7))];
+        assert_eq!(
+            render_socket_hooks(&all),
+            "host clients\tsocket hooks attached (2 programs, cgroup id 7)"
+        );
+        let none = render_socket_hooks(&[("a", None), ("b", None)]);
+        assert!(none.starts_with("host clients\tno socket hooks attached"), "{none}");
+        let some = render_socket_hooks(&[("a", Some(7)), ("b", None)]);
+        assert_eq!(
+            some,
+            "host clients\t1 of 2 socket hooks attached (cgroup ids [7]); missing: b"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -110,6 +110,7 @@ fn manifests_agree_with_the_agent() {
     assert_eq!(file.mode, Some(ProxyMode::Ebpf));
     assert_eq!(file.bpf_root.as_deref(), Some(Path::new("/sys/fs/bpf/orca")));
     assert_eq!(file.no_fallback, Some(false));
+    assert_eq!(file.cgroup_root.as_deref(), Some(Path::new("/run/orca/cgroupv2")));
 
     // The DaemonSet's command line parses, with the config file mounted where --config points.
     let ds = find(&docs, "DaemonSet");
@@ -190,6 +191,16 @@ fn manifests_agree_with_the_agent() {
     }
     let modules = mounts.iter().find(|m| m["name"] == "lib-modules").unwrap();
     assert_eq!(modules["readOnly"], true);
+    // The host's cgroup2 root, where the agent's config points the socket hooks.
+    assert_eq!(host_path("cgroupv2").as_deref(), Some("/sys/fs/cgroup"));
+    let cg = mounts
+        .iter()
+        .find(|m| m["name"] == "cgroupv2")
+        .expect("no mount of cgroupv2");
+    assert_eq!(
+        (&cg["mountPath"], &cg["mountPropagation"], &cg["readOnly"]),
+        (&json!("/run/orca/cgroupv2"), &json!("HostToContainer"), &json!(true))
+    );
 }
 
 #[test]

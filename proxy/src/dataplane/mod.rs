@@ -85,6 +85,36 @@ pub trait Dataplane: Send {
     fn datapath_source(&self) -> Option<crate::metrics::DatapathSource> {
         None
     }
+
+    /// What the dataplane runs without, found at start (the agent logs each, records a Warning Event and sets
+    /// `orca_dataplane_degraded{reason}`).
+    fn degraded(&self) -> Vec<Degraded> {
+        Vec::new()
+    }
+}
+
+/// Something the dataplane needs from the node and runs without: the agent keeps serving, but an admin must know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Degraded {
+    /// A CamelCase reason (Event reason suffix and metric label).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Degraded {
+    /// The bpffs holding the pins dies with the agent: a restart drops every Service until the new agent runs.
+    pub const BPFFS_NOT_PERSISTENT: &'static str = "BpffsNotPersistent";
+    /// No cgroup v2 hierarchy: no socket hooks, so host-network clients get no translation.
+    pub const NO_CGROUP2: &'static str = "NoCgroup2";
+    /// The cgroup v2 mount is a private cgroup namespace's: only processes below it get translation.
+    pub const CGROUP_NOT_ROOT: &'static str = "CgroupNotRoot";
+
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
 }
 
 pub mod select;

@@ -27,7 +27,10 @@ fn iptables(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
 }
 
 fn ebpf(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    let cgroup = crate::dataplane::ebpf::loader::choose_cgroup(s.cgroup_root.as_deref())?;
     let mut opts = EbpfOptions {
+        cgroup: cgroup.path,
+        cgroup_warning: cgroup.degraded,
         bpf_root: s.bpf_root.clone(),
         maglev: s.load_balancing == crate::model::LoadBalancing::Maglev,
         pod_interfaces: s.pod_interfaces.clone(),

@@ -503,11 +503,14 @@ pub struct Attacher {
     ifindex: BTreeMap<String, u32>,
 }
 
-/// `BPF_LINK_TYPE_TCX`, and the interface the TCX link pinned at `pin` is attached to (0 once the interface is
-/// gone), read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD (aya has no accessor for it).
+/// Link types of `struct bpf_link_info`.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
-fn tcx_pin_ifindex(pin: &Path) -> Option<u32> {
+/// The type of the BPF link pinned at `pin` and the first word of its type-specific info (a cgroup link's
+/// cgroup id; a TCX link's interface index, 0 once the interface is gone), read with BPF_OBJ_GET and
+/// BPF_OBJ_GET_INFO_BY_FD (aya has no accessor for either).
+fn pinned_link_info(pin: &Path) -> Option<(u32, u64)> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     use std::os::unix::ffi::OsStrExt as _;
     const BPF_OBJ_GET: libc::c_long = 7;
@@ -532,7 +535,7 @@ fn tcx_pin_ifindex(pin: &Path) -> Option<u32> {
     }
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union whose tcx member starts with ifindex.
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the union of the per-type infos.
     let mut info = [0u64; 8];
     // BPF_OBJ_GET_INFO_BY_FD: bpf_fd (u32), info_len (u32), info (u64).
     let mut attr = [
@@ -541,10 +544,155 @@ fn tcx_pin_ifindex(pin: &Path) -> Option<u32> {
         0,
         0,
     ];
-    if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) != 0 || info[0] as u32 != BPF_LINK_TYPE_TCX {
+    if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) != 0 {
         return None;
     }
-    Some(info[2] as u32)
+    Some((info[0] as u32, info[2]))
+}
+
+/// The interface the TCX link pinned at `pin` is attached to (0 once the interface is gone).
+fn tcx_pin_ifindex(pin: &Path) -> Option<u32> {
+    match pinned_link_info(pin)? {
+        (BPF_LINK_TYPE_TCX, word) => Some(word as u32),
+        _ => None,
+    }
+}
+
+/// The socket hooks pinned under `root` (the versioned pin directory's `links/cgroup-*`): per program, the id
+/// of the cgroup its link is attached to, if the pin holds a live cgroup link.
+pub fn pinned_socket_hooks(root: &Path) -> Vec<(&'static str, Option<u64>)> {
+    let links = versioned_dir(root).join("links");
+    SOCK_PROGRAMS
+        .iter()
+        .map(|name| {
+            let id = match pinned_link_info(&links.join(format!("cgroup-{name}"))) {
+                Some((BPF_LINK_TYPE_CGROUP, id)) => Some(id),
+                _ => None,
+            };
+            (*name, id)
+        })
+        .collect()
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statfs writes into the zeroed struct; the path is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
+    }
+}
+
+/// Where the socket hooks for host-network clients attach, as found at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupChoice {
+    /// The cgroup v2 directory the hooks attach to; `None`: no hooks.
+    pub path: Option<PathBuf>,
+    /// Why host-network clients will not all reach Services (a warning for the admin), if they will not.
+    pub degraded: Option<super::super::Degraded>,
+}
+
+/// `--ebpf-cgroup-root`: `none` turns the socket hooks off; a path must be a cgroup v2 directory (on a hybrid
+/// host the v1 tmpfs holding it in `unified/` is accepted too); no flag takes the cgroup v2 mount of the agent's
+/// mount namespace, and warns when there is none or when it is not the hierarchy's root (a private cgroup
+/// namespace: processes outside it would get no translation).
+pub fn choose_cgroup(flag: Option<&Path>) -> Result<CgroupChoice> {
+    use super::super::Degraded;
+    use std::os::unix::fs::MetadataExt as _;
+    // The root of a cgroup v2 hierarchy is kernfs node 1.
+    let is_root = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.ino() == 1);
+    match flag {
+        Some(p) if p.as_os_str() == "none" => {
+            tracing::info!(
+                "--ebpf-cgroup-root none: no socket hooks; host-network processes get no Service translation"
+            );
+            Ok(CgroupChoice {
+                path: None,
+                degraded: None,
+            })
+        }
+        Some(p) => {
+            let path = if fs_magic(p) == Some(CGROUP2_SUPER_MAGIC) {
+                p.to_path_buf()
+            } else if fs_magic(&p.join("unified")) == Some(CGROUP2_SUPER_MAGIC) {
+                p.join("unified")
+            } else {
+                bail!(
+                    "--ebpf-cgroup-root {}: not a cgroup v2 directory (mount the host's cgroup2 hierarchy there, or \
+                     pass none)",
+                    p.display()
+                );
+            };
+            if !is_root(&path) {
+                tracing::info!(cgroup = %path.display(), "socket hooks attach below the cgroup root: only processes in this subtree reach Services from the node's namespace");
+            }
+            Ok(CgroupChoice {
+                path: Some(path),
+                degraded: None,
+            })
+        }
+        None => match cgroup2_mount() {
+            None => Ok(CgroupChoice {
+                path: None,
+                degraded: Some(Degraded::new(
+                    Degraded::NO_CGROUP2,
+                    "no cgroup v2 hierarchy is mounted where the agent runs: host-network processes (and hostNetwork \
+                     pods) on this node cannot reach ClusterIPs or this node's NodePorts; mount the host's cgroup2 \
+                     root and pass --ebpf-cgroup-root (see deploy/)",
+                )),
+            }),
+            Some(p) if !is_root(&p) => Ok(CgroupChoice {
+                degraded: Some(Degraded::new(
+                    Degraded::CGROUP_NOT_ROOT,
+                    format!(
+                        "the cgroup v2 mount at {} is not the hierarchy's root (a private cgroup namespace): only \
+                         processes below it reach Services from the node's namespace; mount the host's cgroup2 root \
+                         and pass --ebpf-cgroup-root (see deploy/)",
+                        p.display()
+                    ),
+                )),
+                path: Some(p),
+            }),
+            Some(p) => Ok(CgroupChoice {
+                path: Some(p),
+                degraded: None,
+            }),
+        },
+    }
+}
+
+/// Whether the bpffs this agent mounted at `mount_point` outlives it: only when the mount propagates to a peer
+/// group (`shared:N` in mountinfo, e.g. the host's `/sys/fs/bpf` through a Bidirectional hostPath), or when the
+/// agent runs in the machine's own mount namespace. A bpffs mounted in a private mount namespace (a container
+/// without the host's bpffs, `ip netns exec`) disappears with its last process, and with it every pin.
+pub fn bpffs_outlives_agent(mount_point: &Path) -> bool {
+    // PID 1 is the machine's init only in the initial PID namespace, the one where kthreadd is PID 2 (in a
+    // container, PID 1 shares the container's mount namespace).
+    let initial_pid_ns = std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd");
+    let same_as_init = initial_pid_ns
+        && std::process::id() != 1
+        && matches!(
+            (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")),
+            (Ok(a), Ok(b)) if a == b
+        );
+    if same_as_init {
+        return true;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    info.lines()
+        .rev()
+        .find(|l| {
+            let (left, _) = l.split_once(" - ").unwrap_or((l, ""));
+            left.split_whitespace().nth(4).map(Path::new) == Some(mount_point)
+        })
+        .is_some_and(|l| {
+            let (left, _) = l.split_once(" - ").unwrap_or((l, ""));
+            left.split_whitespace().skip(6).any(|f| f.starts_with("shared:"))
+        })
 }
 
 impl Attacher {
@@ -670,5 +818,28 @@ impl Attacher {
         }
         self.attached.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod cgroup_tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_root_flag_is_checked() {
+        let none = choose_cgroup(Some(Path::new("none"))).unwrap();
+        assert_eq!((none.path, none.degraded), (None, None));
+        let err = choose_cgroup(Some(Path::new("/proc"))).unwrap_err();
+        assert!(format!("{err:#}").contains("not a cgroup v2 directory"), "{err:#}");
+        // This machine's cgroup2 hierarchy, given explicitly (read only: nothing attaches here).
+        if let Some(m) = cgroup2_mount() {
+            let c = choose_cgroup(Some(&m)).unwrap();
+            assert_eq!((c.path.as_deref(), c.degraded), (Some(m.as_path()), None));
+            // A hybrid host's v1 tmpfs holding cgroup2 at unified/ is accepted for the hierarchy below it.
+            if m.ends_with("unified") {
+                let parent = m.parent().unwrap();
+                assert_eq!(choose_cgroup(Some(parent)).unwrap().path.as_deref(), Some(m.as_path()));
+            }
+        }
     }
 }

@@ -48,9 +48,11 @@ pub struct EbpfOptions {
     /// ones carrying the IPv4 default route.
     pub uplinks: Vec<String>,
     /// cgroup (v2) whose processes get socket-level translation when they run in the agent's
-    /// network namespace (host processes, hostNetwork pods): by default the root of the cgroup v2
-    /// hierarchy. `None` disables the hooks.
+    /// network namespace (host processes, hostNetwork pods): the agent passes the root of the host's cgroup v2
+    /// hierarchy ([`loader::choose_cgroup`]). `None` (the default) disables the hooks.
     pub cgroup: Option<PathBuf>,
+    /// Why host-network clients will not all be translated, found while choosing `cgroup`.
+    pub cgroup_warning: Option<crate::dataplane::Degraded>,
     /// Choose backends by Maglev consistent hashing instead of at random.
     pub maglev: bool,
     /// Translated packets are forwarded by the programs (FIB lookup and redirect) instead of going through the
@@ -124,7 +126,8 @@ impl Default for EbpfOptions {
             pod_interface_prefixes: ["cali", "veth", "lxc", "orca-p"].map(String::from).to_vec(),
             pod_interfaces: vec![],
             uplinks: vec![],
-            cgroup: loader::cgroup2_mount(),
+            cgroup: None,
+            cgroup_warning: None,
             maglev: false,
             bypass_netfilter: false,
             conntrack: ConntrackOptions::default(),
@@ -139,6 +142,8 @@ pub struct EbpfDataplane {
     links: Arc<Mutex<Links>>,
     watcher: Option<Watcher>,
     mounted_bpffs: Option<PathBuf>,
+    /// What this dataplane runs without (found at start).
+    degraded: Vec<crate::dataplane::Degraded>,
     /// Last value written to `ORCA_CONFIG[CONFIG_SNAT_IPV4]`.
     snat_ipv4: Option<u32>,
     /// Service ports whose last upsert failed (e.g. a full map): retried on every sync.
@@ -260,6 +265,21 @@ impl EbpfDataplane {
     /// is the reason to fall back to iptables.
     pub fn new(cfg: DataplaneConfig, opts: EbpfOptions) -> Result<Self> {
         let mounted_bpffs = loader::ensure_bpffs(&opts.bpf_root)?;
+        let mut degraded: Vec<crate::dataplane::Degraded> = opts.cgroup_warning.iter().cloned().collect();
+        if let Some(m) = mounted_bpffs.as_deref().filter(|m| !loader::bpffs_outlives_agent(m)) {
+            degraded.push(crate::dataplane::Degraded::new(
+                crate::dataplane::Degraded::BPFFS_NOT_PERSISTENT,
+                format!(
+                    "the bpffs this agent mounted at {} is private to its mount namespace and dies with it: \
+                     after a restart or crash every Service on this node stops until the next agent is up; mount \
+                     the host's /sys/fs/bpf (hostPath, mountPropagation Bidirectional; see deploy/)",
+                    m.display()
+                ),
+            ));
+        }
+        for d in &degraded {
+            tracing::warn!(reason = d.reason, "{}", d.message);
+        }
         remove_other_layouts(&opts.bpf_root)?;
         let dir = loader::versioned_dir(&opts.bpf_root);
         let settings = loader::LoadSettings {
@@ -318,6 +338,7 @@ impl EbpfDataplane {
             links,
             watcher,
             mounted_bpffs,
+            degraded,
             snat_ipv4: None,
             failed: BTreeSet::new(),
             collector,
@@ -608,6 +629,10 @@ impl Dataplane for EbpfDataplane {
             service_ports: self.programmer.service_ports(),
             failed_service_ports: self.failed.len(),
         })
+    }
+
+    fn degraded(&self) -> Vec<crate::dataplane::Degraded> {
+        self.degraded.clone()
     }
 
     fn datapath_source(&self) -> Option<crate::metrics::DatapathSource> {
