@@ -962,3 +962,146 @@ async fn events_on_start_and_on_dataplane_fallback() {
     drop(file);
     sb.down().expect("sandbox down");
 }
+
+/// An eBPF agent that runs without what it needs from the node says so at start: a log line, a Warning
+/// DataplaneDegraded Event per missing piece and `orca_dataplane_degraded{reason} 1`. Started through `ip netns exec`
+/// with its pins below `/sys/fs/bpf` (a fresh sysfs private to the agent: the bpffs it mounts there dies with it)
+/// and no `--ebpf-cgroup-root` (the only cgroup2 mount it finds is the sandbox's node subtree, not the hierarchy's
+/// root). Started as the sandbox (and the DaemonSet) runs it, with a bpffs that outlives it and the node's cgroup,
+/// nothing is reported and `status` shows the socket hooks attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_without_a_persistent_bpffs_or_the_cgroup_root_warns_at_start() {
+    if !should_run() {
+        return;
+    }
+    let sb = Sandbox::up(SandboxOptions::default()).await.expect("sandbox up");
+    let node = sb.topology().node("node-a").expect("node-a").clone();
+    let kubeconfig = sb.kube_proxy_kubeconfig().to_str().expect("UTF-8 path").to_string();
+    let (healthz, metrics) = (
+        format!("{}:{HEALTHZ_PORT}", node.ip),
+        format!("{}:{METRICS_PORT}", node.ip),
+    );
+    let admin = sb.admin_client();
+    let mut agent = start_orca(&mut orca_command(
+        &node.netns,
+        &kubeconfig,
+        &healthz,
+        &metrics,
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--no-fallback",
+            "--bpf-root",
+            "/sys/fs/bpf/orca-private",
+        ],
+    ));
+    let events = node_events(&admin, "node-a", "orca-proxy", "DataplaneDegraded").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut notes: Vec<String>;
+    loop {
+        let all = node_events(&admin, "node-a", "orca-proxy", "DataplaneDegraded").await;
+        notes = all.iter().filter_map(|e| e.note.clone()).collect();
+        notes.sort();
+        if notes.len() >= 2 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(events[0].type_.as_deref(), Some("Warning"), "{events:?}");
+    assert_eq!(notes.len(), 2, "one Event per missing piece: {notes:?}");
+    assert!(
+        notes[0].starts_with("BpffsNotPersistent: ") && notes[0].contains("/sys/fs/bpf"),
+        "{notes:?}"
+    );
+    assert!(
+        notes[1].starts_with("CgroupNotRoot: ") && notes[1].contains("/run/orca-sandbox/cgroup2"),
+        "{notes:?}"
+    );
+    let text = tokio::task::block_in_place(|| {
+        scrape_until(
+            &mut agent,
+            &node.netns,
+            &format!("http://{metrics}/metrics"),
+            "the degraded gauges",
+            |t| t.contains("orca_dataplane_degraded{"),
+        )
+    });
+    let mut degraded: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("orca_dataplane_degraded{"))
+        .collect();
+    degraded.sort();
+    assert_eq!(
+        degraded,
+        [
+            "orca_dataplane_degraded{reason=\"BpffsNotPersistent\"} 1",
+            "orca_dataplane_degraded{reason=\"CgroupNotRoot\"} 1"
+        ],
+        "{text}"
+    );
+    let log = agent_log();
+    assert!(
+        log.contains("BpffsNotPersistent") && log.contains("dies with it") && log.contains("CgroupNotRoot"),
+        "{log}"
+    );
+    agent.check_running();
+    drop(agent);
+
+    // As the sandbox and the DaemonSet run it: nothing to report, and the hooks attached in the node's cgroup.
+    let (root, cgroup) = (
+        orca_sandbox::hostfs::node_bpf_root("node-a"),
+        orca_sandbox::hostfs::node_cgroup("node-a"),
+    );
+    let (root, cgroup) = (root.to_str().unwrap(), cgroup.to_str().unwrap());
+    let mut agent = start_orca(&mut orca_command(
+        &node.netns,
+        &kubeconfig,
+        &healthz,
+        &metrics,
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--no-fallback",
+            "--bpf-root",
+            root,
+            "--ebpf-cgroup-root",
+            cgroup,
+        ],
+    ));
+    let text = tokio::task::block_in_place(|| {
+        scrape_until(
+            &mut agent,
+            &node.netns,
+            &format!("http://{metrics}/metrics"),
+            "the first sync",
+            |t| sample(t, "kubeproxy_sync_proxy_rules_last_timestamp_seconds").is_some_and(|v| v > 0.0),
+        )
+    });
+    assert!(!text.contains("orca_dataplane_degraded{"), "{text}");
+    let out = netns::exec(
+        &node.netns,
+        &[
+            env!("CARGO_BIN_EXE_orca-proxy"),
+            "status",
+            "--kubeconfig",
+            &kubeconfig,
+            "--hostname-override",
+            "node-a",
+            "--bpf-root",
+            root,
+        ],
+    )
+    .expect("orca-proxy status");
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("host clients\tsocket hooks attached (4 programs, cgroup id "),
+        "{status}"
+    );
+    agent.check_running();
+    drop(agent);
+    let _ = netns::exec(
+        &node.netns,
+        &[env!("CARGO_BIN_EXE_orca-proxy"), "cleanup", "--bpf-root", root],
+    );
+    sb.down().expect("sandbox down");
+}

@@ -11,6 +11,7 @@
 //! file lock so that concurrent test binaries queue instead of destroying each other's namespaces.
 pub mod build;
 pub mod controlplane;
+pub mod hostfs;
 pub mod kubelet;
 pub mod load;
 pub mod netns;

@@ -59,10 +59,14 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// A `Command` running `program args...` inside namespace `ns` (`ip netns exec ns program args...`).
+/// A `Command` running `program args...` inside namespace `ns` (`ip netns exec ns program args...`). In a node's
+/// namespace the process also joins the node's cgroup ([`crate::hostfs`]), as the node's own processes do.
 pub fn command_in(ns: &str, program: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, program]).args(args);
+    if let Some(node) = crate::hostfs::node_of_netns(ns) {
+        crate::hostfs::join_node_cgroup(&mut c, node);
+    }
     c
 }
 
@@ -287,6 +291,9 @@ fn teardown_matching(netns_filter: fn(&str) -> bool) -> Vec<String> {
             Ok(_) => removed.push(format!("netns {ns}")),
             Err(e) => tracing::warn!("could not delete netns {ns}: {e:#}"),
         }
+    }
+    if netns_filter("orca-node-") {
+        removed.extend(crate::hostfs::teardown());
     }
     let _ = std::fs::remove_file(pid_file());
     for tmp in [Path::new("/dev/shm").to_path_buf(), std::env::temp_dir()] {

@@ -898,13 +898,52 @@ impl WhoAmI {
     }
 }
 
-/// `GET /` on a test server (directly or through a Service) from inside `ns`.
+/// `GET /` on a test server (directly or through a Service) from inside `ns`. From a node's namespace the request
+/// is a host process's ([`host_whoami`]).
 pub async fn whoami(ns: &str, addr: SocketAddr, timeout: Duration) -> Result<WhoAmI, NetError> {
+    if crate::hostfs::node_of_netns(ns).is_some() {
+        return host_whoami(ns, addr, timeout).await;
+    }
     let r = http_request(ns, "GET", addr, "/", timeout).await?;
     if r.status != 200 {
         return Err(NetError::Other(format!("HTTP {}: {}", r.status, r.body)));
     }
     WhoAmI::parse(&r.body).map_err(|e| NetError::Other(format!("{e:#}")))
+}
+
+/// `GET /` from a process of the node whose namespace is `node_ns`: `orca-testpod get` started there, in the
+/// node's cgroup, as host-network clients (kubelet probes, node agents, hostNetwork pods) run. The agent's socket
+/// hooks see such a process; an in-process request from a thread of the test would not be in the node's cgroup.
+pub async fn host_whoami(node_ns: &str, addr: SocketAddr, timeout: Duration) -> Result<WhoAmI, NetError> {
+    let bin = testpod_binary().map_err(|e| NetError::Other(format!("{e:#}")))?;
+    let bin = bin.to_string_lossy().into_owned();
+    let url = format!("http://{addr}/");
+    let secs = format!("{:.3}", timeout.as_secs_f64());
+    let mut cmd = netns::command_in(node_ns, &bin, &["get", &url, "--timeout", &secs]);
+    let mut cmd = tokio::process::Command::from(std::mem::replace(&mut cmd, std::process::Command::new("true")));
+    let out = tokio::time::timeout(timeout + Duration::from_secs(5), cmd.kill_on_drop(true).output())
+        .await
+        .map_err(|_| NetError::Other(format!("orca-testpod get {url} in {node_ns} did not exit")))?
+        .map_err(|e| NetError::Other(format!("starting orca-testpod in {node_ns}: {e}")))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    match out.status.code() {
+        Some(0) => {}
+        Some(2) => return Err(NetError::Refused),
+        Some(3) => return Err(NetError::Timeout),
+        Some(4) => return Err(NetError::Reset),
+        _ => {
+            return Err(NetError::Other(format!(
+                "orca-testpod get {url} ({}): {stderr}",
+                out.status
+            )))
+        }
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, body) = text.split_once('\n').unwrap_or((&text, ""));
+    if code.trim() != "200" {
+        return Err(NetError::Other(format!("HTTP {}: {body}", code.trim())));
+    }
+    WhoAmI::parse(body).map_err(|e| NetError::Other(format!("{e:#}")))
 }
 
 /// The UDP echo's answer.

@@ -335,6 +335,8 @@ impl Topology {
         for ns in [&self.client.netns, &self.control_plane.netns] {
             netns::ip(&["-n", ns, "route", "add", &lb, "via", &lb_via])?;
         }
+        let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        crate::hostfs::create(&names)?;
         Ok(())
     }
 }

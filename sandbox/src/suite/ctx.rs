@@ -31,6 +31,8 @@ pub struct Ctx {
     /// The scenario's Kubernetes namespace (created by [`Ctx::setup`], deleted by [`Ctx::cleanup`]).
     pub ns: String,
     pub proxy: ProxyKind,
+    /// The proxy's processes on the nodes (scenarios that kill and restart one).
+    pub agents: Option<crate::suite::proxy::Agents>,
     pub scenario: String,
     started: Instant,
     /// Print steps as they happen.
@@ -52,10 +54,24 @@ impl Ctx {
             topo,
             ns: format!("{scenario}-{}", proxy.short()),
             proxy,
+            agents: None,
             scenario: scenario.to_string(),
             started: Instant::now(),
             verbose,
         }
+    }
+
+    /// With the handle on the proxy's processes.
+    pub fn with_agents(mut self, agents: crate::suite::proxy::Agents) -> Ctx {
+        self.agents = Some(agents);
+        self
+    }
+
+    /// The proxy's processes (set by the runner).
+    pub fn agents(&self) -> Result<&crate::suite::proxy::Agents> {
+        self.agents
+            .as_ref()
+            .context("this run has no handle on the proxy's processes")
     }
 
     /// Print a step (with the time since the scenario started).

@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Port of every proxy's health server (kube-proxy's default).
@@ -134,9 +135,10 @@ impl Default for StartOptions {
     }
 }
 
-/// The eBPF pin directory of a node's orca-proxy (bpffs is machine-wide: each node needs its own).
+/// The eBPF pin directory of a node's orca-proxy, on the sandbox's bpffs that outlives the agents (each node
+/// needs its own: the bpffs is machine-wide).
 pub fn bpf_root(node: &str) -> PathBuf {
-    PathBuf::from(format!("/sys/fs/bpf/orca-{node}"))
+    crate::hostfs::node_bpf_root(node)
 }
 
 fn log_name(kind: ProxyKind, node: &str) -> String {
@@ -229,6 +231,11 @@ pub fn command_line(kind: ProxyKind, env: &ProxyEnv, node: &Node, opts: &StartOp
                 "-v".into(),
                 "2".into(),
             ];
+            // The node's cgroup, where its host processes run (as the DaemonSet passes the host's cgroup2 root).
+            let cgroup = crate::hostfs::node_cgroup(&node.name);
+            if cgroup.is_dir() {
+                v.extend(["--ebpf-cgroup-root".into(), path_str(&cgroup)?]);
+            }
             if kind == ProxyKind::OrcaEbpf && !opts.allow_fallback {
                 v.push("--no-fallback".into());
             }
@@ -248,46 +255,39 @@ pub fn command_line(kind: ProxyKind, env: &ProxyEnv, node: &Node, opts: &StartOp
 /// A proxy running on every node.
 pub struct Proxy {
     pub kind: ProxyKind,
-    env: ProxyEnv,
-    procs: Vec<(Node, Child)>,
+    agents: Agents,
     stopped: bool,
 }
 
-impl Proxy {
-    /// Start `kind` on every node and wait until each answers `/healthz` with 200. On failure everything started
-    /// is stopped and the nodes are reset; the error carries the proxy's own words.
-    pub async fn start(kind: ProxyKind, env: &ProxyEnv, opts: StartOptions) -> Result<Proxy> {
-        let mut p = Proxy {
-            kind,
-            env: env.clone(),
-            procs: Vec::new(),
-            stopped: false,
-        };
-        match p.start_all(&opts).await {
-            Ok(()) => Ok(p),
-            Err(e) => {
-                let notes = p.stop_blocking();
-                for n in notes {
-                    tracing::info!("{kind}: {n}");
-                }
-                Err(e)
-            }
-        }
+/// The proxy's processes, one per node, shared with the scenarios that kill and restart one
+/// ([`Agents::kill_hard`], [`Agents::restart`]).
+#[derive(Clone)]
+pub struct Agents {
+    pub kind: ProxyKind,
+    env: ProxyEnv,
+    opts: StartOptions,
+    procs: Arc<Mutex<Vec<(Node, Child)>>>,
+}
+
+impl Agents {
+    fn procs(&self) -> std::sync::MutexGuard<'_, Vec<(Node, Child)>> {
+        self.procs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn start_all(&mut self, opts: &StartOptions) -> Result<()> {
-        let nodes = self.env.topology.nodes.clone();
-        for node in &nodes {
-            let argv = command_line(self.kind, &self.env, node, opts)?;
-            let name = log_name(self.kind, &node.name);
-            let _ = std::fs::remove_file(netns::log_dir().join(format!("{name}.log")));
-            let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-            let child = netns::spawn(&node.netns, &refs, &name)
-                .with_context(|| format!("starting {} on {}", self.kind, node.name))?;
-            self.procs.push((node.clone(), child));
-        }
-        let deadline = Instant::now() + opts.ready_timeout;
-        let mut pending: Vec<Node> = nodes;
+    fn spawn(&self, node: &Node) -> Result<()> {
+        let argv = command_line(self.kind, &self.env, node, &self.opts)?;
+        let name = log_name(self.kind, &node.name);
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let child = netns::spawn(&node.netns, &refs, &name)
+            .with_context(|| format!("starting {} on {}", self.kind, node.name))?;
+        self.procs().push((node.clone(), child));
+        Ok(())
+    }
+
+    /// Waits until `nodes` answer `/healthz` with 200 (within the start options' limit).
+    async fn wait_ready(&self, nodes: Vec<Node>) -> Result<()> {
+        let deadline = Instant::now() + self.opts.ready_timeout;
+        let mut pending = nodes;
         loop {
             self.check_alive()?;
             let mut still = Vec::new();
@@ -308,7 +308,7 @@ impl Proxy {
                     "{} on {}: /healthz not 200 after {:?} ({why}); log: {}",
                     self.kind,
                     node.name,
-                    opts.ready_timeout,
+                    self.opts.ready_timeout,
                     reason_from_log(&log_name(self.kind, &node.name))
                 );
             }
@@ -318,8 +318,8 @@ impl Proxy {
     }
 
     /// Fail when a node's proxy process has exited, with the reason from its log.
-    pub fn check_alive(&mut self) -> Result<()> {
-        for (node, child) in &mut self.procs {
+    pub fn check_alive(&self) -> Result<()> {
+        for (node, child) in self.procs().iter_mut() {
             if let Some(status) = child.try_wait()? {
                 bail!(
                     "{} on {} exited ({status}): {}",
@@ -328,6 +328,100 @@ impl Proxy {
                     reason_from_log(&log_name(self.kind, &node.name))
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to the proxy on `node`, as a node sees an OOM kill or a crash: nothing of it runs any more (its
+    /// process is reaped) and nothing was cleaned up. Returns the pid it had.
+    pub fn kill_hard(&self, node: &str) -> Result<u32> {
+        let mut procs = self.procs();
+        let i = procs
+            .iter()
+            .position(|(n, _)| n.name == node)
+            .with_context(|| format!("no {} runs on {node}", self.kind))?;
+        let (_, mut child) = procs.remove(i);
+        let pid = child.id();
+        child
+            .kill()
+            .with_context(|| format!("SIGKILL to {} on {node} (pid {pid})", self.kind))?;
+        child.wait()?;
+        Ok(pid)
+    }
+
+    /// Starts the proxy on `node` again (after [`Agents::kill_hard`]) with the same command line and waits for its
+    /// `/healthz`.
+    pub async fn restart(&self, node: &str) -> Result<()> {
+        let n = self
+            .env
+            .topology
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node {node}"))?
+            .clone();
+        if self.procs().iter().any(|(p, _)| p.name == node) {
+            bail!("{} still runs on {node}", self.kind);
+        }
+        self.spawn(&n)?;
+        self.wait_ready(vec![n]).await
+    }
+}
+
+impl Proxy {
+    /// Start `kind` on every node and wait until each answers `/healthz` with 200. On failure everything started
+    /// is stopped and the nodes are reset; the error carries the proxy's own words.
+    pub async fn start(kind: ProxyKind, env: &ProxyEnv, opts: StartOptions) -> Result<Proxy> {
+        let mut p = Proxy {
+            kind,
+            agents: Agents {
+                kind,
+                env: env.clone(),
+                opts,
+                procs: Arc::default(),
+            },
+            stopped: false,
+        };
+        match p.start_all().await {
+            Ok(()) => Ok(p),
+            Err(e) => {
+                let notes = p.stop_blocking();
+                for n in notes {
+                    tracing::info!("{kind}: {n}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_all(&mut self) -> Result<()> {
+        let nodes = self.agents.env.topology.nodes.clone();
+        for node in &nodes {
+            let name = log_name(self.kind, &node.name);
+            let _ = std::fs::remove_file(netns::log_dir().join(format!("{name}.log")));
+            self.agents.spawn(node)?;
+        }
+        self.agents.wait_ready(nodes).await
+    }
+
+    /// The handle scenarios use to kill and restart a node's proxy.
+    pub fn agents(&self) -> Agents {
+        self.agents.clone()
+    }
+
+    /// Fail when a node's proxy process has exited (or was killed and not restarted), with the reason from its log.
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.agents.check_alive()?;
+        let running: Vec<String> = self.agents.procs().iter().map(|(n, _)| n.name.clone()).collect();
+        if let Some(n) = self
+            .agents
+            .env
+            .topology
+            .nodes
+            .iter()
+            .find(|n| !running.contains(&n.name))
+        {
+            bail!("{} on {} was killed and not started again", self.kind, n.name);
         }
         Ok(())
     }
@@ -350,14 +444,16 @@ impl Proxy {
             return Vec::new();
         }
         self.stopped = true;
-        let pids: Vec<u32> = self.procs.iter().map(|(_, c)| c.id()).collect();
+        let mut procs = std::mem::take(&mut *self.agents.procs());
+        let pids: Vec<u32> = procs.iter().map(|(_, c)| c.id()).collect();
         netns::terminate(&pids, Duration::from_secs(10));
-        for (_, c) in &mut self.procs {
+        for (_, c) in &mut procs {
             let _ = c.wait();
         }
         let mut notes = Vec::new();
-        for node in &self.env.topology.nodes {
-            if let Err(e) = own_cleanup(self.kind, &self.env, node) {
+        let env = &self.agents.env;
+        for node in &env.topology.nodes {
+            if let Err(e) = own_cleanup(self.kind, env, node) {
                 notes.push(format!("{}: own cleanup failed: {e:#}", node.name));
             }
             let left = leftovers(&node.netns);
@@ -579,7 +675,7 @@ mod tests {
             .unwrap()
             .join(" ");
         assert!(oe.contains("--proxy-mode ebpf") && oe.contains("--no-fallback"), "{oe}");
-        assert!(oe.contains("--bpf-root /sys/fs/bpf/orca-node-a"), "{oe}");
+        assert!(oe.contains("--bpf-root /run/orca-sandbox/bpffs/node-a"), "{oe}");
         let demo = StartOptions {
             allow_fallback: true,
             ..StartOptions::default()

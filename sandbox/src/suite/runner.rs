@@ -165,7 +165,7 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
     // A run interrupted while orca-proxy ran may have left its per-node pin directories.
     for n in &sb.topology().nodes {
         let pins = crate::suite::proxy::bpf_root(&n.name);
-        if pins.exists() {
+        if pins.read_dir().is_ok_and(|mut d| d.next().is_some()) {
             std::fs::remove_dir_all(&pins)?;
             println!("suite: removed {} left by an earlier run", pins.display());
         }
@@ -207,14 +207,17 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
                 continue;
             }
             println!("-- {} x {kind}: {}", s.name, s.about);
-            let ctx = Arc::new(Ctx::new(
-                sb.admin_client(),
-                kubelet.clone(),
-                sb.topology().clone(),
-                s.name,
-                kind,
-                opts.verbose,
-            ));
+            let ctx = Arc::new(
+                Ctx::new(
+                    sb.admin_client(),
+                    kubelet.clone(),
+                    sb.topology().clone(),
+                    s.name,
+                    kind,
+                    opts.verbose,
+                )
+                .with_agents(proxy.agents()),
+            );
             let t = Instant::now();
             let mut result = match ctx.setup().await {
                 Err(e) => Err(format!("setup: {e:#}")),

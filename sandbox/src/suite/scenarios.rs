@@ -141,6 +141,19 @@ pub fn all() -> Vec<Scenario> {
             run: |c| Box::pin(netfilter_forward(c)),
         },
         Scenario {
+            name: "host-clients",
+            about: "processes of node-a's own namespace (in node-a's cgroup) reach a ClusterIP, node-a's and node-b's \
+                    NodePorts, and are refused by a Service without endpoints",
+            run: |c| Box::pin(host_clients(c)),
+        },
+        Scenario {
+            name: "agent-restart",
+            about: "node-a's proxy killed with SIGKILL: long-lived TCP connections through a ClusterIP (from a pod) \
+                    and a NodePort (from the client) keep going, new connections keep working while it is down, and \
+                    once it is started again it follows an endpoint removed meanwhile",
+            run: |c| Box::pin(agent_restart(c)),
+        },
+        Scenario {
             name: "soak",
             about: "from the client, 20,000 TCP connections within 60 s to a NodePort (eTP=Cluster, masqueraded, \
                     backend on the other node) and 2,000 more once their conntrack entries expired; meanwhile 200,000 \
@@ -1027,6 +1040,145 @@ impl Drop for ForwardRule<'_> {
 /// What a NetworkPolicy engine or a host firewall in netfilter does: with kube-proxy the packet is DNATed in
 /// PREROUTING, so `FORWARD` sees it going to the backend pod, and a DROP there blocks the Service. A proxy that
 /// forwards translated packets around netfilter would silently bypass it.
+async fn host_clients(ctx: Arc<Ctx>) -> Result<()> {
+    let pods = ctx.deploy(spec("hosted", 2)).await?;
+    let all = names(&pods);
+    let mut svc = simple_service("hosted", "hosted", 80);
+    svc["spec"]["type"] = json!("NodePort");
+    let svc = ctx.create_service(svc).await?;
+    let empty = ctx
+        .create_service(json!({
+            "metadata": {"name": "hosted-empty"},
+            "spec": {"selector": {"app": "nothing-matches-this"},
+                     "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+        }))
+        .await?;
+    ctx.wait_endpoints("hosted", 2).await?;
+    let node_a = ctx.node("node-a")?.clone();
+    let node_b = ctx.node("node-b")?.clone();
+    let np = node_port(&svc, None)?;
+    // Each request is an `orca-testpod get` process started in node-a's namespace and cgroup (pods::host_whoami).
+    let from = node_a.netns.as_str();
+    let vip = sa(cluster_ip(&svc)?, 80);
+    let s = expect_backends(from, vip, &all).await?;
+    ctx.step(format!("ClusterIP {vip} from a process of node-a: {s}"));
+    for node in [&node_a, &node_b] {
+        let addr = sa(node.ip, np);
+        let s = expect_backends(from, addr, &all).await?;
+        ctx.step(format!("NodePort {addr} ({}) from a process of node-a: {s}", node.name));
+    }
+    let gone = sa(cluster_ip(&empty)?, 80);
+    eventually(
+        &format!("{gone} (no endpoints) refused to a process of node-a"),
+        CONVERGE,
+        || async {
+            for _ in 0..3 {
+                match pods::whoami(from, gone, Duration::from_secs(2)).await {
+                    Err(NetError::Refused) => {}
+                    Err(e) => bail!("{e} instead of connection refused"),
+                    Ok(w) => bail!("answered by {}", w.pod),
+                }
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    ctx.step(format!(
+        "ClusterIP {gone} without endpoints from a process of node-a: refused"
+    ));
+    Ok(())
+}
+
+async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
+    use crate::load::Heartbeat;
+    let agents = ctx.agents()?.clone();
+    // Every backend on node-b, so that node-a translates (and, for the client's NodePort traffic, masquerades).
+    let pods = ctx.deploy(spec("steady", 3).on_node("node-b")).await?;
+    ctx.deploy(spec("steady-echo", 1).on_node("node-b")).await?;
+    let client = ctx.client_pod("client", "node-a").await?;
+    let mut web = simple_service("steady", "steady", 80);
+    web["spec"]["type"] = json!("NodePort");
+    let web = ctx.create_service(web).await?;
+    let echo = ctx
+        .create_service(json!({
+            "metadata": {"name": "steady-echo"},
+            "spec": {"type": "NodePort", "selector": {"app": "steady-echo"},
+                     "ports": [{"port": 9000, "targetPort": 9000, "protocol": "TCP"}]},
+        }))
+        .await?;
+    ctx.wait_endpoints("steady", 3).await?;
+    ctx.wait_endpoints("steady-echo", 1).await?;
+    let node_a = ctx.node("node-a")?.clone();
+    let vip = sa(cluster_ip(&web)?, 80);
+    let np = sa(node_a.ip, node_port(&web, None)?);
+    let echo_vip = sa(cluster_ip(&echo)?, 9000);
+    let echo_np = sa(node_a.ip, node_port(&echo, None)?);
+    let all = names(&pods);
+    expect_backends(&client.netns, vip, &all).await?;
+    expect_backends(ctx.client_ns(), np, &all).await?;
+    // node-a translates both: the pod's ClusterIP traffic (its node), the client's NodePort traffic (masqueraded,
+    // since every backend is on node-b).
+    let beat = Duration::from_millis(200);
+    let from_pod = Heartbeat::start(&client.netns, echo_vip, beat, Duration::from_secs(2))?;
+    let from_client = Heartbeat::start(ctx.client_ns(), echo_np, beat, Duration::from_secs(2))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = (from_pod.report().exchanges, from_client.report().exchanges);
+    ensure!(
+        before.0 > 0 && before.1 > 0,
+        "long-lived connections did not start: {:?} {:?}",
+        from_pod.report(),
+        from_client.report()
+    );
+
+    let pid = agents.kill_hard("node-a")?;
+    let killed = Instant::now();
+    ctx.step(format!(
+        "SIGKILL to {} on node-a (pid {pid}); heartbeats so far: pod {} and client {} exchanges",
+        ctx.proxy, before.0, before.1
+    ));
+    // While no agent runs: new connections from a pod, from the client, from a process of node-a.
+    let s = expect_backends(&client.netns, vip, &all).await?;
+    ctx.step(format!("agent down: ClusterIP {vip} from a pod on node-a: {s}"));
+    let s = expect_backends(ctx.client_ns(), np, &all).await?;
+    ctx.step(format!("agent down: NodePort {np} from the client: {s}"));
+    let s = expect_backends(&node_a.netns, vip, &all).await?;
+    ctx.step(format!("agent down: ClusterIP {vip} from a process of node-a: {s}"));
+    // An endpoint goes away while no agent watches on node-a.
+    let removed = pods[0].name.clone();
+    ctx.kubelet.delete_pod(&ctx.ns, &removed, Some(Duration::ZERO)).await?;
+    ctx.wait_endpoints("steady", 2).await?;
+    let left = tokio::time::Duration::from_secs(5).saturating_sub(killed.elapsed());
+    tokio::time::sleep(left).await;
+    ctx.step(format!(
+        "agent down {:.1}s, pod {removed} deleted meanwhile",
+        killed.elapsed().as_secs_f64()
+    ));
+
+    agents.restart("node-a").await?;
+    ctx.step(format!("{} on node-a started again and healthy", ctx.proxy));
+    let remaining: BTreeSet<String> = all.iter().filter(|p| **p != removed).cloned().collect();
+    let s = expect_backends(&client.netns, vip, &remaining).await?;
+    ctx.step(format!("after the restart: ClusterIP from a pod: {s}"));
+    let s = expect_backends(ctx.client_ns(), np, &remaining).await?;
+    ctx.step(format!("after the restart: NodePort from the client: {s}"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (hp, hc) = (from_pod.finish(), from_client.finish());
+    for (who, hb, first) in [
+        ("pod -> ClusterIP", &hp, before.0),
+        ("client -> NodePort", &hc, before.1),
+    ] {
+        ensure!(hb.error.is_none(), "the long-lived connection {who} broke: {hb:?}");
+        ctx.step(format!(
+            "long-lived {who} ({:?}): {} exchanges, {} after the kill, slowest {:?}",
+            hb.local,
+            hb.exchanges,
+            hb.exchanges.saturating_sub(first),
+            hb.max_rtt,
+        ));
+    }
+    Ok(())
+}
+
 async fn netfilter_forward(ctx: Arc<Ctx>) -> Result<()> {
     let backend = ctx.deploy(spec("guarded", 1).on_node("node-b")).await?.remove(0);
     let client = ctx.client_pod("client", "node-a").await?;
