@@ -141,16 +141,21 @@ pub fn all() -> Vec<Scenario> {
             run: |c| Box::pin(netfilter_forward(c)),
         },
         Scenario {
+            name: "shared-external-ip",
+            about: "two Services claim the same externalIP:port; once the first is deleted the second serves it",
+            run: |c| Box::pin(shared_external_ip(c)),
+        },
+        Scenario {
             name: "host-clients",
-            about: "processes of node-a's own namespace (in node-a's cgroup) reach a ClusterIP, node-a's and node-b's \
+            about: "processes of each node's own namespace (in the node's cgroup) reach a ClusterIP and both nodes' \
                     NodePorts, and are refused by a Service without endpoints",
             run: |c| Box::pin(host_clients(c)),
         },
         Scenario {
             name: "agent-restart",
-            about: "node-a's proxy killed with SIGKILL: long-lived TCP connections through a ClusterIP (from a pod) \
-                    and a NodePort (from the client) keep going, new connections keep working while it is down, and \
-                    once it is started again it follows an endpoint removed meanwhile",
+            about: "node-a's proxy killed with SIGKILL and started again 3 s later: long-lived TCP connections \
+                    through a ClusterIP (from a pod) and a NodePort (from the client) and a steady UDP flow keep going, \
+                    new connections work during the outage, and the new agent follows an endpoint removed meanwhile",
             run: |c| Box::pin(agent_restart(c)),
         },
         Scenario {
@@ -863,6 +868,36 @@ async fn external_ip(ctx: Arc<Ctx>) -> Result<()> {
     Ok(())
 }
 
+/// The externalIP two Services of the shared-external-ip scenario both claim (LB range, routed to node-a).
+pub const SHARED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 21);
+
+async fn shared_external_ip(ctx: Arc<Ctx>) -> Result<()> {
+    let first = ctx.deploy(spec("first", 1)).await?;
+    let second = ctx.deploy(spec("second", 1)).await?;
+    let addr = sa(SHARED_EXTERNAL_IP, 80);
+    for name in ["first", "second"] {
+        let mut svc = simple_service(name, name, 80);
+        svc["spec"]["externalIPs"] = json!([SHARED_EXTERNAL_IP.to_string()]);
+        ctx.create_service(svc).await?;
+        ctx.wait_endpoints(name, 1).await?;
+    }
+    let either: BTreeSet<String> = names(&first).union(&names(&second)).cloned().collect();
+    let s = eventually(&format!("{addr} answered"), CONVERGE, || async {
+        let s = sample(ctx.client_ns(), addr, 12).await;
+        if s.failed() == 0 && s.pods().is_subset(&either) {
+            Ok(s)
+        } else {
+            bail!("got {s}")
+        }
+    })
+    .await?;
+    ctx.step(format!("both Services claim {addr}: answered by {s}"));
+    ctx.delete_service("first").await?;
+    let s = expect_backends(ctx.client_ns(), addr, &names(&second)).await?;
+    ctx.step(format!("first deleted: {addr} answered by the second's pod: {s}"));
+    Ok(())
+}
+
 async fn type_change(ctx: Arc<Ctx>) -> Result<()> {
     let backends = ctx.deploy(spec("typed", 2)).await?;
     let all = names(&backends);
@@ -1054,38 +1089,43 @@ async fn host_clients(ctx: Arc<Ctx>) -> Result<()> {
         }))
         .await?;
     ctx.wait_endpoints("hosted", 2).await?;
-    let node_a = ctx.node("node-a")?.clone();
-    let node_b = ctx.node("node-b")?.clone();
     let np = node_port(&svc, None)?;
-    // Each request is an `orca-testpod get` process started in node-a's namespace and cgroup (pods::host_whoami).
-    let from = node_a.netns.as_str();
     let vip = sa(cluster_ip(&svc)?, 80);
-    let s = expect_backends(from, vip, &all).await?;
-    ctx.step(format!("ClusterIP {vip} from a process of node-a: {s}"));
-    for node in [&node_a, &node_b] {
-        let addr = sa(node.ip, np);
-        let s = expect_backends(from, addr, &all).await?;
-        ctx.step(format!("NodePort {addr} ({}) from a process of node-a: {s}", node.name));
-    }
     let gone = sa(cluster_ip(&empty)?, 80);
-    eventually(
-        &format!("{gone} (no endpoints) refused to a process of node-a"),
-        CONVERGE,
-        || async {
-            for _ in 0..3 {
-                match pods::whoami(from, gone, Duration::from_secs(2)).await {
-                    Err(NetError::Refused) => {}
-                    Err(e) => bail!("{e} instead of connection refused"),
-                    Ok(w) => bail!("answered by {}", w.pod),
+    for client in &ctx.topo.nodes {
+        // Each request is an `orca-testpod get` process started in the node's namespace and cgroup
+        // (pods::host_whoami).
+        let from = client.netns.as_str();
+        let s = expect_backends(from, vip, &all).await?;
+        ctx.step(format!("ClusterIP {vip} from a process of {}: {s}", client.name));
+        for node in &ctx.topo.nodes {
+            let addr = sa(node.ip, np);
+            let s = expect_backends(from, addr, &all).await?;
+            ctx.step(format!(
+                "NodePort {addr} ({}) from a process of {}: {s}",
+                node.name, client.name
+            ));
+        }
+        eventually(
+            &format!("{gone} (no endpoints) refused to a process of {}", client.name),
+            CONVERGE,
+            || async {
+                for _ in 0..3 {
+                    match pods::whoami(from, gone, Duration::from_secs(2)).await {
+                        Err(NetError::Refused) => {}
+                        Err(e) => bail!("{e} instead of connection refused"),
+                        Ok(w) => bail!("answered by {}", w.pod),
+                    }
                 }
-            }
-            Ok(())
-        },
-    )
-    .await?;
-    ctx.step(format!(
-        "ClusterIP {gone} without endpoints from a process of node-a: refused"
-    ));
+                Ok(())
+            },
+        )
+        .await?;
+        ctx.step(format!(
+            "ClusterIP {gone} without endpoints from a process of {}: refused",
+            client.name
+        ));
+    }
     Ok(())
 }
 
@@ -1103,7 +1143,8 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
         .create_service(json!({
             "metadata": {"name": "steady-echo"},
             "spec": {"type": "NodePort", "selector": {"app": "steady-echo"},
-                     "ports": [{"port": 9000, "targetPort": 9000, "protocol": "TCP"}]},
+                     "ports": [{"name": "tcp", "port": 9000, "targetPort": 9000, "protocol": "TCP"},
+                               {"name": "udp", "port": 53, "targetPort": 8081, "protocol": "UDP"}]},
         }))
         .await?;
     ctx.wait_endpoints("steady", 3).await?;
@@ -1112,7 +1153,8 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let vip = sa(cluster_ip(&web)?, 80);
     let np = sa(node_a.ip, node_port(&web, None)?);
     let echo_vip = sa(cluster_ip(&echo)?, 9000);
-    let echo_np = sa(node_a.ip, node_port(&echo, None)?);
+    let echo_np = sa(node_a.ip, node_port(&echo, Some("tcp"))?);
+    let udp_vip = sa(cluster_ip(&echo)?, 53);
     let all = names(&pods);
     expect_backends(&client.netns, vip, &all).await?;
     expect_backends(ctx.client_ns(), np, &all).await?;
@@ -1121,6 +1163,21 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let beat = Duration::from_millis(200);
     let from_pod = Heartbeat::start(&client.netns, echo_vip, beat, Duration::from_secs(2))?;
     let from_client = Heartbeat::start(ctx.client_ns(), echo_np, beat, Duration::from_secs(2))?;
+    // A steady UDP flow: one exchange every 200 ms from one source address and port (one conntrack flow).
+    let udp_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let udp_flow = {
+        let (ns, stop) = (client.netns.clone(), udp_stop.clone());
+        let local = std::net::SocketAddr::from((client.ip, 40_053));
+        tokio::spawn(async move {
+            let mut outcomes: Vec<(Instant, Result<String, NetError>)> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = pods::udp_exchange(&ns, Some(local), udp_vip, "steady", Duration::from_secs(1)).await;
+                outcomes.push((Instant::now(), r.map(|r| r.pod)));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            outcomes
+        })
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = (from_pod.report().exchanges, from_client.report().exchanges);
     ensure!(
@@ -1147,7 +1204,7 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let removed = pods[0].name.clone();
     ctx.kubelet.delete_pod(&ctx.ns, &removed, Some(Duration::ZERO)).await?;
     ctx.wait_endpoints("steady", 2).await?;
-    let left = tokio::time::Duration::from_secs(5).saturating_sub(killed.elapsed());
+    let left = tokio::time::Duration::from_secs(3).saturating_sub(killed.elapsed());
     tokio::time::sleep(left).await;
     ctx.step(format!(
         "agent down {:.1}s, pod {removed} deleted meanwhile",
@@ -1162,7 +1219,28 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let s = expect_backends(ctx.client_ns(), np, &remaining).await?;
     ctx.step(format!("after the restart: NodePort from the client: {s}"));
     tokio::time::sleep(Duration::from_secs(2)).await;
+    udp_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let udp = udp_flow.await?;
     let (hp, hc) = (from_pod.finish(), from_client.finish());
+    let failed: Vec<String> = udp
+        .iter()
+        .filter_map(|(at, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("{e} {:+.1}s after the kill", at.duration_since(killed).as_secs_f64()))
+        })
+        .collect();
+    let answered_after = udp.iter().filter(|(at, r)| *at > killed && r.is_ok()).count();
+    ctx.step(format!(
+        "steady UDP flow from {}:40053 to {udp_vip}: {} exchanges, {answered_after} answered after the kill, \
+         failed: {failed:?}",
+        client.ip,
+        udp.len(),
+    ));
+    ensure!(
+        failed.len() <= 1 && answered_after >= 10,
+        "the steady UDP flow was not answered across the restart: {failed:?}"
+    );
     for (who, hb, first) in [
         ("pod -> ClusterIP", &hp, before.0),
         ("client -> NodePort", &hc, before.1),
