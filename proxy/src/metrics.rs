@@ -53,6 +53,7 @@ pub struct Metrics {
     pub endpoint_changes_pending: Gauge,
     pub service_changes_pending: Gauge,
     pub sync_errors_total: Counter,
+    pub conntrack_cleanup_errors_total: Counter,
     pub invalid_objects_total: Family<KindLabels, Counter>,
     pub mode: Family<ModeLabels, Gauge>,
     pub degraded: Family<ReasonLabel, Gauge>,
@@ -91,6 +92,7 @@ impl Metrics {
             endpoint_changes_pending: Gauge::default(),
             service_changes_pending: Gauge::default(),
             sync_errors_total: Counter::default(),
+            conntrack_cleanup_errors_total: Counter::default(),
             invalid_objects_total: Family::default(),
             mode: Family::default(),
             degraded: Family::default(),
@@ -167,6 +169,11 @@ impl Metrics {
             "orca_sync_errors",
             "Syncs that failed and were retried",
             m.sync_errors_total.clone(),
+        );
+        r.register(
+            "orca_conntrack_cleanup_errors",
+            "Syncs whose deletion of stale UDP conntrack entries failed (retried on the next sync)",
+            m.conntrack_cleanup_errors_total.clone(),
         );
         r.register(
             "orca_invalid_objects",

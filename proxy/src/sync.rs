@@ -237,6 +237,9 @@ pub async fn run(
                 if ran {
                     metrics.failed_service_ports.set(stats.failed_service_ports as i64);
                 }
+                if stats.conntrack_cleanup_failed {
+                    metrics.conntrack_cleanup_errors_total.inc();
+                }
                 health.updated();
                 if full {
                     health_checks.sync(&desired, &node.addresses);

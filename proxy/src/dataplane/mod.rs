@@ -64,6 +64,8 @@ pub struct SyncStats {
     /// Service ports the dataplane could not program (e.g. a full BPF map): left as they were, retried on every
     /// later sync, while every other Service is programmed.
     pub failed_service_ports: usize,
+    /// The stale UDP conntrack entries could not be deleted (retried on the next sync).
+    pub conntrack_cleanup_failed: bool,
 }
 
 /// A dataplane: turns the desired state into kernel state.

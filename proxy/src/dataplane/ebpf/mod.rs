@@ -585,6 +585,7 @@ impl Dataplane for EbpfDataplane {
             objects_written: written,
             service_ports: self.programmer.service_ports(),
             failed_service_ports: self.failed.len(),
+            ..Default::default()
         })
     }
 
@@ -628,6 +629,7 @@ impl Dataplane for EbpfDataplane {
             objects_written: written,
             service_ports: self.programmer.service_ports(),
             failed_service_ports: self.failed.len(),
+            ..Default::default()
         })
     }
 

@@ -43,6 +43,32 @@ impl UdpFilter {
     }
 }
 
+/// What every UDP Service port may point to now: per frontend (IP, port) and per NodePort, the endpoint IPs a
+/// conntrack entry may be DNATed to. Checked against the whole table when the deltas cannot be trusted: on the
+/// first sync after a start (endpoints removed while no agent ran) and after a cleanup that failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UdpState {
+    pub frontends: std::collections::HashMap<(Ipv4Addr, u16), std::collections::HashSet<Ipv4Addr>>,
+    pub node_ports: std::collections::HashMap<u16, std::collections::HashSet<Ipv4Addr>>,
+}
+
+impl UdpState {
+    /// An entry to a frontend not DNATed to one of its endpoints (a removed endpoint, or no DNAT at all while the
+    /// port has endpoints now), or to a NodePort DNATed to an address that is no endpoint.
+    fn stale(&self, proto: u8, orig_dst: Ipv4Addr, orig_dport: u16, reply_src: Ipv4Addr) -> bool {
+        if proto != 17 {
+            return false;
+        }
+        if let Some(eps) = self.frontends.get(&(orig_dst, orig_dport)) {
+            return !eps.contains(&reply_src);
+        }
+        if let Some(eps) = self.node_ports.get(&orig_dport) {
+            return reply_src != orig_dst && !eps.contains(&reply_src);
+        }
+        false
+    }
+}
+
 /// How stale entries were deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Method {
@@ -53,33 +79,86 @@ pub enum Method {
     Cli,
 }
 
-/// Deletes every IPv4 UDP conntrack entry matching one of `filters`, in namespace `netns` (or the current one).
-/// Returns how many were deleted, and how.
-pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter]) -> Result<(usize, Method)> {
-    if filters.is_empty() {
+/// Deletes every IPv4 UDP conntrack entry matching one of `filters`, or stale by `state`, in namespace `netns` (or
+/// the current one). Returns how many were deleted, and how.
+pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter], state: Option<&UdpState>) -> Result<(usize, Method)> {
+    if filters.is_empty() && state.is_none() {
         return Ok((0, Method::None));
     }
-    match delete_netlink(netns, filters) {
+    match delete_netlink(netns, filters, state) {
         Ok(n) => Ok((n, Method::Netlink)),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "ctnetlink failed, falling back to the conntrack binary");
-            Ok((delete_cli(netns, filters)?, Method::Cli))
+            let mut n = delete_cli(netns, filters)?;
+            if let Some(st) = state {
+                n += delete_cli_stale(netns, st)?;
+            }
+            Ok((n, Method::Cli))
         }
     }
+}
+
+fn conntrack_command(netns: Option<&str>) -> std::process::Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, "conntrack"]);
+            c
+        }
+        None => std::process::Command::new("conntrack"),
+    };
+    c.stdin(Stdio::null());
+    c
+}
+
+/// One line of `conntrack -L -p udp`: (orig src, orig dst, sport, dport, reply src).
+fn parse_cli_line(line: &str) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, Ipv4Addr)> {
+    let field = |key: &str, nth: usize| -> Option<&str> {
+        line.split_whitespace().filter_map(|w| w.strip_prefix(key)).nth(nth)
+    };
+    Some((
+        field("src=", 0)?.parse().ok()?,
+        field("dst=", 0)?.parse().ok()?,
+        field("sport=", 0)?.parse().ok()?,
+        field("dport=", 0)?.parse().ok()?,
+        field("src=", 1)?.parse().ok()?,
+    ))
+}
+
+/// [`UdpState`] through the `conntrack` binary: list the UDP entries, delete the stale ones one by one.
+fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
+    let out = conntrack_command(netns)
+        .args(["-L", "-p", "udp"])
+        .output()
+        .context("running conntrack -L")?;
+    if !out.status.success() {
+        bail!("conntrack -L failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let mut deleted = 0;
+    for (src, dst, sport, dport, reply_src) in String::from_utf8_lossy(&out.stdout).lines().filter_map(parse_cli_line) {
+        if !state.stale(17, dst, dport, reply_src) {
+            continue;
+        }
+        let (src, dst, sport, dport) = (src.to_string(), dst.to_string(), sport.to_string(), dport.to_string());
+        let del = conntrack_command(netns)
+            .args([
+                "-D", "-p", "udp", "-s", &src, "-d", &dst, "--sport", &sport, "--dport", &dport,
+            ])
+            .output()
+            .context("running conntrack -D")?;
+        // Exit 1 with "0 flow entries": gone in the meantime.
+        if del.status.success() {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
 }
 
 fn delete_cli(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
     let mut deleted = 0;
     for f in filters {
-        let mut c = match netns {
-            Some(ns) => {
-                let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", ns, "conntrack"]);
-                c
-            }
-            None => std::process::Command::new("conntrack"),
-        };
-        c.args(f.cli_args()).stdin(Stdio::null());
+        let mut c = conntrack_command(netns);
+        c.args(f.cli_args());
         let out = c.output().context("running conntrack -D")?;
         let err = String::from_utf8_lossy(&out.stderr);
         // "N flow entries have been deleted." (exit 1 when N is 0).
@@ -342,7 +421,7 @@ impl NlSocket {
     }
 }
 
-fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
+fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter], state: Option<&UdpState>) -> Result<usize> {
     let mut sock = NlSocket {
         fd: open_socket_in(netns)?,
         seq: std::process::id(),
@@ -355,7 +434,9 @@ fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
     sock.recv(seq, |_, payload| {
         total += 1;
         if let Some(e) = parse_entry(payload) {
-            if filters.iter().any(|f| f.matches(&e)) {
+            if filters.iter().any(|f| f.matches(&e))
+                || state.is_some_and(|st| st.stale(e.proto, e.orig_dst, e.orig_dport, e.reply_src))
+            {
                 victims.push(e);
             }
         }
@@ -382,6 +463,51 @@ fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_marks_entries_that_point_to_no_current_endpoint() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let mut st = UdpState::default();
+        st.frontends.insert((ip("10.96.0.10"), 53), [ip("10.244.1.5")].into());
+        st.frontends.insert((ip("10.96.0.11"), 53), Default::default());
+        st.node_ports.insert(30053, [ip("10.244.1.5")].into());
+        // Frontend: DNATed to the endpoint stays; to a removed one, or not DNATed at all, goes.
+        assert!(!st.stale(17, ip("10.96.0.10"), 53, ip("10.244.1.5")));
+        assert!(st.stale(17, ip("10.96.0.10"), 53, ip("10.244.1.9")));
+        assert!(st.stale(17, ip("10.96.0.10"), 53, ip("10.96.0.10")));
+        assert!(
+            st.stale(17, ip("10.96.0.11"), 53, ip("10.244.1.5")),
+            "no endpoints left"
+        );
+        // TCP, other ports and other addresses are never touched.
+        assert!(!st.stale(6, ip("10.96.0.10"), 53, ip("10.244.1.9")));
+        assert!(!st.stale(17, ip("10.96.0.10"), 54, ip("10.244.1.9")));
+        assert!(!st.stale(17, ip("8.8.8.8"), 53, ip("8.8.8.8")));
+        // NodePort: a DNATed entry to a non-endpoint goes; an un-DNATed flow to that port (not ours) stays.
+        assert!(st.stale(17, ip("10.240.0.11"), 30053, ip("10.244.1.9")));
+        assert!(!st.stale(17, ip("10.240.0.11"), 30053, ip("10.244.1.5")));
+        assert!(!st.stale(17, ip("192.0.2.1"), 30053, ip("192.0.2.1")));
+    }
+
+    #[test]
+    fn conntrack_list_lines_parse() {
+        let l = "udp      17 28 src=10.244.1.2 dst=10.96.0.10 sport=40053 dport=53 src=10.244.2.5 dst=10.244.1.2 \
+                 sport=8081 dport=40053 mark=0 use=1";
+        assert_eq!(
+            parse_cli_line(l),
+            Some((
+                "10.244.1.2".parse().unwrap(),
+                "10.96.0.10".parse().unwrap(),
+                40053,
+                53,
+                "10.244.2.5".parse().unwrap()
+            ))
+        );
+        assert_eq!(
+            parse_cli_line("conntrack v1.4.7 (conntrack-tools): 3 flow entries have been shown."),
+            None
+        );
+    }
 
     fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
         let mut v = ((4 + payload.len()) as u16).to_ne_bytes().to_vec();

@@ -99,6 +99,10 @@ pub struct IptablesDataplane {
     installed: HashMap<ServicePortName, Vec<String>>,
     /// The desired state of the last successful sync (for conntrack cleanup).
     applied: Option<Snapshot>,
+    /// Conntrack filters whose deletion failed, retried on the next sync.
+    conntrack_retry: Vec<UdpFilter>,
+    /// Check the whole conntrack table against the endpoints on the next sync (a cleanup failed).
+    conntrack_check_all: bool,
     synced: bool,
     route_localnet_done: bool,
     last: LastSync,
@@ -136,6 +140,8 @@ impl IptablesDataplane {
             gen_opts,
             installed: HashMap::new(),
             applied: None,
+            conntrack_retry: Vec::new(),
+            conntrack_check_all: false,
             synced: false,
             route_localnet_done: false,
             last: LastSync::default(),
@@ -293,7 +299,7 @@ impl IptablesDataplane {
         }
         self.synced = true;
 
-        let filters = match (&self.applied, diff) {
+        let mut filters = match (&self.applied, diff) {
             (Some(old), Some(diff)) if !full => {
                 let names = diff.upserted.iter().map(|s| s.name()).chain(diff.removed.iter());
                 conntrack_filters(names, old, desired)
@@ -301,11 +307,27 @@ impl IptablesDataplane {
             (Some(old), _) => conntrack_filters(old.keys().chain(desired.keys()), old, desired),
             (None, _) => Vec::new(),
         };
+        // The deltas miss what changed while no agent ran (the first sync after a start) and what a failed
+        // cleanup left: then the whole table is checked against the current endpoints, and failed filters retried.
+        filters.append(&mut self.conntrack_retry);
+        let check_all = self.applied.is_none() || self.conntrack_check_all;
+        let state = check_all.then(|| udp_state(desired));
         let (conntrack_deleted, conntrack_method) =
-            conntrack::delete_udp(self.exec.netns(), &filters).unwrap_or_else(|e| {
-                tracing::error!(error = %format!("{e:#}"), "deleting stale UDP conntrack entries failed");
-                (0, conntrack::Method::None)
-            });
+            match conntrack::delete_udp(self.exec.netns(), &filters, state.as_ref()) {
+                Ok(r) => {
+                    self.conntrack_check_all = false;
+                    r
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = %format!("{e:#}"),
+                        "deleting stale UDP conntrack entries failed; retried on the next sync"
+                    );
+                    self.conntrack_retry = filters;
+                    self.conntrack_check_all = true;
+                    (0, conntrack::Method::None)
+                }
+            };
         self.applied = Some(desired.clone());
 
         self.last = LastSync {
@@ -336,6 +358,7 @@ impl IptablesDataplane {
             objects_written: ruleset.rules_written,
             service_ports: desired.len(),
             failed_service_ports: 0,
+            conntrack_cleanup_failed: self.conntrack_check_all,
         })
     }
 }
@@ -365,6 +388,24 @@ fn reachable_v4(st: &ServicePortState) -> BTreeSet<(Ipv4Addr, u16)> {
             IpAddr::V6(_) => None,
         })
         .collect()
+}
+
+/// Every UDP Service port's frontends and NodePort with the endpoint IPs its flows may be DNATed to.
+pub fn udp_state(desired: &Snapshot) -> conntrack::UdpState {
+    let mut st = conntrack::UdpState::default();
+    for (name, s) in desired {
+        if name.protocol != Protocol::Udp {
+            continue;
+        }
+        let eps: HashSet<Ipv4Addr> = reachable_v4(s).into_iter().map(|(ip, _)| ip).collect();
+        for f in frontends(s) {
+            st.frontends.entry((f, s.port.port)).or_default().extend(&eps);
+        }
+        if let Some(np) = s.port.node_port {
+            st.node_ports.entry(np).or_default().extend(&eps);
+        }
+    }
+    st
 }
 
 /// kube-proxy's UDP conntrack cleanup for the service ports `names`, comparing `old` with `new`:
