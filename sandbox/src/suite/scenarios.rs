@@ -1138,6 +1138,10 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let client = ctx.client_pod("client", "node-a").await?;
     let mut web = simple_service("steady", "steady", 80);
     web["spec"]["type"] = json!("NodePort");
+    web["spec"]["ports"]
+        .as_array_mut()
+        .context("ports")?
+        .push(json!({"name": "dns", "port": 53, "targetPort": 8081, "protocol": "UDP"}));
     let web = ctx.create_service(web).await?;
     let echo = ctx
         .create_service(json!({
@@ -1151,7 +1155,8 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     ctx.wait_endpoints("steady-echo", 1).await?;
     let node_a = ctx.node("node-a")?.clone();
     let vip = sa(cluster_ip(&web)?, 80);
-    let np = sa(node_a.ip, node_port(&web, None)?);
+    let np = sa(node_a.ip, node_port(&web, Some("http"))?);
+    let web_udp = sa(cluster_ip(&web)?, 53);
     let echo_vip = sa(cluster_ip(&echo)?, 9000);
     let echo_np = sa(node_a.ip, node_port(&echo, Some("tcp"))?);
     let udp_vip = sa(cluster_ip(&echo)?, 53);
@@ -1187,6 +1192,26 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
         from_client.report()
     );
 
+    // A UDP flow (one source port) to the three-pod Service: conntrack pins it to one pod, the one removed below.
+    let pinned_from = std::net::SocketAddr::from((client.ip, 40_054));
+    let udp_once = || {
+        pods::udp_exchange(
+            &client.netns,
+            Some(pinned_from),
+            web_udp,
+            "pinned",
+            Duration::from_secs(1),
+        )
+    };
+    let pinned = udp_once()
+        .await
+        .map_err(|e| anyhow::anyhow!("UDP {pinned_from} -> {web_udp}: {e}"))?
+        .pod;
+    ensure!(
+        udp_once().await.map(|r| r.pod).ok().as_ref() == Some(&pinned),
+        "the UDP flow {pinned_from} -> {web_udp} is not pinned to {pinned}"
+    );
+
     let pid = agents.kill_hard("node-a")?;
     let killed = Instant::now();
     ctx.step(format!(
@@ -1201,7 +1226,7 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let s = expect_backends(&node_a.netns, vip, &all).await?;
     ctx.step(format!("agent down: ClusterIP {vip} from a process of node-a: {s}"));
     // An endpoint goes away while no agent watches on node-a.
-    let removed = pods[0].name.clone();
+    let removed = pinned.clone();
     ctx.kubelet.delete_pod(&ctx.ns, &removed, Some(Duration::ZERO)).await?;
     ctx.wait_endpoints("steady", 2).await?;
     let left = tokio::time::Duration::from_secs(3).saturating_sub(killed.elapsed());
@@ -1218,6 +1243,24 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     ctx.step(format!("after the restart: ClusterIP from a pod: {s}"));
     let s = expect_backends(ctx.client_ns(), np, &remaining).await?;
     ctx.step(format!("after the restart: NodePort from the client: {s}"));
+    // The UDP flow pinned to the removed pod: its conntrack entry must go, so the same flow reaches another pod.
+    let restarted = Instant::now();
+    let now = eventually(
+        &format!("the UDP flow {pinned_from} -> {web_udp}, pinned to {removed}, answered by another pod"),
+        CONVERGE,
+        || async {
+            match udp_once().await {
+                Ok(r) if r.pod != removed => Ok(r.pod),
+                Ok(r) => bail!("answered by {}", r.pod),
+                Err(e) => bail!("{e}"),
+            }
+        },
+    )
+    .await?;
+    ctx.step(format!(
+        "the UDP flow {pinned_from} -> {web_udp} pinned to {removed}: answered by {now} {:.1}s after the restart",
+        restarted.elapsed().as_secs_f64()
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     udp_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let udp = udp_flow.await?;
