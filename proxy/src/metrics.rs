@@ -306,6 +306,11 @@ impl Collector for DatapathCollector {
                 "Masquerade source ports held by live flows",
                 ct.snat_ports,
             ),
+            (
+                "orca_unmatched_pod_interfaces",
+                "Veths matching no --ebpf-pod-interface-prefixes and no uplink: their pods get no Service translation",
+                c.unmatched_interfaces,
+            ),
         ] {
             let g = ConstGauge::new(v as i64);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;

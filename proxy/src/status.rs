@@ -140,6 +140,19 @@ pub fn render_socket_hooks(hooks: &[(&str, Option<u64>)]) -> String {
     }
 }
 
+/// The `pod interfaces` line: veths of this namespace without Orca's program.
+pub fn render_unmatched(veths: &[String]) -> String {
+    if veths.is_empty() {
+        "pod interfaces\tevery veth has Orca's program".to_string()
+    } else {
+        format!(
+            "pod interfaces\tveths without Orca's program (no Service translation for what is behind them; see \
+             --ebpf-pod-interface-prefixes): {}",
+            veths.join(", ")
+        )
+    }
+}
+
 pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
     let (state, node) = desired_state(s).await?;
     if json {
@@ -154,6 +167,10 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
                 println!(
                     "{}",
                     render_socket_hooks(&ebpf::loader::pinned_socket_hooks(&s.bpf_root))
+                );
+                println!(
+                    "{}",
+                    render_unmatched(&ebpf::loader::veths_without_program(&s.bpf_root))
                 );
             }
             Err(e) => tracing::debug!(error = format!("{e:#}"), "no eBPF datapath counters"),
@@ -216,6 +233,7 @@ mod tests {
                 inner: 10,
                 ..Default::default()
             },
+            unmatched_interfaces: 0,
         };
         let out = render_datapath(std::path::Path::new("/sys/fs/bpf/orca/v3/maps"), &d);
         assert!(out.contains("30 of 120 entries (25.0%)"), "{out}");

@@ -278,6 +278,28 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         );
         assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
 
+        // A veth whose name matches no pod prefix: no program, but said (log), counted (metric) and shown (status).
+        assert!(dp.unmatched_interfaces().is_empty());
+        run(&[
+            "ip", "-n", &n, "link", "add", "x9", "type", "veth", "peer", "name", "eth1", "netns", &c2,
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while dp.unmatched_interfaces().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(dp.unmatched_interfaces(), ["x9"]);
+        assert_eq!(dp.datapath_counts().unmatched_interfaces, 1);
+        assert_eq!(dp.attached_interfaces(), ["b0", "c0", "c1"]);
+        let veths = orca_proxy::dataplane::ebpf::loader::veths_without_program(&env.bpf_root());
+        assert_eq!(veths, ["x9"], "what status lists");
+        assert!(orca_proxy::status::render_unmatched(&veths).ends_with(": x9"));
+        run(&["ip", "-n", &n, "link", "del", "x9"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dp.unmatched_interfaces().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(dp.unmatched_interfaces().is_empty());
+
         // What `orca-proxy status` shows: the pinned maps, read from outside the dataplane.
         let view = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump pinned maps");
         assert_eq!(view.len(), 1, "{view:?}");
@@ -478,6 +500,14 @@ fn host_namespace_clients_use_the_socket_hooks() {
             ..options(env)
         };
         let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
+        // `status` reads the hooks back from the pins: all four attached, to the test's cgroup.
+        let hooks = orca_proxy::dataplane::ebpf::loader::pinned_socket_hooks(&env.bpf_root());
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cgroup).unwrap());
+        assert_eq!(hooks.len(), 4);
+        assert!(
+            hooks.iter().all(|(_, id)| *id == Some(cgroup_id)),
+            "{hooks:?} (cgroup id {cgroup_id})"
+        );
         let web = service(&["10.202.0.2"]);
         let mut dns = (*service_on("dns", "10.96.0.53", 53, 5353, &["10.202.0.2"])).clone();
         dns.port.protocol = Protocol::Udp;

@@ -377,6 +377,64 @@ pub fn interfaces() -> Vec<(String, u32)> {
     out
 }
 
+/// The driver of interface `ifname` in the calling thread's network namespace (ethtool's GDRVINFO: `veth`,
+/// `bridge`, `virtio_net`, ...), if the interface answers it.
+pub fn driver(ifname: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: cmd, driver[32], version[32], fw_version[32], bus_info[32], erom_version[32],
+    // reserved2[12], five u32 counts.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 20],
+    }
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 20],
+    };
+    // SAFETY: an all-zero ifreq is valid; the name (NUL-terminated, shorter than IFNAMSIZ) and the data pointer
+    // (to `info`, which outlives the ioctl) are set below.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL with an ifreq whose data points at a drvinfo buffer of the size the kernel writes.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// Veth interfaces of the calling thread's network namespace without an Orca program pinned under `root`: a pod's
+/// interface whose name matches no `--ebpf-pod-interface-prefixes` (its pod gets no Service translation). What
+/// `status` lists.
+pub fn veths_without_program(root: &Path) -> Vec<String> {
+    let links = versioned_dir(root).join("links");
+    interfaces()
+        .into_iter()
+        .filter(|(name, _)| !links.join(format!("{name}-{}", Hook::Ingress.name())).exists())
+        .filter(|(name, _)| driver(name).as_deref() == Some("veth"))
+        .map(|(name, _)| name)
+        .collect()
+}
+
 /// A netlink route socket subscribed to link changes (RTMGRP_LINK) in the calling thread's network namespace.
 pub struct LinkEvents(std::os::fd::OwnedFd);
 

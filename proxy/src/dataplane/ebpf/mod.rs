@@ -156,6 +156,10 @@ pub struct EbpfDataplane {
 /// Attachment state shared with the interface watcher thread.
 struct Links {
     opts: EbpfOptions,
+    /// Veths that are neither pod interfaces (by name) nor uplinks, as of the last scan.
+    unmatched: BTreeSet<String>,
+    /// Their number, read by the metrics.
+    unmatched_count: Arc<std::sync::atomic::AtomicU64>,
     attacher: Attacher,
     /// Handles of the pinned programs, per role.
     progs: BTreeMap<Role, SchedClassifier>,
@@ -177,6 +181,7 @@ impl Links {
             }
             u
         };
+        let mut unmatched = BTreeSet::new();
         for (name, ifindex) in &present {
             let is_pod = self.opts.pod_interfaces.contains(name)
                 || self
@@ -189,6 +194,19 @@ impl Links {
             } else if uplinks.contains(name) {
                 Role::Netdev
             } else {
+                // A veth that is neither a pod's (by name) nor an uplink: most likely a pod of a CNI whose prefix is
+                // not configured. Said once per interface, counted in the metrics and shown by `status`.
+                if self.unmatched.contains(name) || loader::driver(name).as_deref() == Some("veth") {
+                    if !self.unmatched.contains(name) {
+                        tracing::warn!(
+                            interface = %name,
+                            prefixes = ?self.opts.pod_interface_prefixes,
+                            "a veth matching no --ebpf-pod-interface-prefixes: traffic from behind it gets no Service \
+                             translation (add its prefix, or name it in --ebpf-pod-interfaces)"
+                        );
+                    }
+                    unmatched.insert(name.clone());
+                }
                 continue;
             };
             let mut roles = vec![role];
@@ -205,6 +223,9 @@ impl Links {
                 }
             }
         }
+        self.unmatched_count
+            .store(unmatched.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.unmatched = unmatched;
     }
 }
 
@@ -325,6 +346,8 @@ impl EbpfDataplane {
         let attacher = Attacher::new(&dir)?;
         let links = Arc::new(Mutex::new(Links {
             opts,
+            unmatched: BTreeSet::new(),
+            unmatched_count: Arc::default(),
             attacher,
             progs,
             node_addresses: Vec::new(),
@@ -351,7 +374,15 @@ impl EbpfDataplane {
         DatapathCounts {
             reasons: read_stats(&self.stats),
             conntrack: self.collector.counts.lock().map(|c| c.clone()).unwrap_or_default(),
+            unmatched_interfaces: lock(&self.links).map(|l| l.unmatched.len() as u64).unwrap_or_default(),
         }
+    }
+
+    /// Veths that are neither pod interfaces (by name) nor uplinks, as of the interface watcher's last scan.
+    pub fn unmatched_interfaces(&self) -> Vec<String> {
+        lock(&self.links)
+            .map(|l| l.unmatched.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The bpffs mount point `new` created, if it mounted one.
@@ -441,6 +472,8 @@ pub struct DatapathCounts {
     /// Packets per `REASON_*` (summed over CPUs), in `orca_common::REASONS` order.
     pub reasons: Vec<u64>,
     pub conntrack: conntrack::CtCounts,
+    /// Veths that match no pod interface prefix and are no uplink (no program on them).
+    pub unmatched_interfaces: u64,
 }
 
 /// The pinned per-reason counters.
@@ -469,6 +502,7 @@ pub fn datapath_report(root: &std::path::Path, timeouts: &CtTimeouts) -> Result<
     Ok(DatapathCounts {
         reasons: read_stats(&stats),
         conntrack: conntrack::census(&ct, timeouts)?,
+        unmatched_interfaces: loader::veths_without_program(root).len() as u64,
     })
 }
 
@@ -647,9 +681,11 @@ impl Dataplane for EbpfDataplane {
             }
         };
         let counts = self.collector.counts.clone();
+        let unmatched = lock(&self.links).ok()?.unmatched_count.clone();
         Some(Box::new(move || DatapathCounts {
             reasons: read_stats(&stats),
             conntrack: counts.lock().map(|c| c.clone()).unwrap_or_default(),
+            unmatched_interfaces: unmatched.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 
