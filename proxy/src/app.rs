@@ -274,6 +274,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let proxy_health = ProxyHealthServer {
         health: health.clone(),
         timeout: s.sync.sync_period * 2,
+        first_sync_timeout: crate::healthcheck::FIRST_SYNC_LIVENESS,
         node_eligible: shared.node_eligible.clone(),
         metrics: metrics.clone(),
     };

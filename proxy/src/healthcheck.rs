@@ -112,12 +112,17 @@ pub fn proxy_health_body(status: &HealthStatus, node_eligible: Option<bool>) -> 
     serde_json::to_string(&body).unwrap_or_default()
 }
 
+/// How long changes may wait before /livez turns 503 while the first sync since start has not completed.
+pub const FIRST_SYNC_LIVENESS: Duration = Duration::from_secs(15 * 60);
+
 /// The proxy's /healthz and /livez.
 #[derive(Clone)]
 pub struct ProxyHealthServer {
     pub health: Arc<SyncHealth>,
     /// kube-proxy's healthTimeout: 2 x sync period.
     pub timeout: Duration,
+    /// /livez before the first sync has completed: how long changes may wait ([`FIRST_SYNC_LIVENESS`]).
+    pub first_sync_timeout: Duration,
     /// [`node_eligible`] of the latest Node object, kept by the Node watcher.
     pub node_eligible: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
@@ -137,11 +142,22 @@ impl ProxyHealthServer {
                     &self.metrics.proxy_healthz_total,
                 )
             }
-            "/livez" => (
-                status.healthy,
-                proxy_health_body(&status, None),
-                &self.metrics.proxy_livez_total,
-            ),
+            "/livez" => {
+                // The first sync of a large cluster (iptables-nft at 10k+ Services) can take longer than the
+                // health timeout while changes keep coming: /livez gives it FIRST_SYNC_LIVENESS before it tells a
+                // liveness probe to restart the agent, which would only start that sync over. /healthz keeps
+                // kube-proxy's rule: the node does not serve the changes yet.
+                let status = if self.health.first_synced() {
+                    status
+                } else {
+                    self.health.status(self.first_sync_timeout.max(self.timeout))
+                };
+                (
+                    status.healthy,
+                    proxy_health_body(&status, None),
+                    &self.metrics.proxy_livez_total,
+                )
+            }
             _ => return None,
         };
         let code = if code { 200 } else { 503 };
@@ -655,6 +671,7 @@ mod tests {
         let server = ProxyHealthServer {
             health: Arc::new(SyncHealth::default()),
             timeout: Duration::from_secs(60),
+            first_sync_timeout: Duration::ZERO,
             node_eligible: Arc::new(AtomicBool::new(true)),
             metrics: metrics.clone(),
         };
@@ -691,6 +708,34 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn livez_gives_the_first_sync_longer() {
+        let server = ProxyHealthServer {
+            health: Arc::new(SyncHealth::default()),
+            timeout: Duration::ZERO,
+            first_sync_timeout: Duration::from_secs(60),
+            node_eligible: Arc::new(AtomicBool::new(true)),
+            metrics: Arc::new(Metrics::new()),
+        };
+        // The sync loop started, the caches synced, a change waits while the first sync runs.
+        server.health.updated();
+        server.health.initialized();
+        server.health.queued();
+        let codes = || {
+            (
+                server.respond("/healthz").unwrap().status,
+                server.respond("/livez").unwrap().status,
+            )
+        };
+        assert!(!server.health.first_synced());
+        assert_eq!(codes(), (503, 200));
+        // Once a sync has programmed the node, a waiting change counts with the health timeout for both.
+        server.health.updated();
+        assert!(server.health.first_synced());
+        server.health.queued();
+        assert_eq!(codes(), (503, 503));
     }
 
     #[test]

@@ -56,6 +56,8 @@ struct HealthInner {
     oldest_queued: Option<Instant>,
     /// When the caches synced (kube-proxy's "initialized"); the tracker's changes count only after that.
     initialized: Option<Instant>,
+    /// A sync after `initialized` succeeded: the node's Services are programmed.
+    first_synced: bool,
 }
 
 /// The outcome of a health check.
@@ -101,6 +103,12 @@ impl SyncHealth {
         let mut g = self.lock();
         g.last_updated = Some(SystemTime::now());
         g.oldest_queued = None;
+        g.first_synced |= g.initialized.is_some();
+    }
+
+    /// Whether a sync has programmed the node since the caches synced.
+    pub fn first_synced(&self) -> bool {
+        self.lock().first_synced
     }
 
     /// The caches synced: from now on the tracker's pending changes count as queued.
@@ -186,6 +194,8 @@ pub async fn run(
     let mut need_full = true;
     let mut last_full = Instant::now();
     let mut last_sync = Instant::now();
+    // Since when some service ports have failed to program (a full BPF map, ...), while they still do.
+    let mut failing_since: Option<Instant> = None;
     loop {
         let wait = limit.wait();
         if !wait.is_zero() {
@@ -240,7 +250,20 @@ pub async fn run(
                 if stats.conntrack_cleanup_failed {
                     metrics.conntrack_cleanup_errors_total.inc();
                 }
-                health.updated();
+                if ran {
+                    failing_since = if stats.failed_service_ports == 0 {
+                        None
+                    } else {
+                        failing_since.or(Some(start))
+                    };
+                }
+                match failing_since {
+                    // Every change is programmed.
+                    None => health.updated(),
+                    // Service ports the dataplane could not program are changes still waiting: /healthz turns 503
+                    // once they have waited the health timeout, as kube-proxy's does when its restore keeps failing.
+                    Some(since) => health.queued_at(since),
+                }
                 if full {
                     health_checks.sync(&desired, &node.addresses);
                 } else {
@@ -384,5 +407,67 @@ mod tests {
         // The sync succeeds.
         h.updated();
         assert!(h.status(Duration::ZERO).healthy);
+    }
+
+    use crate::dataplane::SyncStats;
+    use crate::model::state::Snapshot;
+
+    /// A dataplane whose syncs leave `failing` service ports unprogrammed.
+    struct Failing(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl crate::dataplane::Dataplane for Failing {
+        fn mode(&self) -> crate::dataplane::ProxyMode {
+            crate::dataplane::ProxyMode::Ebpf
+        }
+        fn full_sync(&mut self, _: &Snapshot, _: &crate::model::NodeInfo) -> anyhow::Result<SyncStats> {
+            Ok(SyncStats {
+                failed_service_ports: self.0.load(std::sync::atomic::Ordering::SeqCst),
+                ..Default::default()
+            })
+        }
+        fn apply(
+            &mut self,
+            _: &crate::model::tracker::Diff,
+            d: &Snapshot,
+            n: &crate::model::NodeInfo,
+        ) -> anyhow::Result<SyncStats> {
+            self.full_sync(d, n)
+        }
+        fn cleanup(&mut self) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn service_ports_that_fail_to_program_keep_the_health_queued() {
+        let shared = Shared::new(crate::model::tracker::ChangeTracker::new(Default::default()));
+        for i in 0..3 {
+            shared.set_synced(i);
+        }
+        let health = Arc::new(SyncHealth::watching(shared.clone()));
+        let failing = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let cfg = SyncConfig {
+            min_sync_period: Duration::ZERO,
+            sync_period: Duration::from_millis(50),
+        };
+        let hc = HealthCheckServers::new(health.clone(), Duration::from_secs(1), vec![]);
+        let runner = tokio::spawn(run(
+            shared.clone(),
+            Box::new(Failing(failing.clone())),
+            cfg,
+            health.clone(),
+            Arc::new(Metrics::new()),
+            hc,
+        ));
+        // Syncs succeed but leave a port unprogrammed: the node does not serve what it should.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!health.status(Duration::from_millis(200)).healthy);
+        assert!(!health.first_synced());
+        // Programmed on a later (periodic) sync: healthy again, whatever the timeout.
+        failing.store(0, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(health.status(Duration::ZERO).healthy);
+        assert!(health.first_synced());
+        runner.abort();
     }
 }

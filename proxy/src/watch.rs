@@ -49,7 +49,7 @@ impl Shared {
         self.tracker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_synced(&self, i: usize) {
+    pub(crate) fn set_synced(&self, i: usize) {
         if !self.synced[i].swap(true, Ordering::SeqCst) {
             self.synced_notify.notify_waiters();
             self.changed.notify_one();
