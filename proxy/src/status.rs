@@ -81,7 +81,8 @@ pub fn programmed(
                  pass its --bpf-root and run this in the node's mount namespace)",
                 maps_dir.display()
             );
-            let save = Exec::detect(None).save("nat")?;
+            let exec = Exec::detect(None);
+            let save = exec.save("nat")? + &exec.save("filter")?;
             Ok((
                 "iptables nat table".to_string(),
                 verify::iptables_cluster_frontends(&save),

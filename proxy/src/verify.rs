@@ -47,11 +47,18 @@ fn arg<'a>(words: &'a [&'a str], flag: &str) -> Option<&'a str> {
 /// backends are the DNAT destinations reached by following its jump through Orca's chains.
 pub fn iptables_cluster_frontends(save: &str) -> FrontendMap {
     let mut chains: HashMap<&str, Vec<Vec<&str>>> = HashMap::new();
+    // The filter table's ORCA-SERVICES: ClusterIPs without (local) endpoints, rejected or dropped there.
+    let mut filtered: Vec<Vec<&str>> = Vec::new();
+    let mut table = "";
     for line in save.lines() {
-        if let Some(rest) = line.strip_prefix("-A ") {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim();
+        } else if let Some(rest) = line.strip_prefix("-A ") {
             let words: Vec<&str> = rest.split_whitespace().collect();
-            if let Some((chain, rule)) = words.split_first() {
-                chains.entry(chain).or_default().push(rule.to_vec());
+            match (table, words.split_first()) {
+                ("filter", Some((&"ORCA-SERVICES", rule))) => filtered.push(rule.to_vec()),
+                ("nat" | "", Some((chain, rule))) => chains.entry(chain).or_default().push(rule.to_vec()),
+                _ => {}
             }
         }
     }
@@ -90,6 +97,16 @@ pub fn iptables_cluster_frontends(save: &str) -> FrontendMap {
         let mut backends = BTreeSet::new();
         resolve(&chains, target, 0, &mut backends);
         out.insert((ip, port, proto.to_uppercase()), backends);
+    }
+    for rule in &filtered {
+        let (Some(dst), Some(port), Some(proto), Some("REJECT" | "DROP")) =
+            (arg(rule, "-d"), arg(rule, "--dport"), arg(rule, "-p"), arg(rule, "-j"))
+        else {
+            continue;
+        };
+        if let (Ok(ip), Ok(port)) = (dst.trim_end_matches("/32").parse::<Ipv4Addr>(), port.parse::<u16>()) {
+            out.entry((ip, port, proto.to_uppercase())).or_default();
+        }
     }
     out
 }
@@ -169,12 +186,20 @@ mod tests {
 -A ORCA-SEP-111 -m comment --comment "default/web:http" -m tcp -p tcp -j DNAT --to-destination 10.244.1.5:8080
 -A ORCA-SEP-222 -m comment --comment "default/web:http" -m tcp -p tcp -j DNAT --to-destination 10.244.2.5:8080
 COMMIT
+*filter
+:ORCA-SERVICES - [0:0]
+-A ORCA-SERVICES -m comment --comment "default/gone:dns has no endpoints" -m udp -p udp -d 10.96.0.13/32 --dport 53 -j REJECT
+-A ORCA-SERVICES -m comment --comment "default/itp:http has no local endpoints" -m tcp -p tcp -d 10.96.0.14/32 --dport 80 -j DROP
+COMMIT
 "#;
 
     #[test]
     fn parses_cluster_frontends_and_backends() {
         let got = iptables_cluster_frontends(SAVE);
-        assert_eq!(got.len(), 2);
+        assert_eq!(got.len(), 4);
+        // Rejected (no endpoints) or dropped (no local endpoints) in the filter table: a frontend without backends.
+        assert!(got[&("10.96.0.13".parse().unwrap(), 53, "UDP".to_string())].is_empty());
+        assert!(got[&("10.96.0.14".parse().unwrap(), 80, "TCP".to_string())].is_empty());
         let web = &got[&("10.96.0.10".parse().unwrap(), 80, "TCP".to_string())];
         let want: BTreeSet<SocketAddrV4> =
             ["10.244.1.5:8080".parse().unwrap(), "10.244.2.5:8080".parse().unwrap()].into();

@@ -510,6 +510,56 @@ fn run_timeout(mut cmd: Command, timeout: Duration) -> Result<std::process::Outp
     Ok(out)
 }
 
+/// `orca-proxy status --verify` on `node` (Orca only): what the node's dataplane holds (the eBPF maps pinned under
+/// the node's bpf root, else the iptables nat table) against what the apiserver says, retried for up to 10 s while
+/// the agent catches up with changes (a scenario's namespace being deleted). Err carries the drift it reported.
+pub fn verify(kind: ProxyKind, env: &ProxyEnv, node: &Node) -> Result<()> {
+    if kind.is_upstream() {
+        return Ok(());
+    }
+    let bin = match &env.orca_proxy_bin {
+        Ok(b) => path_str(b)?,
+        Err(why) => bail!("no orca-proxy binary: {why}"),
+    };
+    let (kubeconfig, root) = (path_str(&env.kubeconfig)?, path_str(&bpf_root(&node.name))?);
+    let args = [
+        "status",
+        "--verify",
+        "--kubeconfig",
+        &kubeconfig,
+        "--hostname-override",
+        &node.name,
+        "--bpf-root",
+        &root,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = netns::command_in(&node.netns, &bin, &args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running orca-proxy status --verify on {}", node.name))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let drift: Vec<&str> = text.lines().filter(|l| l.starts_with("DRIFT")).collect();
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "orca-proxy status --verify on {} ({}): {}",
+                node.name,
+                out.status,
+                if drift.is_empty() {
+                    err.trim().to_string()
+                } else {
+                    drift.join("; ")
+                }
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// `kube-proxy --cleanup` / `orca-proxy cleanup` inside the node's namespace.
 fn own_cleanup(kind: ProxyKind, env: &ProxyEnv, node: &Node) -> Result<()> {
     let argv: Vec<String> = match kind {

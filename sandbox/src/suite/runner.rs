@@ -234,6 +234,22 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
                     }
                 }
             };
+            // What Orca programmed, read back from the kernel on both nodes, matches the apiserver.
+            if result.is_ok() && !kind.is_upstream() {
+                let env = env.clone();
+                let verified = tokio::task::spawn_blocking(move || {
+                    env.topology
+                        .nodes
+                        .iter()
+                        .try_for_each(|n| crate::suite::proxy::verify(kind, &env, n))
+                })
+                .await;
+                match verified {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => result = Err(format!("{e:#}")),
+                    Err(e) => result = Err(format!("status --verify: {e}")),
+                }
+            }
             if let Err(e) = proxy.check_alive() {
                 let why = format!("{e:#}");
                 result = Err(match result {
