@@ -40,6 +40,8 @@ pub struct Settings {
     pub bypass_netfilter: bool,
     /// `--ebpf-cgroup-root`: where the socket hooks attach (`none`: nowhere); unset, the cgroup v2 mount found.
     pub cgroup_root: Option<PathBuf>,
+    /// `--ebpf-tc-attach`.
+    pub tc_attach: crate::dataplane::ebpf::loader::TcAttach,
     pub conntrack: crate::dataplane::ebpf::ConntrackOptions,
     pub verbosity: u8,
     pub log_format: LogFormat,
@@ -115,6 +117,7 @@ impl Settings {
             uplinks: f.ebpf_uplinks.clone(),
             bypass_netfilter: f.ebpf_bypass_netfilter,
             cgroup_root: f.ebpf_cgroup_root.clone(),
+            tc_attach: f.ebpf_tc_attach.unwrap_or_default(),
             conntrack: conntrack_options(f),
             verbosity: f.verbosity.unwrap_or(0),
             log_format: f.log_format.unwrap_or(LogFormat::Text),

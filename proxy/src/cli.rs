@@ -36,6 +36,9 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Check that this kernel runs the eBPF dataplane: its version against the minimum, and every program through
+    /// the verifier (nothing is pinned or attached).
+    CheckKernel,
     /// Print the version.
     Version,
 }
@@ -90,6 +93,10 @@ pub struct Flags {
     /// when there is none or it is a private cgroup namespace's.
     #[arg(long, global = true)]
     pub ebpf_cgroup_root: Option<PathBuf>,
+    /// eBPF: how the TC programs attach: auto (TCX links on kernels >= 6.6, else clsact), tcx or clsact
+    /// (direct-action filters at priority and handle 0x4f52, e.g. next to other clsact users).
+    #[arg(long, global = true, value_enum)]
+    pub ebpf_tc_attach: Option<crate::dataplane::ebpf::loader::TcAttach>,
     /// eBPF: flows the conntrack map holds (two map entries per flow, three when masqueraded; allocated on use).
     /// Default 1048576.
     #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(512..=1 << 26))]

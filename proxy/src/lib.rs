@@ -8,6 +8,7 @@ pub mod ebpf_obj;
 pub mod events;
 pub mod healthcheck;
 pub mod http;
+pub mod kernel_check;
 pub mod metrics;
 pub mod model;
 pub mod status;

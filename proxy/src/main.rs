@@ -13,6 +13,15 @@ fn main() -> std::process::ExitCode {
         println!("orca-proxy {}", env!("CARGO_PKG_VERSION"));
         return std::process::ExitCode::SUCCESS;
     }
+    if let Command::CheckKernel = command {
+        return match orca_proxy::kernel_check::run() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("orca-proxy: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let settings = match Settings::from_flags(&cli.flags) {
         Ok(s) => s,
         Err(e) => {
@@ -37,7 +46,7 @@ fn main() -> std::process::ExitCode {
             Command::Run => orca_proxy::app::run(settings).await,
             Command::Cleanup => orca_proxy::dataplane::select::cleanup_all(&settings),
             Command::Status { json, verify } => orca_proxy::status::run(&settings, json, verify).await,
-            Command::Version => Ok(()),
+            Command::Version | Command::CheckKernel => Ok(()),
         }
     });
     match result {

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use orca_proxy::dataplane::ebpf::loader::TcAttach;
 use orca_proxy::dataplane::ebpf::{EbpfDataplane, EbpfOptions};
 use orca_proxy::dataplane::{Dataplane, DataplaneConfig};
 use orca_proxy::model::state::{ServicePortState, Snapshot};
@@ -178,15 +179,56 @@ fn options(env: &Env) -> EbpfOptions {
     }
 }
 
+/// Orca's TC programs attached in the calling thread's network namespace, per interface and hook, whichever way
+/// (TCX links, clsact filters): "c0 ingress tcx orca_from_pod", "c0 ingress clsact orca_from_pod ... pref 20306".
+fn orca_tc_attachments() -> Vec<String> {
+    use aya::programs::tc::{SchedClassifier, TcAttachType};
+    let mut out = Vec::new();
+    for (ifname, _) in orca_proxy::dataplane::ebpf::loader::interfaces() {
+        for (hook, t) in [("ingress", TcAttachType::Ingress), ("egress", TcAttachType::Egress)] {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(&ifname, t) {
+                for p in progs {
+                    let name = p.name_as_str().unwrap_or_default().to_string();
+                    if name.starts_with("orca_") {
+                        out.push(format!("{ifname} {hook} tcx {name}"));
+                    }
+                }
+            }
+            let tc = Command::new("tc")
+                .args(["filter", "show", "dev", &ifname, hook])
+                .output()
+                .expect("tc");
+            for l in String::from_utf8_lossy(&tc.stdout)
+                .lines()
+                .filter(|l| l.contains("orca_"))
+            {
+                out.push(format!("{ifname} {hook} clsact {}", l.trim()));
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
+    dnat_reject_restart_cleanup("c", TcAttach::Auto);
+}
+
+/// The same on the clsact path that kernels before 6.6 take (forced here with `--ebpf-tc-attach clsact`): filters at
+/// Orca's priority and handle, replaced in place by a restarted agent, removed by cleanup.
+#[test]
+fn clsact_path_dnat_reject_restart_and_cleanup_in_namespaces() {
+    dnat_reject_restart_cleanup("k", TcAttach::Clsact);
+}
+
+fn dnat_reject_restart_cleanup(tag: &str, attach: TcAttach) {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },
         0,
         "run as root: the test creates namespaces and loads eBPF"
     );
-    let mut env = setup("c");
+    let mut env = setup(tag);
     for (port, reply) in [
         (8080, "SYSTEM:echo hello-from-backend".to_string()),
         (8081, format!("SYSTEM:head -c {DOWNLOAD_BYTES} /dev/zero")),
@@ -215,7 +257,16 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         }
         drop(old.load(orca_proxy::ebpf_obj::OBJECT).expect("an old layout"));
         assert!(stale.join(orca_common::MAP_CT).exists());
-        let mut dp = EbpfDataplane::new(cfg.clone(), options(env)).expect("eBPF dataplane");
+        let opts = EbpfOptions {
+            tc_attach: attach,
+            ..options(env)
+        };
+        let mut dp = EbpfDataplane::new(cfg.clone(), opts.clone()).expect("eBPF dataplane");
+        // One program per interface and hook, attached the way asked for.
+        let kind = if attach.tcx() { " tcx " } else { " clsact " };
+        let first = orca_tc_attachments();
+        assert_eq!(first.len(), 4, "{first:#?}");
+        assert!(first.iter().all(|a| a.contains(kind)), "{first:#?}");
         assert!(!env.bpf_root().join("v0").exists(), "the old layout was not removed");
         // The test mounted the bpffs itself (for the old layout) above.
         assert_eq!(dp.mounted_bpffs(), None);
@@ -364,8 +415,11 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
             client_request(env).0.contains("hello-from-backend"),
             "service broke while the agent was down"
         );
-        let mut dp = EbpfDataplane::new(cfg, options(env)).expect("restarted dataplane");
+        let mut dp = EbpfDataplane::new(cfg, opts).expect("restarted dataplane");
         dp.full_sync(&both, &node()).expect("full sync after restart");
+        // The restarted agent replaced the programs in place: still one per interface and hook.
+        let after = orca_tc_attachments();
+        assert_eq!(after.len(), 6, "c0, b0, c1 ingress and egress: {after:#?}");
         assert!(client_request(env).0.contains("hello-from-backend"));
         let out = download.wait_with_output().expect("download");
         let got: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
@@ -377,6 +431,8 @@ fn cluster_ip_dnat_reject_restart_and_cleanup_in_namespaces() {
         assert!(!versioned.exists(), "pins left under {}", versioned.display());
         let (out, _, _) = client_request(env);
         assert!(!out.contains("hello-from-backend"), "still translated after cleanup");
+        let left = orca_tc_attachments();
+        assert!(left.is_empty(), "attached after cleanup: {left:#?}");
     });
 }
 
@@ -654,4 +710,139 @@ fn answers_within(ns: &str, limit: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Programs attached to `cgroup` at the four socket hooks' attach types (BPF_PROG_QUERY).
+fn cgroup_programs(cgroup: &Path) -> usize {
+    // BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME.
+    const TYPES: [u32; 4] = [10, 14, 19, 29];
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let dir = std::fs::File::open(cgroup).expect("opening the cgroup");
+    TYPES
+        .iter()
+        .map(|t| {
+            let mut ids = [0u32; 64];
+            // bpf_attr.query: target_fd, attach_type, query_flags, attach_flags, prog_ids (u64), prog_cnt (u32).
+            let mut attr = [0u64; 8];
+            attr[0] = u64::from(dir.as_raw_fd() as u32) | (u64::from(*t) << 32);
+            attr[2] = ids.as_mut_ptr() as u64;
+            attr[3] = ids.len() as u64;
+            // SAFETY: a bpf_attr of the size passed whose pointer (ids) outlives the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_PROG_QUERY,
+                    attr.as_mut_ptr(),
+                    std::mem::size_of_val(&attr) as u32,
+                )
+            };
+            assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+            (attr[3] & 0xffff_ffff) as usize
+        })
+        .sum()
+}
+
+/// A start in iptables mode, and a fallback from eBPF to iptables, first remove what an earlier eBPF agent left
+/// attached (on both attach paths): TC programs, socket hooks, pins. Otherwise the old programs would keep
+/// translating with frozen maps in front of the iptables rules.
+#[test]
+fn iptables_start_and_fallback_remove_what_ebpf_attached() {
+    use clap::Parser as _;
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root");
+    let mut env = setup("f");
+    env.servers.push(
+        Command::new("ip")
+            .args(["netns", "exec", &env.ns("backend")])
+            .args([
+                "socat",
+                "TCP-LISTEN:8080,fork,reuseaddr",
+                "SYSTEM:echo hello-from-backend",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("backend server"),
+    );
+    let cg_root = orca_proxy::dataplane::ebpf::loader::cgroup2_mount().expect("a cgroup v2 hierarchy");
+    let cgroup = cg_root.join(&env.prefix);
+    std::fs::create_dir_all(&cgroup).expect("test cgroup");
+    run_in_node(env, |env| {
+        let root = env.bpf_root();
+        let root_s = root.to_str().unwrap().to_string();
+        let cases = [
+            (TcAttach::Tcx, vec!["--proxy-mode", "iptables"]),
+            (TcAttach::Clsact, vec!["--proxy-mode", "iptables"]),
+            // eBPF cannot start (the cgroup root is no cgroup2 directory): the fallback cleans up first.
+            (
+                TcAttach::Tcx,
+                vec!["--proxy-mode", "ebpf", "--ebpf-cgroup-root", "/proc"],
+            ),
+            (
+                TcAttach::Clsact,
+                vec!["--proxy-mode", "ebpf", "--ebpf-cgroup-root", "/proc"],
+            ),
+        ];
+        for (attach, args) in cases {
+            let what = format!("{attach:?} then {args:?}");
+            let opts = EbpfOptions {
+                tc_attach: attach,
+                cgroup: Some(cgroup.clone()),
+                ..options(env)
+            };
+            let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
+            dp.full_sync(&snapshot(&service(&["10.202.0.2"])), &node())
+                .expect("full sync");
+            assert!(client_request(env).0.contains("hello-from-backend"), "{what}");
+            drop(dp);
+            assert_eq!(
+                orca_tc_attachments().len(),
+                4,
+                "{what}: the exited agent's programs stay"
+            );
+            assert_eq!(cgroup_programs(&cgroup), 4, "{what}: and its socket hooks");
+
+            let mut argv = vec!["orca-proxy", "--hostname-override", "n", "--bpf-root", &root_s];
+            argv.extend(args.iter().copied());
+            let cli = orca_proxy::cli::Cli::try_parse_from(&argv).expect("flags");
+            let settings = orca_proxy::app::Settings::from_flags(&cli.flags).expect("settings");
+            let (mut ipt, fallback) = orca_proxy::dataplane::select::create(&settings).expect("a dataplane");
+            assert_eq!(ipt.mode(), orca_proxy::dataplane::ProxyMode::Iptables, "{what}");
+            assert_eq!(fallback.is_some(), args.contains(&"ebpf"), "{what}: {fallback:?}");
+            let left = orca_tc_attachments();
+            assert!(left.is_empty(), "{what}: still attached: {left:#?}");
+            assert_eq!(cgroup_programs(&cgroup), 0, "{what}: socket hooks left");
+            assert!(
+                !root.join(format!("v{}", orca_common::ABI_VERSION)).exists(),
+                "{what}: pins left"
+            );
+            let (out, _, _) = client_request(env);
+            assert!(!out.contains("hello-from-backend"), "{what}: still translated");
+            ipt.cleanup().expect("iptables cleanup");
+        }
+    });
+    let _ = std::fs::remove_dir(&cgroup);
+}
+
+/// `orca-proxy check-kernel` loads every program of both variants through this kernel's verifier, pinning and
+/// attaching nothing, and reports the instructions each took.
+#[test]
+fn check_kernel_reports_every_program() {
+    let out = Command::new(env!("CARGO_BIN_EXE_orca-proxy"))
+        .arg("check-kernel")
+        .output()
+        .expect("orca-proxy check-kernel");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let verified: Vec<&str> = text.lines().filter(|l| l.starts_with("verifier\t")).collect();
+    // Seven programs in the default variant, the three TC programs in the bypass one.
+    assert_eq!(verified.len(), 10, "{text}");
+    for l in &verified {
+        let insns = l.rsplit('\t').next().unwrap_or_default();
+        assert!(insns.parse::<u32>().is_ok_and(|n| n > 0), "{l}");
+    }
+    assert!(
+        text.contains("result\tthe eBPF dataplane runs on this kernel"),
+        "{text}"
+    );
 }

@@ -110,6 +110,8 @@ impl Degraded {
     pub const NO_CGROUP2: &'static str = "NoCgroup2";
     /// The cgroup v2 mount is a private cgroup namespace's: only processes below it get translation.
     pub const CGROUP_NOT_ROOT: &'static str = "CgroupNotRoot";
+    /// The kernel cannot load the socket hooks (before 5.18).
+    pub const KERNEL_WITHOUT_SOCKET_HOOKS: &'static str = "KernelWithoutSocketHooks";
 
     pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
         Self {

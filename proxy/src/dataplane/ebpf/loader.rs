@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{self, TcAttachOptions};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
@@ -133,28 +133,77 @@ impl LoadSettings {
     }
 }
 
+/// The oldest kernel the eBPF dataplane runs on: 5.10, the first with `bpf_redirect_neigh` (the bypass path), after
+/// BPF links for TC-less cgroup hooks and their pinning (5.7), batch map operations (5.6, the conntrack collector),
+/// `bpf_get_netns_cookie` in socket hooks (5.7) and the getpeername hooks (5.8). The socket hooks also need
+/// `bpf_set_retval` (5.18, ECONNREFUSED for a Service without endpoints): below it they are left out, with a
+/// warning. TCX (6.6) is used where present, clsact below.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+/// The oldest kernel the socket hooks load on (`bpf_set_retval`).
+pub const MIN_KERNEL_SOCKET_HOOKS: (u32, u32) = (5, 18);
+
+/// Whether kernel `(major, minor)` runs the eBPF dataplane; the reason when not.
+pub fn kernel_supported(major: u32, minor: u32) -> Result<()> {
+    if (major, minor) < MIN_KERNEL {
+        bail!(
+            "kernel {major}.{minor} is older than {}.{}, the oldest the eBPF dataplane supports (bpf_redirect_neigh, \
+             BPF links for TC and cgroup programs, batch map operations)",
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
+/// The running kernel's (major, minor), from its release string (`6.1.0-50-cloud-amd64` -> (6, 1)).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    parse_release(std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?.trim())
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
 /// Loads the embedded object, creating its maps or adopting the pinned ones under `dir/maps`,
 /// and loads (verifies) every program.
 pub fn load(dir: &Path, settings: &LoadSettings) -> Result<Ebpf> {
-    if !ebpf_obj::available() {
-        bail!("this orca-proxy was built without its eBPF programs (AYA_BUILD_SKIP)");
-    }
     let maps_dir = dir.join("maps");
     std::fs::create_dir_all(&maps_dir).with_context(|| format!("creating {}", maps_dir.display()))?;
     drop_resized_ct(&maps_dir.join(MAP_CT), settings.ct_entries)?;
+    load_with(Some(&maps_dir), settings, sock_hooks_supported())
+}
+
+/// Whether the running kernel loads the socket hooks (`bpf_set_retval`, 5.18).
+pub fn sock_hooks_supported() -> bool {
+    kernel_version().is_none_or(|v| v >= MIN_KERNEL_SOCKET_HOOKS)
+}
+
+/// Loads the object with its maps pinned under `maps_dir` (or not pinned at all) and verifies every program (the
+/// socket hooks only when `sock_hooks`).
+pub fn load_with(maps_dir: Option<&Path>, settings: &LoadSettings, sock_hooks: bool) -> Result<Ebpf> {
+    if !ebpf_obj::available() {
+        bail!("this orca-proxy was built without its eBPF programs (AYA_BUILD_SKIP)");
+    }
+    if let Some((major, minor)) = kernel_version() {
+        kernel_supported(major, minor)?;
+    }
     let bypass = u32::from(settings.bypass_netfilter);
     let mut loader = EbpfLoader::new();
-    for m in ALL_MAPS {
-        loader.map_pin_path(m, maps_dir.join(m));
+    if let Some(maps_dir) = maps_dir {
+        for m in ALL_MAPS {
+            loader.map_pin_path(m, maps_dir.join(m));
+        }
     }
     loader
         .map_max_entries(MAP_CT, settings.ct_entries)
         .override_global(GLOBAL_CT_TIMEOUTS, &settings.timeouts, true)
         .override_global(GLOBAL_NAT_PORTS, &settings.nat_ports, true)
         .override_global(GLOBAL_BYPASS_NETFILTER, &bypass, true);
-    let mut ebpf = loader
-        .load(ebpf_obj::OBJECT)
-        .with_context(|| format!("loading the eBPF object (maps pinned under {})", maps_dir.display()))?;
+    let mut ebpf = loader.load(ebpf_obj::OBJECT).with_context(|| match maps_dir {
+        Some(d) => format!("loading the eBPF object (maps pinned under {})", d.display()),
+        None => "loading the eBPF object".to_string(),
+    })?;
     for name in [
         orca_common::PROG_FROM_POD,
         orca_common::PROG_FROM_NETDEV,
@@ -166,14 +215,28 @@ pub fn load(dir: &Path, settings: &LoadSettings) -> Result<Ebpf> {
             .try_into()?;
         prog.load().map_err(|e| verifier_error(name, e))?;
     }
-    for name in SOCK_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load().map_err(|e| verifier_error(name, e))?;
+    if sock_hooks {
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load().map_err(|e| verifier_error(name, e))?;
+        }
     }
     Ok(ebpf)
+}
+
+/// Per loaded program: its name and the instructions the verifier processed (kernel 5.16+ reports it). What
+/// `orca-proxy check-kernel` prints.
+pub fn verifier_report(ebpf: &Ebpf) -> Vec<(String, Option<u32>)> {
+    let mut out = Vec::new();
+    for (name, prog) in ebpf.programs().filter(|(_, p)| p.fd().is_ok()) {
+        let insns = prog.info().ok().and_then(|i| i.verified_instruction_count());
+        out.push((name.to_string(), insns));
+    }
+    out.sort();
+    out
 }
 
 /// A pinned conntrack map of another capacity cannot be adopted (the kernel fixes a map's size at creation):
@@ -431,8 +494,24 @@ pub fn veths_without_program(root: &Path) -> Vec<String> {
         .into_iter()
         .filter(|(name, _)| !links.join(format!("{name}-{}", Hook::Ingress.name())).exists())
         .filter(|(name, _)| driver(name).as_deref() == Some("veth"))
+        .filter(|(name, _)| !has_ingress_program(name))
         .map(|(name, _)| name)
         .collect()
+}
+
+/// Whether one of Orca's programs runs at `ifname`'s ingress: a TCX link (queried), or a clsact filter (as `tc filter
+/// show` lists it).
+fn has_ingress_program(ifname: &str) -> bool {
+    let tcx = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).is_ok_and(|(_, progs)| {
+        progs
+            .iter()
+            .any(|p| p.name_as_str().is_some_and(|n| n.starts_with("orca_")))
+    });
+    tcx || std::process::Command::new("tc")
+        .args(["filter", "show", "dev", ifname, "ingress"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("orca_"))
 }
 
 /// A netlink route socket subscribed to link changes (RTMGRP_LINK) in the calling thread's network namespace.
@@ -549,6 +628,63 @@ pub fn default_route_interfaces() -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// How the TC programs attach: TCX links where the kernel has them (6.6+), else a clsact qdisc with direct-action
+/// filters (`--ebpf-tc-attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TcAttach {
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+impl TcAttach {
+    /// Whether this choice means TCX on the running kernel.
+    pub fn tcx(self) -> bool {
+        match self {
+            TcAttach::Auto => {
+                aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            }
+            TcAttach::Tcx => true,
+            TcAttach::Clsact => false,
+        }
+    }
+}
+
+/// The priority and handle of Orca's clsact filters: fixed, so that a restarted agent replaces its predecessor's
+/// filter in place (no window without a program, no second filter), and unlikely to be another loader's choice.
+/// Cleanup finds them by program name (`orca_*`).
+pub const CLSACT_PRIORITY: u16 = 0x4f52;
+pub const CLSACT_HANDLE: u32 = 0x4f52;
+
+/// Every program Orca attaches with TC.
+pub const TC_PROGRAMS: [&str; 3] = [
+    orca_common::PROG_FROM_POD,
+    orca_common::PROG_FROM_NETDEV,
+    orca_common::PROG_EGRESS,
+];
+
+/// Removes every clsact filter running one of Orca's programs, on every interface of the calling thread's network
+/// namespace (whichever agent attached it, pinned or not). Returns how many (interface, hook, program) were found.
+pub fn detach_clsact_filters() -> usize {
+    let mut n = 0;
+    for (ifname, _) in interfaces() {
+        for hook in [Hook::Ingress, Hook::Egress] {
+            for name in TC_PROGRAMS {
+                match tc::qdisc_detach_program(&ifname, hook.attach_type(), name) {
+                    Ok(()) => {
+                        n += 1;
+                        tracing::info!(interface = %ifname, hook = hook.name(), program = name, "detached clsact filter");
+                    }
+                    Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::debug!(interface = %ifname, error = %e, "no clsact filters to detach"),
+                }
+            }
+        }
+    }
+    n
 }
 
 /// Attachments, by interface name and hook.
@@ -754,12 +890,12 @@ pub fn bpffs_outlives_agent(mount_point: &Path) -> bool {
 }
 
 impl Attacher {
-    pub fn new(dir: &Path) -> Result<Self> {
+    pub fn new(dir: &Path, mode: TcAttach) -> Result<Self> {
         let links_dir = dir.join("links");
         std::fs::create_dir_all(&links_dir).with_context(|| format!("creating {}", links_dir.display()))?;
         Ok(Self {
             links_dir,
-            tcx: aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0)),
+            tcx: mode.tcx(),
             attached: BTreeMap::new(),
             ifindex: BTreeMap::new(),
         })
@@ -815,14 +951,29 @@ impl Attacher {
             fd.pin(&pin)
                 .with_context(|| format!("pinning the link of {ifname} at {}", pin.display()))?;
         } else {
-            // Older kernels: clsact + direct-action filter. The filter stays after the agent exits
-            // (the link is forgotten, not detached) and is replaced on the next start.
+            // Older kernels: clsact + a direct-action filter at Orca's priority and handle. The filter stays after
+            // the agent exits (the link is forgotten, not detached); the next agent replaces its program in place.
             if let Err(e) = tc::qdisc_add_clsact(ifname) {
                 tracing::debug!(interface = ifname, error = %e, "clsact (probably present already)");
             }
-            let id = prog
-                .attach(ifname, hook.attach_type())
-                .with_context(|| format!("attaching {} to {ifname} (clsact {})", role.program(), hook.name()))?;
+            let handle = TcHandle::from(CLSACT_HANDLE);
+            let replaced = SchedClassifierLink::attached(ifname, hook.attach_type(), CLSACT_PRIORITY, handle, None)
+                .ok()
+                .and_then(|link| prog.attach_to_link(link).ok());
+            let id = match replaced {
+                Some(id) => id,
+                None => prog
+                    .attach_with_options(
+                        ifname,
+                        hook.attach_type(),
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: CLSACT_PRIORITY,
+                            handle,
+                            ..Default::default()
+                        }),
+                    )
+                    .with_context(|| format!("attaching {} to {ifname} (clsact {})", role.program(), hook.name()))?,
+            };
             std::mem::forget(prog.take_link(id)?);
         }
         tracing::info!(
@@ -857,8 +1008,10 @@ impl Attacher {
         }
     }
 
-    /// Detaches everything: pinned links are opened, unpinned and closed.
+    /// Detaches everything: pinned links are opened, unpinned and closed; clsact filters running Orca's programs
+    /// are removed by name.
     pub fn detach_all(&mut self) -> Result<()> {
+        detach_clsact_filters();
         if let Ok(dir) = std::fs::read_dir(&self.links_dir) {
             for e in dir.flatten() {
                 let path = e.path();
@@ -899,5 +1052,16 @@ mod cgroup_tests {
                 assert_eq!(choose_cgroup(Some(parent)).unwrap().path.as_deref(), Some(m.as_path()));
             }
         }
+    }
+
+    #[test]
+    fn minimum_kernel() {
+        assert_eq!(parse_release("6.1.0-50-cloud-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("5.15.0-1052-aws"), Some((5, 15)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(kernel_supported(5, 10).is_ok() && kernel_supported(6, 18).is_ok());
+        let e = kernel_supported(5, 4).unwrap_err();
+        assert!(format!("{e}").contains("kernel 5.4 is older than 5.10"), "{e}");
+        assert!((5, 15) < MIN_KERNEL_SOCKET_HOOKS && (6, 1) >= MIN_KERNEL_SOCKET_HOOKS);
     }
 }

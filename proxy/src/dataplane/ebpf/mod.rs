@@ -59,6 +59,8 @@ pub struct EbpfOptions {
     /// node's routing and netfilter (`--ebpf-bypass-netfilter`).
     pub bypass_netfilter: bool,
     pub conntrack: ConntrackOptions,
+    /// TCX or clsact (`--ebpf-tc-attach`).
+    pub tc_attach: loader::TcAttach,
 }
 
 /// The eBPF conntrack's capacity, lifetimes and masquerade ports.
@@ -131,6 +133,7 @@ impl Default for EbpfOptions {
             maglev: false,
             bypass_netfilter: false,
             conntrack: ConntrackOptions::default(),
+            tc_attach: loader::TcAttach::Auto,
         }
     }
 }
@@ -311,7 +314,21 @@ impl EbpfDataplane {
         };
         let mut ebpf = loader::load(&dir, &settings)?;
         let progs = loader::pin_programs(&mut ebpf, &dir)?;
-        if let Some(cg) = &opts.cgroup {
+        if opts.cgroup.is_some() && !loader::sock_hooks_supported() {
+            let d = crate::dataplane::Degraded::new(
+                crate::dataplane::Degraded::KERNEL_WITHOUT_SOCKET_HOOKS,
+                format!(
+                    "kernel {:?} is older than {}.{} (bpf_set_retval): no socket hooks, so host-network processes \
+                     and hostNetwork pods on this node cannot reach ClusterIPs or this node's NodePorts",
+                    loader::kernel_version().unwrap_or_default(),
+                    loader::MIN_KERNEL_SOCKET_HOOKS.0,
+                    loader::MIN_KERNEL_SOCKET_HOOKS.1
+                ),
+            );
+            tracing::warn!(reason = d.reason, "{}", d.message);
+            degraded.push(d);
+        }
+        if let Some(cg) = opts.cgroup.as_ref().filter(|_| loader::sock_hooks_supported()) {
             let cookie = loader::netns_cookie()?;
             let map = ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
             let mut config: Array<&mut MapData, u32> = Array::try_from(map)?;
@@ -343,7 +360,7 @@ impl EbpfDataplane {
             bypass_netfilter = opts.bypass_netfilter,
             "eBPF datapath loaded"
         );
-        let attacher = Attacher::new(&dir)?;
+        let attacher = Attacher::new(&dir, opts.tc_attach)?;
         let links = Arc::new(Mutex::new(Links {
             opts,
             unmatched: BTreeSet::new(),
@@ -705,13 +722,24 @@ pub fn remove_pins(root: &std::path::Path) -> Result<()> {
     remove_layout(&loader::versioned_dir(root))
 }
 
+/// Everything an eBPF agent may have left attached in the calling thread's network namespace and under `root`:
+/// pinned TCX and cgroup links (detached by unpinning), clsact filters running Orca's programs (found by name, pinned
+/// or not), maps and programs. What `orca-proxy cleanup`, a fallback to iptables and a start in iptables mode run.
+pub fn remove_all(root: &std::path::Path) -> Result<()> {
+    let filters = loader::detach_clsact_filters();
+    if filters > 0 {
+        tracing::info!(filters, "removed Orca's clsact filters");
+    }
+    remove_pins(root)
+}
+
 /// Detaches the links pinned in one layout directory (`<root>/v<N>`) and removes its pins. Works
 /// on any version's layout: links are found by listing, maps and programs are unpinned by file.
 fn remove_layout(dir: &std::path::Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    let mut att = Attacher::new(dir)?;
+    let mut att = Attacher::new(dir, loader::TcAttach::Auto)?;
     att.detach_all()?;
     for sub in ["maps", "progs"] {
         if let Ok(entries) = std::fs::read_dir(dir.join(sub)) {
