@@ -135,22 +135,33 @@ fn parse_direct(ctx: &TcContext) -> Direct {
         return Direct::Skip(Skip::Fragment);
     }
     let l4_off = ETH_HLEN + ihl_len;
-    let needed = if proto == IPPROTO_TCP { TCP_NEEDED } else { UDP_NEEDED };
-    if start + l4_off + needed > end {
-        return Direct::Short;
-    }
     let l4 = start + l4_off;
-    // SAFETY: as above (l4 + needed is within the packet).
-    let (sport, dport, tcp_flags) = unsafe {
-        (
-            ((l4 + L4_SPORT) as *const u16).read_unaligned(),
-            ((l4 + L4_SPORT + 2) as *const u16).read_unaligned(),
-            if proto == IPPROTO_TCP {
-                *((l4 + TCP_FLAGS) as *const u8)
-            } else {
-                0
-            },
-        )
+    // One bounds check per protocol, each with its constant: a single check against a length chosen by the protocol
+    // leaves older verifiers (6.1) knowing only the shorter length, and the TCP flags read is then rejected.
+    let (sport, dport, tcp_flags) = if proto == IPPROTO_TCP {
+        if l4 + TCP_NEEDED > end {
+            return Direct::Short;
+        }
+        // SAFETY: as above (l4 + TCP_NEEDED is within the packet).
+        unsafe {
+            (
+                ((l4 + L4_SPORT) as *const u16).read_unaligned(),
+                ((l4 + L4_SPORT + 2) as *const u16).read_unaligned(),
+                *((l4 + TCP_FLAGS) as *const u8),
+            )
+        }
+    } else {
+        if l4 + UDP_NEEDED > end {
+            return Direct::Short;
+        }
+        // SAFETY: as above (l4 + UDP_NEEDED is within the packet).
+        unsafe {
+            (
+                ((l4 + L4_SPORT) as *const u16).read_unaligned(),
+                ((l4 + L4_SPORT + 2) as *const u16).read_unaligned(),
+                0,
+            )
+        }
     };
     Direct::Flow(Flow {
         saddr,

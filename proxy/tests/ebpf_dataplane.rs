@@ -580,11 +580,12 @@ fn host_namespace_clients_use_the_socket_hooks() {
         let (out, err) = sh(&n, true, tcp);
         assert!(out.contains("hello-from-backend"), "{out:?} {err:?}");
         // getpeername shows the ClusterIP, not the backend.
-        let (out, err) = sh(
-                &n,
-                true,
-                "exec python3 -c 'import socket; s = socket.create_connection((\"10.96.0.10\", 80), 3); print(\"peer=%s:%d\" % s.getpeername())'",
-            );
+        // (This test's own executable, running only its `getpeername_probe` helper, is the client.)
+        let probe = format!(
+            "ORCA_GETPEERNAME_PROBE=10.96.0.10:80 exec {} --ignored --exact getpeername_probe --nocapture",
+            std::env::current_exe().expect("test executable").display()
+        );
+        let (out, err) = sh(&n, true, &probe);
         assert!(out.contains("peer=10.96.0.10:80"), "{out:?} {err:?}");
         // Unconnected UDP: the request goes to the backend, the answer comes from the frontend.
         let (out, err) = sh(&n, true, "echo q | exec socat -T2 - UDP-SENDTO:10.96.0.53:53");
@@ -845,4 +846,16 @@ fn check_kernel_reports_every_program() {
         text.contains("result\tthe eBPF dataplane runs on this kernel"),
         "{text}"
     );
+}
+
+/// Not a test: the client process of `host_namespace_clients_use_the_socket_hooks`, which runs this executable with
+/// `--ignored --exact getpeername_probe` and `ORCA_GETPEERNAME_PROBE=<ip:port>` inside its namespace and cgroup.
+/// Connects there and prints `peer=` with what getpeername(2) answers.
+#[test]
+#[ignore = "a helper process of host_namespace_clients_use_the_socket_hooks"]
+fn getpeername_probe() {
+    let target = std::env::var("ORCA_GETPEERNAME_PROBE").expect("ORCA_GETPEERNAME_PROBE=<ip:port>");
+    let addr: std::net::SocketAddr = target.parse().expect("an ip:port");
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect");
+    println!("peer={}", s.peer_addr().expect("getpeername"));
 }

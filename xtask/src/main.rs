@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod kernels;
 mod sandbox;
 mod setup;
 mod suite;
@@ -23,6 +24,9 @@ enum Cmd {
         /// Skip the Service behaviour suite (unit and integration tests only).
         #[arg(long)]
         no_suite: bool,
+        /// Skip the kernel matrix (`cargo xtask kernels`).
+        #[arg(long)]
+        no_kernels: bool,
     },
     /// The sandbox cluster: `up` (until Ctrl-C), `down`, `build-k8s`.
     Sandbox {
@@ -33,6 +37,8 @@ enum Cmd {
     Suite(suite::SuiteArgs),
     /// The demo: the sandbox, orca-proxy on every node, the seed example's traffic; torn down at the end.
     Demo(demo::DemoArgs),
+    /// The eBPF programs and dataplane tests on Debian's 6.1 and 6.12 kernels, each booted in qemu.
+    Kernels(kernels::KernelArgs),
     /// Benchmarks against upstream kube-proxy and direct pod IPs (`--quick`: a few minutes); results in bench/results.
     Bench(bench::BenchArgs),
 }
@@ -40,10 +46,11 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),
-        Cmd::Test { no_suite } => test::run(no_suite),
+        Cmd::Test { no_suite, no_kernels } => test::run(no_suite, no_kernels),
         Cmd::Sandbox { cmd } => sandbox::run(cmd),
         Cmd::Suite(args) => suite::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Kernels(args) => kernels::run(args),
     }
 }

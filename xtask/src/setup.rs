@@ -89,7 +89,7 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     result
 }
 
-fn workspace_root() -> Result<PathBuf> {
+pub fn workspace_root() -> Result<PathBuf> {
     // CARGO_MANIFEST_DIR is xtask/ when run through `cargo xtask`.
     let manifest = env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
@@ -139,9 +139,14 @@ fn privileged(program: &str) -> Command {
 }
 
 fn ensure_apt_packages() -> Result<()> {
-    let missing = missing_apt_packages(APT_PACKAGES)?;
+    ensure_packages(APT_PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are missing (apt-get update first).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing = missing_apt_packages(packages)?;
     if missing.is_empty() {
-        println!("setup:   all {} packages installed", APT_PACKAGES.len());
+        println!("setup:   all {} packages installed", packages.len());
         return Ok(());
     }
     println!("setup:   installing {}", missing.join(" "));

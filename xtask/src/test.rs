@@ -5,7 +5,8 @@
 //! 3. `cargo test --workspace -- --test-threads=1`: unit tests, then the integration tests that need root, the
 //!    kernel inside network namespaces and the sandbox's real kube-apiserver (one at a time: they share names);
 //! 4. `cargo xtask suite --require orca-iptables,orca-ebpf`: the Service behaviour suite against upstream kube-proxy
-//!    and both of Orca's modes; a failure against any of them fails the run.
+//!    and both of Orca's modes; a failure against any of them fails the run;
+//! 5. `cargo xtask kernels`: the eBPF programs and dataplane tests on Debian's 6.1 and 6.12 kernels in qemu.
 
 use std::process::Command;
 use std::time::Instant;
@@ -32,7 +33,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn run(skip_suite: bool) -> Result<()> {
+pub fn run(skip_suite: bool, skip_kernels: bool) -> Result<()> {
     let started = Instant::now();
     crate::setup::run()?;
     cargo(&["build", "--workspace", "--bins"])?;
@@ -49,6 +50,9 @@ pub fn run(skip_suite: bool) -> Result<()> {
             "--require",
             "orca-iptables,orca-ebpf",
         ])?;
+    }
+    if !skip_kernels {
+        cargo(&["run", "--quiet", "--package", "xtask", "--", "kernels"])?;
     }
     println!("test: everything passed in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
