@@ -37,7 +37,7 @@ enum Cmd {
     Suite(suite::SuiteArgs),
     /// The demo: the sandbox, orca-proxy on every node, the seed example's traffic; torn down at the end.
     Demo(demo::DemoArgs),
-    /// The eBPF programs and dataplane tests on Debian's 6.1 and 6.12 kernels, each booted in qemu.
+    /// The eBPF programs and dataplane tests on Debian's 5.10, 6.1 and 6.12 kernels, each booted in qemu.
     Kernels(kernels::KernelArgs),
     /// Benchmarks against upstream kube-proxy and direct pod IPs (`--quick`: a few minutes); results in bench/results.
     Bench(bench::BenchArgs),

@@ -6,7 +6,7 @@
 //!    kernel inside network namespaces and the sandbox's real kube-apiserver (one at a time: they share names);
 //! 4. `cargo xtask suite --require orca-iptables,orca-ebpf`: the Service behaviour suite against upstream kube-proxy
 //!    and both of Orca's modes; a failure against any of them fails the run;
-//! 5. `cargo xtask kernels`: the eBPF programs and dataplane tests on Debian's 6.1 and 6.12 kernels in qemu.
+//! 5. `cargo xtask kernels`: the eBPF programs and dataplane tests on Debian's 5.10, 6.1 and 6.12 kernels in qemu.
 
 use std::process::Command;
 use std::time::Instant;
