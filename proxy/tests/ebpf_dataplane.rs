@@ -500,12 +500,6 @@ fn host_namespace_clients_use_the_socket_hooks() {
     let mut env = setup("h");
     let cgroup = cg_root.join(&env.prefix);
     std::fs::create_dir_all(&cgroup).expect("test cgroup");
-    struct CgroupGuard(PathBuf);
-    impl Drop for CgroupGuard {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
     let _cg_guard = CgroupGuard(cgroup.clone());
     for (args, _) in [
         (["TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo hello-from-backend"], ()),
@@ -713,6 +707,15 @@ fn answers_within(ns: &str, limit: Duration) -> bool {
     }
 }
 
+/// Removes a test's cgroup when dropped, also when the test failed.
+struct CgroupGuard(PathBuf);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Programs attached to `cgroup` at the four socket hooks' attach types (BPF_PROG_QUERY).
 fn cgroup_programs(cgroup: &Path) -> usize {
     // BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME.
@@ -768,6 +771,7 @@ fn iptables_start_and_fallback_remove_what_ebpf_attached() {
     let cg_root = orca_proxy::dataplane::ebpf::loader::cgroup2_mount().expect("a cgroup v2 hierarchy");
     let cgroup = cg_root.join(&env.prefix);
     std::fs::create_dir_all(&cgroup).expect("test cgroup");
+    let _cg_guard = CgroupGuard(cgroup.clone());
     run_in_node(env, |env| {
         let root = env.bpf_root();
         let root_s = root.to_str().unwrap().to_string();
@@ -822,7 +826,6 @@ fn iptables_start_and_fallback_remove_what_ebpf_attached() {
             ipt.cleanup().expect("iptables cleanup");
         }
     });
-    let _ = std::fs::remove_dir(&cgroup);
 }
 
 /// `orca-proxy check-kernel` loads every program of both variants through this kernel's verifier, pinning and
