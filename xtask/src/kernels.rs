@@ -685,7 +685,6 @@ fn boot(pkg: &str, vmlinuz: &Path, initrd: &Path, limit: Duration) -> Result<Out
         // SeaBIOS's banner and then nothing).
         let mut saw_output = false;
         let mut log = Vec::new();
-        let mut current_test = String::new();
         loop {
             let first_limit = if accel == "kvm" && !saw_output {
                 Duration::from_secs(30)
@@ -699,7 +698,7 @@ fn boot(pkg: &str, vmlinuz: &Path, initrd: &Path, limit: Duration) -> Result<Out
                 Ok(line) => {
                     let line = line.trim_end_matches('\r').to_string();
                     saw_output |= line.contains("=== ORCA-KERNEL-BEGIN");
-                    parse_line(&line, &mut o, &mut current_test);
+                    parse_line(&line, &mut o);
                     log.push(line);
                     if o.complete {
                         break;
@@ -733,7 +732,7 @@ fn boot(pkg: &str, vmlinuz: &Path, initrd: &Path, limit: Duration) -> Result<Out
 }
 
 /// Reads one console line into the outcome.
-fn parse_line(line: &str, o: &mut Outcome, current: &mut String) {
+fn parse_line(line: &str, o: &mut Outcome) {
     if let Some(i) = line.find("=== ORCA-KERNEL-BEGIN ") {
         o.release = line[i + "=== ORCA-KERNEL-BEGIN ".len()..].trim().to_string();
     } else if line.starts_with("=== ORCA-KERNEL-END") {
@@ -758,8 +757,6 @@ fn parse_line(line: &str, o: &mut Outcome, current: &mut String) {
         }
     } else if let Some(rest) = line.strip_prefix("tc attach\t") {
         o.tc_attach = rest.trim().to_string();
-    } else if let Some(t) = line.strip_prefix("test ").and_then(|t| t.strip_suffix(" ...")) {
-        *current = t.to_string();
     } else if line.starts_with("test result: ") {
         let num = |key: &str| -> usize {
             line.split(';')
