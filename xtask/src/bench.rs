@@ -3,7 +3,7 @@
 //! `bench/results/<date>-<quick|full>.md` (+ `.json`, PNG charts).
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use orca_sandbox::{build, repo_root};
+use orca_sandbox::repo_root;
 use std::process::Command;
 
 #[derive(Args, Debug)]
@@ -26,12 +26,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    println!("bench: control-plane binaries");
-    build::ensure_k8s_binaries()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::setup::run()?;
     let root = repo_root();
-    println!("bench: building orca-proxy, orca-testpod and orca-bench (release)");
-    let status = Command::new(&cargo)
+    println!("bench: building orca-proxy, orca-testpod and orca-bench (release; first build: 3-6 min)");
+    let status = crate::cargo()
         .current_dir(&root)
         .args([
             "build",
@@ -190,8 +188,7 @@ fn baseline_agent(root: &std::path::Path, dir: &std::path::Path) -> Result<std::
         "bench: building the baseline's orca-proxy (release) in {}",
         dir.display()
     );
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .current_dir(dir)
         .args(["build", "--release", "-p", "orca-proxy", "--bin", "orca-proxy"])
         .env("CARGO_TARGET_DIR", &target)

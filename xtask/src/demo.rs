@@ -21,7 +21,7 @@ use orca_sandbox::suite::ctx::{cluster_ip, expect_backends, names, node_port, sa
 use orca_sandbox::suite::proxy::{Proxy, ProxyEnv, ProxyKind, StartOptions};
 use orca_sandbox::suite::runner::default_routes;
 use orca_sandbox::suite::scenarios::{deploy_seed, SEED_LB_IP};
-use orca_sandbox::{build, Sandbox, SandboxOptions};
+use orca_sandbox::{Sandbox, SandboxOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,16 +43,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         bail!("--requests must be between 1 and 10000");
     }
     let t0 = Instant::now();
-    println!("demo: control-plane binaries (the first run builds them from the pinned Kubernetes release)");
-    build::ensure_k8s_binaries()?;
-    println!("demo: building orca-testpod");
-    crate::suite::build_testpod()?;
-    let orca_bin = if kind.is_upstream() {
-        Err("not needed".to_string())
-    } else {
-        println!("demo: building orca-proxy");
-        crate::suite::build_orca_proxy()
-    };
+    crate::setup::run()?;
+    let orca_bin = crate::suite::build_binaries("demo", !kind.is_upstream())?;
     if let Err(e) = &orca_bin {
         if !kind.is_upstream() {
             bail!("orca-proxy did not build: {e}");

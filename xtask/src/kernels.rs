@@ -138,15 +138,14 @@ struct Binaries {
 
 /// Builds orca-proxy and the two eBPF test executables; returns their paths.
 fn test_binaries() -> Result<Binaries> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .args(["build", "-p", "orca-proxy", "--bin", "orca-proxy"])
         .status()
         .context("cargo build")?;
     if !status.success() {
         bail!("cargo build -p orca-proxy failed");
     }
-    let out = Command::new(&cargo)
+    let out = crate::cargo()
         .args([
             "test",
             "-p",
@@ -219,7 +218,7 @@ fn fetch_kernel(pkg: &str) -> Result<PathBuf> {
             .context("apt-get download")?;
         if !status.success() {
             // The index may be stale on a fresh machine.
-            Command::new("apt-get").args(["update", "-q"]).status()?;
+            crate::setup::apt_get(&["update", "-q"])?;
             let status = Command::new("apt-get")
                 .args(["download", "-q", pkg])
                 .current_dir(&debs)

@@ -43,6 +43,27 @@ enum Cmd {
     Bench(bench::BenchArgs),
 }
 
+/// A `cargo` command for a build or test xtask runs, in the environment a shell would give it.
+///
+/// `cargo run` (the `xtask` alias) hands xtask `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME` and the like of the xtask
+/// package. Build scripts that declare `rerun-if-env-changed` on them (ring's does) would then see a different value
+/// than in a `cargo build` from a shell, so cargo reruns them and rebuilds ring, rustls and kube, and the next
+/// build from a shell rebuilds them again. Removing them lets every build find the artifacts of the last one.
+pub fn cargo() -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        let injected = k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_")
+            || matches!(&*k, "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR");
+        if injected {
+            c.env_remove(&key);
+        }
+    }
+    c
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::run(),

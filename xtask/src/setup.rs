@@ -12,7 +12,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -63,12 +63,16 @@ const BPF_LINKER_LLVM_MAJORS: &[u32] = &[21, 22, 23];
 pub fn run() -> Result<()> {
     let started = Instant::now();
     let root = workspace_root()?;
-    step("apt packages", ensure_apt_packages)?;
-    step("host Rust toolchain", || ensure_host_toolchain(&root))?;
-    step("eBPF nightly toolchain", ensure_nightly)?;
-    step("bpf-linker", || ensure_bpf_linker(&root))?;
+    // Each name says roughly how long the step takes the first time on 2 cores; once done, each is a check of
+    // well under a second (the whole setup then takes a few seconds).
+    step("apt packages (first time: about a minute)", ensure_apt_packages)?;
+    step("host Rust toolchain (first time: about a minute)", || {
+        ensure_host_toolchain(&root)
+    })?;
+    step("eBPF nightly toolchain (first time: about a minute)", ensure_nightly)?;
+    step("bpf-linker (first time: 3-5 min)", || ensure_bpf_linker(&root))?;
     step("Go toolchain", || ensure_go(&root))?;
-    step("Kubernetes binaries (sandbox)", || {
+    step("Kubernetes binaries of the sandbox (first time: 6-10 min)", || {
         let dir = orca_sandbox::build::ensure_k8s_binaries()?;
         println!("setup:   in {}", dir.display());
         Ok(())
@@ -82,6 +86,7 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("setup: {name} ...");
     let result = f().with_context(|| format!("setup step `{name}` failed"));
     let took = started.elapsed().as_secs_f64();
+    let name = name.split(" (first time").next().unwrap_or(name);
     match &result {
         Ok(()) => println!("setup: {name}: ok in {took:.1}s"),
         Err(_) => println!("setup: {name}: FAILED after {took:.1}s"),
@@ -150,22 +155,54 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     println!("setup:   installing {}", missing.join(" "));
-    run_cmd(
-        privileged("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["update", "-q"]),
-    )?;
-    run_cmd(
-        privileged("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    apt_get(&["update", "-q"])?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(missing.iter().map(String::as_str));
+    apt_get(&install)?;
     let still = missing_apt_packages(&missing)?;
     if !still.is_empty() {
         bail!("apt-get install left packages missing: {}", still.join(" "));
     }
     Ok(())
+}
+
+/// How long an `apt-get` waits for another package manager (unattended-upgrades, cloud-init) to release the dpkg
+/// and apt list locks before setup gives up.
+const APT_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Runs `apt-get ARGS`, waiting (bounded) for the dpkg lock instead of failing at once when another apt holds it:
+/// apt's own `DPkg::Lock::Timeout` covers the dpkg frontend lock of `install`; `update`'s list lock is not covered
+/// by it, so a run that fails while some lock is held is retried every 5 s until [`APT_LOCK_WAIT`].
+pub fn apt_get(args: &[&str]) -> Result<()> {
+    let started = Instant::now();
+    let timeout = format!("DPkg::Lock::Timeout={}", APT_LOCK_WAIT.as_secs());
+    loop {
+        let mut cmd = privileged("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", &timeout])
+            .args(args);
+        let shown = format!("{cmd:?}");
+        let out = cmd
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("failed to start {shown}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprint!("{stderr}");
+        if out.status.success() {
+            return Ok(());
+        }
+        let locked = stderr.contains("Could not get lock") || stderr.contains("Unable to acquire the dpkg");
+        if !locked || started.elapsed() >= APT_LOCK_WAIT {
+            bail!("{shown} failed: {}", out.status);
+        }
+        println!(
+            "setup:   another package manager holds the apt/dpkg lock; waiting ({:.0}s of {}s)",
+            started.elapsed().as_secs_f64(),
+            APT_LOCK_WAIT.as_secs()
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
 }
 
 fn missing_apt_packages<S: AsRef<str>>(packages: &[S]) -> Result<Vec<String>> {

@@ -6,10 +6,9 @@
 //! lead adds them to `--require` (or `ORCA_SUITE_REQUIRE`, comma-separated).
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use orca_sandbox::repo_root;
 use orca_sandbox::suite::{runner, ProxyKind, SuiteOptions};
-use orca_sandbox::{build, repo_root};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
@@ -42,8 +41,7 @@ pub struct SuiteArgs {
 }
 
 fn cargo_build(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .current_dir(repo_root())
         .arg("build")
         .args(args)
@@ -55,28 +53,51 @@ fn cargo_build(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Build `orca-testpod` (and set `ORCA_TESTPOD_BIN` to it) so pods run the current test server.
-pub fn build_testpod() -> Result<()> {
-    cargo_build(&["-p", "orca-sandbox", "--bin", "orca-testpod"])?;
+/// Points `ORCA_TESTPOD_BIN` at the debug `orca-testpod`, so pods run the current test server.
+fn use_testpod() {
     let bin = repo_root().join("target/debug/orca-testpod");
     // SAFETY (edition 2021: set_var is safe): called before any thread that reads the environment starts.
     std::env::set_var("ORCA_TESTPOD_BIN", &bin);
-    Ok(())
 }
 
-/// Build `orca-proxy`; the error text becomes the reason every Orca row fails with.
-pub fn build_orca_proxy() -> std::result::Result<PathBuf, String> {
-    if let Ok(p) = std::env::var("ORCA_PROXY_BIN") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("ORCA_PROXY_BIN={} is not a file", p.display()))
-        };
+/// Builds `orca-testpod` and, when `with_orca`, `orca-proxy` with its eBPF programs: in one cargo invocation, so
+/// the dependencies both share (kube, rustls, ring) are resolved with one feature set and built once (two separate
+/// invocations resolve them differently, and each run rebuilt them). Returns orca-proxy's path, or the reason it did
+/// not build (the text every Orca row then fails with); `ORCA_PROXY_BIN` names a prebuilt one.
+pub fn build_binaries(what: &str, with_orca: bool) -> Result<std::result::Result<PathBuf, String>> {
+    let prebuilt = std::env::var("ORCA_PROXY_BIN").ok().map(PathBuf::from);
+    if !with_orca || prebuilt.is_some() {
+        println!("{what}: building orca-testpod");
+        cargo_build(&["-p", "orca-sandbox", "--bin", "orca-testpod"])?;
+        use_testpod();
+        return Ok(match prebuilt {
+            None => Err("not needed".into()),
+            Some(p) if p.is_file() => Ok(p),
+            Some(p) => Err(format!("ORCA_PROXY_BIN={} is not a file", p.display())),
+        });
     }
-    match cargo_build(&["-p", "orca-proxy", "--bin", "orca-proxy"]) {
-        Ok(()) => Ok(repo_root().join("target/debug/orca-proxy")),
-        Err(e) => Err(format!("{e:#}")),
+    println!("{what}: building orca-testpod and orca-proxy with its eBPF programs (first build: 2-4 min)");
+    let both = [
+        "-p",
+        "orca-sandbox",
+        "-p",
+        "orca-proxy",
+        "--bin",
+        "orca-testpod",
+        "--bin",
+        "orca-proxy",
+    ];
+    match cargo_build(&both) {
+        Ok(()) => {
+            use_testpod();
+            Ok(Ok(repo_root().join("target/debug/orca-proxy")))
+        }
+        Err(e) => {
+            println!("{what}: orca-proxy did not build; building orca-testpod alone");
+            cargo_build(&["-p", "orca-sandbox", "--bin", "orca-testpod"])?;
+            use_testpod();
+            Ok(Err(format!("{e:#}")))
+        }
     }
 }
 
@@ -114,20 +135,13 @@ pub fn run(args: SuiteArgs) -> Result<()> {
     // Validate scenario names before building anything.
     runner::select(&args.scenarios)?;
 
-    println!("suite: control-plane binaries");
-    build::ensure_k8s_binaries()?;
-    println!("suite: building orca-testpod");
-    build_testpod()?;
-    let orca_proxy_bin = if proxies.iter().any(|p| !p.is_upstream()) {
-        println!("suite: building orca-proxy");
-        let b = build_orca_proxy();
-        if let Err(e) = &b {
+    crate::setup::run()?;
+    let orca_proxy_bin = build_binaries("suite", proxies.iter().any(|p| !p.is_upstream()))?;
+    if let Err(e) = &orca_proxy_bin {
+        if e != "not needed" {
             println!("suite: orca-proxy did not build; its rows will fail: {e}");
         }
-        b
-    } else {
-        Err("not needed".into())
-    };
+    }
     let opts = SuiteOptions {
         proxies,
         scenarios: args.scenarios.clone(),

@@ -8,7 +8,6 @@
 //!    and both of Orca's modes; a failure against any of them fails the run;
 //! 5. `cargo xtask kernels`: the eBPF programs and dataplane tests on Debian's 5.10, 6.1 and 6.12 kernels in qemu.
 
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -16,8 +15,7 @@ use anyhow::{bail, Context, Result};
 fn cargo(args: &[&str]) -> Result<()> {
     let started = Instant::now();
     println!("test: cargo {} ...", args.join(" "));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = crate::cargo()
         .args(args)
         .env("ORCA_REQUIRE_SANDBOX", "1")
         .status()
