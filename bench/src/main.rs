@@ -11,8 +11,10 @@ mod cluster;
 mod load;
 mod probe;
 mod report;
+mod results;
 mod run;
 mod tccost;
+mod testrun;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

@@ -479,7 +479,7 @@ pub fn arp_frame() -> Vec<u8> {
 
 /// BPF_PROG_TEST_RUN of a two-instruction sched_cls program on `frame`, `repeat` times: nanoseconds per run.
 pub fn tc_empty_baseline(frame: &[u8], repeat: u32) -> Result<f64> {
-    let empty = orca_proxy::dataplane::ebpf::testrun::EmptyProgram::load()?;
+    let empty = crate::testrun::EmptyProgram::load()?;
     Ok(f64::from(empty.run(frame, repeat)?))
 }
 

@@ -1,7 +1,7 @@
 //! The results: a markdown report (medians with min and max, ratios to direct and to kube-proxy iptables, the
 //! goals of issue 6 checked against the largest scale run), the raw JSON, and PNG bar charts.
 use crate::load::LoadResult;
-use crate::run::{ConfigResult, RunResult};
+use crate::results::{ConfigResult, RunResult};
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -140,6 +140,15 @@ fn node_a_proc(c: &ConfigResult) -> Option<&crate::probe::ProcStats> {
     c.procs.iter().find(|(n, _)| n == "node-a").map(|(_, p)| p)
 }
 
+/// Titles the goals look metrics up by (a position in [`control_metrics`] would shift when a metric is added).
+const PROG_P99: &str = "Programming latency p99";
+const AGENT_RSS: &str = "Agent RSS on node-a (at the end)";
+
+/// The metric titled `title`.
+fn named<'a>(metrics: &'a [Metric], title: &str) -> Option<&'a Metric> {
+    metrics.iter().find(|m| m.title == title)
+}
+
 pub fn control_metrics() -> Vec<Metric> {
     vec![
         Metric {
@@ -155,7 +164,7 @@ pub fn control_metrics() -> Vec<Metric> {
             },
         },
         Metric {
-            title: "Programming latency p99",
+            title: PROG_P99,
             unit: "ms",
             higher_is_better: false,
             get: |c| {
@@ -212,7 +221,7 @@ pub fn control_metrics() -> Vec<Metric> {
             get: |c| c.startup_s.into_iter().collect(),
         },
         Metric {
-            title: "Agent RSS on node-a (at the end)",
+            title: AGENT_RSS,
             unit: "MiB",
             higher_is_better: false,
             get: |c| node_a_proc(c).map(|p| p.rss_mib).into_iter().collect(),
@@ -557,7 +566,7 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
          (nearest rank); histogram p99 values are bucket upper bounds. The full-sync time is kube-proxy's \
          kubeproxy_sync_full_proxy_rules_duration_seconds (Orca exports the same metric) and the start-to-\
          programmed time below.",
-        crate::run::GONE_STREAK
+        crate::results::GONE_STREAK
     );
     for m in control_metrics() {
         table(&mut out, r, &m, false);
@@ -691,7 +700,7 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
     goal_line(
         &mut out,
         "programming latency p99, Orca eBPF",
-        med(r, &ctl[1], "orca-ebpf", top),
+        named(&ctl, PROG_P99).and_then(|m| med(r, m, "orca-ebpf", top)),
         50.0,
         false,
         "ms",
@@ -727,7 +736,7 @@ pub fn markdown(r: &RunResult, plots: &[(String, String)]) -> String {
             None => "- TC program per packet: not measured".into(),
         }
     );
-    let rss = |s: usize| med(r, &ctl[6], "orca-ebpf", s);
+    let rss = |s: usize| named(&ctl, AGENT_RSS).and_then(|m| med(r, m, "orca-ebpf", s));
     goal_line(
         &mut out,
         &format!(

@@ -1,17 +1,17 @@
 //! The benchmark run: one sandbox, server pods on both nodes, a client pod on node-a; for each scale the filler
 //! Services are topped up through the apiserver, the measured Services are (re)created last, and every
 //! configuration (direct pod IPs, then each proxy started on both nodes) is measured `repeats` times.
-use crate::backend::{self, Backend, BackendChoice, ChainPosition, LegacyShim};
+use crate::backend::{self, Backend, BackendChoice, LegacyShim};
 use crate::cluster::{self, BENCH_NS};
 use crate::load::{LoadResult, Mode};
-use crate::probe::{self, Histogram, ProcStats, TcCost};
+use crate::probe;
+use crate::results::{ConfigResult, ProgResult, RunResult, GONE_STREAK};
 use anyhow::{bail, Context, Result};
 use orca_sandbox::kubelet::{self, DeploymentSpec, Kubelet, PodInfo};
 use orca_sandbox::pods;
 use orca_sandbox::suite::proxy::{bpf_root, METRICS_PORT};
 use orca_sandbox::suite::{Proxy, ProxyEnv, ProxyKind, StartOptions};
 use orca_sandbox::{build, netns, Sandbox, SandboxOptions};
-use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,102 +97,6 @@ pub struct RunOpts {
     pub tc_repeat: u32,
     /// The command line that reproduces the run (for the report).
     pub command: String,
-}
-
-/// Programming latency of one proxy at one scale.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ProgResult {
-    /// Slice patch sent -> the datapath stopped sending to the unready endpoint, milliseconds.
-    pub removal_ms: Vec<f64>,
-    /// Patch -> the endpoint the previous change had marked unready answered again (a coarse upper bound: the
-    /// balancer must pick it).
-    pub add_ms: Vec<f64>,
-    /// Changes whose re-readied endpoint never answered while the removal was probed.
-    #[serde(default)]
-    pub add_timeouts: usize,
-    /// Round trip of the slice PATCH at the apiserver, milliseconds (part of every latency above).
-    pub patch_rtt_ms: Vec<f64>,
-    /// Changes that did not converge within the bound.
-    pub timeouts: usize,
-    /// Probe requests that failed (refused, reset, timed out) while the datapath changed.
-    pub probe_errors: usize,
-    /// The changes stopped before `--prog-changes` because `--prog-budget-s` ran out (seconds spent).
-    #[serde(default)]
-    pub budget_exhausted_s: Option<f64>,
-}
-
-/// Everything measured for one configuration at one scale.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ConfigResult {
-    pub config: String,
-    pub scale: usize,
-    pub connect_remote: Vec<LoadResult>,
-    pub connect_local: Vec<LoadResult>,
-    pub rr: Vec<LoadResult>,
-    pub stream: Vec<LoadResult>,
-    /// Proxy start -> the measured ClusterIPs answer (first full sync at this scale), seconds.
-    pub startup_s: Option<f64>,
-    pub prog: Option<ProgResult>,
-    /// Upstream-named metrics of node-a's proxy during the programming-latency changes.
-    pub net_prog: Option<Histogram>,
-    /// The same over the proxy's whole life at this scale.
-    pub sync_rules: Option<Histogram>,
-    /// kubeproxy_sync_full_proxy_rules_duration_seconds over the proxy's life at this scale.
-    #[serde(default)]
-    pub sync_full: Option<Histogram>,
-    /// kubeproxy_sync_partial_proxy_rules_duration_seconds during the programming-latency changes.
-    #[serde(default)]
-    pub sync_partial: Option<Histogram>,
-    /// iptables modes: the backend they ran on ("nft" or "legacy").
-    #[serde(default)]
-    pub iptables_backend: Option<String>,
-    /// iptables modes: where the measured Service (`bench-remote`:80) is in the dispatch chain on node-a.
-    #[serde(default)]
-    pub position: Option<ChainPosition>,
-    /// `perf record -p <node-a's agent>` during the programming-latency changes (largest scale,
-    /// `--profile-agent`): `perf report` lines by symbol (self time).
-    #[serde(default)]
-    pub agent_profile: Option<String>,
-    /// Sync timings node-a's proxy logged during the programming-latency changes.
-    #[serde(default)]
-    pub logged: Option<probe::LoggedSyncs>,
-    /// `perf record -a` during the first cross-node connect run (largest scale, `--profile`): `perf report`
-    /// lines (comm, object, symbol, share of all samples on the machine).
-    #[serde(default)]
-    pub profile: Option<String>,
-    pub procs: Vec<(String, ProcStats)>,
-    pub tc: Option<TcCost>,
-    pub errors: Vec<String>,
-    /// What stopping the proxy noted (its own cleanup's leftovers; the nodes are reset regardless).
-    #[serde(default)]
-    pub stop_notes: Vec<String>,
-}
-
-/// The whole run.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct RunResult {
-    pub quick: bool,
-    pub scales: Vec<usize>,
-    pub repeats: usize,
-    pub configs: Vec<String>,
-    pub results: Vec<ConfigResult>,
-    /// Filler creation rate (objects/s) per scale.
-    pub fill_rate: Vec<(usize, f64)>,
-    /// Endpoints of every filler Service (None: 2 to 10 in turn).
-    #[serde(default)]
-    pub filler_endpoints: Option<usize>,
-    /// TC program cost per packet at each scale (`orca-bench tc-cost`'s measurement, taken before the sandbox
-    /// starts, on the agent's programs over maps filled to the scale).
-    #[serde(default)]
-    pub tc_cost: Vec<crate::tccost::Row>,
-    pub load_start: String,
-    pub load_end: String,
-    pub started_utc: String,
-    pub duration_s: f64,
-    pub command: String,
-    pub machine: Vec<(String, String)>,
-    pub notes: Vec<String>,
-    pub load_params: String,
 }
 
 pub fn loadavg() -> String {
@@ -381,10 +285,6 @@ async fn probe_until(
     }
     (seen, errors, false)
 }
-
-/// Consecutive answers without the removed endpoint that declare it gone (with two other endpoints left, a
-/// still-programmed endpoint escapes that many probes with probability (2/3)^30 < 10^-5).
-pub const GONE_STREAK: usize = 30;
 
 /// Programming latency over `o.prog_changes` changes of `bench-prog`'s slice (three backends, two ready at a
 /// time). Change k marks backend k mod 3 unready and the one change k−1 had marked unready ready again, in one

@@ -1,5 +1,5 @@
 //! `orca-bench tc-cost`: what the TC program costs per packet at each scale, on every path a packet
-//! can take, measured with BPF_PROG_TEST_RUN the honest way (see `orca_proxy::dataplane::ebpf::testrun`:
+//! can take, measured with BPF_PROG_TEST_RUN the honest way (see `crate::testrun`:
 //! test-run repeats see the already translated packet, so translating paths are timed one run per
 //! syscall, and the harness's own floor, measured the same way on an empty program, is subtracted).
 //!
@@ -15,12 +15,12 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use crate::testrun::{median_empty_runs, median_single_runs_with, EmptyProgram};
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, IPPROTO_TCP};
-use orca_proxy::dataplane::ebpf::testrun::{median_empty_runs, median_single_runs_with, EmptyProgram};
 use serde::Serialize;
 
 use crate::probe::tcp_frame;
@@ -488,4 +488,28 @@ fn write(a: &TcCostArgs, variants: &[Variant], rows: &[Row]) -> Result<()> {
     std::fs::write(&path, md)?;
     println!("wrote {} and {}", path.display(), json.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The per-packet cost does not depend on the number of Services (hash lookups, not chains): the agent's own
+    /// programs over maps filled like the agent fills them, with 1 and with 10,000 Services. Not a speed goal (those
+    /// are the bench's results): only that the Service table's size does not show.
+    #[test]
+    fn per_packet_cost_does_not_grow_with_the_number_of_services() {
+        let rows = super::measure_scales(&[1, 10_000], 2_000, &[super::Variant::Netfilter]).expect("measuring");
+        let (one, many) = (&rows[0], &rows[1]);
+        assert_eq!((one.services, many.services), (1, 10_000));
+        for (what, a, b) in [
+            ("established", one.established_ns, many.established_ns),
+            ("reply", one.reply_ns, many.reply_ns),
+            ("pass-through", one.passthrough_ns, many.passthrough_ns),
+        ] {
+            assert!(
+                b < a * 2.0 + 200.0,
+                "{what}: {a:.0} ns with 1 Service, {b:.0} ns with 10,000"
+            );
+            assert!(a < 5_000.0, "{what}: {a:.0} ns per packet");
+        }
+    }
 }

@@ -64,22 +64,9 @@ impl EmptyProgram {
     }
 }
 
-/// Median of `samples` single runs of `prog` on `frame` (ns per run as the kernel reports them), and
-/// the program's verdict. `prepare` runs before each sample (e.g. to make the flow established again).
-pub fn median_single_runs(
-    prog: &SchedClassifier,
-    frame: &[u8],
-    samples: usize,
-    mut prepare: impl FnMut(),
-) -> Result<(f64, u32)> {
-    median_single_runs_with(prog, samples, 0, |_| {
-        prepare();
-        frame.to_vec()
-    })
-}
-
-/// Like `median_single_runs`, with the frame of sample `i` from `frame(i)` (e.g. a new 5-tuple for
-/// every sample), as if it arrived on interface `ifindex` (0: the namespace's loopback).
+/// Median of `samples` single runs of `prog` (ns per run as the kernel reports them) and the program's verdict,
+/// with the frame of sample `i` from `frame(i)` (e.g. a new 5-tuple for every sample), as if it arrived on interface
+/// `ifindex` (0: the namespace's loopback).
 pub fn median_single_runs_with(
     prog: &SchedClassifier,
     samples: usize,

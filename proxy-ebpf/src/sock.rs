@@ -77,7 +77,7 @@ fn frontend(addr: u32, port: u16, proto: u8) -> Option<Frontend> {
     unsafe { maps::FRONTENDS.get(key) }.copied()
 }
 
-/// connect4 (`udp_keep` false) and sendmsg4 (true: a UDP socket keeps its backend while it is a
+/// connect4 (`keep` false) and sendmsg4 (true: a UDP socket keeps its backend while it is a
 /// member, as a conntrack entry would).
 #[inline(always)]
 pub fn translate(ctx: &SockAddrContext, keep: bool) -> i32 {

@@ -1,154 +1,18 @@
 //! `orca-proxy run`: wires the watchers, the change tracker, the sync runner, the dataplane and the servers.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
-
 use anyhow::Context;
+use std::sync::Arc;
 
-use crate::cli::{parse_bind, Flags, LogFormat};
-use crate::dataplane::{DataplaneConfig, ProxyMode};
+use crate::cli::LogFormat;
 use crate::events::NodeEvents;
 use crate::healthcheck::ProxyHealthServer;
+use crate::healthcheck::SyncHealth;
 use crate::http::{self, Response};
 use crate::metrics::Metrics;
 use crate::model::tracker::ChangeTracker;
 use crate::model::NodeInfo;
-use crate::sync::{SyncConfig, SyncHealth};
-use crate::watch::{self, Shared};
-
-/// Everything `run` needs, resolved from flags (and the config file).
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub kubeconfig: Option<PathBuf>,
-    pub master: Option<String>,
-    pub node_name: String,
-    pub mode: ProxyMode,
-    pub allow_fallback: bool,
-    pub dataplane: DataplaneConfig,
-    pub sync: SyncConfig,
-    pub healthz: Option<SocketAddr>,
-    pub metrics: Option<SocketAddr>,
-    pub bpf_root: PathBuf,
-    /// The eBPF dataplane's backend choice for Services without the `orca.dev/load-balancing` annotation.
-    pub load_balancing: crate::model::LoadBalancing,
-    /// eBPF interface selection; empty means the defaults of `EbpfOptions`.
-    pub pod_interface_prefixes: Vec<String>,
-    pub pod_interfaces: Vec<String>,
-    pub uplinks: Vec<String>,
-    pub bypass_netfilter: bool,
-    /// `--ebpf-cgroup-root`: where the socket hooks attach (`none`: nowhere); unset, the cgroup v2 mount found.
-    pub cgroup_root: Option<PathBuf>,
-    /// `--ebpf-tc-attach`.
-    pub tc_attach: crate::dataplane::ebpf::loader::TcAttach,
-    pub conntrack: crate::dataplane::ebpf::ConntrackOptions,
-    pub verbosity: u8,
-    pub log_format: LogFormat,
-}
-
-pub const DEFAULT_HEALTHZ: &str = "0.0.0.0:10256";
-pub const DEFAULT_METRICS: &str = "127.0.0.1:10249";
-pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/orca";
-
-/// This machine's hostname, lowercased, as kube-proxy derives the node name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_lowercase())
-        .unwrap_or_default()
-}
-
-impl Settings {
-    pub fn from_flags(flags: &Flags) -> anyhow::Result<Self> {
-        let merged;
-        let f = match &flags.config {
-            Some(path) => {
-                merged = crate::config::merge(flags, crate::config::load(path)?);
-                &merged
-            }
-            None => flags,
-        };
-        let mode = f.proxy_mode.unwrap_or(ProxyMode::Ebpf);
-        let node_name = f
-            .hostname_override
-            .clone()
-            .map(|s| s.trim().to_lowercase())
-            .unwrap_or_else(hostname);
-        anyhow::ensure!(
-            !node_name.is_empty(),
-            "cannot determine the node name; set --hostname-override"
-        );
-        let default_min = if mode == ProxyMode::Iptables {
-            Duration::from_secs(1)
-        } else {
-            Duration::ZERO
-        };
-        let sync = SyncConfig {
-            min_sync_period: f.min_sync_period.unwrap_or(default_min),
-            sync_period: f.sync_period.unwrap_or(Duration::from_secs(30)),
-        };
-        anyhow::ensure!(!sync.sync_period.is_zero(), "--sync-period must be greater than 0");
-        let (nodeport_cidrs, nodeport_primary) = crate::cli::split_nodeport_addresses(&f.nodeport_addresses)
-            .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
-        let healthz = parse_bind(f.healthz_bind_address.as_deref().unwrap_or(DEFAULT_HEALTHZ), 10256)
-            .map_err(|e| anyhow::anyhow!("--healthz-bind-address: {e}"))?;
-        let metrics = parse_bind(f.metrics_bind_address.as_deref().unwrap_or(DEFAULT_METRICS), 10249)
-            .map_err(|e| anyhow::anyhow!("--metrics-bind-address: {e}"))?;
-        Ok(Settings {
-            kubeconfig: f.kubeconfig.clone(),
-            master: f.master.clone(),
-            node_name,
-            mode,
-            allow_fallback: !f.no_fallback,
-            dataplane: DataplaneConfig {
-                cluster_cidrs: f.cluster_cidr.clone(),
-                nodeport_addresses: nodeport_cidrs,
-                nodeport_primary,
-                masquerade_all: f.masquerade_all,
-                masquerade_bit: f.iptables_masquerade_bit.unwrap_or(14),
-            },
-            sync,
-            healthz,
-            metrics,
-            bpf_root: f.bpf_root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT)),
-            load_balancing: f.ebpf_load_balancing.unwrap_or_default(),
-            pod_interface_prefixes: f.ebpf_pod_interface_prefixes.clone(),
-            pod_interfaces: f.ebpf_pod_interfaces.clone(),
-            uplinks: f.ebpf_uplinks.clone(),
-            bypass_netfilter: f.ebpf_bypass_netfilter,
-            cgroup_root: f.ebpf_cgroup_root.clone(),
-            tc_attach: f.ebpf_tc_attach.unwrap_or_default(),
-            conntrack: conntrack_options(f),
-            verbosity: f.verbosity.unwrap_or(0),
-            log_format: f.log_format.unwrap_or(LogFormat::Text),
-        })
-    }
-}
-
-/// Sets up tracing with kube-proxy-like verbosity levels; RUST_LOG overrides.
-/// The eBPF conntrack from kube-proxy's conntrack flags and Orca's own (a zero timeout keeps the default, as
-/// kube-proxy leaves the kernel's value then).
-fn conntrack_options(f: &Flags) -> crate::dataplane::ebpf::ConntrackOptions {
-    let mut c = crate::dataplane::ebpf::ConntrackOptions::default();
-    if let Some(n) = f.ebpf_conntrack_max {
-        c.max_flows = n;
-    }
-    if let Some(r) = f.ebpf_snat_port_range {
-        c.snat_ports = r;
-    }
-    let t = &mut c.timeouts;
-    for (flag, field) in [
-        (f.conntrack_tcp_timeout_established, &mut t.tcp_established_ns),
-        (f.conntrack_tcp_timeout_close_wait, &mut t.tcp_close_wait_ns),
-        (f.conntrack_udp_timeout, &mut t.udp_ns),
-        (f.conntrack_udp_timeout_stream, &mut t.udp_stream_ns),
-    ] {
-        if let Some(d) = flag.filter(|d| !d.is_zero()) {
-            *field = d.as_nanos().min(u128::from(u64::MAX)) as u64;
-        }
-    }
-    c
-}
+use crate::settings::Settings;
+use crate::watch::{self, WatchState};
 
 pub fn init_logging(verbosity: u8, format: LogFormat) {
     let level = match verbosity {
@@ -195,7 +59,8 @@ pub async fn start_servers(
     metrics: Arc<Metrics>,
     events: Option<&NodeEvents>,
 ) {
-    let failed = |metrics_server: bool, error: String| {
+    let failed = |metrics_server: bool, error: http::BindError| {
+        let error = error.to_string();
         tracing::error!(error = %error, "cannot listen");
         if let Some(ev) = events {
             ev.publish(crate::events::server_failed(metrics_server, &error));
@@ -269,11 +134,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     for d in &degraded {
         events.publish(crate::events::dataplane_degraded(d));
     }
-    let shared = Shared::new(ChangeTracker::new(NodeInfo {
+    let shared = WatchState::new(ChangeTracker::new(NodeInfo {
         name: s.node_name.clone(),
         ..Default::default()
     }));
     let health = Arc::new(SyncHealth::watching(shared.clone()));
+    let pending = shared.clone();
+    metrics
+        .pending
+        .set_source(Box::new(move || pending.lock().pending_changes()));
     let proxy_health = ProxyHealthServer {
         health: health.clone(),
         timeout: s.sync.sync_period * 2,

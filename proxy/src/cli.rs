@@ -171,7 +171,7 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
-pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+pub fn parse_cidr(s: &str) -> Result<Cidr, crate::model::cidr::CidrError> {
     s.parse()
 }
 
@@ -187,7 +187,7 @@ pub fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, String> {
     if s == "primary" {
         Ok(NodePortAddress::Primary)
     } else {
-        parse_cidr(s).map(NodePortAddress::Cidr)
+        parse_cidr(s).map(NodePortAddress::Cidr).map_err(|e| e.to_string())
     }
 }
 

@@ -472,7 +472,7 @@ orca:
         let path = std::env::temp_dir().join(format!("orca-config-primary-{}.yaml", std::process::id()));
         std::fs::write(&path, "nodePortAddresses: [primary]").unwrap();
         let cli = crate::cli::Cli::try_parse_from(["orca-proxy", "--config", path.to_str().unwrap()]).unwrap();
-        let settings = crate::app::Settings::from_flags(&cli.flags).unwrap();
+        let settings = crate::settings::Settings::from_flags(&cli.flags).unwrap();
         assert!(settings.dataplane.nodeport_primary);
         assert!(settings.dataplane.nodeport_addresses.is_empty());
         // A flag overrides the file.
@@ -484,7 +484,7 @@ orca:
             "10.0.0.0/8",
         ])
         .unwrap();
-        let settings = crate::app::Settings::from_flags(&cli.flags).unwrap();
+        let settings = crate::settings::Settings::from_flags(&cli.flags).unwrap();
         assert!(!settings.dataplane.nodeport_primary);
         assert_eq!(settings.dataplane.nodeport_addresses.len(), 1);
         let _ = std::fs::remove_file(&path);

@@ -11,6 +11,8 @@ pub mod http;
 pub mod kernel_check;
 pub mod metrics;
 pub mod model;
+pub mod netns;
+pub mod settings;
 pub mod status;
 pub mod sync;
 pub mod verify;

@@ -1,6 +1,7 @@
 use clap::Parser;
-use orca_proxy::app::{init_logging, Settings};
+use orca_proxy::app::init_logging;
 use orca_proxy::cli::{Cli, Command};
+use orca_proxy::settings::Settings;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

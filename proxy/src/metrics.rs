@@ -14,7 +14,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::dataplane::ebpf::DatapathCounts;
+use crate::dataplane::ebpf::{DatapathCounts, DatapathSource};
+use crate::model::tracker::{Counters, PendingChanges};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabels {
@@ -50,8 +51,8 @@ pub struct Metrics {
     pub last_queued_timestamp: Gauge<f64, AtomicU64>,
     pub endpoint_changes_total: Counter,
     pub service_changes_total: Counter,
-    pub endpoint_changes_pending: Gauge,
-    pub service_changes_pending: Gauge,
+    /// kube-proxy's `*_changes_pending`, read from the change tracker on each scrape.
+    pub pending: Arc<PendingCollector>,
     pub sync_errors_total: Counter,
     pub conntrack_cleanup_errors_total: Counter,
     pub invalid_objects_total: Family<KindLabels, Counter>,
@@ -89,8 +90,7 @@ impl Metrics {
             last_queued_timestamp: Gauge::default(),
             endpoint_changes_total: Counter::default(),
             service_changes_total: Counter::default(),
-            endpoint_changes_pending: Gauge::default(),
-            service_changes_pending: Gauge::default(),
+            pending: Arc::default(),
             sync_errors_total: Counter::default(),
             conntrack_cleanup_errors_total: Counter::default(),
             invalid_objects_total: Family::default(),
@@ -145,16 +145,7 @@ impl Metrics {
             "Cumulative proxy rules Service changes",
             m.service_changes_total.clone(),
         );
-        r.register(
-            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
-            "Pending proxy rules Endpoint changes",
-            m.endpoint_changes_pending.clone(),
-        );
-        r.register(
-            "kubeproxy_sync_proxy_rules_service_changes_pending",
-            "Pending proxy rules Service changes",
-            m.service_changes_pending.clone(),
-        );
+        r.register_collector(Box::new(m.pending.clone()));
         r.register(
             "kubeproxy_proxy_healthz",
             "Cumulative proxy healthz HTTP status",
@@ -177,9 +168,12 @@ impl Metrics {
         );
         r.register(
             "orca_invalid_objects",
-            "Kubernetes objects (or parts) ignored as invalid",
+            "Kubernetes objects (or parts) ignored as invalid, by kind (Service, EndpointSlice)",
             m.invalid_objects_total.clone(),
         );
+        for kind in [INVALID_SERVICE, INVALID_SLICE] {
+            let _ = m.invalid_objects_total.get_or_create(&KindLabels { kind: kind.into() });
+        }
         r.register(
             "orca_dataplane_mode",
             "The active dataplane (1) and why Orca fell back, if it did",
@@ -214,8 +208,77 @@ impl Metrics {
     }
 }
 
-/// Reads the eBPF datapath's counters (set by the eBPF dataplane when it runs).
-pub type DatapathSource = Box<dyn Fn() -> DatapathCounts + Send + Sync>;
+/// `kind` of `orca_invalid_objects_total` for Services and for EndpointSlices.
+pub const INVALID_SERVICE: &str = "Service";
+pub const INVALID_SLICE: &str = "EndpointSlice";
+
+impl Metrics {
+    /// Copies the change tracker's cumulative counters into their metrics (the tracker counts; the sync loop
+    /// publishes after each sync).
+    pub fn set_tracker_counters(&self, c: &Counters) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.service_changes_total.inner().store(c.service_changes, Relaxed);
+        self.endpoint_changes_total.inner().store(c.endpoint_changes, Relaxed);
+        for (kind, n) in [(INVALID_SERVICE, c.invalid_services), (INVALID_SLICE, c.invalid_slices)] {
+            self.invalid_objects_total
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .inner()
+                .store(n, Relaxed);
+        }
+    }
+}
+
+/// Reads the change tracker's pending changes (set by the agent once its watchers run).
+pub type PendingSource = Box<dyn Fn() -> PendingChanges + Send + Sync>;
+
+/// kube-proxy's `kubeproxy_sync_proxy_rules_service_changes_pending` and `..._endpoint_changes_pending`: Services with
+/// a Service (or EndpointSlice) change that no sync has taken yet, read from the tracker on each scrape (0 before
+/// the watchers start).
+#[derive(Default)]
+pub struct PendingCollector {
+    source: Mutex<Option<PendingSource>>,
+}
+
+impl std::fmt::Debug for PendingCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingCollector")
+    }
+}
+
+impl PendingCollector {
+    pub fn set_source(&self, source: PendingSource) {
+        if let Ok(mut s) = self.source.lock() {
+            *s = Some(source);
+        }
+    }
+}
+
+impl Collector for PendingCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = self
+            .source
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(|f| f()))
+            .unwrap_or_default();
+        for (name, help, v) in [
+            (
+                "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                "Pending proxy rules Endpoint changes",
+                p.endpoints,
+            ),
+            (
+                "kubeproxy_sync_proxy_rules_service_changes_pending",
+                "Pending proxy rules Service changes",
+                p.services,
+            ),
+        ] {
+            let g = ConstGauge::new(v as i64);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -331,5 +394,69 @@ impl Collector for DatapathCollector {
             k.encode(encoder.encode_descriptor(name, help, None, k.metric_type())?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn pending_changes_and_invalid_objects_are_exported_as_they_move() {
+        let m = Metrics::new();
+        let text = m.encode();
+        // Before the watchers start: every series is there, at 0.
+        for series in [
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "orca_invalid_objects_total{kind=\"Service\"}",
+            "orca_invalid_objects_total{kind=\"EndpointSlice\"}",
+        ] {
+            assert_eq!(value(&text, series), Some(0.0), "{series} in\n{text}");
+        }
+        assert!(text.contains("# TYPE kubeproxy_sync_proxy_rules_service_changes_pending gauge"));
+        // The tracker's pending changes are read on each scrape.
+        let pending = Arc::new(Mutex::new(PendingChanges {
+            services: 3,
+            endpoints: 2,
+        }));
+        let source = pending.clone();
+        m.pending.set_source(Box::new(move || *source.lock().unwrap()));
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(&text, "kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+            Some(2.0)
+        );
+        *pending.lock().unwrap() = PendingChanges::default();
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"),
+            Some(0.0)
+        );
+        // The tracker's cumulative counts, as the sync loop publishes them.
+        m.set_tracker_counters(&Counters {
+            service_changes: 7,
+            endpoint_changes: 5,
+            invalid_services: 2,
+            invalid_slices: 1,
+        });
+        let text = m.encode();
+        for (series, want) in [
+            ("kubeproxy_sync_proxy_rules_service_changes_total", 7.0),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 5.0),
+            ("orca_invalid_objects_total{kind=\"Service\"}", 2.0),
+            ("orca_invalid_objects_total{kind=\"EndpointSlice\"}", 1.0),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+        }
     }
 }

@@ -5,12 +5,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ListParams;
 use kube::Api;
 
-use crate::app::{kube_client, Settings};
+use crate::app::kube_client;
 use crate::dataplane::ebpf;
-use crate::dataplane::iptables::exec::Exec;
 use crate::model::state::Snapshot;
 use crate::model::tracker::ChangeTracker;
 use crate::model::PROXY_LABEL_SELECTOR;
+use crate::settings::Settings;
 use crate::verify;
 use crate::watch::node_info;
 
@@ -60,35 +60,6 @@ pub fn render_table(state: &Snapshot) -> String {
         ));
     }
     out
-}
-
-/// Reads the ClusterIP frontends back from the kernel: the pinned eBPF maps when they exist, else iptables. The
-/// first value names what was read (and where).
-pub fn programmed(
-    s: &Settings,
-    desired: &Snapshot,
-    node: &crate::model::NodeInfo,
-) -> anyhow::Result<(String, verify::FrontendMap)> {
-    let maps_dir = ebpf::pinned_maps_dir(&s.bpf_root);
-    match ebpf::dump(&s.bpf_root) {
-        Ok(views) => Ok((
-            format!("ebpf maps in {}", maps_dir.display()),
-            verify::ebpf_cluster_frontends(&views, desired, &node.addresses),
-        )),
-        Err(e) => {
-            eprintln!(
-                "no eBPF state found in {} ({e:#}); reading iptables instead (if the agent runs in eBPF mode, \
-                 pass its --bpf-root and run this in the node's mount namespace)",
-                maps_dir.display()
-            );
-            let exec = Exec::detect(None);
-            let save = exec.save("nat")? + &exec.save("filter")?;
-            Ok((
-                "iptables nat table".to_string(),
-                verify::iptables_cluster_frontends(&save),
-            ))
-        }
-    }
 }
 
 /// Renders the eBPF datapath's counters: every drop and untranslated pass by reason, and the conntrack map.
@@ -178,7 +149,7 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
         }
     }
     if verify {
-        let (mode, have) = programmed(s, &state, &node)?;
+        let (mode, have) = crate::dataplane::read_back_cluster_frontends(&s.bpf_root, &state, &node)?;
         let drift = verify::compare(&verify::desired_cluster_frontends(&state), &have);
         if drift.is_empty() {
             println!(

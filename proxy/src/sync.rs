@@ -5,13 +5,13 @@
 //! `sync_period` even without changes (the dataplane re-checks its hooks: jump rules, new pod interfaces), and a full
 //! resync runs at start, after a failure, and once an hour (kube-proxy's FullSyncPeriod).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::dataplane::Dataplane;
-use crate::healthcheck::HealthCheckServers;
+use crate::healthcheck::{HealthCheckServers, SyncHealth};
 use crate::metrics::Metrics;
-use crate::watch::Shared;
+use crate::watch::WatchState;
 
 /// How often a full resync rewrites everything, as kube-proxy's iptables mode does.
 pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
@@ -23,120 +23,6 @@ const BURST: u32 = 2;
 pub struct SyncConfig {
     pub min_sync_period: Duration,
     pub sync_period: Duration,
-}
-
-/// kube-proxy's ProxyHealthServer state (pkg/proxy/healthcheck/proxy_health.go) for the one IP family Orca
-/// programs (IPv4): when the dataplane was last updated, and since when a change has waited for a sync.
-///
-/// kube-proxy's rule: the proxy is healthy while it has never been updated, while nothing is queued, or while the
-/// oldest queued change has waited less than the health timeout (2 x sync period). A change counts as queued from
-/// the moment a watcher saw it -- also while a sync hangs, since the tracker is read directly at check time -- until
-/// a sync that took it succeeds. Changes the first lists brought in are not counted (kube-proxy's initial sync is not
-/// a queued update either).
-#[derive(Default)]
-pub struct SyncHealth {
-    inner: Mutex<HealthInner>,
-    /// The watchers' change tracker, when checks should see its pending changes.
-    tracker: Option<Shared>,
-}
-
-impl std::fmt::Debug for SyncHealth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyncHealth")
-            .field("inner", &*self.inner.lock().unwrap_or_else(|e| e.into_inner()))
-            .field("tracker", &self.tracker.is_some())
-            .finish()
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct HealthInner {
-    last_updated: Option<SystemTime>,
-    /// The oldest change taken by a sync (or queued) and not yet programmed.
-    oldest_queued: Option<Instant>,
-    /// When the caches synced (kube-proxy's "initialized"); the tracker's changes count only after that.
-    initialized: Option<Instant>,
-    /// A sync after `initialized` succeeded: the node's Services are programmed.
-    first_synced: bool,
-}
-
-/// The outcome of a health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HealthStatus {
-    pub healthy: bool,
-    /// The last successful sync (or the start of the sync loop); `None` before the loop started.
-    pub last_updated: Option<SystemTime>,
-    /// The time of the check.
-    pub now: SystemTime,
-}
-
-impl SyncHealth {
-    /// A health state that also reads the pending changes of `shared`'s tracker.
-    pub fn watching(shared: Shared) -> Self {
-        Self {
-            inner: Mutex::default(),
-            tracker: Some(shared),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// kube-proxy's QueuedUpdate: a change is waiting (kept if an older one is).
-    pub fn queued(&self) {
-        self.queued_at(Instant::now());
-    }
-
-    /// A change first seen at `at` is waiting. Changes seen before the caches synced are the initial state, not
-    /// queued updates.
-    pub fn queued_at(&self, at: Instant) {
-        let mut g = self.lock();
-        if g.initialized.is_some_and(|init| at < init) {
-            return;
-        }
-        g.oldest_queued = Some(g.oldest_queued.map_or(at, |q| q.min(at)));
-    }
-
-    /// kube-proxy's Updated: the dataplane holds every change taken so far.
-    pub fn updated(&self) {
-        let mut g = self.lock();
-        g.last_updated = Some(SystemTime::now());
-        g.oldest_queued = None;
-        g.first_synced |= g.initialized.is_some();
-    }
-
-    /// Whether a sync has programmed the node since the caches synced.
-    pub fn first_synced(&self) -> bool {
-        self.lock().first_synced
-    }
-
-    /// The caches synced: from now on the tracker's pending changes count as queued.
-    pub fn initialized(&self) {
-        self.lock().initialized.get_or_insert_with(Instant::now);
-    }
-
-    /// The health now, with `timeout` as kube-proxy's healthTimeout.
-    pub fn status(&self, timeout: Duration) -> HealthStatus {
-        let g = *self.lock();
-        let pending = match (&self.tracker, g.initialized) {
-            (Some(shared), Some(init)) => shared.lock().oldest_pending().filter(|p| *p >= init),
-            _ => None,
-        };
-        let queued = match (g.oldest_queued, pending) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let healthy = match (g.last_updated, queued) {
-            (None, _) | (_, None) => true,
-            (Some(_), Some(q)) => q.elapsed() < timeout,
-        };
-        HealthStatus {
-            healthy,
-            last_updated: g.last_updated,
-            now: SystemTime::now(),
-        }
-    }
 }
 
 /// A token bucket: `BURST` tokens, one refilled every `min`.
@@ -178,7 +64,7 @@ impl RateLimit {
 
 /// Runs syncs forever (until the task is dropped).
 pub async fn run(
-    shared: Shared,
+    shared: WatchState,
     mut dataplane: Box<dyn Dataplane>,
     cfg: SyncConfig,
     health: Arc<SyncHealth>,
@@ -287,14 +173,7 @@ pub async fn run(
                 tracing::error!(error = format!("{e:#}"), full, "sync failed; retrying with a full sync");
             }
         }
-        metrics
-            .service_changes_total
-            .inner()
-            .store(counters.service_changes, std::sync::atomic::Ordering::Relaxed);
-        metrics
-            .endpoint_changes_total
-            .inner()
-            .store(counters.endpoint_changes, std::sync::atomic::Ordering::Relaxed);
+        metrics.set_tracker_counters(&counters);
 
         // Wait for the next change, the next periodic sync, or a retry after a failure.
         let until_periodic = cfg.sync_period.saturating_sub(last_sync.elapsed());
@@ -343,72 +222,6 @@ mod tests {
         }
     }
 
-    const LONG: Duration = Duration::from_secs(3600);
-
-    #[test]
-    fn health_follows_kube_proxys_rule() {
-        let h = SyncHealth::default();
-        // Never updated (the sync loop has not started): healthy, however long a change waits.
-        h.queued();
-        assert!(h.status(Duration::ZERO).healthy);
-        assert_eq!(h.status(Duration::ZERO).last_updated, None);
-        // Updated, nothing queued: healthy even with a zero timeout.
-        h.updated();
-        let s = h.status(Duration::ZERO);
-        assert!(s.healthy && s.last_updated.is_some_and(|t| t <= s.now), "{s:?}");
-        // Queued but not late: healthy; late: unhealthy, lastUpdated stays the last update.
-        h.queued();
-        assert!(h.status(LONG).healthy);
-        let late = h.status(Duration::ZERO);
-        assert!(!late.healthy);
-        assert_eq!(late.last_updated, s.last_updated);
-        // The oldest queued change counts: a newer one does not reset the clock.
-        std::thread::sleep(Duration::from_millis(30));
-        h.queued();
-        assert!(!h.status(Duration::from_millis(20)).healthy);
-        // A successful sync clears the queue.
-        h.updated();
-        assert!(h.status(Duration::ZERO).healthy);
-    }
-
-    fn service(name: &str) -> k8s_openapi::api::core::v1::Service {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn health_sees_changes_the_watchers_queued_while_a_sync_hangs() {
-        let shared = Shared::new(crate::model::tracker::ChangeTracker::new(Default::default()));
-        let h = SyncHealth::watching(shared.clone());
-        h.updated();
-        // What the first lists bring is the initial state, not a queued update (nor is a diff of it).
-        shared.lock().service_updated(&service("before"));
-        let before = shared.lock().oldest_pending().unwrap();
-        h.initialized();
-        assert!(h.status(Duration::ZERO).healthy);
-        h.queued_at(before);
-        assert!(h.status(Duration::ZERO).healthy);
-        let _initial = shared.lock().take_diff();
-        // A change after that, which no sync has taken (the sync loop is stuck in the dataplane): queued.
-        std::thread::sleep(Duration::from_millis(5));
-        shared.lock().service_updated(&service("after"));
-        assert!(shared.lock().has_pending());
-        assert!(h.status(LONG).healthy);
-        assert!(!h.status(Duration::ZERO).healthy);
-        // Taken by a sync that has not finished: still queued (through queued_at, as the runner does).
-        let diff = shared.lock().take_diff();
-        h.queued_at(diff.oldest_change.unwrap());
-        assert!(!shared.lock().has_pending());
-        assert!(!h.status(Duration::ZERO).healthy);
-        // The sync succeeds.
-        h.updated();
-        assert!(h.status(Duration::ZERO).healthy);
-    }
-
     use crate::dataplane::SyncStats;
     use crate::model::state::Snapshot;
 
@@ -436,11 +249,18 @@ mod tests {
         fn cleanup(&mut self) -> anyhow::Result<()> {
             Ok(())
         }
+        fn cluster_frontends(
+            &self,
+            _: &Snapshot,
+            _: &crate::model::NodeInfo,
+        ) -> anyhow::Result<crate::verify::FrontendMap> {
+            Ok(Default::default())
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn service_ports_that_fail_to_program_keep_the_health_queued() {
-        let shared = Shared::new(crate::model::tracker::ChangeTracker::new(Default::default()));
+        let shared = WatchState::new(crate::model::tracker::ChangeTracker::new(Default::default()));
         for i in 0..3 {
             shared.set_synced(i);
         }

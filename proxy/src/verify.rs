@@ -1,8 +1,9 @@
-//! Reading back what the kernel holds for ClusterIP frontends, and comparing it with the desired state
-//! (`orca-proxy status --verify`). The read-back comes from the kernel itself — `iptables-save` or the pinned eBPF
-//! maps — never from the agent's memory, so a rule deleted by hand shows up as drift.
+//! `orca-proxy status --verify`: the ClusterIP frontends the desired state asks for, compared with what the kernel
+//! holds. Each dataplane reads its own state back next to the code that writes it
+//! ([`crate::dataplane::iptables::readback`], [`crate::dataplane::ebpf::dump`]), from the kernel itself — never from
+//! the agent's memory — so a rule deleted by hand shows up as drift.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use crate::model::state::Snapshot;
@@ -36,116 +37,6 @@ pub fn desired_cluster_frontends(desired: &Snapshot) -> FrontendMap {
     out
 }
 
-fn arg<'a>(words: &'a [&'a str], flag: &str) -> Option<&'a str> {
-    words
-        .iter()
-        .position(|w| *w == flag)
-        .and_then(|i| words.get(i + 1).copied())
-}
-
-/// Parses `iptables-save -t nat` output: every `ORCA-SERVICES` rule commented "... cluster IP" is a frontend; its
-/// backends are the DNAT destinations reached by following its jump through Orca's chains.
-pub fn iptables_cluster_frontends(save: &str) -> FrontendMap {
-    let mut chains: HashMap<&str, Vec<Vec<&str>>> = HashMap::new();
-    // The filter table's ORCA-SERVICES: ClusterIPs without (local) endpoints, rejected or dropped there.
-    let mut filtered: Vec<Vec<&str>> = Vec::new();
-    let mut table = "";
-    for line in save.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t.trim();
-        } else if let Some(rest) = line.strip_prefix("-A ") {
-            let words: Vec<&str> = rest.split_whitespace().collect();
-            match (table, words.split_first()) {
-                ("filter", Some((&"ORCA-SERVICES", rule))) => filtered.push(rule.to_vec()),
-                ("nat" | "", Some((chain, rule))) => chains.entry(chain).or_default().push(rule.to_vec()),
-                _ => {}
-            }
-        }
-    }
-    fn resolve(chains: &HashMap<&str, Vec<Vec<&str>>>, chain: &str, depth: u8, out: &mut BTreeSet<SocketAddrV4>) {
-        if depth > 4 {
-            return;
-        }
-        for rule in chains.get(chain).into_iter().flatten() {
-            match arg(rule, "-j") {
-                Some("DNAT") => {
-                    if let Some(d) = arg(rule, "--to-destination").and_then(|d| d.parse().ok()) {
-                        out.insert(d);
-                    }
-                }
-                Some(target) if target.starts_with("ORCA-") && target != "ORCA-MARK-MASQ" => {
-                    resolve(chains, target, depth + 1, out)
-                }
-                _ => {}
-            }
-        }
-    }
-    let mut out = FrontendMap::new();
-    for rule in chains.get("ORCA-SERVICES").into_iter().flatten() {
-        let line = rule.join(" ");
-        if !line.contains("cluster IP\"") {
-            continue;
-        }
-        let (Some(dst), Some(port), Some(proto), Some(target)) =
-            (arg(rule, "-d"), arg(rule, "--dport"), arg(rule, "-p"), arg(rule, "-j"))
-        else {
-            continue;
-        };
-        let (Ok(ip), Ok(port)) = (dst.trim_end_matches("/32").parse::<Ipv4Addr>(), port.parse::<u16>()) else {
-            continue;
-        };
-        let mut backends = BTreeSet::new();
-        resolve(&chains, target, 0, &mut backends);
-        out.insert((ip, port, proto.to_uppercase()), backends);
-    }
-    for rule in &filtered {
-        let (Some(dst), Some(port), Some(proto), Some("REJECT" | "DROP")) =
-            (arg(rule, "-d"), arg(rule, "--dport"), arg(rule, "-p"), arg(rule, "-j"))
-        else {
-            continue;
-        };
-        if let (Ok(ip), Ok(port)) = (dst.trim_end_matches("/32").parse::<Ipv4Addr>(), port.parse::<u16>()) {
-            out.entry((ip, port, proto.to_uppercase())).or_default();
-        }
-    }
-    out
-}
-
-/// The ClusterIP frontends in the pinned eBPF maps: every frontend except those that are a desired load-balancer,
-/// external-IP or NodePort frontend (those are checked by their own scenarios), so a stale ClusterIP entry left for
-/// a deleted Service shows up as drift.
-pub fn ebpf_cluster_frontends(
-    views: &[crate::dataplane::ebpf::FrontendView],
-    desired: &Snapshot,
-    node_addresses: &[IpAddr],
-) -> FrontendMap {
-    let mut external: BTreeSet<Frontend> = BTreeSet::new();
-    for st in desired.values() {
-        let p = &st.port;
-        let proto = p.protocol.as_str().to_string();
-        for ip in p.load_balancer_ips.iter().chain(&p.external_ips) {
-            if let IpAddr::V4(a) = ip {
-                external.insert((*a, p.port, proto.clone()));
-            }
-        }
-        if let Some(np) = p.node_port {
-            for ip in node_addresses {
-                if let IpAddr::V4(a) = ip {
-                    external.insert((*a, np, proto.clone()));
-                }
-            }
-        }
-    }
-    let mut out = FrontendMap::new();
-    for v in views {
-        let fe = (*v.address.ip(), v.address.port(), v.protocol.to_uppercase());
-        if !external.contains(&fe) {
-            out.entry(fe).or_default().extend(v.backends.iter().copied());
-        }
-    }
-    out
-}
-
 /// Differences between the desired and the programmed ClusterIP frontends, one line each; empty when in sync.
 pub fn compare(desired: &FrontendMap, programmed: &FrontendMap) -> Vec<String> {
     let mut drift = Vec::new();
@@ -171,45 +62,23 @@ pub fn compare(desired: &FrontendMap, programmed: &FrontendMap) -> Vec<String> {
 mod tests {
     use super::*;
 
-    const SAVE: &str = r#"*nat
-:ORCA-SERVICES - [0:0]
-:ORCA-SVC-AAA - [0:0]
-:ORCA-SEP-111 - [0:0]
-:ORCA-SEP-222 - [0:0]
--A ORCA-SERVICES -m comment --comment "default/web:http cluster IP" -m tcp -p tcp -d 10.96.0.10/32 --dport 80 -j ORCA-SVC-AAA
--A ORCA-SERVICES -m comment --comment "default/empty cluster IP" -m udp -p udp -d 10.96.0.11/32 --dport 53 -j ORCA-SVC-BBB
--A ORCA-SERVICES -m comment --comment "default/web:http external IP" -m tcp -p tcp -d 192.0.2.1/32 --dport 80 -j ORCA-EXT-AAA
--A ORCA-SVC-AAA -m comment --comment "default/web:http cluster IP" -m tcp -p tcp -d 10.96.0.10/32 --dport 80 ! -s 10.244.0.0/16 -j ORCA-MARK-MASQ
--A ORCA-SVC-AAA -m comment --comment "default/web:http -> 10.244.1.5:8080" -m statistic --mode random --probability 0.5000000000 -j ORCA-SEP-111
--A ORCA-SVC-AAA -m comment --comment "default/web:http -> 10.244.2.5:8080" -j ORCA-SEP-222
--A ORCA-SEP-111 -m comment --comment "default/web:http" -s 10.244.1.5/32 -j ORCA-MARK-MASQ
--A ORCA-SEP-111 -m comment --comment "default/web:http" -m tcp -p tcp -j DNAT --to-destination 10.244.1.5:8080
--A ORCA-SEP-222 -m comment --comment "default/web:http" -m tcp -p tcp -j DNAT --to-destination 10.244.2.5:8080
-COMMIT
-*filter
-:ORCA-SERVICES - [0:0]
--A ORCA-SERVICES -m comment --comment "default/gone:dns has no endpoints" -m udp -p udp -d 10.96.0.13/32 --dport 53 -j REJECT
--A ORCA-SERVICES -m comment --comment "default/itp:http has no local endpoints" -m tcp -p tcp -d 10.96.0.14/32 --dport 80 -j DROP
-COMMIT
-"#;
-
-    #[test]
-    fn parses_cluster_frontends_and_backends() {
-        let got = iptables_cluster_frontends(SAVE);
-        assert_eq!(got.len(), 4);
-        // Rejected (no endpoints) or dropped (no local endpoints) in the filter table: a frontend without backends.
-        assert!(got[&("10.96.0.13".parse().unwrap(), 53, "UDP".to_string())].is_empty());
-        assert!(got[&("10.96.0.14".parse().unwrap(), 80, "TCP".to_string())].is_empty());
-        let web = &got[&("10.96.0.10".parse().unwrap(), 80, "TCP".to_string())];
-        let want: BTreeSet<SocketAddrV4> =
-            ["10.244.1.5:8080".parse().unwrap(), "10.244.2.5:8080".parse().unwrap()].into();
-        assert_eq!(web, &want);
-        assert!(got[&("10.96.0.11".parse().unwrap(), 53, "UDP".to_string())].is_empty());
+    fn frontends(list: &[(&str, u16, &str, &[&str])]) -> FrontendMap {
+        list.iter()
+            .map(|(ip, port, proto, backends)| {
+                (
+                    (ip.parse().unwrap(), *port, proto.to_string()),
+                    backends.iter().map(|b| b.parse().unwrap()).collect(),
+                )
+            })
+            .collect()
     }
 
     #[test]
     fn compare_reports_each_kind_of_drift() {
-        let programmed = iptables_cluster_frontends(SAVE);
+        let programmed = frontends(&[
+            ("10.96.0.10", 80, "TCP", &["10.244.1.5:8080", "10.244.2.5:8080"]),
+            ("10.96.0.11", 53, "UDP", &[]),
+        ]);
         assert!(compare(&programmed, &programmed).is_empty());
         let mut desired = programmed.clone();
         desired

@@ -15,15 +15,15 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use tokio::sync::Notify;
 
-use crate::healthcheck::node_eligible;
 use crate::model::endpoints::slice_key;
 use crate::model::service::service_name;
 use crate::model::tracker::ChangeTracker;
 use crate::model::{NodeInfo, LABEL_TOPOLOGY_ZONE, PROXY_LABEL_SELECTOR};
 
-/// Shared between the watchers and the sync runner.
+/// What the watchers keep for the sync runner: the change tracker, whether each resource has been listed once,
+/// and the Node's eligibility; woken on every change.
 #[derive(Clone)]
-pub struct Shared {
+pub struct WatchState {
     pub tracker: Arc<Mutex<ChangeTracker>>,
     /// Woken on every change.
     pub changed: Arc<Notify>,
@@ -33,7 +33,7 @@ pub struct Shared {
     pub node_eligible: Arc<AtomicBool>,
 }
 
-impl Shared {
+impl WatchState {
     pub fn new(tracker: ChangeTracker) -> Self {
         Self {
             tracker: Arc::new(Mutex::new(tracker)),
@@ -77,6 +77,25 @@ const SERVICES: usize = 0;
 const SLICES: usize = 1;
 const NODE: usize = 2;
 
+/// The taint the Cluster Autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// kube-proxy's NodeEligible: the Node has been seen, is not being deleted (no deletionTimestamp) and carries no
+/// taint with the key [`TO_BE_DELETED_TAINT`] (whatever its value and effect).
+pub fn node_eligible(node: Option<&Node>) -> bool {
+    let Some(node) = node else {
+        return false;
+    };
+    if node.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    !node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
 /// Extracts what the agent needs from its Node object.
 pub fn node_info(name: &str, node: Option<&Node>) -> NodeInfo {
     let zone = node
@@ -100,7 +119,7 @@ fn watcher_config() -> watcher::Config {
 }
 
 /// Runs the three watchers until the process ends. Errors are logged and retried with backoff.
-pub async fn run(client: Client, node_name: String, shared: Shared) {
+pub async fn run(client: Client, node_name: String, shared: WatchState) {
     let svc = tokio::spawn(watch_kind::<Service>(Api::all(client.clone()), shared.clone()));
     let eps = tokio::spawn(watch_kind::<EndpointSlice>(Api::all(client.clone()), shared.clone()));
     let node = tokio::spawn(watch_node(Api::all(client), node_name, shared));
@@ -112,7 +131,7 @@ trait Tracked:
     kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static
 {
     type Key: Eq + std::hash::Hash + Send;
-    /// Index into [`Shared`]'s synced flags.
+    /// Index into [`WatchState`]'s synced flags.
     const INDEX: usize;
     const KIND: &'static str;
     fn key(&self) -> Option<Self::Key>;
@@ -158,7 +177,7 @@ impl Tracked for EndpointSlice {
     }
 }
 
-async fn watch_kind<K: Tracked>(api: Api<K>, shared: Shared) {
+async fn watch_kind<K: Tracked>(api: Api<K>, shared: WatchState) {
     let mut listed = HashSet::new();
     let stream = watcher::watcher(api, watcher_config()).default_backoff();
     futures::pin_mut!(stream);
@@ -189,7 +208,7 @@ async fn watch_kind<K: Tracked>(api: Api<K>, shared: Shared) {
     }
 }
 
-async fn watch_node(api: Api<Node>, name: String, shared: Shared) {
+async fn watch_node(api: Api<Node>, name: String, shared: WatchState) {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let stream = watcher::watcher(api, cfg).default_backoff();
     futures::pin_mut!(stream);
@@ -217,5 +236,34 @@ async fn watch_node(api: Api<Node>, name: String, shared: Shared) {
             }
             Err(e) => tracing::warn!(error = %e, "Node watch failed; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(v: serde_json::Value) -> Node {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn node_eligibility_is_kube_proxys() {
+        assert!(!node_eligible(None), "a Node not seen yet is not eligible");
+        assert!(node_eligible(Some(&node(
+            serde_json::json!({"metadata": {"name": "a"}})
+        ))));
+        let other = node(serde_json::json!({"metadata": {"name": "a"},
+            "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}));
+        assert!(node_eligible(Some(&other)), "other taints do not matter");
+        for effect in ["NoSchedule", "PreferNoSchedule", "NoExecute"] {
+            let tainted = node(serde_json::json!({"metadata": {"name": "a"},
+                "spec": {"taints": [{"key": "x", "effect": "NoSchedule"},
+                                    {"key": TO_BE_DELETED_TAINT, "value": "1700000000", "effect": effect}]}}));
+            assert!(!node_eligible(Some(&tainted)), "{effect}");
+        }
+        let deleting = node(serde_json::json!({"metadata": {"name": "a",
+            "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["example.com/hold"]}}));
+        assert!(!node_eligible(Some(&deleting)));
     }
 }

@@ -24,12 +24,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
-use orca_proxy::app::Settings;
 use orca_proxy::cli::Cli;
 use orca_proxy::dataplane::ProxyMode;
 use orca_proxy::model::tracker::ChangeTracker;
 use orca_proxy::model::NodeInfo;
-use orca_proxy::watch::{self, Shared};
+use orca_proxy::settings::Settings;
+use orca_proxy::watch::{self, WatchState};
 use orca_sandbox::{build, Sandbox, SandboxOptions};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -552,7 +552,7 @@ async fn manifests_are_accepted_and_the_rbac_is_enough_and_no_more() {
 
     // 4. The agent's own watchers (list + watch of Services, EndpointSlices and its Node) sync with the token.
     let client = orca_sandbox::controlplane::client_from_kubeconfig(&kc).await.unwrap();
-    let shared = Shared::new(ChangeTracker::new(NodeInfo {
+    let shared = WatchState::new(ChangeTracker::new(NodeInfo {
         name: "node-a".into(),
         ..Default::default()
     }));

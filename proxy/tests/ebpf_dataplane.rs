@@ -45,8 +45,11 @@ impl Drop for Env {
             let _ = s.kill();
             let _ = s.wait();
         }
+        // Not every test makes every namespace.
         for role in ["client", "client2", "node", "backend"] {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(role)]).status();
+            if Path::new("/run/netns").join(self.ns(role)).exists() {
+                let _ = Command::new("ip").args(["netns", "del", &self.ns(role)]).status();
+            }
         }
         let root = self.bpf_root();
         if let Ok(c) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) {
@@ -417,6 +420,11 @@ fn dnat_reject_restart_cleanup(tag: &str, attach: TcAttach) {
         );
         let mut dp = EbpfDataplane::new(cfg, opts).expect("restarted dataplane");
         dp.full_sync(&both, &node()).expect("full sync after restart");
+        // The restarted dataplane reads back from the pinned maps what the desired state asks for.
+        assert_eq!(
+            dp.cluster_frontends(&both, &node()).expect("read back"),
+            orca_proxy::verify::desired_cluster_frontends(&both)
+        );
         // The restarted agent replaced the programs in place: still one per interface and hook.
         let after = orca_tc_attachments();
         assert_eq!(after.len(), 6, "c0, b0, c1 ingress and egress: {after:#?}");
@@ -810,7 +818,7 @@ fn iptables_start_and_fallback_remove_what_ebpf_attached() {
             let mut argv = vec!["orca-proxy", "--hostname-override", "n", "--bpf-root", &root_s];
             argv.extend(args.iter().copied());
             let cli = orca_proxy::cli::Cli::try_parse_from(&argv).expect("flags");
-            let settings = orca_proxy::app::Settings::from_flags(&cli.flags).expect("settings");
+            let settings = orca_proxy::settings::Settings::from_flags(&cli.flags).expect("settings");
             let (mut ipt, fallback) = orca_proxy::dataplane::select::create(&settings).expect("a dataplane");
             assert_eq!(ipt.mode(), orca_proxy::dataplane::ProxyMode::Iptables, "{what}");
             assert_eq!(fallback.is_some(), args.contains(&"ebpf"), "{what}: {fallback:?}");

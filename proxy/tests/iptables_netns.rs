@@ -283,6 +283,12 @@ fn full_sync_read_back_and_cleanup() {
         }
     }
 
+    // The dataplane's own read-back (what `status --verify` compares) is the desired state.
+    assert_eq!(
+        dp.cluster_frontends(&desired, &node()).expect("read back"),
+        orca_proxy::verify::desired_cluster_frontends(&desired)
+    );
+
     // Idempotent: a second full sync changes nothing and adds no duplicate jump.
     dp.full_sync(&desired, &node()).unwrap();
     assert_eq!(rules(&ns, "nat"), nat);

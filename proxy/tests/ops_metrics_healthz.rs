@@ -357,6 +357,12 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(4);
 const KUBE_PROXY_LOG: &str = "kube-proxy-node-b";
 const TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
+/// kube-proxy's gauges of changes no sync has taken yet.
+const PENDING: [&str; 2] = [
+    "kubeproxy_sync_proxy_rules_service_changes_pending",
+    "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+];
+
 /// How syncs are stalled: a directory put first on both proxies' PATH, holding `iptables-restore`,
 /// `iptables-nft-restore` and `iptables-legacy-restore` wrappers. While the flag file exists a wrapper waits (as a
 /// restore waits behind a held xtables lock or a wedged kernel) and appends "<netns> <tool>" to the stall log; once
@@ -781,6 +787,18 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
                 .any(|l| l.starts_with("kubeproxy_proxy_healthz_total{code=\"503\"} ")),
             "the 503s are counted:\n{text}"
         );
+        // The Service no sync has taken is pending (it has no EndpointSlice). kube-proxy's gauge counts it until a
+        // sync checks it out, as Orca's does; whether kube-proxy's own stalled sync started before or after the
+        // change is a matter of timing, so only Orca's value is exact here.
+        let (_, _, kp_text) = curl(&b.netns, &format!("http://{b_metrics}/metrics")).expect("kube-proxy /metrics");
+        for series in PENDING {
+            let want = Some(if series.contains("service") { 1.0 } else { 0.0 });
+            assert_eq!(sample(&text, series), want, "orca's {series} while the Service waits");
+            assert!(
+                matches!(sample(&kp_text, series), Some(v) if v == 0.0 || v == 1.0),
+                "kube-proxy exports {series} too"
+            );
+        }
     });
 
     // 4. Syncs resume: the blocked restore completes, both turn healthy, and the change is programmed.
@@ -801,6 +819,16 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
             rules.contains(&format!("-d {cluster_ip}/32")),
             "the stalled change reached node-a's rules:\n{rules}"
         );
+        // Taken by a sync: nothing pending in either agent.
+        let (_, _, text) = curl(&a.netns, &format!("http://{a_metrics}/metrics")).expect("orca /metrics");
+        let (_, _, kp_text) = curl(&b.netns, &format!("http://{b_metrics}/metrics")).expect("kube-proxy /metrics");
+        for series in PENDING {
+            assert_eq!(
+                (sample(&text, series), sample(&kp_text, series)),
+                (Some(0.0), Some(0.0)),
+                "{series} after the sync: orca, kube-proxy"
+            );
+        }
     });
 
     // 5. The Cluster Autoscaler's ToBeDeleted taint: /healthz 503 with nodeEligible false, /livez 200; untainted, 200.

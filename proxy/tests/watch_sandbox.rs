@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use orca_proxy::model::state::Snapshot;
 use orca_proxy::model::tracker::ChangeTracker;
 use orca_proxy::model::NodeInfo;
-use orca_proxy::watch::{self, Shared};
+use orca_proxy::watch::{self, WatchState};
 use orca_sandbox::{build, Sandbox, SandboxOptions};
 use serde_json::json;
 
@@ -25,7 +25,7 @@ fn should_run() -> bool {
 }
 
 /// Takes diffs (as the sync runner does) until `pred` holds on the desired state, or panics after 20 s.
-async fn wait_for(shared: &Shared, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Snapshot {
+async fn wait_for(shared: &WatchState, what: &str, pred: impl Fn(&Snapshot) -> bool) -> Snapshot {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let snap = {
@@ -105,7 +105,7 @@ async fn watch_tracks_services_and_slices_on_a_real_apiserver() {
         .await
         .unwrap();
 
-    let shared = Shared::new(ChangeTracker::new(NodeInfo {
+    let shared = WatchState::new(ChangeTracker::new(NodeInfo {
         name: "node-a".into(),
         ..Default::default()
     }));

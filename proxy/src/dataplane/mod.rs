@@ -83,8 +83,13 @@ pub trait Dataplane: Send {
     /// Removes every rule, program, map and pin this dataplane owns.
     fn cleanup(&mut self) -> anyhow::Result<()>;
 
+    /// The ClusterIP frontends this dataplane has programmed, with the backends each sends to, read back from the
+    /// kernel (never from its own memory) by the module that writes them: what `status --verify` compares with
+    /// [`crate::verify::desired_cluster_frontends`].
+    fn cluster_frontends(&self, desired: &Snapshot, node: &NodeInfo) -> anyhow::Result<crate::verify::FrontendMap>;
+
     /// A reader of the datapath's own counters for the metrics (the eBPF dataplane's drops, map occupancy).
-    fn datapath_source(&self) -> Option<crate::metrics::DatapathSource> {
+    fn datapath_source(&self) -> Option<ebpf::DatapathSource> {
         None
     }
 
@@ -122,3 +127,30 @@ impl Degraded {
 }
 
 pub mod select;
+
+/// `orca-proxy status`'s read-back, without a running dataplane: the pinned eBPF maps under `bpf_root` when they
+/// exist, else the iptables rules of the calling process's namespace. The first value names what was read.
+pub fn read_back_cluster_frontends(
+    bpf_root: &std::path::Path,
+    desired: &Snapshot,
+    node: &NodeInfo,
+) -> anyhow::Result<(String, crate::verify::FrontendMap)> {
+    let maps_dir = ebpf::pinned_maps_dir(bpf_root);
+    match ebpf::dump(bpf_root) {
+        Ok(views) => Ok((
+            format!("ebpf maps in {}", maps_dir.display()),
+            ebpf::dump::cluster_frontends(&views, desired, &node.addresses),
+        )),
+        Err(e) => {
+            eprintln!(
+                "no eBPF state found in {} ({e:#}); reading iptables instead (if the agent runs in eBPF mode, \
+                 pass its --bpf-root and run this in the node's mount namespace)",
+                maps_dir.display()
+            );
+            Ok((
+                "iptables nat and filter tables".to_string(),
+                iptables::readback::read_cluster_frontends(None)?,
+            ))
+        }
+    }
+}

@@ -1,9 +1,9 @@
 //! Chooses and builds the dataplane: eBPF by default, iptables when asked or when eBPF cannot run.
 
-use crate::app::Settings;
 use crate::dataplane::ebpf::{EbpfDataplane, EbpfOptions};
 use crate::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use crate::dataplane::{Dataplane, ProxyMode};
+use crate::settings::Settings;
 
 /// Builds the dataplane for `s.mode`; returns it with the reason for a fallback, if one happened.
 pub fn create(s: &Settings) -> anyhow::Result<(Box<dyn Dataplane>, Option<String>)> {

@@ -11,11 +11,22 @@ pub struct Cidr {
     pub prefix: u8,
 }
 
+/// Why a CIDR is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("invalid CIDR {0:?}: bad address")]
+    BadAddress(String),
+    #[error("invalid CIDR {0:?}: bad prefix length")]
+    BadPrefix(String),
+    #[error("invalid CIDR {addr}/{prefix}: prefix length {prefix} is longer than {max}")]
+    PrefixTooLong { addr: IpAddr, prefix: u8, max: u8 },
+}
+
 impl Cidr {
-    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, String> {
+    pub fn new(addr: IpAddr, prefix: u8) -> Result<Self, CidrError> {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         if prefix > max {
-            return Err(format!("prefix length {prefix} is longer than {max}"));
+            return Err(CidrError::PrefixTooLong { addr, prefix, max });
         }
         Ok(Self {
             addr: mask(addr, prefix),
@@ -56,7 +67,7 @@ fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
 }
 
 impl FromStr for Cidr {
-    type Err = String;
+    type Err = CidrError;
 
     /// Parses `a.b.c.d/n` or `x::y/n`; a bare address is a host route. Surrounding blanks are trimmed, as
     /// kube-proxy trims loadBalancerSourceRanges.
@@ -66,15 +77,13 @@ impl FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a.parse().map_err(|_| format!("invalid CIDR {s:?}: bad address"))?;
+        let addr: IpAddr = a.parse().map_err(|_| CidrError::BadAddress(s.to_string()))?;
         let prefix = match p {
-            Some(p) => p
-                .parse::<u8>()
-                .map_err(|_| format!("invalid CIDR {s:?}: bad prefix length"))?,
+            Some(p) => p.parse::<u8>().map_err(|_| CidrError::BadPrefix(s.to_string()))?,
             None if addr.is_ipv4() => 32,
             None => 128,
         };
-        Cidr::new(addr, prefix).map_err(|e| format!("invalid CIDR {s:?}: {e}"))
+        Cidr::new(addr, prefix)
     }
 }
 

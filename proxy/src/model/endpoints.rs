@@ -36,21 +36,14 @@ pub struct SliceEndpoint {
 }
 
 /// Why a slice is not used at all.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SliceError {
+    #[error("no {} label", LABEL_SERVICE_NAME)]
     NoServiceLabel,
+    #[error("malformed: {0}")]
     Malformed(String),
+    #[error("address type {0} is not proxied")]
     UnsupportedAddressType(String),
-}
-
-impl std::fmt::Display for SliceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SliceError::NoServiceLabel => write!(f, "no {LABEL_SERVICE_NAME} label"),
-            SliceError::Malformed(why) => write!(f, "malformed: {why}"),
-            SliceError::UnsupportedAddressType(t) => write!(f, "address type {t} is not proxied"),
-        }
-    }
 }
 
 /// The Service a slice belongs to and the slice's own name.

@@ -45,12 +45,12 @@ pub enum Protocol {
 
 impl Protocol {
     /// Parses the Kubernetes spelling; `None` (unset) means TCP, as in the API defaults.
-    pub fn parse(s: Option<&str>) -> Result<Self, String> {
+    pub fn parse(s: Option<&str>) -> Result<Self, ValueError> {
         match s {
             None | Some("TCP") => Ok(Protocol::Tcp),
             Some("UDP") => Ok(Protocol::Udp),
             Some("SCTP") => Ok(Protocol::Sctp),
-            Some(other) => Err(format!("unknown protocol {other:?}")),
+            Some(other) => Err(ValueError::Protocol(other.to_string())),
         }
     }
 
@@ -189,14 +189,23 @@ pub enum LoadBalancing {
 }
 
 impl std::str::FromStr for LoadBalancing {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         match s.trim() {
             "random" => Ok(Self::Random),
             "maglev" => Ok(Self::Maglev),
-            other => Err(format!("unknown value {other:?} (expected \"random\" or \"maglev\")")),
+            other => Err(ValueError::LoadBalancing(other.to_string())),
         }
     }
+}
+
+/// A field value the model does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("unknown protocol {0:?}")]
+    Protocol(String),
+    #[error("unknown value {0:?} (expected \"random\" or \"maglev\")")]
+    LoadBalancing(String),
 }
 
 impl ServicePort {

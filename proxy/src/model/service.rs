@@ -11,32 +11,25 @@ use super::{
 };
 
 /// Why a Service yields no service ports at all.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Skip {
     /// clusterIP is "None": DNS-only.
+    #[error("headless (clusterIP None)")]
     Headless,
     /// No cluster IP allocated (yet).
+    #[error("no cluster IP")]
     NoClusterIp,
+    #[error("type ExternalName")]
     ExternalName,
     /// Carries `service.kubernetes.io/service-proxy-name`: another proxy owns it.
+    #[error("labelled {}", LABEL_SERVICE_PROXY_NAME)]
     OtherProxy,
     /// Carries `service.kubernetes.io/headless`.
+    #[error("labelled {}", LABEL_HEADLESS)]
     HeadlessLabel,
     /// Missing namespace or name.
+    #[error("malformed: {0}")]
     Malformed(String),
-}
-
-impl std::fmt::Display for Skip {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Skip::Headless => f.write_str("headless (clusterIP None)"),
-            Skip::NoClusterIp => f.write_str("no cluster IP"),
-            Skip::ExternalName => f.write_str("type ExternalName"),
-            Skip::OtherProxy => write!(f, "labelled {LABEL_SERVICE_PROXY_NAME}"),
-            Skip::HeadlessLabel => write!(f, "labelled {LABEL_HEADLESS}"),
-            Skip::Malformed(why) => write!(f, "malformed: {why}"),
-        }
-    }
 }
 
 /// Problems with parts of a Service that are skipped while the rest is used.

@@ -23,6 +23,28 @@ pub const ANNOTATION_LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/l
 struct Pending {
     first_seen: Instant,
     trigger_times: Vec<SystemTime>,
+    /// The Service object changed (kube-proxy's pending Service change).
+    service: bool,
+    /// EndpointSlice changes of the Service (kube-proxy counts each, not each Service).
+    endpoint_changes: u64,
+}
+
+/// What made a Service pending.
+#[derive(Debug, Clone, Copy)]
+enum Changed {
+    Service,
+    Endpoints,
+    /// The Node (zone, addresses): neither of kube-proxy's pending counts.
+    Node,
+}
+
+/// Services with changes no sync has taken yet, as kube-proxy's `*_changes_pending` gauges count them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PendingChanges {
+    /// Services whose Service object changed (kube-proxy's `ServiceChangeTracker` items).
+    pub services: u64,
+    /// EndpointSlice changes (kube-proxy increments its gauge once per slice change that needs a sync).
+    pub endpoints: u64,
 }
 
 /// What changed since the last sync.
@@ -51,7 +73,10 @@ impl Diff {
 pub struct Counters {
     pub service_changes: u64,
     pub endpoint_changes: u64,
-    pub invalid_objects: u64,
+    /// Services (or some of their ports) ignored as invalid.
+    pub invalid_services: u64,
+    /// EndpointSlices (or some of their endpoints) ignored as invalid.
+    pub invalid_slices: u64,
 }
 
 /// Turns events into diffs.
@@ -100,12 +125,29 @@ impl ChangeTracker {
         self.counters
     }
 
-    fn mark(&mut self, svc: ServiceName, trigger: Option<SystemTime>) {
+    fn mark(&mut self, svc: ServiceName, trigger: Option<SystemTime>, what: Changed) {
         let p = self.pending.entry(svc).or_insert_with(|| Pending {
             first_seen: Instant::now(),
             trigger_times: vec![],
+            service: false,
+            endpoint_changes: 0,
         });
         p.trigger_times.extend(trigger);
+        match what {
+            Changed::Service => p.service = true,
+            Changed::Endpoints => p.endpoint_changes += 1,
+            Changed::Node => {}
+        }
+    }
+
+    /// The pending changes as kube-proxy's gauges count them; a sync's `take_diff` checks them out.
+    pub fn pending_changes(&self) -> PendingChanges {
+        let mut c = PendingChanges::default();
+        for p in self.pending.values() {
+            c.services += u64::from(p.service);
+            c.endpoints += p.endpoint_changes;
+        }
+        c
     }
 
     /// A Service was added or modified.
@@ -113,7 +155,7 @@ impl ChangeTracker {
         let name = match service_name(svc) {
             Ok(n) => n,
             Err(e) => {
-                self.counters.invalid_objects += 1;
+                self.counters.invalid_services += 1;
                 tracing::warn!(error = %e, "ignoring Service");
                 return;
             }
@@ -123,7 +165,7 @@ impl ChangeTracker {
                 for w in &warnings {
                     tracing::warn!(service = %name, "{w}");
                 }
-                self.counters.invalid_objects += u64::from(!warnings.is_empty());
+                self.counters.invalid_services += u64::from(!warnings.is_empty());
                 ports
             }
             Err(skip) => {
@@ -140,7 +182,7 @@ impl ChangeTracker {
         };
         if old.as_deref().unwrap_or_default() != ports.as_slice() {
             self.counters.service_changes += 1;
-            self.mark(name, None);
+            self.mark(name, None, Changed::Service);
         }
     }
 
@@ -149,7 +191,7 @@ impl ChangeTracker {
         if let Ok(name) = service_name(svc) {
             if self.services.remove(&name).is_some() {
                 self.counters.service_changes += 1;
-                self.mark(name, None);
+                self.mark(name, None, Changed::Service);
             }
         }
     }
@@ -159,7 +201,7 @@ impl ChangeTracker {
         let (svc, name) = match slice_key(slice) {
             Ok(k) => k,
             Err(e) => {
-                self.counters.invalid_objects += 1;
+                self.counters.invalid_slices += 1;
                 tracing::debug!(slice = ?slice.metadata.name, error = %e, "ignoring EndpointSlice");
                 return;
             }
@@ -169,19 +211,19 @@ impl ChangeTracker {
                 for w in &warnings {
                     tracing::warn!(service = %svc, slice = %name, "{w}");
                 }
-                self.counters.invalid_objects += u64::from(!warnings.is_empty());
+                self.counters.invalid_slices += u64::from(!warnings.is_empty());
                 // Share the Service's copy of its name when the Service is known.
                 let svc = self.services.get_key_value(&svc).map_or(svc, |(k, _)| k.clone());
                 if self.slices.upsert(svc.clone(), name, info) {
                     self.counters.endpoint_changes += 1;
-                    self.mark(svc, trigger_time(slice));
+                    self.mark(svc, trigger_time(slice), Changed::Endpoints);
                 }
             }
             Err(e) => {
                 tracing::debug!(service = %svc, slice = %name, error = %e, "ignoring EndpointSlice");
                 if self.slices.remove(&svc, &name) {
                     self.counters.endpoint_changes += 1;
-                    self.mark(svc, trigger_time(slice));
+                    self.mark(svc, trigger_time(slice), Changed::Endpoints);
                 }
             }
         }
@@ -192,7 +234,7 @@ impl ChangeTracker {
         if let Ok((svc, name)) = slice_key(slice) {
             if self.slices.remove(&svc, &name) {
                 self.counters.endpoint_changes += 1;
-                self.mark(svc, None);
+                self.mark(svc, None, Changed::Endpoints);
             }
         }
     }
@@ -203,7 +245,7 @@ impl ChangeTracker {
         for name in gone {
             self.services.remove(&name);
             self.counters.service_changes += 1;
-            self.mark(name, None);
+            self.mark(name, None, Changed::Service);
         }
     }
 
@@ -214,7 +256,7 @@ impl ChangeTracker {
             for slice in self.slices.slice_names(&svc) {
                 if !listed.contains(&(svc.clone(), slice.clone())) && self.slices.remove(&svc, &slice) {
                     self.counters.endpoint_changes += 1;
-                    self.mark(svc.clone(), None);
+                    self.mark(svc.clone(), None, Changed::Endpoints);
                 }
             }
         }
@@ -237,7 +279,7 @@ impl ChangeTracker {
             .map(|(name, _)| name.clone())
             .collect();
         for s in affected {
-            self.mark(s, None);
+            self.mark(s, None, Changed::Node);
         }
         self.readdressed |= addresses_changed;
     }
@@ -497,13 +539,39 @@ mod tests {
     }
 
     #[test]
+    fn pending_changes_count_services_and_endpoints_until_a_sync_takes_them() {
+        let mut t = tracker();
+        t.service_updated(&svc("a", "10.96.0.1", json!([{"name": "http", "port": 80}])));
+        t.service_updated(&svc("b", "10.96.0.2", json!([{"name": "http", "port": 80}])));
+        t.slice_updated(&slice("a", "a-1", &[("10.244.2.1", true)]));
+        t.slice_updated(&slice("a", "a-1", &[("10.244.2.1", false)]));
+        assert_eq!(
+            t.pending_changes(),
+            PendingChanges {
+                services: 2,
+                endpoints: 2
+            }
+        );
+        t.take_diff();
+        assert_eq!(t.pending_changes(), PendingChanges::default());
+        t.slice_updated(&slice("b", "b-1", &[("10.244.2.2", true)]));
+        assert_eq!(
+            t.pending_changes(),
+            PendingChanges {
+                services: 0,
+                endpoints: 1
+            }
+        );
+    }
+
+    #[test]
     fn malformed_input_is_counted_not_fatal() {
         let mut t = tracker();
         let bad: EndpointSlice = serde_json::from_value(json!({"metadata": {"namespace": "ns", "name": "x"},
                                                                "addressType": "IPv4", "endpoints": []}))
         .unwrap();
         t.slice_updated(&bad);
-        assert_eq!(t.counters().invalid_objects, 1);
+        assert_eq!((t.counters().invalid_services, t.counters().invalid_slices), (0, 1));
         assert!(!t.has_pending());
     }
 }

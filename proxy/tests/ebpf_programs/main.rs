@@ -18,12 +18,12 @@
 //!
 //! One file per behaviour, as Cilium's bpf/tests: `translation` (DNAT, reverse NAT, backend choice), `masquerade`,
 //! `conntrack` (lifetimes, masquerade ports, the collector), `reject` (no endpoints, source ranges), `icmp`,
-//! `forwarding` (what reaches the stack; the bypass path), `drops` (a counted reason for each), `cost`.
+//! `forwarding` (what reaches the stack; the bypass path), `drops` (a counted reason for each). The per-packet
+//! cost at 1 and 10,000 Services is a test of the bench (`bench/src/tccost.rs`), next to the measurement it guards.
 
 mod harness;
 
 mod conntrack;
-mod cost;
 mod drops;
 mod forwarding;
 mod icmp;

@@ -6,137 +6,39 @@
 //! `v<ABI>/progs/<program>` and `v<ABI>/links/<ifname>-{ingress,egress}`.
 
 pub mod conntrack;
+pub mod dump;
+mod links;
 pub mod loader;
 pub mod maglev;
+mod maps;
+pub mod options;
 pub mod services;
-pub mod testrun;
 
-use std::collections::{BTreeMap, BTreeSet};
+pub use dump::{
+    datapath_report, dump, open_stats, pinned_maps_dir, read_stats, DatapathCounts, DatapathSource, FrontendView,
+    StatsMap,
+};
+pub use options::{ephemeral_ports, ConntrackOptions, EbpfOptions, DEFAULT_CONNTRACK_MAX};
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap as AyaHashMap, MapData};
-use aya::programs::SchedClassifier;
+use aya::maps::{Array, MapData};
 use aya::Ebpf;
-use orca_common::{
-    Backend, BackendSlotKey, CtTimeouts, Frontend, FrontendKey, MemberKey, NatPorts, SrcRangeKey, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK, MAP_SRC_RANGES, MAP_STATS,
-};
+use orca_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK};
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
 use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::tracker::Diff;
 use crate::model::{NodeInfo, ServicePortName};
 
-use loader::{Attacher, Role};
-use services::{MapOps, Programmer, SrcRange};
-
-/// Where and on which interfaces the programs go.
-#[derive(Debug, Clone)]
-pub struct EbpfOptions {
-    /// bpffs directory for pins; mounted when it is not on a bpffs.
-    pub bpf_root: PathBuf,
-    /// Interfaces whose name starts with one of these are pod veths (host side).
-    pub pod_interface_prefixes: Vec<String>,
-    /// Explicit pod interfaces (in addition to the prefixes).
-    pub pod_interfaces: Vec<String>,
-    /// Node uplinks; empty means the interfaces holding one of the node's addresses, else the
-    /// ones carrying the IPv4 default route.
-    pub uplinks: Vec<String>,
-    /// cgroup (v2) whose processes get socket-level translation when they run in the agent's
-    /// network namespace (host processes, hostNetwork pods): the agent passes the root of the host's cgroup v2
-    /// hierarchy ([`loader::choose_cgroup`]). `None` (the default) disables the hooks.
-    pub cgroup: Option<PathBuf>,
-    /// Why host-network clients will not all be translated, found while choosing `cgroup`.
-    pub cgroup_warning: Option<crate::dataplane::Degraded>,
-    /// Choose backends by Maglev consistent hashing instead of at random.
-    pub maglev: bool,
-    /// Translated packets are forwarded by the programs (FIB lookup and redirect) instead of going through the
-    /// node's routing and netfilter (`--ebpf-bypass-netfilter`).
-    pub bypass_netfilter: bool,
-    pub conntrack: ConntrackOptions,
-    /// TCX or clsact (`--ebpf-tc-attach`).
-    pub tc_attach: loader::TcAttach,
-}
-
-/// The eBPF conntrack's capacity, lifetimes and masquerade ports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConntrackOptions {
-    /// Flows the conntrack map holds (`--ebpf-conntrack-max`); the map has two entries per flow (a masqueraded
-    /// flow takes three).
-    pub max_flows: u32,
-    pub timeouts: CtTimeouts,
-    /// Masquerade source ports (inclusive), before the node's ephemeral range is cut out.
-    pub snat_ports: (u16, u16),
-}
-
-impl Default for ConntrackOptions {
-    fn default() -> Self {
-        Self {
-            max_flows: DEFAULT_CONNTRACK_MAX,
-            timeouts: CtTimeouts::DEFAULT,
-            snat_ports: (orca_common::NAT_PORT_MIN, orca_common::NAT_PORT_MAX),
-        }
-    }
-}
-
-/// Default `--ebpf-conntrack-max`: a million flows.
-pub const DEFAULT_CONNTRACK_MAX: u32 = 1 << 20;
-
-impl ConntrackOptions {
-    /// Entries of the conntrack map.
-    pub fn entries(&self) -> u32 {
-        self.max_flows.saturating_mul(2).max(1024)
-    }
-
-    /// The masquerade ports without the ephemeral range of the calling thread's network namespace
-    /// (`net.ipv4.ip_local_port_range`), so the node's own connections never pick a port a masqueraded flow
-    /// holds.
-    pub fn nat_ports(&self) -> Result<NatPorts> {
-        let eph = ephemeral_ports();
-        let (lo, hi) = self.snat_ports;
-        NatPorts::new(lo, hi, eph).with_context(|| {
-            format!(
-                "no masquerade source port left: the range {lo}-{hi} lies inside the node's ephemeral ports {eph:?} \
-                 (net.ipv4.ip_local_port_range)"
-            )
-        })
-    }
-}
-
-/// `net.ipv4.ip_local_port_range` of the calling thread's network namespace.
-pub fn ephemeral_ports() -> Option<(u16, u16)> {
-    let s = std::fs::read_to_string("/proc/thread-self/net/../sys/net/ipv4/ip_local_port_range")
-        .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
-        .ok()?;
-    let mut it = s.split_whitespace().map(|x| x.parse::<u16>());
-    match (it.next(), it.next()) {
-        (Some(Ok(a)), Some(Ok(b))) => Some((a, b)),
-        _ => None,
-    }
-}
-
-impl Default for EbpfOptions {
-    fn default() -> Self {
-        Self {
-            bpf_root: PathBuf::from("/sys/fs/bpf/orca"),
-            // Calico, plain veth CNIs (bridge/ptp: veth*), Cilium-style lxc*, the sandbox's pods.
-            pod_interface_prefixes: ["cali", "veth", "lxc", "orca-p"].map(String::from).to_vec(),
-            pod_interfaces: vec![],
-            uplinks: vec![],
-            cgroup: None,
-            cgroup_warning: None,
-            maglev: false,
-            bypass_netfilter: false,
-            conntrack: ConntrackOptions::default(),
-            tc_attach: loader::TcAttach::Auto,
-        }
-    }
-}
+use links::{Links, Watcher};
+use loader::Attacher;
+use maps::AyaMaps;
+use services::Programmer;
+use services::{MapOps, SrcRange};
 
 pub struct EbpfDataplane {
     cfg: DataplaneConfig,
@@ -154,133 +56,6 @@ pub struct EbpfDataplane {
     collector: conntrack::Collector,
     /// The per-reason packet counters (`ORCA_STATS`).
     stats: StatsMap,
-}
-
-/// Attachment state shared with the interface watcher thread.
-struct Links {
-    opts: EbpfOptions,
-    /// Veths that are neither pod interfaces (by name) nor uplinks, as of the last scan.
-    unmatched: BTreeSet<String>,
-    /// Their number, read by the metrics.
-    unmatched_count: Arc<std::sync::atomic::AtomicU64>,
-    attacher: Attacher,
-    /// Handles of the pinned programs, per role.
-    progs: BTreeMap<Role, SchedClassifier>,
-    /// The node's addresses: interfaces holding one are uplinks (unless configured explicitly).
-    node_addresses: Vec<std::net::IpAddr>,
-}
-
-impl Links {
-    /// Attaches to pod veths and uplinks that appeared since the last call; forgets vanished ones.
-    fn scan(&mut self) {
-        let present = loader::interfaces();
-        self.attacher.forget_missing(&present);
-        let uplinks = if !self.opts.uplinks.is_empty() {
-            self.opts.uplinks.clone()
-        } else {
-            let mut u = loader::interfaces_with_addresses(&self.node_addresses);
-            if u.is_empty() {
-                u = loader::default_route_interfaces();
-            }
-            u
-        };
-        let mut unmatched = BTreeSet::new();
-        for (name, ifindex) in &present {
-            let is_pod = self.opts.pod_interfaces.contains(name)
-                || self
-                    .opts
-                    .pod_interface_prefixes
-                    .iter()
-                    .any(|p| !p.is_empty() && name.starts_with(p.as_str()));
-            let role = if is_pod {
-                Role::Pod
-            } else if uplinks.contains(name) {
-                Role::Netdev
-            } else {
-                // A veth that is neither a pod's (by name) nor an uplink: most likely a pod of a CNI whose prefix is
-                // not configured. Said once per interface, counted in the metrics and shown by `status`.
-                if self.unmatched.contains(name) || loader::driver(name).as_deref() == Some("veth") {
-                    if !self.unmatched.contains(name) {
-                        tracing::warn!(
-                            interface = %name,
-                            prefixes = ?self.opts.pod_interface_prefixes,
-                            "a veth matching no --ebpf-pod-interface-prefixes: traffic from behind it gets no Service \
-                             translation (add its prefix, or name it in --ebpf-pod-interfaces)"
-                        );
-                    }
-                    unmatched.insert(name.clone());
-                }
-                continue;
-            };
-            let mut roles = vec![role];
-            if !self.opts.bypass_netfilter {
-                roles.push(Role::Egress);
-            }
-            for role in roles {
-                let Some(prog) = self.progs.get_mut(&role) else {
-                    continue;
-                };
-                // One interface failing (it vanished meanwhile, ...) must not stop the others.
-                if let Err(e) = self.attacher.attach(prog, name, *ifindex, role) {
-                    tracing::warn!(interface = %name, error = %format!("{e:#}"), "cannot attach");
-                }
-            }
-        }
-        self.unmatched_count
-            .store(unmatched.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.unmatched = unmatched;
-    }
-}
-
-/// Follows pod veths as pods come and go: rescans the interfaces every `WATCH_INTERVAL`, so a new
-/// pod's traffic is translated within that time, without waiting for a Service change.
-struct Watcher {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-const WATCH_INTERVAL: Duration = Duration::from_millis(200);
-
-impl Watcher {
-    fn start(links: Arc<Mutex<Links>>) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        // The thread inherits the network namespace of the calling thread.
-        let thread = std::thread::Builder::new()
-            .name("orca-ebpf-ifwatch".into())
-            .spawn(move || {
-                // Link notifications wake the scan at once (a new pod's veth is attached before the pod sends its
-                // first packet); the periodic scan stays as the fallback when they cannot be had.
-                let events = loader::LinkEvents::open()
-                    .inspect_err(|e| {
-                        tracing::warn!(error = %e, "no link notifications: new pod interfaces are found by the periodic scan only")
-                    })
-                    .ok();
-                while !flag.load(Ordering::Relaxed) {
-                    match &events {
-                        Some(ev) => ev.wait(WATCH_INTERVAL),
-                        None => std::thread::sleep(WATCH_INTERVAL),
-                    }
-                    if let Ok(mut l) = links.lock() {
-                        l.scan();
-                    }
-                }
-            })
-            .context("starting the interface watcher")?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl EbpfDataplane {
@@ -483,53 +258,6 @@ fn hand_over(
     written
 }
 
-/// The datapath's own counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DatapathCounts {
-    /// Packets per `REASON_*` (summed over CPUs), in `orca_common::REASONS` order.
-    pub reasons: Vec<u64>,
-    pub conntrack: conntrack::CtCounts,
-    /// Veths that match no pod interface prefix and are no uplink (no program on them).
-    pub unmatched_interfaces: u64,
-}
-
-/// The pinned per-reason counters.
-pub type StatsMap = aya::maps::PerCpuArray<MapData, u64>;
-
-/// Opens the `ORCA_STATS` map pinned in `maps_dir`.
-pub fn open_stats(maps_dir: &std::path::Path) -> Result<StatsMap> {
-    let p = maps_dir.join(MAP_STATS);
-    let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
-    Ok(StatsMap::try_from(aya::maps::Map::from_map_data(data)?)?)
-}
-
-/// Where the pinned maps of the running (or last) agent under `root` live.
-pub fn pinned_maps_dir(root: &std::path::Path) -> PathBuf {
-    loader::versioned_dir(root).join("maps")
-}
-
-/// The datapath's counters and conntrack occupancy read from the pinned maps under `root` (for `orca-proxy
-/// status`); the conntrack census only reads, so expired entries the collector has not deleted yet are counted
-/// as such.
-pub fn datapath_report(root: &std::path::Path, timeouts: &CtTimeouts) -> Result<DatapathCounts> {
-    let maps_dir = pinned_maps_dir(root);
-    let stats = open_stats(&maps_dir)?;
-    let p = maps_dir.join(orca_common::MAP_CT);
-    let ct = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
-    Ok(DatapathCounts {
-        reasons: read_stats(&stats),
-        conntrack: conntrack::census(&ct, timeouts)?,
-        unmatched_interfaces: loader::veths_without_program(root).len() as u64,
-    })
-}
-
-/// Sums the per-CPU `ORCA_STATS` counters.
-pub fn read_stats(map: &StatsMap) -> Vec<u64> {
-    (0..orca_common::REASON_COUNT)
-        .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
-        .collect()
-}
-
 /// Writes `--masquerade-all` and `--cluster-cidr` (IPv4) into the maps, replacing what a previous
 /// agent wrote.
 fn configure(ebpf: &mut Ebpf, cfg: &DataplaneConfig) -> Result<()> {
@@ -688,7 +416,7 @@ impl Dataplane for EbpfDataplane {
         self.degraded.clone()
     }
 
-    fn datapath_source(&self) -> Option<crate::metrics::DatapathSource> {
+    fn datapath_source(&self) -> Option<DatapathSource> {
         let maps_dir = loader::versioned_dir(&lock(&self.links).ok()?.opts.bpf_root).join("maps");
         let stats = match open_stats(&maps_dir) {
             Ok(s) => s,
@@ -704,6 +432,11 @@ impl Dataplane for EbpfDataplane {
             conntrack: counts.lock().map(|c| c.clone()).unwrap_or_default(),
             unmatched_interfaces: unmatched.load(std::sync::atomic::Ordering::Relaxed),
         }))
+    }
+
+    fn cluster_frontends(&self, desired: &Snapshot, node: &NodeInfo) -> Result<crate::verify::FrontendMap> {
+        let root = lock(&self.links)?.opts.bpf_root.clone();
+        Ok(dump::cluster_frontends(&dump(&root)?, desired, &node.addresses))
     }
 
     fn cleanup(&mut self) -> Result<()> {
@@ -778,192 +511,5 @@ fn remove_other_layouts(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// The kernel maps as [`MapOps`].
-struct AyaMaps<'a> {
-    ebpf: &'a mut Ebpf,
-}
-
-impl AyaMaps<'_> {
-    fn map<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> Result<AyaHashMap<&mut MapData, K, V>> {
-        let m = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-        AyaHashMap::try_from(m).with_context(|| format!("map {name}"))
-    }
-
-    fn map_ref<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Option<AyaHashMap<&MapData, K, V>> {
-        AyaHashMap::try_from(self.ebpf.map(name)?).ok()
-    }
-}
-
-/// Deleting an absent key is not an error here (the goal state is reached).
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
-    match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-impl MapOps for AyaMaps<'_> {
-    fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> Result<()> {
-        self.map(MAP_FRONTENDS)?
-            .insert(k, v, 0)
-            .context("updating ORCA_FRONTENDS")
-    }
-    fn del_frontend(&mut self, k: &FrontendKey) -> Result<()> {
-        ignore_missing(self.map::<FrontendKey, Frontend>(MAP_FRONTENDS)?.remove(k))
-    }
-    fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> Result<()> {
-        self.map(MAP_BACKENDS)?
-            .insert(k, v, 0)
-            .context("updating ORCA_BACKENDS")
-    }
-    fn del_slot(&mut self, k: &BackendSlotKey) -> Result<()> {
-        ignore_missing(self.map::<BackendSlotKey, Backend>(MAP_BACKENDS)?.remove(k))
-    }
-    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend> {
-        self.map_ref::<BackendSlotKey, Backend>(MAP_BACKENDS)?.get(k, 0).ok()
-    }
-    fn put_member(&mut self, k: MemberKey, slot: u32) -> Result<()> {
-        self.map(MAP_MEMBERS)?
-            .insert(k, slot, 0)
-            .context("updating ORCA_MEMBERS")
-    }
-    fn del_member(&mut self, k: &MemberKey) -> Result<()> {
-        ignore_missing(self.map::<MemberKey, u32>(MAP_MEMBERS)?.remove(k))
-    }
-    fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
-        self.map_ref::<FrontendKey, Frontend>(MAP_FRONTENDS)
-            .map(|m| m.iter().filter_map(Result::ok).collect())
-            .unwrap_or_default()
-    }
-    fn slots(&self) -> Vec<BackendSlotKey> {
-        self.map_ref::<BackendSlotKey, Backend>(MAP_BACKENDS)
-            .map(|m| m.keys().filter_map(Result::ok).collect())
-            .unwrap_or_default()
-    }
-    fn members(&self) -> Vec<MemberKey> {
-        self.map_ref::<MemberKey, u32>(MAP_MEMBERS)
-            .map(|m| m.keys().filter_map(Result::ok).collect())
-            .unwrap_or_default()
-    }
-    fn put_maglev(&mut self, k: BackendSlotKey, offset: u32) -> Result<()> {
-        self.map(MAP_MAGLEV)?
-            .insert(k, offset, 0)
-            .context("updating ORCA_MAGLEV")
-    }
-    fn del_maglev(&mut self, k: &BackendSlotKey) -> Result<()> {
-        ignore_missing(self.map::<BackendSlotKey, u32>(MAP_MAGLEV)?.remove(k))
-    }
-    fn maglev_keys(&self) -> Vec<BackendSlotKey> {
-        self.map_ref::<BackendSlotKey, u32>(MAP_MAGLEV)
-            .map(|m| m.keys().filter_map(Result::ok).collect())
-            .unwrap_or_default()
-    }
-    fn put_range(&mut self, r: SrcRange) -> Result<()> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_SRC_RANGES)
-            .context("map ORCA_SRC_RANGES missing")?;
-        let mut t: LpmTrie<&mut MapData, SrcRangeKey, u32> = LpmTrie::try_from(map)?;
-        t.insert(&range_key(&r), 1, 0).context("updating ORCA_SRC_RANGES")
-    }
-    fn del_range(&mut self, r: &SrcRange) -> Result<()> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_SRC_RANGES)
-            .context("map ORCA_SRC_RANGES missing")?;
-        let mut t: LpmTrie<&mut MapData, SrcRangeKey, u32> = LpmTrie::try_from(map)?;
-        ignore_missing(t.remove(&range_key(r)))
-    }
-    fn ranges(&self) -> Vec<SrcRange> {
-        let Some(map) = self.ebpf.map(MAP_SRC_RANGES) else {
-            return Vec::new();
-        };
-        let Ok(t) = LpmTrie::<&MapData, SrcRangeKey, u32>::try_from(map) else {
-            return Vec::new();
-        };
-        t.keys()
-            .filter_map(Result::ok)
-            .map(|k| {
-                let d = k.data();
-                SrcRange {
-                    service_id: d.service_id,
-                    addr: d.addr,
-                    prefix: k.prefix_len().saturating_sub(32) as u8,
-                }
-            })
-            .collect()
-    }
-}
-
-fn range_key(r: &SrcRange) -> Key<SrcRangeKey> {
-    Key::new(
-        32 + u32::from(r.prefix),
-        SrcRangeKey {
-            service_id: r.service_id,
-            addr: r.addr,
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests;
-
-/// One frontend as the pinned maps hold it (for `orca-proxy status`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct FrontendView {
-    pub address: std::net::SocketAddrV4,
-    pub protocol: &'static str,
-    pub service_id: u32,
-    pub affinity_timeout_seconds: u32,
-    pub masquerade_external: bool,
-    pub backends: Vec<std::net::SocketAddrV4>,
-    /// Slots the frontend counts that are missing from ORCA_BACKENDS (should always be 0).
-    pub missing_slots: u32,
-}
-
-fn sock(addr: u32, port_be: u16) -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(orca_common::addr_octets(addr).into(), u16::from_be(port_be))
-}
-
-/// Reads the maps pinned under `root` (by a running or previous agent), without loading anything.
-pub fn dump(root: &std::path::Path) -> Result<Vec<FrontendView>> {
-    let maps_dir = loader::versioned_dir(root).join("maps");
-    let open = |name: &str| -> Result<aya::maps::Map> {
-        let p = maps_dir.join(name);
-        let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
-        Ok(aya::maps::Map::from_map_data(data)?)
-    };
-    let fes: AyaHashMap<MapData, FrontendKey, Frontend> = AyaHashMap::try_from(open(MAP_FRONTENDS)?)?;
-    let slots: AyaHashMap<MapData, BackendSlotKey, Backend> = AyaHashMap::try_from(open(MAP_BACKENDS)?)?;
-    let mut out = Vec::new();
-    for entry in fes.iter() {
-        let (k, f) = entry?;
-        let mut backends = Vec::new();
-        let mut missing_slots = 0;
-        for i in 0..u32::from(f.backend_count) {
-            let key = BackendSlotKey {
-                service_id: f.service_id,
-                slot: f.slot_base.wrapping_add(i),
-            };
-            match slots.get(&key, 0) {
-                Ok(b) => backends.push(sock(b.addr, b.port)),
-                Err(_) => missing_slots += 1,
-            }
-        }
-        out.push(FrontendView {
-            address: sock(k.addr, k.port),
-            protocol: match k.proto {
-                orca_common::IPPROTO_TCP => "TCP",
-                orca_common::IPPROTO_UDP => "UDP",
-                _ => "?",
-            },
-            service_id: f.service_id,
-            affinity_timeout_seconds: f.affinity_timeout,
-            masquerade_external: f.flags & orca_common::FRONTEND_F_SNAT_EXTERNAL != 0,
-            backends,
-            missing_slots,
-        });
-    }
-    out.sort_by_key(|v| (v.address, v.protocol));
-    Ok(out)
-}

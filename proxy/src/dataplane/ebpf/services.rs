@@ -82,6 +82,155 @@ fn take_back(maps: &mut dyn MapOps, written: Vec<NewEntry>) {
     }
 }
 
+/// How step 2 of an upsert failed: on a new key (take back what the upsert created) or on an existing one (keep).
+enum Failed {
+    TakeBack(anyhow::Error),
+    Keep(anyhow::Error),
+}
+
+/// The backends each set kind the port's frontends use should hold.
+fn wanted_sets(st: &ServicePortState, desired: &BTreeMap<FrontendKey, SetKind>) -> BTreeMap<SetKind, Vec<Backend>> {
+    let mut wanted = BTreeMap::new();
+    for kind in desired.values() {
+        wanted.entry(*kind).or_insert_with(|| {
+            let eps = match kind {
+                SetKind::Internal => st.internal_endpoints(),
+                SetKind::External => st.external_endpoints(),
+                SetKind::ClusterForPods => &st.selected.cluster,
+            };
+            backends_of(st.name(), eps)
+        });
+    }
+    wanted
+}
+
+/// Writes a set's Maglev table, slots and members (members of backends `current` already had are rewritten with
+/// their new slot, not created).
+fn write_set(
+    maps: &mut dyn MapOps,
+    next: &PublishedSet,
+    current: Option<&PublishedSet>,
+    created: &mut Vec<NewEntry>,
+    w: &mut Written,
+) -> anyhow::Result<()> {
+    if next.maglev {
+        let table = super::maglev::table(&next.backends, orca_common::MAGLEV_TABLE_SIZE);
+        for (i, offset) in table.iter().enumerate() {
+            let key = BackendSlotKey {
+                service_id: next.id,
+                slot: next.base + i as u32,
+            };
+            maps.put_maglev(key, *offset)
+                .map_err(|e| e.context("writing a Maglev table"))?;
+            created.push(NewEntry::Maglev(key));
+        }
+        w.entries += table.len();
+    }
+    for (i, b) in next.backends.iter().enumerate() {
+        let slot = BackendSlotKey {
+            service_id: next.id,
+            slot: next.base + i as u32,
+        };
+        maps.put_slot(slot, *b)
+            .map_err(|e| e.context("writing a backend slot"))?;
+        created.push(NewEntry::Slot(slot));
+        let member = MemberKey::of(next.id, b);
+        let is_new = !current.is_some_and(|c| c.id == next.id && c.backends.contains(b));
+        maps.put_member(member, i as u32)
+            .map_err(|e| e.context("writing a backend member"))?;
+        if is_new {
+            created.push(NewEntry::Member(member));
+        }
+        w.entries += 2;
+    }
+    Ok(())
+}
+
+/// loadBalancerSourceRanges (IPv4), which restrict the load-balancer IP frontends. Like kube-proxy, when a range
+/// holds the node's address, sources equal to the load-balancer IPs (traffic of this node looped back to a local
+/// VIP) are allowed too.
+struct LbSourceRanges {
+    port_be: u16,
+    lb_addrs: BTreeSet<u32>,
+    cidrs: Vec<(u32, u8)>,
+}
+
+impl LbSourceRanges {
+    fn of(st: &ServicePortState, node: &NodeInfo) -> Self {
+        let lb_addrs: BTreeSet<u32> = st
+            .port
+            .load_balancer_ips
+            .iter()
+            .filter_map(v4)
+            .map(|a| orca_common::addr_from_octets(a.octets()))
+            .collect();
+        let mut cidrs: Vec<(u32, u8)> = st
+            .port
+            .load_balancer_source_ranges
+            .iter()
+            .filter_map(|c| v4(&c.addr).map(|a| (orca_common::addr_from_octets(a.octets()), c.prefix)))
+            .collect();
+        let allow_node = st
+            .port
+            .load_balancer_source_ranges
+            .iter()
+            .any(|c| node.addresses.iter().any(|a| a.is_ipv4() && c.contains(*a)));
+        if !cidrs.is_empty() && allow_node {
+            cidrs.extend(lb_addrs.iter().map(|a| (*a, 32)));
+        }
+        Self {
+            port_be: st.port.port.to_be(),
+            lb_addrs,
+            cidrs,
+        }
+    }
+
+    /// Whether the ranges restrict frontend `fk` (a load-balancer IP frontend of a port with ranges).
+    fn restricts(&self, fk: &FrontendKey) -> bool {
+        !self.cidrs.is_empty() && fk.port == self.port_be && self.lb_addrs.contains(&fk.addr)
+    }
+
+    /// The range entries the restricted frontends need, keyed by the id of the set each uses (ranges go in before
+    /// the frontends that need them).
+    fn ranges(&self, desired: &BTreeMap<FrontendKey, SetKind>, entry: &PortEntry) -> BTreeSet<SrcRange> {
+        let mut out = BTreeSet::new();
+        for (fk, kind) in desired {
+            if self.restricts(fk) {
+                for (addr, prefix) in &self.cidrs {
+                    out.insert(SrcRange {
+                        service_id: entry.sets[kind].id,
+                        addr: *addr,
+                        prefix: *prefix,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A frontend's flags: masquerade (external traffic unless externalTrafficPolicy is Local, as kube-proxy does),
+/// drop when a selected Service has no endpoints, source ranges, Maglev, ClusterIP.
+fn frontend_flags(st: &ServicePortState, kind: SetKind, set: &PublishedSet, restricted: bool) -> u16 {
+    let mut flags = 0;
+    if kind == SetKind::External && !st.port.external_policy_local() {
+        flags |= orca_common::FRONTEND_F_SNAT_EXTERNAL;
+    }
+    if st.selected.has_any {
+        flags |= orca_common::FRONTEND_F_DROP_WHEN_EMPTY;
+    }
+    if restricted {
+        flags |= orca_common::FRONTEND_F_SOURCE_RANGES;
+    }
+    if set.maglev {
+        flags |= orca_common::FRONTEND_F_MAGLEV;
+    }
+    if kind == SetKind::Internal {
+        flags |= orca_common::FRONTEND_F_CLUSTER_IP;
+    }
+    flags
+}
+
 /// A backend set as published in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PublishedSet {
@@ -212,7 +361,14 @@ impl Programmer {
         }
     }
 
-    /// Publishes (or updates) one service port.
+    /// Publishes (or updates) one service port, in the order that never exposes a half-written Service:
+    /// 1. [`Self::publish_sets`]: new slots and members for every backend set that changed;
+    /// 2. [`Self::publish_frontends`]: new source ranges, new frontends, then the existing frontends switch sets;
+    /// 3. [`Self::retire`]: what the port no longer uses is deleted.
+    ///
+    /// A full map refuses only new keys, so a failure in step 1 or among the new keys of step 2 takes back
+    /// everything this upsert created and leaves the port as it was (nothing leaks; a retry allocates nothing
+    /// twice).
     pub fn upsert(
         &mut self,
         maps: &mut dyn MapOps,
@@ -222,7 +378,6 @@ impl Programmer {
     ) -> anyhow::Result<Written> {
         let name = st.name().clone();
         self.stop_waiting(&name);
-        let mut w = Written::default();
         let proto = match st.port.protocol {
             Protocol::Tcp => orca_common::IPPROTO_TCP,
             Protocol::Udp => orca_common::IPPROTO_UDP,
@@ -231,63 +386,107 @@ impl Programmer {
                 return self.remove(maps, &name);
             }
         };
-        let desired_frontends = frontends_of(st, proto, node, cfg);
-        let affinity = st
-            .port
-            .session_affinity
-            .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+        let desired = frontends_of(st, proto, node, cfg);
         // The Service's annotation wins over the agent-wide choice.
         let maglev = st
             .port
             .load_balancing
             .map_or(self.maglev, |lb| lb == crate::model::LoadBalancing::Maglev);
-        let mut wanted_sets: BTreeMap<SetKind, Vec<Backend>> = BTreeMap::new();
-        for kind in desired_frontends.values() {
-            wanted_sets.entry(*kind).or_insert_with(|| {
-                let eps = match kind {
-                    SetKind::Internal => st.internal_endpoints(),
-                    SetKind::External => st.external_endpoints(),
-                    SetKind::ClusterForPods => &st.selected.cluster,
-                };
-                backends_of(&name, eps)
-            });
-        }
-
+        let wanted = wanted_sets(st, &desired);
         let previous = self.ports.remove(&name);
         let mut entry = previous.clone().unwrap_or_default();
-        // 1. New slots and members for every set whose backends changed. A failure here (a full map) takes back
-        //    what this step wrote and leaves the port as it was: its frontends still use the old sets.
-        let mut to_free: Vec<PublishedSet> = Vec::new();
-        let mut written: Vec<NewEntry> = Vec::new();
-        let mut failure: Option<anyhow::Error> = None;
-        'sets: for (kind, backends) in &wanted_sets {
-            let current = entry.sets.get(kind).cloned().or_else(|| {
-                // A restarted agent: reuse the id and slot range a pinned frontend of this set uses.
-                desired_frontends
-                    .iter()
-                    .filter(|(_, k)| *k == kind)
-                    .find_map(|(fk, _)| self.adoptable.get(fk).copied())
-                    .filter(|fe| !self.used_ids.contains(&fe.service_id))
-                    .map(|fe| {
-                        self.used_ids.insert(fe.service_id);
-                        PublishedSet {
-                            id: fe.service_id,
-                            base: fe.slot_base,
-                            backends: (0..u32::from(fe.backend_count))
-                                .filter_map(|i| {
-                                    maps.get_slot(&BackendSlotKey {
-                                        service_id: fe.service_id,
-                                        slot: fe.slot_base.wrapping_add(i),
-                                    })
-                                })
-                                .collect(),
-                            // Unknown: rewritten (with a table if wanted) on the first change.
-                            maglev: fe.flags & orca_common::FRONTEND_F_MAGLEV != 0,
-                        }
+        let mut w = Written::default();
+        let mut created: Vec<NewEntry> = Vec::new();
+        let step1 = self.publish_sets(maps, &mut entry, &wanted, &desired, maglev, &mut created, &mut w);
+        let to_free = match step1 {
+            Ok(to_free) => to_free,
+            Err(e) => return Err(self.take_back(maps, created, name, previous, e)),
+        };
+        let sources = LbSourceRanges::of(st, node);
+        let ranges = sources.ranges(&desired, &entry);
+        let step2 = self.publish_frontends(maps, st, &entry, &desired, &sources, &ranges, &mut created, &mut w);
+        match step2 {
+            Ok(()) => {}
+            Err(Failed::TakeBack(e)) => return Err(self.take_back(maps, created, name, previous, e)),
+            // An existing frontend could not be switched: earlier ones may use the new sets already, so nothing
+            // is taken back; the next full sync rewrites the port.
+            Err(Failed::Keep(e)) => return Err(e),
+        }
+        self.retire(maps, &name, &mut entry, desired, ranges, to_free, &wanted, &mut w)?;
+        entry.sets.0.shrink_to_fit();
+        self.ports.insert(name, entry);
+        Ok(w)
+    }
+
+    /// Takes back what a failed upsert created and restores the port's previous entry; returns the error.
+    fn take_back(
+        &mut self,
+        maps: &mut dyn MapOps,
+        created: Vec<NewEntry>,
+        name: ServicePortName,
+        previous: Option<PortEntry>,
+        e: anyhow::Error,
+    ) -> anyhow::Error {
+        take_back(maps, created);
+        if let Some(p) = previous {
+            self.ports.insert(name, p);
+        }
+        e
+    }
+
+    /// A set this port published before (or, after a restart, the set a pinned frontend of `kind` uses: its id and
+    /// slot range are reused so affinity survives and the switch has no gap).
+    fn current_set(
+        &mut self,
+        maps: &dyn MapOps,
+        entry: &PortEntry,
+        kind: &SetKind,
+        desired: &BTreeMap<FrontendKey, SetKind>,
+    ) -> Option<PublishedSet> {
+        if let Some(set) = entry.sets.get(kind) {
+            return Some(set.clone());
+        }
+        let fe = desired
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .find_map(|(fk, _)| self.adoptable.get(fk).copied())
+            .filter(|fe| !self.used_ids.contains(&fe.service_id))?;
+        self.used_ids.insert(fe.service_id);
+        Some(PublishedSet {
+            id: fe.service_id,
+            base: fe.slot_base,
+            backends: (0..u32::from(fe.backend_count))
+                .filter_map(|i| {
+                    maps.get_slot(&BackendSlotKey {
+                        service_id: fe.service_id,
+                        slot: fe.slot_base.wrapping_add(i),
                     })
-            });
+                })
+                .collect(),
+            // Unknown: rewritten (with a table if wanted) on the first change.
+            maglev: fe.flags & orca_common::FRONTEND_F_MAGLEV != 0,
+        })
+    }
+
+    /// Step 1: every set whose backends changed gets its new slots (in the slot half not in use), members and
+    /// Maglev table; `entry` then names the new sets. Returns the sets they replace, freed in step 3.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_sets(
+        &mut self,
+        maps: &mut dyn MapOps,
+        entry: &mut PortEntry,
+        wanted: &BTreeMap<SetKind, Vec<Backend>>,
+        desired: &BTreeMap<FrontendKey, SetKind>,
+        maglev: bool,
+        created: &mut Vec<NewEntry>,
+        w: &mut Written,
+    ) -> anyhow::Result<Vec<PublishedSet>> {
+        let mut to_free = Vec::new();
+        for (kind, backends) in wanted {
+            let current = self.current_set(maps, entry, kind, desired);
+            let maglev = maglev && !backends.is_empty();
             let next = match &current {
-                Some(cur) if &cur.backends == backends && cur.maglev == (maglev && !backends.is_empty()) => {
+                Some(cur) if &cur.backends == backends && cur.maglev == maglev => {
                     entry.sets.insert(*kind, cur.clone());
                     continue;
                 }
@@ -295,153 +494,61 @@ impl Programmer {
                     id: cur.id,
                     base: if cur.base == 0 { SLOT_HALF } else { 0 },
                     backends: backends.clone(),
-                    maglev: maglev && !backends.is_empty(),
+                    maglev,
                 },
                 None => PublishedSet {
                     id: self.alloc_id(),
                     base: 0,
                     backends: backends.clone(),
-                    maglev: maglev && !backends.is_empty(),
+                    maglev,
                 },
             };
-            if next.maglev {
-                let table = super::maglev::table(&next.backends, orca_common::MAGLEV_TABLE_SIZE);
-                for (i, offset) in table.iter().enumerate() {
-                    let key = BackendSlotKey {
-                        service_id: next.id,
-                        slot: next.base + i as u32,
-                    };
-                    if let Err(e) = maps.put_maglev(key, *offset) {
-                        failure = Some(e.context("writing a Maglev table"));
-                        break 'sets;
-                    }
-                    written.push(NewEntry::Maglev(key));
-                }
-                w.entries += table.len();
-            }
-            for (i, b) in next.backends.iter().enumerate() {
-                let slot = BackendSlotKey {
-                    service_id: next.id,
-                    slot: next.base + i as u32,
-                };
-                if let Err(e) = maps.put_slot(slot, *b) {
-                    failure = Some(e.context("writing a backend slot"));
-                    break 'sets;
-                }
-                written.push(NewEntry::Slot(slot));
-                let member = MemberKey::of(next.id, b);
-                let is_new = !current
-                    .as_ref()
-                    .is_some_and(|c| c.id == next.id && c.backends.contains(b));
-                if let Err(e) = maps.put_member(member, i as u32) {
-                    failure = Some(e.context("writing a backend member"));
-                    break 'sets;
-                }
-                if is_new {
-                    written.push(NewEntry::Member(member));
-                }
-                w.entries += 2;
-            }
-            if let Some(cur) = current {
-                to_free.push(cur);
-            }
+            write_set(maps, &next, current.as_ref(), created, w)?;
+            to_free.extend(current);
             entry.sets.insert(*kind, next);
         }
-        if let Some(e) = failure {
-            take_back(maps, written);
-            if let Some(p) = previous {
-                self.ports.insert(name, p);
-            }
-            return Err(e);
-        }
+        Ok(to_free)
+    }
 
-        // loadBalancerSourceRanges (IPv4) restrict the load-balancer IP frontends. Like kube-proxy,
-        // when a range holds the node's address, sources equal to the load-balancer IPs (traffic
-        // of this node looped back to a local VIP) are allowed too. Ranges go in before the
-        // frontends that need them.
-        let lb_addrs: BTreeSet<u32> = st
-            .port
-            .load_balancer_ips
-            .iter()
-            .filter_map(v4)
-            .map(|a| orca_common::addr_from_octets(a.octets()))
-            .collect();
-        let mut cidrs: Vec<(u32, u8)> = st
-            .port
-            .load_balancer_source_ranges
-            .iter()
-            .filter_map(|c| v4(&c.addr).map(|a| (orca_common::addr_from_octets(a.octets()), c.prefix)))
-            .collect();
-        let allow_node = st
-            .port
-            .load_balancer_source_ranges
-            .iter()
-            .any(|c| node.addresses.iter().any(|a| a.is_ipv4() && c.contains(*a)));
-        if !cidrs.is_empty() && allow_node {
-            cidrs.extend(lb_addrs.iter().map(|a| (*a, 32)));
-        }
-        let is_lb = |fk: &FrontendKey| fk.port == st.port.port.to_be() && lb_addrs.contains(&fk.addr);
-        let mut ranges = BTreeSet::new();
-        if !cidrs.is_empty() {
-            for (fk, kind) in &desired_frontends {
-                if is_lb(fk) {
-                    for (addr, prefix) in &cidrs {
-                        ranges.insert(SrcRange {
-                            service_id: entry.sets[kind].id,
-                            addr: *addr,
-                            prefix: *prefix,
-                        });
-                    }
-                }
-            }
-        }
-        // 2. New source ranges, then new frontends, then the port's existing frontends switch to the new sets. A
-        //    full map refuses only new keys (an update of an existing key needs no room), so a failure among the
-        //    new ones takes back everything this upsert created and leaves the port as it was; nothing leaks and
-        //    a retry allocates nothing twice.
+    /// Step 2: the source ranges that are new, then every desired frontend this port may own (new keys first),
+    /// pointing at `entry`'s sets. A frontend another port owns is refused and waits for it.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_frontends(
+        &mut self,
+        maps: &mut dyn MapOps,
+        st: &ServicePortState,
+        entry: &PortEntry,
+        desired: &BTreeMap<FrontendKey, SetKind>,
+        sources: &LbSourceRanges,
+        ranges: &BTreeSet<SrcRange>,
+        created: &mut Vec<NewEntry>,
+        w: &mut Written,
+    ) -> Result<(), Failed> {
+        let name = st.name();
         for r in ranges.difference(&entry.ranges) {
-            if let Err(e) = maps.put_range(*r) {
-                take_back(maps, written);
-                if let Some(p) = previous {
-                    self.ports.insert(name, p);
-                }
-                return Err(e.context("writing a source range"));
-            }
-            written.push(NewEntry::Range(*r));
+            maps.put_range(*r)
+                .map_err(|e| Failed::TakeBack(e.context("writing a source range")))?;
+            created.push(NewEntry::Range(*r));
             w.entries += 1;
         }
-        let mut plan: Vec<(FrontendKey, Frontend)> = Vec::with_capacity(desired_frontends.len());
-        for (fk, kind) in &desired_frontends {
-            let set = &entry.sets[kind];
+        let affinity = st
+            .port
+            .session_affinity
+            .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
+        let mut plan: Vec<(FrontendKey, Frontend)> = Vec::with_capacity(desired.len());
+        for (fk, kind) in desired {
             if let Some(owner) = self.owners.get(fk) {
-                if owner != &name {
+                if owner != name {
                     tracing::warn!(service = %name, owner = %owner, frontend = ?fk, "frontend already used by another service port");
                     self.waiting.entry(*fk).or_default().insert(name.clone());
                     continue;
                 }
             }
-            // kube-proxy masquerades external traffic unless externalTrafficPolicy is Local.
-            let mut flags = if *kind == SetKind::External && !st.port.external_policy_local() {
-                orca_common::FRONTEND_F_SNAT_EXTERNAL
-            } else {
-                0
-            };
-            if st.selected.has_any {
-                flags |= orca_common::FRONTEND_F_DROP_WHEN_EMPTY;
-            }
-            if !cidrs.is_empty() && is_lb(fk) {
-                flags |= orca_common::FRONTEND_F_SOURCE_RANGES;
-            }
-            if set.maglev {
-                flags |= orca_common::FRONTEND_F_MAGLEV;
-            }
-            if *kind == SetKind::Internal {
-                flags |= orca_common::FRONTEND_F_CLUSTER_IP;
-            }
+            let set = &entry.sets[kind];
             let value = Frontend {
                 service_id: set.id,
                 backend_count: set.backends.len() as u16,
-                flags,
+                flags: frontend_flags(st, *kind, set, sources.restricts(fk)),
                 affinity_timeout: affinity,
                 slot_base: set.base,
             };
@@ -452,46 +559,57 @@ impl Programmer {
         for (fk, value) in plan {
             let existed = entry.frontends.get(&fk).is_some() || self.adoptable.contains_key(&fk);
             if let Err(e) = maps.put_frontend(fk, value) {
-                if existed {
-                    return Err(e.context("updating a frontend"));
-                }
-                take_back(maps, written);
-                if let Some(p) = previous {
-                    self.ports.insert(name, p);
-                }
-                return Err(e.context("writing a frontend"));
+                return Err(if existed {
+                    Failed::Keep(e.context("updating a frontend"))
+                } else {
+                    Failed::TakeBack(e.context("writing a frontend"))
+                });
             }
             if !existed {
-                written.push(NewEntry::Frontend(fk));
+                created.push(NewEntry::Frontend(fk));
             }
             w.entries += 1;
         }
-        for fk in desired_frontends.keys() {
-            if self.owners.get(fk).is_none_or(|o| o == &name) {
+        Ok(())
+    }
+
+    /// Step 3: the port owns its desired frontends; frontends, source ranges and sets it no longer uses are
+    /// deleted, and old slot ranges and members that left are freed.
+    #[allow(clippy::too_many_arguments)]
+    fn retire(
+        &mut self,
+        maps: &mut dyn MapOps,
+        name: &ServicePortName,
+        entry: &mut PortEntry,
+        desired: BTreeMap<FrontendKey, SetKind>,
+        ranges: BTreeSet<SrcRange>,
+        to_free: Vec<PublishedSet>,
+        wanted: &BTreeMap<SetKind, Vec<Backend>>,
+        w: &mut Written,
+    ) -> anyhow::Result<()> {
+        for fk in desired.keys() {
+            if self.owners.get(fk).is_none_or(|o| o == name) {
                 self.adoptable.remove(fk);
                 self.owners.insert(*fk, name.clone());
             }
         }
         for fk in entry.frontends.keys() {
-            if !desired_frontends.contains_key(fk) && self.owners.get(fk) == Some(&name) {
+            if !desired.contains_key(fk) && self.owners.get(fk) == Some(name) {
                 maps.del_frontend(fk)?;
                 self.owners.remove(fk);
                 self.release(fk);
                 w.entries += 1;
             }
         }
-        entry.frontends = desired_frontends
+        entry.frontends = desired
             .into_iter()
-            .filter(|(fk, _)| self.owners.get(fk) == Some(&name))
+            .filter(|(fk, _)| self.owners.get(fk) == Some(name))
             .collect();
-
         for r in entry.ranges.difference(&ranges) {
             maps.del_range(r)?;
             w.entries += 1;
         }
         entry.ranges = ranges;
-
-        // 3. Free old slot ranges and members that left; drop sets no frontend uses any more.
         for old in to_free {
             let keep: BTreeSet<MemberKey> = entry
                 .sets
@@ -501,21 +619,14 @@ impl Programmer {
                 .collect();
             w.entries += free_set(maps, &old, &keep)?;
         }
-        let unused: Vec<SetKind> = entry
-            .sets
-            .keys()
-            .filter(|k| !wanted_sets.contains_key(k))
-            .copied()
-            .collect();
+        let unused: Vec<SetKind> = entry.sets.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for kind in unused {
             if let Some(set) = entry.sets.remove(&kind) {
                 w.entries += free_set(maps, &set, &BTreeSet::new())?;
                 self.used_ids.remove(&set.id);
             }
         }
-        entry.sets.0.shrink_to_fit();
-        self.ports.insert(name, entry);
-        Ok(w)
+        Ok(())
     }
 
     /// Removes a service port: frontends first, then its slots and members.

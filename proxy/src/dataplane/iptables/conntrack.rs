@@ -98,17 +98,10 @@ pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter], state: Option<&Udp
     }
 }
 
-fn conntrack_command(netns: Option<&str>) -> std::process::Command {
-    let mut c = match netns {
-        Some(ns) => {
-            let mut c = std::process::Command::new("ip");
-            c.args(["netns", "exec", ns, "conntrack"]);
-            c
-        }
-        None => std::process::Command::new("conntrack"),
-    };
+fn conntrack_command(netns: Option<&str>) -> Result<std::process::Command> {
+    let mut c = crate::netns::command(netns, "conntrack")?;
     c.stdin(Stdio::null());
-    c
+    Ok(c)
 }
 
 /// One line of `conntrack -L -p udp`: (orig src, orig dst, sport, dport, reply src).
@@ -127,7 +120,7 @@ fn parse_cli_line(line: &str) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, Ipv4Addr)
 
 /// [`UdpState`] through the `conntrack` binary: list the UDP entries, delete the stale ones one by one.
 fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
-    let out = conntrack_command(netns)
+    let out = conntrack_command(netns)?
         .args(["-L", "-p", "udp"])
         .output()
         .context("running conntrack -L")?;
@@ -140,7 +133,7 @@ fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
             continue;
         }
         let (src, dst, sport, dport) = (src.to_string(), dst.to_string(), sport.to_string(), dport.to_string());
-        let del = conntrack_command(netns)
+        let del = conntrack_command(netns)?
             .args([
                 "-D", "-p", "udp", "-s", &src, "-d", &dst, "--sport", &sport, "--dport", &dport,
             ])
@@ -157,7 +150,7 @@ fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
 fn delete_cli(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
     let mut deleted = 0;
     for f in filters {
-        let mut c = conntrack_command(netns);
+        let mut c = conntrack_command(netns)?;
         c.args(f.cli_args());
         let out = c.output().context("running conntrack -D")?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -325,22 +318,7 @@ fn open_socket() -> io::Result<OwnedFd> {
 
 /// Opens the socket inside `/run/netns/NAME` (a netlink socket stays in the namespace it was created in).
 fn open_socket_in(netns: Option<&str>) -> Result<OwnedFd> {
-    let Some(ns) = netns else {
-        return Ok(open_socket()?);
-    };
-    let path = format!("/run/netns/{ns}");
-    let nsfile = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| -> Result<OwnedFd> {
-            // SAFETY: setns on this (short-lived, scoped) thread only; the file descriptor is valid.
-            if unsafe { libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns({path}): {}", io::Error::last_os_error());
-            }
-            Ok(open_socket()?)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
-    })
+    Ok(crate::netns::run_in(netns, open_socket)??)
 }
 
 impl NlSocket {

@@ -1,6 +1,7 @@
 //! Running the iptables tools: flavour detection (nft or legacy, as kube-proxy's iptables wrapper decides),
 //! `iptables-restore --noflush`, `iptables-save`, `-C`/`-I`/`-D` for the jump rules, all with the xtables lock
-//! (`-w`). Optionally every command runs inside a named network namespace (`ip netns exec NAME ...`).
+//! (`-w`). Optionally every command runs inside a named network namespace ([`crate::netns::command`]); sysctls and
+//! addresses are read in-process ([`crate::netns`]).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -157,16 +158,9 @@ impl Exec {
         }
     }
 
-    /// A command for `tool`, inside the namespace when there is one.
-    pub fn command(&self, program: &str) -> Command {
-        match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, program]);
-                c
-            }
-            None => Command::new(program),
-        }
+    /// A command for `tool`, inside the namespace when there is one ([`crate::netns::command`]).
+    pub fn command(&self, program: &str) -> Result<Command> {
+        Ok(crate::netns::command(self.netns.as_deref(), program)?)
     }
 
     fn run(&self, mut cmd: Command) -> Result<Output> {
@@ -186,7 +180,7 @@ impl Exec {
     }
 
     fn save_quiet(&self, tool: &str, table: &str) -> Option<String> {
-        let mut c = self.command(&self.bin(&format!("{tool}-save")));
+        let mut c = self.command(&self.bin(&format!("{tool}-save"))).ok()?;
         c.args(["-t", table]).stderr(Stdio::null());
         self.run(c)
             .ok()
@@ -194,7 +188,7 @@ impl Exec {
     }
 
     fn save_all_quiet(&self, tool: &str) -> Option<String> {
-        let mut c = self.command(&self.bin(&format!("{tool}-save")));
+        let mut c = self.command(&self.bin(&format!("{tool}-save"))).ok()?;
         c.stderr(Stdio::null());
         self.run(c)
             .ok()
@@ -203,7 +197,7 @@ impl Exec {
 
     /// `iptables --version`, e.g. `iptables v1.8.9 (nf_tables)`.
     pub fn version_string(&self) -> Option<String> {
-        let mut c = self.command(&self.bin("iptables"));
+        let mut c = self.command(&self.bin("iptables")).ok()?;
         c.arg("--version");
         self.run(c)
             .ok()
@@ -220,7 +214,7 @@ impl Exec {
 
     /// `iptables-save -t TABLE`.
     pub fn save(&self, table: &str) -> Result<String> {
-        let mut c = self.command(&self.bin("iptables-save"));
+        let mut c = self.command(&self.bin("iptables-save"))?;
         c.args(["-t", table]);
         let out = self.run(c)?;
         String::from_utf8(out.stdout).map_err(|e| anyhow!("iptables-save output is not UTF-8: {e}"))
@@ -229,7 +223,7 @@ impl Exec {
     /// Feeds `input` to `iptables-restore -w 5 --noflush --counters`: one atomic transaction. On failure the
     /// error quotes the lines iptables-restore complained about.
     pub fn restore(&self, input: &str) -> Result<()> {
-        let mut c = self.command(&self.bin("iptables-restore"));
+        let mut c = self.command(&self.bin("iptables-restore"))?;
         c.args(["-w", LOCK_WAIT, "--noflush", "--counters"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -259,7 +253,7 @@ impl Exec {
 
     /// `iptables -w 5 -t TABLE -C CHAIN ARGS`: whether the rule exists.
     pub fn check_rule(&self, table: &str, chain: &str, args: &[&str]) -> Result<bool> {
-        let mut c = self.command(&self.bin("iptables"));
+        let mut c = self.command(&self.bin("iptables"))?;
         c.args(["-w", LOCK_WAIT, "-t", table, "-C", chain]).args(args);
         let out = c.stdin(Stdio::null()).output().context("running iptables -C")?;
         match out.status.code() {
@@ -276,7 +270,7 @@ impl Exec {
 
     /// `iptables -w 5 -t TABLE -S CHAIN`: the chain's rules in `iptables-save` form.
     pub fn list_chain(&self, table: &str, chain: &str) -> Result<Vec<String>> {
-        let mut c = self.command(&self.bin("iptables"));
+        let mut c = self.command(&self.bin("iptables"))?;
         c.args(["-w", LOCK_WAIT, "-t", table, "-S", chain]);
         let out = self.run(c)?;
         Ok(String::from_utf8_lossy(&out.stdout)
@@ -287,40 +281,36 @@ impl Exec {
 
     /// `iptables -w 5 -t TABLE -I CHAIN ARGS` (prepend).
     pub fn insert_rule(&self, table: &str, chain: &str, args: &[&str]) -> Result<()> {
-        let mut c = self.command(&self.bin("iptables"));
+        let mut c = self.command(&self.bin("iptables"))?;
         c.args(["-w", LOCK_WAIT, "-t", table, "-I", chain]).args(args);
         self.run(c).map(|_| ())
     }
 
     /// `iptables -w 5 -t TABLE -D CHAIN ARGS`.
     pub fn delete_rule(&self, table: &str, chain: &str, args: &[&str]) -> Result<()> {
-        let mut c = self.command(&self.bin("iptables"));
+        let mut c = self.command(&self.bin("iptables"))?;
         c.args(["-w", LOCK_WAIT, "-t", table, "-D", chain]).args(args);
         self.run(c).map(|_| ())
     }
 
     /// Reads a sysctl (`net.ipv4.conf.all.route_localnet`) inside the namespace.
     pub fn sysctl_get(&self, key: &str) -> Option<String> {
-        let mut c = self.command("sysctl");
-        c.args(["-n", key]).stderr(Stdio::null());
-        self.run(c)
+        crate::netns::run_in(self.netns(), || crate::netns::sysctl_get(key))
+            .ok()?
             .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     }
 
     /// Sets a sysctl inside the namespace.
     pub fn sysctl_set(&self, key: &str, value: &str) -> Result<()> {
-        let mut c = self.command("sysctl");
-        c.args(["-q", "-w", &format!("{key}={value}")]);
-        self.run(c).map(|_| ())
+        Ok(crate::netns::run_in(self.netns(), || {
+            crate::netns::sysctl_set(key, value)
+        })??)
     }
 
-    /// The IPv4 addresses of the namespace's interfaces (`ip -4 -o addr show`).
+    /// The IPv4 addresses of the namespace's interfaces.
     pub fn local_addrs(&self) -> Result<Vec<IpAddr>> {
-        let mut c = self.command("ip");
-        c.args(["-4", "-o", "addr", "show"]);
-        let out = self.run(c)?;
-        Ok(parse_ip_addr(&String::from_utf8_lossy(&out.stdout)))
+        let all = crate::netns::run_in(self.netns(), crate::netns::local_addrs)??;
+        Ok(all.into_iter().filter(IpAddr::is_ipv4).collect())
     }
 }
 
@@ -341,18 +331,6 @@ pub fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
     let v = s.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
     let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
     Some((it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
-}
-
-/// Addresses from `ip -o addr show` lines: `2: eth0    inet 10.0.0.1/24 brd ... scope global eth0`.
-pub fn parse_ip_addr(s: &str) -> Vec<IpAddr> {
-    s.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            w.find(|x| *x == "inet" || *x == "inet6")?;
-            let a = w.next()?;
-            a.split('/').next()?.parse().ok()
-        })
-        .collect()
 }
 
 /// The chain names (`:NAME POLICY [p:b]` lines) of an `iptables-save` table that start with `prefix`.
@@ -408,13 +386,6 @@ mod tests {
         assert_eq!(parse_version("iptables v1.8.9 (nf_tables)"), Some((1, 8, 9)));
         assert_eq!(parse_version("iptables v1.6 (legacy)"), Some((1, 6, 0)));
         assert_eq!(parse_version("garbage"), None);
-        let a = parse_ip_addr(
-            "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever\n2: eth0    inet 10.1.2.3/24 brd 10.1.2.255 scope global eth0\n",
-        );
-        assert_eq!(
-            a,
-            vec!["127.0.0.1".parse::<IpAddr>().unwrap(), "10.1.2.3".parse().unwrap()]
-        );
         let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:ORCA-SERVICES - [0:0]\n:KUBE-SERVICES - [0:0]\n-A X\nCOMMIT\n";
         assert_eq!(chains_with_prefix(save, "ORCA-"), vec!["ORCA-SERVICES".to_string()]);
         let ctx = context_lines("a\nb\nc\nd\ne\n", "iptables-restore: line 3 failed");

@@ -36,6 +36,7 @@
 pub mod conntrack;
 pub mod exec;
 pub mod hash;
+pub mod readback;
 pub mod rules;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -59,7 +60,8 @@ pub const CANARY: &str = "ORCA-PROXY-CANARY";
 /// Options of the iptables dataplane that are not kube-proxy flags.
 #[derive(Debug, Clone, Default)]
 pub struct IptablesOptions {
-    /// Run every command in this network namespace (`ip netns exec NAME ...`); `None`: the agent's own.
+    /// Run every command in this network namespace (`/run/netns/NAME`, joined as [`crate::netns`] does); `None`:
+    /// the agent's own.
     pub netns: Option<String>,
     /// Force a flavour instead of detecting it.
     pub flavour: Option<Flavour>,
@@ -510,6 +512,10 @@ impl Dataplane for IptablesDataplane {
 
     fn apply(&mut self, diff: &Diff, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
         self.sync(desired, node, Some(diff))
+    }
+
+    fn cluster_frontends(&self, _desired: &Snapshot, _node: &NodeInfo) -> Result<crate::verify::FrontendMap> {
+        readback::read_cluster_frontends(self.exec.netns())
     }
 
     /// Removes the jump rules, then flushes and deletes every `ORCA-*` chain of the filter, nat and mangle tables:

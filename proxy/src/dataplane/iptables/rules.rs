@@ -29,6 +29,9 @@ pub const EXTERNAL_SERVICES: &str = "ORCA-EXTERNAL-SERVICES";
 pub const NODEPORTS: &str = "ORCA-NODEPORTS";
 pub const POSTROUTING: &str = "ORCA-POSTROUTING";
 pub const MARK_MASQ: &str = "ORCA-MARK-MASQ";
+/// The comment suffix of a ClusterIP rule in [`SERVICES`] (kube-proxy's "ns/svc:port cluster IP"); the read-back
+/// ([`super::readback`]) finds the ClusterIP frontends by it.
+pub const CLUSTER_IP_COMMENT: &str = "cluster IP";
 pub const FORWARD: &str = "ORCA-FORWARD";
 pub const PROXY_FIREWALL: &str = "ORCA-PROXY-FIREWALL";
 pub const FIREWALL: &str = "ORCA-FIREWALL";
@@ -251,14 +254,18 @@ impl Buf {
         self.lines += 1;
     }
 
-    /// Starts `-A chain`; finish with [`Buf::end`].
-    fn a(&mut self, chain: &str) -> &mut String {
-        self.s.push_str("-A ");
-        self.s.push_str(chain);
-        &mut self.s
+    /// One rule: `-A chain` and `args` (which start with a space) on a line of their own.
+    fn rule(&mut self, chain: &str, args: std::fmt::Arguments<'_>) {
+        self.rule_with(chain, |r| {
+            let _ = r.write_fmt(args);
+        });
     }
 
-    fn end(&mut self) {
+    /// One rule whose arguments `f` appends (for rules with optional parts).
+    fn rule_with(&mut self, chain: &str, f: impl FnOnce(&mut String)) {
+        self.s.push_str("-A ");
+        self.s.push_str(chain);
+        f(&mut self.s);
         self.s.push('\n');
         self.lines += 1;
     }
@@ -481,36 +488,31 @@ impl<'a> Generator<'a> {
             nat_chains.chain(c);
         }
         let mark = self.masq_mark.clone();
-        let _ = write!(nat_rules.a(POSTROUTING), " -m mark ! --mark {mark}/{mark} -j RETURN");
-        nat_rules.end();
-        let _ = write!(nat_rules.a(POSTROUTING), " -j MARK --xor-mark {mark}");
-        nat_rules.end();
-        nat_rules
-            .a(POSTROUTING)
-            .push_str(" -m comment --comment \"orca service traffic requiring SNAT\" -j MASQUERADE");
-        if self.opts.random_fully {
-            nat_rules.s.push_str(" --random-fully");
-        }
-        nat_rules.end();
-        let _ = write!(nat_rules.a(MARK_MASQ), " -j MARK --or-mark {mark}");
-        nat_rules.end();
+        nat_rules.rule(POSTROUTING, format_args!(" -m mark ! --mark {mark}/{mark} -j RETURN"));
+        nat_rules.rule(POSTROUTING, format_args!(" -j MARK --xor-mark {mark}"));
+        let random = if self.opts.random_fully { " --random-fully" } else { "" };
+        nat_rules.rule(
+            POSTROUTING,
+            format_args!(" -m comment --comment \"orca service traffic requiring SNAT\" -j MASQUERADE{random}"),
+        );
+        nat_rules.rule(MARK_MASQ, format_args!(" -j MARK --or-mark {mark}"));
         if self.cluster_cidrs.len() > 1 && !self.cfg.masquerade_all {
             nat_chains.chain(MASQ_OFF_CLUSTER);
             for c in &self.cluster_cidrs {
-                let _ = write!(nat_rules.a(MASQ_OFF_CLUSTER), " -s {c} -j RETURN");
-                nat_rules.end();
+                nat_rules.rule(MASQ_OFF_CLUSTER, format_args!(" -s {c} -j RETURN"));
             }
-            let _ = write!(nat_rules.a(MASQ_OFF_CLUSTER), " -j {MARK_MASQ}");
-            nat_rules.end();
+            nat_rules.rule(MASQ_OFF_CLUSTER, format_args!(" -j {MARK_MASQ}"));
         }
 
         if self.localhost_nodeports {
             // kube-proxy's (and kubelet's) guard against the route_localnet hole (kubernetes issue 90259).
-            filter_rules.a(FIREWALL).push_str(
-                " -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 \
-                 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            filter_rules.rule(
+                FIREWALL,
+                format_args!(
+                    " -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 \
+                 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+                ),
             );
-            filter_rules.end();
         }
 
         let total_endpoints: usize = desired.values().map(|s| s.endpoints.len()).sum();
@@ -555,43 +557,35 @@ impl<'a> Generator<'a> {
         const NP_COMMENT: &str = "\"orca service nodeports; NOTE: this must be the last rule in this chain\"";
         match &self.nodeports {
             NodePortDest::All { localhost } => {
-                let r = nat_rules.a(SERVICES);
-                let _ = write!(r, " -m comment --comment {NP_COMMENT} -m addrtype --dst-type LOCAL");
-                if !localhost {
-                    r.push_str(" ! -d 127.0.0.0/8");
-                }
-                let _ = write!(r, " -j {NODEPORTS}");
-                nat_rules.end();
+                let not_loopback = if *localhost { "" } else { " ! -d 127.0.0.0/8" };
+                nat_rules.rule(
+                    SERVICES,
+                    format_args!(
+                        " -m comment --comment {NP_COMMENT} -m addrtype --dst-type LOCAL{not_loopback} -j {NODEPORTS}"
+                    ),
+                );
             }
             NodePortDest::Ips(ips) => {
                 for ip in ips {
                     if ip.is_loopback() && !self.localhost_nodeports {
                         continue;
                     }
-                    let _ = write!(
-                        nat_rules.a(SERVICES),
-                        " -m comment --comment {NP_COMMENT} -d {ip} -j {NODEPORTS}"
+                    nat_rules.rule(
+                        SERVICES,
+                        format_args!(" -m comment --comment {NP_COMMENT} -d {ip} -j {NODEPORTS}"),
                     );
-                    nat_rules.end();
                 }
             }
         }
 
         if !self.opts.conntrack_tcp_liberal {
-            filter_rules
-                .a(FORWARD)
-                .push_str(" -m conntrack --ctstate INVALID -j DROP");
-            filter_rules.end();
+            filter_rules.rule(FORWARD, format_args!(" -m conntrack --ctstate INVALID -j DROP"));
         }
-        let _ = write!(
-            filter_rules.a(FORWARD),
-            " -m comment --comment \"orca forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+        filter_rules.rule(
+            FORWARD,
+            format_args!(" -m comment --comment \"orca forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"),
         );
-        filter_rules.end();
-        filter_rules.a(FORWARD).push_str(
-            " -m comment --comment \"orca forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        );
-        filter_rules.end();
+        filter_rules.rule(FORWARD, format_args!(" -m comment --comment \"orca forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"));
 
         nat_rules.s.push_str(&own_rules.s);
         nat_rules.lines += own_rules.lines;
@@ -664,91 +658,64 @@ impl<'a> Generator<'a> {
 
         // ClusterIP.
         if has_internal {
-            let _ = write!(
-                nat.a(SERVICES),
-                " -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {port} -j {internal_chain}",
-                v.cluster_ip
-            );
-            nat.end();
+            nat.rule(SERVICES, format_args!(" -m comment --comment \"{name} {CLUSTER_IP_COMMENT}\" -m {proto} -p {proto} -d {} --dport {port} -j {internal_chain}",
+                v.cluster_ip));
         } else {
-            let _ = write!(
-                filter.a(SERVICES),
-                " -m comment --comment {int_comment} -m {proto} -p {proto} -d {} --dport {port} -j {int_target}",
-                v.cluster_ip
+            filter.rule(
+                SERVICES,
+                format_args!(
+                    " -m comment --comment {int_comment} -m {proto} -p {proto} -d {} --dport {port} -j {int_target}",
+                    v.cluster_ip
+                ),
             );
-            filter.end();
         }
 
         // External IPs.
         for ip in &v.external_ips {
             if has_endpoints {
-                let _ = write!(
-                    nat.a(SERVICES),
-                    " -m comment --comment \"{name} external IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {ext}"
-                );
-                nat.end();
+                nat.rule(SERVICES, format_args!(" -m comment --comment \"{name} external IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {ext}"));
             }
             if !has_external {
-                let _ = write!(
-                    filter.a(EXTERNAL_SERVICES),
-                    " -m comment --comment {ext_comment} -m {proto} -p {proto} -d {ip} --dport {port} -j {ext_target}"
-                );
-                filter.end();
+                filter.rule(EXTERNAL_SERVICES, format_args!(" -m comment --comment {ext_comment} -m {proto} -p {proto} -d {ip} --dport {port} -j {ext_target}"));
             }
         }
 
         // Load-balancer ingress IPs.
         for ip in &v.lb_ips {
             if has_endpoints {
-                let _ = write!(
-                    nat.a(SERVICES),
-                    " -m comment --comment \"{name} loadbalancer IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {lb_chain}"
-                );
-                nat.end();
+                nat.rule(SERVICES, format_args!(" -m comment --comment \"{name} loadbalancer IP\" -m {proto} -p {proto} -d {ip} --dport {port} -j {lb_chain}"));
             }
             if uses_fw_chain {
-                let _ = write!(
-                    filter.a(PROXY_FIREWALL),
-                    " -m comment --comment \"{name} traffic not accepted by {fw}\" -m {proto} -p {proto} -d {ip} --dport {port} -j DROP"
-                );
-                filter.end();
+                filter.rule(PROXY_FIREWALL, format_args!(" -m comment --comment \"{name} traffic not accepted by {fw}\" -m {proto} -p {proto} -d {ip} --dport {port} -j DROP"));
             }
         }
         if !has_external {
             for ip in &v.lb_ips {
-                let _ = write!(
-                    filter.a(EXTERNAL_SERVICES),
-                    " -m comment --comment {ext_comment} -m {proto} -p {proto} -d {ip} --dport {port} -j {ext_target}"
-                );
-                filter.end();
+                filter.rule(EXTERNAL_SERVICES, format_args!(" -m comment --comment {ext_comment} -m {proto} -p {proto} -d {ip} --dport {port} -j {ext_target}"));
             }
         }
 
         // NodePort.
         if let Some(np) = p.node_port {
             if has_endpoints {
-                let _ = write!(
-                    nat.a(NODEPORTS),
-                    " -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {ext}"
+                nat.rule(
+                    NODEPORTS,
+                    format_args!(" -m comment --comment {name} -m {proto} -p {proto} --dport {np} -j {ext}"),
                 );
-                nat.end();
             }
             if !has_external {
-                let _ = write!(
-                    filter.a(EXTERNAL_SERVICES),
-                    " -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {ext_target}"
-                );
-                filter.end();
+                filter.rule(EXTERNAL_SERVICES, format_args!(" -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {ext_target}"));
             }
         }
 
         // Health check NodePort: always accepted.
         if let Some(hc) = p.health_check_node_port {
-            let _ = write!(
-                filter.a(NODEPORTS),
-                " -m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"
+            filter.rule(
+                NODEPORTS,
+                format_args!(
+                    " -m comment --comment \"{name} health check node port\" -m tcp -p tcp --dport {hc} -j ACCEPT"
+                ),
             );
-            filter.end();
         }
 
         // Everything below lives in the service port's own chains.
@@ -756,22 +723,18 @@ impl<'a> Generator<'a> {
 
         if has_internal {
             let args = format!(
-                " -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {port}",
+                " -m comment --comment \"{name} {CLUSTER_IP_COMMENT}\" -m {proto} -p {proto} -d {} --dport {port}",
                 v.cluster_ip
             );
             if self.cfg.masquerade_all {
-                let _ = write!(nat.a(internal_chain), "{args} -j {MARK_MASQ}");
-                nat.end();
+                nat.rule(internal_chain, format_args!("{args} -j {MARK_MASQ}"));
             } else if self.cluster_cidrs.len() == 1 {
-                let _ = write!(
-                    nat.a(internal_chain),
-                    "{args} ! -s {} -j {MARK_MASQ}",
-                    self.cluster_cidrs[0]
+                nat.rule(
+                    internal_chain,
+                    format_args!("{args} ! -s {} -j {MARK_MASQ}", self.cluster_cidrs[0]),
                 );
-                nat.end();
             } else if self.cluster_cidrs.len() > 1 {
-                let _ = write!(nat.a(internal_chain), "{args} -j {MASQ_OFF_CLUSTER}");
-                nat.end();
+                nat.rule(internal_chain, format_args!("{args} -j {MASQ_OFF_CLUSTER}"));
             }
         }
 
@@ -779,37 +742,25 @@ impl<'a> Generator<'a> {
             nat_chains.chain(&ext);
             chains.push(ext.clone());
             if !p.external_policy_local() {
-                let _ = write!(
-                    nat.a(&ext),
-                    " -m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"
+                nat.rule(
+                    &ext,
+                    format_args!(
+                        " -m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"
+                    ),
                 );
-                nat.end();
             } else {
                 if uses_cluster_chain {
                     for c in &self.cluster_cidrs {
-                        let _ = write!(
-                            nat.a(&ext),
-                            " -m comment --comment \"pod traffic for {name} external destinations\" -s {c} -j {svc}"
-                        );
-                        nat.end();
+                        nat.rule(&ext, format_args!(" -m comment --comment \"pod traffic for {name} external destinations\" -s {c} -j {svc}"));
                     }
                 }
-                let _ = write!(
-                    nat.a(&ext),
-                    " -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {MARK_MASQ}"
-                );
-                nat.end();
+                nat.rule(&ext, format_args!(" -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {MARK_MASQ}"));
                 if uses_cluster_chain {
-                    let _ = write!(
-                        nat.a(&ext),
-                        " -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {svc}"
-                    );
-                    nat.end();
+                    nat.rule(&ext, format_args!(" -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {svc}"));
                 }
             }
             if has_external {
-                let _ = write!(nat.a(&ext), " -j {external_policy_chain}");
-                nat.end();
+                nat.rule(&ext, format_args!(" -j {external_policy_chain}"));
             }
         }
 
@@ -818,29 +769,26 @@ impl<'a> Generator<'a> {
             chains.push(fw.clone());
             let mut allow_from_node = false;
             for c in &v.source_ranges {
-                let _ = write!(
-                    nat.a(&fw),
-                    " -m comment --comment \"{name} loadbalancer IP\" -s {c} -j {ext}"
+                nat.rule(
+                    &fw,
+                    format_args!(" -m comment --comment \"{name} loadbalancer IP\" -s {c} -j {ext}"),
                 );
-                nat.end();
                 if self.node_ip.is_some_and(|ip| c.contains(IpAddr::V4(ip))) {
                     allow_from_node = true;
                 }
             }
             if allow_from_node {
                 for ip in &v.lb_ips {
-                    let _ = write!(
-                        nat.a(&fw),
-                        " -m comment --comment \"{name} loadbalancer IP\" -s {ip} -j {ext}"
+                    nat.rule(
+                        &fw,
+                        format_args!(" -m comment --comment \"{name} loadbalancer IP\" -s {ip} -j {ext}"),
                     );
-                    nat.end();
                 }
             }
-            let _ = write!(
-                nat.a(&fw),
-                " -m comment --comment \"other traffic to {name} will be dropped by {PROXY_FIREWALL}\""
+            nat.rule(
+                &fw,
+                format_args!(" -m comment --comment \"other traffic to {name} will be dropped by {PROXY_FIREWALL}\""),
             );
-            nat.end();
         }
 
         let affinity = p.session_affinity.map(|d| d.as_secs());
@@ -864,15 +812,14 @@ impl<'a> Generator<'a> {
             let addr = ep.addr_string();
             let sep = sep_chain_of(raw, proto, &addr);
             nat_chains.chain(&sep);
-            let _ = write!(nat.a(&sep), "{comment} -s {} -j {MARK_MASQ}", ep.ip);
-            nat.end();
-            let r = nat.a(&sep);
-            r.push_str(&comment);
-            if affinity.is_some() {
-                let _ = write!(r, " -m recent --name {sep} --set");
-            }
-            let _ = write!(r, " -m {proto} -p {proto} -j DNAT --to-destination {addr}");
-            nat.end();
+            nat.rule(&sep, format_args!("{comment} -s {} -j {MARK_MASQ}", ep.ip));
+            nat.rule_with(&sep, |r| {
+                r.push_str(&comment);
+                if affinity.is_some() {
+                    let _ = write!(r, " -m recent --name {sep} --set");
+                }
+                let _ = write!(r, " -m {proto} -p {proto} -j DNAT --to-destination {addr}");
+            });
             chains.push(sep);
         }
     }
@@ -898,12 +845,12 @@ impl<'a> Generator<'a> {
             .collect();
         if let Some(secs) = affinity {
             for (sep, addr) in &seps {
-                let r = nat.a(chain);
-                if !large {
-                    let _ = write!(r, " -m comment --comment \"{name} -> {addr}\"");
-                }
-                let _ = write!(r, " -m recent --name {sep} --rcheck --seconds {secs} --reap -j {sep}");
-                nat.end();
+                nat.rule_with(chain, |r| {
+                    if !large {
+                        let _ = write!(r, " -m comment --comment \"{name} -> {addr}\"");
+                    }
+                    let _ = write!(r, " -m recent --name {sep} --rcheck --seconds {secs} --reap -j {sep}");
+                });
             }
         }
         let n = seps.len();
@@ -913,15 +860,15 @@ impl<'a> Generator<'a> {
             } else {
                 None
             };
-            let r = nat.a(chain);
-            if !large {
-                let _ = write!(r, " -m comment --comment \"{name} -> {addr}\"");
-            }
-            if let Some(prob) = prob {
-                let _ = write!(r, " -m statistic --mode random --probability {prob}");
-            }
-            let _ = write!(r, " -j {sep}");
-            nat.end();
+            nat.rule_with(chain, |r| {
+                if !large {
+                    let _ = write!(r, " -m comment --comment \"{name} -> {addr}\"");
+                }
+                if let Some(prob) = prob {
+                    let _ = write!(r, " -m statistic --mode random --probability {prob}");
+                }
+                let _ = write!(r, " -j {sep}");
+            });
         }
     }
 }

@@ -664,3 +664,20 @@ fn cleanup_input_deletes_jumps_then_chains_and_leaves_the_rest() {
         ""
     );
 }
+
+#[test]
+fn generated_rules_read_back_as_the_desired_cluster_frontends() {
+    // What rules.rs writes, parsed by readback.rs (what `status --verify` reads from iptables-save): a ClusterIP with
+    // two endpoints, one without endpoints (rejected in the filter table) and an internalTrafficPolicy=Local one
+    // without local endpoints (dropped there).
+    let mut local_only = port("local", "10.96.0.12", 8443, Protocol::Tcp);
+    local_only.internal_policy = TrafficPolicy::Local;
+    let s = snap(vec![
+        (port("web", "10.96.0.10", 80, Protocol::Tcp), two_endpoints()),
+        (port("empty", "10.96.0.11", 53, Protocol::Udp), vec![]),
+        (local_only, two_endpoints()),
+    ]);
+    let desired = crate::verify::desired_cluster_frontends(&s);
+    assert_eq!(desired.len(), 3);
+    assert_eq!(super::readback::cluster_frontends(&text(&cfg_cidr(), &s)), desired);
+}

@@ -1,172 +1,19 @@
 //! healthCheckNodePort servers for LoadBalancer Services with externalTrafficPolicy=Local, answering like
-//! kube-proxy's: 200 when this node has local ready endpoints for the Service and the proxy is healthy, else 503,
-//! with the same JSON body and headers, so cloud load balancers steer traffic only to nodes that can serve it.
-//!
-//! Also the proxy's own /healthz and /livez (port 10256), answered like kube-proxy's ProxyHealthServer
-//! (pkg/proxy/healthcheck/proxy_health.go): /healthz is 503 when syncs stall (see [`SyncHealth`]) or when this node
-//! is not eligible (being deleted, or tainted ToBeDeletedByClusterAutoscaler); /livez ignores node eligibility.
+//! kube-proxy's (pkg/proxy/healthcheck/service_health.go): 200 when this node has local ready endpoints for the
+//! Service and the proxy is healthy, else 503, with the same JSON body and headers, so cloud load balancers steer
+//! traffic only to nodes that can serve it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
-use serde::Serialize;
-
+use super::proxy_health::SyncHealth;
 use crate::http::{self, Response};
-use crate::metrics::{CodeLabels, Metrics};
 use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::tracker::Diff;
 use crate::model::{Cidr, ServiceName, ServicePortName};
-use crate::sync::{HealthStatus, SyncHealth};
-
-/// The taint the Cluster Autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
-pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
-
-/// kube-proxy's NodeEligible: the Node has been seen, is not being deleted (no deletionTimestamp) and carries no
-/// taint with the key [`TO_BE_DELETED_TAINT`] (whatever its value and effect).
-pub fn node_eligible(node: Option<&Node>) -> bool {
-    let Some(node) = node else {
-        return false;
-    };
-    if node.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    !node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
-}
-
-/// Go's zero `time.Time` as JSON.
-const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
-
-/// A time as Go's encoding/json writes a `time.Time` (RFC 3339 with nanoseconds, trailing zeros dropped), in UTC.
-pub fn go_time(t: SystemTime) -> String {
-    let Ok(ts) = k8s_openapi::jiff::Timestamp::try_from(t) else {
-        return GO_ZERO_TIME.into();
-    };
-    let mut out = ts.strftime("%Y-%m-%dT%H:%M:%S").to_string();
-    let nanos = ts.subsec_nanosecond();
-    if nanos > 0 {
-        let frac = format!("{nanos:09}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
-}
-
-/// kube-proxy's ProxierHealth.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ProxierHealthBody {
-    last_updated: String,
-    healthy: bool,
-}
-
-/// kube-proxy's ProxyHealth, field for field in Go's order.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ProxyHealthBody {
-    last_updated: String,
-    current_time: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node_eligible: Option<bool>,
-    healthy: bool,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    status: BTreeMap<&'static str, ProxierHealthBody>,
-}
-
-/// The body of /healthz (with `node_eligible`) or /livez (without). `lastUpdated` is the time of the answer when
-/// healthy (kube-proxy keeps "recent when healthy" for old clients), else the last successful sync; `status` has
-/// Orca's one IP family once the sync loop has started.
-pub fn proxy_health_body(status: &HealthStatus, node_eligible: Option<bool>) -> String {
-    let healthy_now = status.healthy && node_eligible.unwrap_or(true);
-    let last = status.last_updated.map(go_time);
-    let body = ProxyHealthBody {
-        last_updated: if healthy_now {
-            go_time(SystemTime::now())
-        } else {
-            last.clone().unwrap_or_else(|| GO_ZERO_TIME.into())
-        },
-        current_time: go_time(status.now),
-        node_eligible,
-        healthy: status.healthy,
-        status: last
-            .map(|l| {
-                (
-                    "IPv4",
-                    ProxierHealthBody {
-                        last_updated: l,
-                        healthy: status.healthy,
-                    },
-                )
-            })
-            .into_iter()
-            .collect(),
-    };
-    serde_json::to_string(&body).unwrap_or_default()
-}
-
-/// How long changes may wait before /livez turns 503 while the first sync since start has not completed.
-pub const FIRST_SYNC_LIVENESS: Duration = Duration::from_secs(15 * 60);
-
-/// The proxy's /healthz and /livez.
-#[derive(Clone)]
-pub struct ProxyHealthServer {
-    pub health: Arc<SyncHealth>,
-    /// kube-proxy's healthTimeout: 2 x sync period.
-    pub timeout: Duration,
-    /// /livez before the first sync has completed: how long changes may wait ([`FIRST_SYNC_LIVENESS`]).
-    pub first_sync_timeout: Duration,
-    /// [`node_eligible`] of the latest Node object, kept by the Node watcher.
-    pub node_eligible: Arc<AtomicBool>,
-    pub metrics: Arc<Metrics>,
-}
-
-impl ProxyHealthServer {
-    /// The answer for `path`; `None` for paths it does not serve.
-    pub fn respond(&self, path: &str) -> Option<Response> {
-        let status = self.health.status(self.timeout);
-        let (code, body, counter) = match path {
-            "/healthz" => {
-                let eligible = self.node_eligible.load(Ordering::Relaxed);
-                let ok = status.healthy && eligible;
-                (
-                    ok,
-                    proxy_health_body(&status, Some(eligible)),
-                    &self.metrics.proxy_healthz_total,
-                )
-            }
-            "/livez" => {
-                // The first sync of a large cluster (iptables-nft at 10k+ Services) can take longer than the
-                // health timeout while changes keep coming: /livez gives it FIRST_SYNC_LIVENESS before it tells a
-                // liveness probe to restart the agent, which would only start that sync over. /healthz keeps
-                // kube-proxy's rule: the node does not serve the changes yet.
-                let status = if self.health.first_synced() {
-                    status
-                } else {
-                    self.health.status(self.first_sync_timeout.max(self.timeout))
-                };
-                (
-                    status.healthy,
-                    proxy_health_body(&status, None),
-                    &self.metrics.proxy_livez_total,
-                )
-            }
-            _ => return None,
-        };
-        let code = if code { 200 } else { 503 };
-        counter.get_or_create(&CodeLabels { code: code.to_string() }).inc();
-        let mut r = Response::new(code, "application/json", body);
-        r.headers.push(("X-Content-Type-Options", "nosniff".into()));
-        Some(r)
-    }
-}
 
 struct Server {
     service: ServiceName,
@@ -178,7 +25,7 @@ struct Server {
 pub struct HealthCheckServers {
     servers: HashMap<u16, Server>,
     /// Per healthCheckNodePort, the service ports naming it and their local ready endpoints.
-    claims: HashMap<u16, BTreeMap<ServicePortName, usize>>,
+    claims: HashMap<u16, BTreeMap<ServicePortName, LocalEndpoints>>,
     /// The healthCheckNodePort each service port names.
     claimed: HashMap<ServicePortName, u16>,
     /// Claimed ports whose listener could not be opened: retried on every sync.
@@ -198,26 +45,38 @@ pub fn body(svc: &ServiceName, local_endpoints: usize, healthy: bool) -> String 
     )
 }
 
+/// A service port's local ready endpoints, as `ip:port`.
+type LocalEndpoints = BTreeSet<SocketAddr>;
+
 /// A service port's claim: the healthCheckNodePort it names and its local ready endpoints.
-fn claim_of(st: &ServicePortState) -> Option<(u16, usize)> {
+fn claim_of(st: &ServicePortState) -> Option<(u16, LocalEndpoints)> {
     let port = st.port.health_check_node_port?;
-    Some((port, st.endpoints.iter().filter(|e| e.is_local && e.ready).count()))
+    let local = st
+        .endpoints
+        .iter()
+        .filter(|e| e.is_local && e.ready)
+        .map(|e| SocketAddr::new(e.ip, e.port))
+        .collect();
+    Some((port, local))
 }
 
 /// The Service that owns a healthCheckNodePort, and its local endpoints: the first claimant in service port order
-/// (as when the desired state is walked in order); claims by other Services are reported and ignored.
-fn owner(port: u16, claims: &BTreeMap<ServicePortName, usize>) -> Option<(ServiceName, usize)> {
+/// (as when the desired state is walked in order); claims by other Services are reported and ignored. The count is
+/// kube-proxy's `LocalReadyEndpoints`: the Service's distinct local ready `ip:port`s over all its ports, so a pod
+/// behind two service ports to the same pod port counts once.
+fn owner(port: u16, claims: &BTreeMap<ServicePortName, LocalEndpoints>) -> Option<(ServiceName, usize)> {
     let mut it = claims.iter();
-    let (first, n) = it.next()?;
-    let mut out = (first.service.clone(), *n);
-    for (other, n) in it {
-        if other.service == out.0 {
-            out.1 += n;
+    let (first, eps) = it.next()?;
+    let service = first.service.clone();
+    let mut local: BTreeSet<&SocketAddr> = eps.iter().collect();
+    for (other, eps) in it {
+        if other.service == service {
+            local.extend(eps);
         } else {
-            tracing::warn!(port, first = %out.0, second = %other.service, "two Services claim one healthCheckNodePort");
+            tracing::warn!(port, first = %service, second = %other.service, "two Services claim one healthCheckNodePort");
         }
     }
-    Some(out)
+    Some((service, local.len()))
 }
 
 impl HealthCheckServers {
@@ -273,7 +132,7 @@ impl HealthCheckServers {
 
     /// Records a service port's claim (or its absence); returns the healthCheckNodePorts whose owner or count may
     /// have changed.
-    fn set_claim(&mut self, name: &ServicePortName, claim: Option<(u16, usize)>) -> Vec<u16> {
+    fn set_claim(&mut self, name: &ServicePortName, claim: Option<(u16, LocalEndpoints)>) -> Vec<u16> {
         let mut touched = Vec::new();
         if let Some(old) = self.claimed.remove(name) {
             if let Some(c) = self.claims.get_mut(&old) {
@@ -552,7 +411,8 @@ mod tests {
             hc.owners()
         };
         let a = |n| ServiceName::new("ns", n);
-        // Two ports of Service a share p1 (counts add up); b serves p2.
+        // Two ports of Service a share p1: their local endpoints count once per ip:port (10.244.1.2:8080 is behind
+        // both, so 2, not 3); b serves p2.
         let s = step(
             &mut hc,
             &mut desired,
@@ -563,7 +423,7 @@ mod tests {
             ],
             vec![],
         );
-        assert_eq!(s, [(p1, (a("a"), 3)), (p2, (a("b"), 1))].into());
+        assert_eq!(s, [(p1, (a("a"), 2)), (p2, (a("b"), 1))].into());
         // a loses its local endpoints on one port.
         let s = step(&mut hc, &mut desired, vec![claim("a", "http", p1, 0)], vec![]);
         assert_eq!(s[&p1], (a("a"), 1));
@@ -585,157 +445,6 @@ mod tests {
         hc.apply(&Diff::default(), &lo);
         assert_eq!(hc.served(), hc.owners());
         assert!(get(p1).await.contains("\"name\": \"c\""));
-    }
-
-    fn node(v: serde_json::Value) -> Node {
-        serde_json::from_value(v).unwrap()
-    }
-
-    #[test]
-    fn node_eligibility_is_kube_proxys() {
-        assert!(!node_eligible(None), "a Node not seen yet is not eligible");
-        assert!(node_eligible(Some(&node(
-            serde_json::json!({"metadata": {"name": "a"}})
-        ))));
-        let other = node(serde_json::json!({"metadata": {"name": "a"},
-            "spec": {"taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}}));
-        assert!(node_eligible(Some(&other)), "other taints do not matter");
-        for effect in ["NoSchedule", "PreferNoSchedule", "NoExecute"] {
-            let tainted = node(serde_json::json!({"metadata": {"name": "a"},
-                "spec": {"taints": [{"key": "x", "effect": "NoSchedule"},
-                                    {"key": TO_BE_DELETED_TAINT, "value": "1700000000", "effect": effect}]}}));
-            assert!(!node_eligible(Some(&tainted)), "{effect}");
-        }
-        let deleting = node(serde_json::json!({"metadata": {"name": "a",
-            "deletionTimestamp": "2026-01-01T00:00:00Z", "finalizers": ["example.com/hold"]}}));
-        assert!(!node_eligible(Some(&deleting)));
-    }
-
-    #[test]
-    fn go_time_is_rfc3339_nano_trimmed() {
-        let at = |s: u64, n: u32| SystemTime::UNIX_EPOCH + Duration::new(s, n);
-        assert_eq!(go_time(at(1_700_000_000, 0)), "2023-11-14T22:13:20Z");
-        assert_eq!(go_time(at(1_700_000_000, 120_000_000)), "2023-11-14T22:13:20.12Z");
-        assert_eq!(go_time(at(1_700_000_000, 1)), "2023-11-14T22:13:20.000000001Z");
-    }
-
-    #[test]
-    fn proxy_health_body_has_kube_proxys_fields() {
-        let at = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5_000);
-        let now = at + Duration::from_secs(90);
-        let unhealthy = HealthStatus {
-            healthy: false,
-            last_updated: Some(at),
-            now,
-        };
-        assert_eq!(
-            proxy_health_body(&unhealthy, Some(true)),
-            r#"{"lastUpdated":"2023-11-14T22:13:20.000005Z","currentTime":"2023-11-14T22:14:50.000005Z","nodeEligible":true,"healthy":false,"status":{"IPv4":{"lastUpdated":"2023-11-14T22:13:20.000005Z","healthy":false}}}"#
-        );
-        // /livez: no nodeEligible.
-        assert_eq!(
-            proxy_health_body(&unhealthy, None),
-            r#"{"lastUpdated":"2023-11-14T22:13:20.000005Z","currentTime":"2023-11-14T22:14:50.000005Z","healthy":false,"status":{"IPv4":{"lastUpdated":"2023-11-14T22:13:20.000005Z","healthy":false}}}"#
-        );
-        // Healthy: the top-level lastUpdated is the time of the answer, the family's stays the last update.
-        let healthy = HealthStatus {
-            healthy: true,
-            ..unhealthy
-        };
-        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&healthy, Some(true))).unwrap();
-        let top: k8s_openapi::jiff::Timestamp = v["lastUpdated"].as_str().unwrap().parse().unwrap();
-        assert!(top > k8s_openapi::jiff::Timestamp::try_from(now).unwrap());
-        assert_eq!(v["status"]["IPv4"]["lastUpdated"], "2023-11-14T22:13:20.000005Z");
-        assert_eq!(v["healthy"], true);
-        // Healthy proxy on a node being deleted: lastUpdated is the last update (the answer is 503).
-        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&healthy, Some(false))).unwrap();
-        assert_eq!(v["lastUpdated"], "2023-11-14T22:13:20.000005Z");
-        assert_eq!(
-            (v["nodeEligible"].as_bool(), v["healthy"].as_bool()),
-            (Some(false), Some(true))
-        );
-        // Before the sync loop started: no status map.
-        let fresh = HealthStatus {
-            healthy: true,
-            last_updated: None,
-            now,
-        };
-        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&fresh, Some(false))).unwrap();
-        assert_eq!(v["lastUpdated"], "0001-01-01T00:00:00Z");
-        assert!(v.get("status").is_none());
-    }
-
-    #[test]
-    fn healthz_needs_an_eligible_node_and_livez_does_not() {
-        let metrics = Arc::new(Metrics::new());
-        let server = ProxyHealthServer {
-            health: Arc::new(SyncHealth::default()),
-            timeout: Duration::from_secs(60),
-            first_sync_timeout: Duration::ZERO,
-            node_eligible: Arc::new(AtomicBool::new(true)),
-            metrics: metrics.clone(),
-        };
-        server.health.updated();
-        let code = |p: &str| server.respond(p).map(|r| r.status);
-        assert_eq!(
-            (code("/healthz"), code("/livez"), code("/x")),
-            (Some(200), Some(200), None)
-        );
-        server.node_eligible.store(false, Ordering::Relaxed);
-        assert_eq!((code("/healthz"), code("/livez")), (Some(503), Some(200)));
-        let r = server.respond("/healthz").unwrap();
-        assert!(r.body.contains(r#""nodeEligible":false,"healthy":true"#), "{}", r.body);
-        assert!(r
-            .headers
-            .iter()
-            .any(|(k, v)| *k == "X-Content-Type-Options" && v == "nosniff"));
-        assert!(!server.respond("/livez").unwrap().body.contains("nodeEligible"));
-        // A stalled sync fails both.
-        server.node_eligible.store(true, Ordering::Relaxed);
-        let stalled = ProxyHealthServer {
-            timeout: Duration::ZERO,
-            ..server.clone()
-        };
-        stalled.health.queued();
-        assert_eq!(stalled.respond("/healthz").unwrap().status, 503);
-        assert_eq!(stalled.respond("/livez").unwrap().status, 503);
-        let text = metrics.encode();
-        for line in [
-            r#"kubeproxy_proxy_healthz_total{code="200"} 1"#,
-            r#"kubeproxy_proxy_healthz_total{code="503"} 3"#,
-            r#"kubeproxy_proxy_livez_total{code="200"} 3"#,
-            r#"kubeproxy_proxy_livez_total{code="503"} 1"#,
-        ] {
-            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
-        }
-    }
-
-    #[test]
-    fn livez_gives_the_first_sync_longer() {
-        let server = ProxyHealthServer {
-            health: Arc::new(SyncHealth::default()),
-            timeout: Duration::ZERO,
-            first_sync_timeout: Duration::from_secs(60),
-            node_eligible: Arc::new(AtomicBool::new(true)),
-            metrics: Arc::new(Metrics::new()),
-        };
-        // The sync loop started, the caches synced, a change waits while the first sync runs.
-        server.health.updated();
-        server.health.initialized();
-        server.health.queued();
-        let codes = || {
-            (
-                server.respond("/healthz").unwrap().status,
-                server.respond("/livez").unwrap().status,
-            )
-        };
-        assert!(!server.health.first_synced());
-        assert_eq!(codes(), (503, 200));
-        // Once a sync has programmed the node, a waiting change counts with the health timeout for both.
-        server.health.updated();
-        assert!(server.health.first_synced());
-        server.health.queued();
-        assert_eq!(codes(), (503, 503));
     }
 
     #[test]
