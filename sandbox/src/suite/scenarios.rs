@@ -494,6 +494,12 @@ async fn etp_local(ctx: Arc<Ctx>) -> Result<()> {
     let mut svc = simple_service("etp", "backend", 80);
     svc["spec"]["type"] = json!("LoadBalancer");
     svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    // A second port to the same pod port: the health check counts the backend's ip:port once (kube-proxy's
+    // LocalReadyEndpoints), not once per service port.
+    svc["spec"]["ports"]
+        .as_array_mut()
+        .context("the Service's ports")?
+        .push(json!({"name": "alt", "port": 81, "targetPort": 8080, "protocol": "TCP"}));
     let svc = ctx.create_service(svc).await?;
     ctx.set_lb_ingress("etp", ETP_LB_IP).await?;
     let np = node_port(&svc, None)?;
@@ -534,6 +540,12 @@ async fn etp_local(ctx: Arc<Ctx>) -> Result<()> {
         )
         .await?;
         let compact: String = body.split_whitespace().collect();
+        let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("the body {body:?}"))?;
+        let local = if want == 200 { 1 } else { 0 };
+        ensure!(
+            v["localEndpoints"] == json!(local) && v["service"]["name"] == json!("etp"),
+            "healthCheckNodePort {ip}:{hc}: localEndpoints {local} (one backend behind two ports) expected in {compact}"
+        );
         ctx.step(format!("healthCheckNodePort {ip}:{hc}: {want} {compact}"));
     }
     Ok(())
