@@ -116,7 +116,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
             .set(1);
     }
     if let Some(source) = dataplane.datapath_source() {
-        metrics.datapath.set_source(source);
+        metrics.datapath.source.set(source);
     }
     metrics
         .mode
@@ -142,7 +142,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let pending = shared.clone();
     metrics
         .pending
-        .set_source(Box::new(move || pending.lock().pending_changes()));
+        .source
+        .set(Box::new(move || pending.lock().pending_changes()));
     let proxy_health = ProxyHealthServer {
         health: health.clone(),
         timeout: s.sync.sync_period * 2,

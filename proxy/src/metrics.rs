@@ -14,7 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::dataplane::ebpf::{DatapathCounts, DatapathSource};
+use crate::dataplane::ebpf::DatapathCounts;
 use crate::model::tracker::{Counters, PendingChanges};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -228,39 +228,45 @@ impl Metrics {
     }
 }
 
-/// Reads the change tracker's pending changes (set by the agent once its watchers run).
-pub type PendingSource = Box<dyn Fn() -> PendingChanges + Send + Sync>;
-
 /// kube-proxy's `kubeproxy_sync_proxy_rules_service_changes_pending` and `..._endpoint_changes_pending`: Services with
-/// a Service (or EndpointSlice) change that no sync has taken yet, read from the tracker on each scrape (0 before
-/// the watchers start).
-#[derive(Default)]
+/// a Service change and EndpointSlice changes that no sync has taken yet, read from the tracker on each scrape (0
+/// before the watchers start).
+#[derive(Debug, Default)]
 pub struct PendingCollector {
-    source: Mutex<Option<PendingSource>>,
+    pub source: ScrapeSource<PendingChanges>,
 }
 
-impl std::fmt::Debug for PendingCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PendingCollector")
+/// A reader of something that exists only once the agent has started it (the watchers, the eBPF datapath), set then
+/// and called on each scrape.
+pub struct ScrapeSource<T>(Mutex<Option<Box<dyn Fn() -> T + Send + Sync>>>);
+
+impl<T> Default for ScrapeSource<T> {
+    fn default() -> Self {
+        Self(Mutex::new(None))
     }
 }
 
-impl PendingCollector {
-    pub fn set_source(&self, source: PendingSource) {
-        if let Ok(mut s) = self.source.lock() {
+impl<T> std::fmt::Debug for ScrapeSource<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrapeSource")
+    }
+}
+
+impl<T> ScrapeSource<T> {
+    pub fn set(&self, source: Box<dyn Fn() -> T + Send + Sync>) {
+        if let Ok(mut s) = self.0.lock() {
             *s = Some(source);
         }
+    }
+
+    fn read(&self) -> Option<T> {
+        self.0.lock().ok()?.as_ref().map(|f| f())
     }
 }
 
 impl Collector for PendingCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let p = self
-            .source
-            .lock()
-            .ok()
-            .and_then(|s| s.as_ref().map(|f| f()))
-            .unwrap_or_default();
+        let p = self.source.read().unwrap_or_default();
         for (name, help, v) in [
             (
                 "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
@@ -293,32 +299,14 @@ struct MapLabels {
 /// `orca_datapath_drops_total{reason}`, `orca_datapath_untranslated_total{reason}`, `orca_map_entries{map}`,
 /// `orca_conntrack_*` and `orca_snat_ports_in_use`, read from the datapath on each scrape. Nothing is exported
 /// while no eBPF datapath runs (iptables mode).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct DatapathCollector {
-    source: Mutex<Option<DatapathSource>>,
-}
-
-impl std::fmt::Debug for DatapathCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DatapathCollector")
-    }
-}
-
-impl DatapathCollector {
-    pub fn set_source(&self, source: DatapathSource) {
-        if let Ok(mut s) = self.source.lock() {
-            *s = Some(source);
-        }
-    }
-
-    fn read(&self) -> Option<DatapathCounts> {
-        self.source.lock().ok()?.as_ref().map(|f| f())
-    }
+    pub source: ScrapeSource<DatapathCounts>,
 }
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(c) = self.read() else {
+        let Some(c) = self.source.read() else {
             return Ok(());
         };
         for (name, help, dropped) in [
@@ -426,7 +414,7 @@ mod tests {
             endpoints: 2,
         }));
         let source = pending.clone();
-        m.pending.set_source(Box::new(move || *source.lock().unwrap()));
+        m.pending.source.set(Box::new(move || *source.lock().unwrap()));
         let text = m.encode();
         assert_eq!(
             value(&text, "kubeproxy_sync_proxy_rules_service_changes_pending"),

@@ -116,10 +116,7 @@ fn write_set(
     if next.maglev {
         let table = super::maglev::table(&next.backends, orca_common::MAGLEV_TABLE_SIZE);
         for (i, offset) in table.iter().enumerate() {
-            let key = BackendSlotKey {
-                service_id: next.id,
-                slot: next.base + i as u32,
-            };
+            let key = next.slot(i);
             maps.put_maglev(key, *offset)
                 .map_err(|e| e.context("writing a Maglev table"))?;
             created.push(NewEntry::Maglev(key));
@@ -127,10 +124,7 @@ fn write_set(
         w.entries += table.len();
     }
     for (i, b) in next.backends.iter().enumerate() {
-        let slot = BackendSlotKey {
-            service_id: next.id,
-            slot: next.base + i as u32,
-        };
+        let slot = next.slot(i);
         maps.put_slot(slot, *b)
             .map_err(|e| e.context("writing a backend slot"))?;
         created.push(NewEntry::Slot(slot));
@@ -239,6 +233,16 @@ struct PublishedSet {
     backends: Vec<Backend>,
     /// Whether a Maglev table was written for it.
     maglev: bool,
+}
+
+impl PublishedSet {
+    /// The key of its `i`th slot (backend, or Maglev table entry).
+    fn slot(&self, i: usize) -> BackendSlotKey {
+        BackendSlotKey {
+            service_id: self.id,
+            slot: self.base + i as u32,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
