@@ -160,13 +160,45 @@ pub struct Flags {
     pub cleanup: bool,
 }
 
+/// A flag (or config file) value that does not parse; clap and the config loader print it with the flag's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{0:?} is not MIN-MAX")]
+    NotARange(String),
+    #[error("{range:?}: bad port {port:?}")]
+    BadPort { range: String, port: String },
+    #[error("{0:?}: need 1 <= MIN <= MAX")]
+    RangeOrder(String),
+    #[error(transparent)]
+    Cidr(#[from] crate::model::cidr::CidrError),
+    #[error("\"primary\" cannot be combined with CIDRs")]
+    PrimaryWithCidrs,
+    #[error("{0:?} is not an interface name (1-15 bytes, no '/', ':' or spaces)")]
+    Ifname(String),
+    #[error("empty duration")]
+    EmptyDuration,
+    #[error("invalid duration {0:?}")]
+    Duration(String),
+    #[error("missing unit in duration {0:?}")]
+    MissingUnit(String),
+    #[error("unknown unit {unit:?} in duration {duration:?}")]
+    UnknownUnit { unit: String, duration: String },
+    #[error("invalid bind address {0:?}")]
+    Bind(String),
+}
+
 /// `MIN-MAX` (inclusive), 1 <= MIN <= MAX <= 65535.
-pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not MIN-MAX"))?;
-    let a: u16 = a.trim().parse().map_err(|_| format!("{s:?}: bad port {a:?}"))?;
-    let b: u16 = b.trim().parse().map_err(|_| format!("{s:?}: bad port {b:?}"))?;
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), ValueError> {
+    let (a, b) = s.split_once('-').ok_or_else(|| ValueError::NotARange(s.into()))?;
+    let port = |p: &str| {
+        p.trim().parse::<u16>().map_err(|_| ValueError::BadPort {
+            range: s.into(),
+            port: p.into(),
+        })
+    };
+    let (a, b) = (port(a)?, port(b)?);
     if a == 0 || a > b {
-        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+        return Err(ValueError::RangeOrder(s.into()));
     }
     Ok((a, b))
 }
@@ -183,20 +215,20 @@ pub enum NodePortAddress {
     Cidr(Cidr),
 }
 
-pub fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, String> {
+pub fn parse_nodeport_address(s: &str) -> Result<NodePortAddress, ValueError> {
     if s == "primary" {
         Ok(NodePortAddress::Primary)
     } else {
-        parse_cidr(s).map(NodePortAddress::Cidr).map_err(|e| e.to_string())
+        Ok(NodePortAddress::Cidr(parse_cidr(s)?))
     }
 }
 
 /// Splits a `--nodeport-addresses` list into (CIDRs, primary); `primary` must stand alone, as kube-proxy's
 /// validation requires.
-pub fn split_nodeport_addresses(list: &[NodePortAddress]) -> Result<(Vec<Cidr>, bool), String> {
+pub fn split_nodeport_addresses(list: &[NodePortAddress]) -> Result<(Vec<Cidr>, bool), ValueError> {
     let primary = list.contains(&NodePortAddress::Primary);
     if primary && list.len() > 1 {
-        return Err("\"primary\" cannot be combined with CIDRs".into());
+        return Err(ValueError::PrimaryWithCidrs);
     }
     let cidrs = list
         .iter()
@@ -213,24 +245,22 @@ pub fn valid_ifname(s: &str) -> bool {
     !s.is_empty() && s.len() < 16 && !s.contains(['/', ':']) && !s.chars().any(char::is_whitespace)
 }
 
-fn parse_ifname(s: &str) -> Result<String, String> {
+fn parse_ifname(s: &str) -> Result<String, ValueError> {
     if valid_ifname(s) {
         Ok(s.to_string())
     } else {
-        Err(format!(
-            "{s:?} is not an interface name (1-15 bytes, no '/', ':' or spaces)"
-        ))
+        Err(ValueError::Ifname(s.into()))
     }
 }
 
 /// Parses a Go duration: a sequence of decimal numbers with units ns, us, µs, ms, s, m, h ("1m30s", "0.5s", "0").
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
     }
     if s.is_empty() {
-        return Err("empty duration".into());
+        return Err(ValueError::EmptyDuration);
     }
     let mut total = 0f64;
     let mut rest = s;
@@ -239,9 +269,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
         if num_end == 0 {
-            return Err(format!("invalid duration {s:?}"));
+            return Err(ValueError::Duration(s.into()));
         }
-        let n: f64 = rest[..num_end].parse().map_err(|_| format!("invalid duration {s:?}"))?;
+        let n: f64 = rest[..num_end].parse().map_err(|_| ValueError::Duration(s.into()))?;
         rest = &rest[num_end..];
         let unit_end = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -253,8 +283,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            "" => return Err(format!("missing unit in duration {s:?}")),
-            u => return Err(format!("unknown unit {u:?} in duration {s:?}")),
+            "" => return Err(ValueError::MissingUnit(s.into())),
+            u => {
+                return Err(ValueError::UnknownUnit {
+                    unit: u.into(),
+                    duration: s.into(),
+                })
+            }
         };
         total += n * factor;
         rest = &rest[unit_end..];
@@ -263,7 +298,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Parses an `ip:port` bind address; an empty string disables the server. A bare IP gets `default_port`.
-pub fn parse_bind(s: &str, default_port: u16) -> Result<Option<SocketAddr>, String> {
+pub fn parse_bind(s: &str, default_port: u16) -> Result<Option<SocketAddr>, ValueError> {
     let s = s.trim();
     if s.is_empty() {
         return Ok(None);
@@ -274,7 +309,7 @@ pub fn parse_bind(s: &str, default_port: u16) -> Result<Option<SocketAddr>, Stri
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
         return Ok(Some(SocketAddr::new(ip, default_port)));
     }
-    Err(format!("invalid bind address {s:?}"))
+    Err(ValueError::Bind(s.into()))
 }
 
 #[cfg(test)]
