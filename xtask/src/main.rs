@@ -3,6 +3,8 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod kernels;
+#[cfg(test)]
+mod layout;
 mod sandbox;
 mod setup;
 mod suite;
