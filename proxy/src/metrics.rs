@@ -395,6 +395,36 @@ mod tests {
     }
 
     #[test]
+    fn map_occupancy_and_drops_come_from_the_datapath_on_each_scrape() {
+        let m = Metrics::new();
+        // Iptables mode: no datapath, none of its series.
+        assert!(!m.encode().contains("orca_map_entries"));
+        let counts = Arc::new(Mutex::new(DatapathCounts::default()));
+        let source = counts.clone();
+        m.datapath.source.set(Box::new(move || source.lock().unwrap().clone()));
+        {
+            let mut c = counts.lock().unwrap();
+            c.reasons = vec![0; orca_common::REASONS.len()];
+            c.reasons[orca_common::REASON_NO_SNAT_PORT as usize] = 4;
+            c.conntrack.entries = 1200;
+            c.conntrack.snat_ports = 300;
+            c.conntrack.other_maps = vec![(orca_common::MAP_FRONTENDS, 7)];
+        }
+        let text = m.encode();
+        for (series, want) in [
+            ("orca_map_entries{map=\"ORCA_CT4\"}", 1200.0),
+            ("orca_map_entries{map=\"ORCA_FRONTENDS\"}", 7.0),
+            ("orca_snat_ports_in_use", 300.0),
+            ("orca_datapath_drops_total{reason=\"no_snat_port\"}", 4.0),
+        ] {
+            assert_eq!(value(&text, series), Some(want), "{series} in\n{text}");
+        }
+        // The next scrape reads again.
+        counts.lock().unwrap().conntrack.entries = 2;
+        assert_eq!(value(&m.encode(), "orca_map_entries{map=\"ORCA_CT4\"}"), Some(2.0));
+    }
+
+    #[test]
     fn pending_changes_and_invalid_objects_are_exported_as_they_move() {
         let m = Metrics::new();
         let text = m.encode();

@@ -78,16 +78,15 @@ pub fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let code = code_of(&std::fs::read_to_string(file).unwrap_or_default());
         let parent = m.rsplit_once("::").map_or("", |(p, _)| p);
         let mut uses = BTreeSet::new();
-        let targets = paths_after(&code, "crate::")
-            .into_iter()
-            .map(str::to_string)
-            .chain(paths_after(&code, "super::").into_iter().map(|p| {
+        let targets = paths_after(&code, "crate::").into_iter().map(str::to_string).chain(
+            paths_after(&code, "super::").into_iter().map(|p| {
                 if parent.is_empty() {
                     p.to_string()
                 } else {
                     format!("{parent}::{p}")
                 }
-            }));
+            }),
+        );
         for t in targets {
             if let Some(t) = resolve(&mods, &t) {
                 let related = t == m || m.starts_with(&format!("{t}::")) || t.starts_with(&format!("{m}::"));
@@ -147,7 +146,11 @@ mod tests {
         for krate in ["proxy", "bench"] {
             let g = graph(&repo().join(krate).join("src"));
             assert!(g.len() > 5, "{krate}: found only {} modules", g.len());
-            assert_eq!(cycles(&g), Vec::<Vec<String>>::new(), "{krate}: modules that use each other");
+            assert_eq!(
+                cycles(&g),
+                Vec::<Vec<String>>::new(),
+                "{krate}: modules that use each other"
+            );
         }
     }
 
