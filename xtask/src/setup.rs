@@ -70,7 +70,7 @@ pub fn run() -> Result<()> {
         ensure_host_toolchain(&root)
     })?;
     step("eBPF nightly toolchain (first time: about a minute)", ensure_nightly)?;
-    step("bpf-linker (first time: 3-5 min)", || ensure_bpf_linker(&root))?;
+    step("bpf-linker (first time: about a minute)", || ensure_bpf_linker(&root))?;
     step("Go toolchain", || ensure_go(&root))?;
     step("Kubernetes binaries of the sandbox (first time: 6-10 min)", || {
         let dir = orca_sandbox::build::ensure_k8s_binaries()?;
