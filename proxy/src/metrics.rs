@@ -264,6 +264,12 @@ impl<T> ScrapeSource<T> {
     }
 }
 
+/// One unlabelled gauge of a collector.
+fn encode_gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
 impl Collector for PendingCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let p = self.source.read().unwrap_or_default();
@@ -279,8 +285,7 @@ impl Collector for PendingCollector {
                 p.services,
             ),
         ] {
-            let g = ConstGauge::new(v as i64);
-            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+            encode_gauge(&mut encoder, name, help, v)?;
         }
         Ok(())
     }
@@ -363,8 +368,7 @@ impl Collector for DatapathCollector {
                 c.unmatched_interfaces,
             ),
         ] {
-            let g = ConstGauge::new(v as i64);
-            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+            encode_gauge(&mut encoder, name, help, v)?;
         }
         for (name, help, v) in [
             (

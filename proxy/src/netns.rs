@@ -7,6 +7,7 @@
 //! thread that opens them) and addresses come from `getifaddrs(3)` (a netlink dump in the thread's namespace): no
 //! `sysctl` or `ip` process.
 
+use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -102,8 +103,9 @@ pub fn sysctl_set(key: &str, value: &str) -> Result<(), NetnsError> {
     })
 }
 
-/// The addresses of the calling thread's network namespace's interfaces (every family), in interface order.
-pub fn local_addrs() -> Result<Vec<IpAddr>, NetnsError> {
+/// The addresses of the calling thread's network namespace's interfaces (every family), with the interface each is
+/// on, in interface order (one `getifaddrs(3)` walk).
+pub fn interface_addrs() -> Result<Vec<(String, IpAddr)>, NetnsError> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list this function frees below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -115,7 +117,7 @@ pub fn local_addrs() -> Result<Vec<IpAddr>, NetnsError> {
         // SAFETY: `cur` is an element of the list getifaddrs returned, not yet freed.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() {
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
             continue;
         }
         // SAFETY: ifa_addr points to a sockaddr whose family says which sockaddr_* it is.
@@ -132,11 +134,18 @@ pub fn local_addrs() -> Result<Vec<IpAddr>, NetnsError> {
                 _ => continue,
             }
         };
-        out.push(addr);
+        // SAFETY: ifa_name is a NUL-terminated interface name that lives as long as the list.
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        out.push((name, addr));
     }
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
+}
+
+/// The addresses of the calling thread's network namespace's interfaces (every family), in interface order.
+pub fn local_addrs() -> Result<Vec<IpAddr>, NetnsError> {
+    Ok(interface_addrs()?.into_iter().map(|(_, a)| a).collect())
 }
 
 #[cfg(test)]

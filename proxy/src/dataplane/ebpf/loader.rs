@@ -583,31 +583,13 @@ impl LinkEvents {
     }
 }
 
-/// Interfaces (of the calling thread's network namespace) holding one of `addrs`.
+/// Interfaces (of the calling thread's network namespace) holding one of `addrs` (IPv4).
 pub fn interfaces_with_addresses(addrs: &[std::net::IpAddr]) -> Vec<String> {
-    let mut out = Vec::new();
-    // SAFETY: getifaddrs allocates a list freed below; entries are read only while it lives.
-    unsafe {
-        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut list) != 0 {
-            return out;
+    let mut out: Vec<String> = Vec::new();
+    for (name, ip) in crate::netns::interface_addrs().unwrap_or_default() {
+        if ip.is_ipv4() && addrs.contains(&ip) && !out.contains(&name) {
+            out.push(name);
         }
-        let mut p = list;
-        while !p.is_null() {
-            let ifa = &*p;
-            if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                if addrs.contains(&ip) && !ifa.ifa_name.is_null() {
-                    let name = CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
-                    if !out.contains(&name) {
-                        out.push(name);
-                    }
-                }
-            }
-            p = ifa.ifa_next;
-        }
-        libc::freeifaddrs(list);
     }
     out
 }

@@ -84,9 +84,7 @@ impl ConntrackOptions {
 
 /// `net.ipv4.ip_local_port_range` of the calling thread's network namespace.
 pub fn ephemeral_ports() -> Option<(u16, u16)> {
-    let s = std::fs::read_to_string("/proc/thread-self/net/../sys/net/ipv4/ip_local_port_range")
-        .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
-        .ok()?;
+    let s = crate::netns::sysctl_get("net.ipv4.ip_local_port_range").ok()?;
     let mut it = s.split_whitespace().map(|x| x.parse::<u16>());
     match (it.next(), it.next()) {
         (Some(Ok(a)), Some(Ok(b))) => Some((a, b)),
