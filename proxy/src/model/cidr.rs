@@ -41,6 +41,10 @@ impl Cidr {
     pub fn is_ipv4(&self) -> bool {
         self.addr.is_ipv4()
     }
+
+    pub fn family(&self) -> super::IpFamily {
+        super::IpFamily::of(self.addr)
+    }
 }
 
 fn mask(addr: IpAddr, prefix: u8) -> IpAddr {

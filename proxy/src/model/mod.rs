@@ -139,6 +139,64 @@ impl fmt::Display for ServicePortName {
     }
 }
 
+/// An IP family. kube-proxy runs one proxier per family (behind its meta-proxier); so do Orca's dataplanes: each
+/// programs the addresses, endpoints and CIDRs of its own family and leaves the other family's alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const BOTH: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    pub fn matches(self, ip: &IpAddr) -> bool {
+        IpFamily::of(*ip) == self
+    }
+
+    /// The addresses of `ips` in this family, in order.
+    pub fn filter<'a>(self, ips: &'a [IpAddr]) -> impl Iterator<Item = IpAddr> + 'a {
+        ips.iter().copied().filter(move |ip| self.matches(ip))
+    }
+
+    /// `IPv4` / `IPv6`, as the Kubernetes API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    /// The loopback range in iptables syntax (`127.0.0.0/8`, `::1/128`).
+    pub fn loopback_cidr(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1/128",
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ServicePort {
+    /// Whether this port has a cluster IP of `family` (a dataplane of that family programs it).
+    pub fn has_family(&self, family: IpFamily) -> bool {
+        self.cluster_ips.iter().any(|ip| family.matches(ip))
+    }
+}
+
 /// externalTrafficPolicy / internalTrafficPolicy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
 pub enum TrafficPolicy {
