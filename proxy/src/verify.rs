@@ -4,37 +4,39 @@
 //! the agent's memory — so a rule deleted by hand shows up as drift.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::model::IpFamily;
 
 use crate::model::state::Snapshot;
 
 /// A frontend: address, port, protocol ("TCP", "UDP", "SCTP").
-pub type Frontend = (Ipv4Addr, u16, String);
+pub type Frontend = (IpAddr, u16, String);
 /// Frontends and the backends each one sends to.
-pub type FrontendMap = BTreeMap<Frontend, BTreeSet<SocketAddrV4>>;
+pub type FrontendMap = BTreeMap<Frontend, BTreeSet<SocketAddr>>;
 
-/// The ClusterIP frontends (IPv4) the desired state asks for, with the endpoints internal traffic goes to.
+/// The ClusterIP frontends (each cluster IP, of both families) the desired state asks for, with the endpoints of
+/// the same family internal traffic goes to.
 pub fn desired_cluster_frontends(desired: &Snapshot) -> FrontendMap {
     let mut out = FrontendMap::new();
     for st in desired.values() {
-        let backends: BTreeSet<SocketAddrV4> = st
-            .internal_endpoints()
-            .iter()
-            .filter_map(|e| match e.ip {
-                IpAddr::V4(a) => Some(SocketAddrV4::new(a, e.port)),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
         for ip in &st.port.cluster_ips {
-            if let IpAddr::V4(a) = ip {
-                out.insert(
-                    (*a, st.port.port, st.port.protocol.as_str().to_string()),
-                    backends.clone(),
-                );
-            }
+            let family = IpFamily::of(*ip);
+            let backends: BTreeSet<SocketAddr> = st
+                .internal_endpoints()
+                .iter()
+                .filter(|e| family.matches(&e.ip))
+                .map(|e| SocketAddr::new(e.ip, e.port))
+                .collect();
+            out.insert((*ip, st.port.port, st.port.protocol.as_str().to_string()), backends);
         }
     }
     out
+}
+
+/// The part of `map` in `family`.
+pub fn of_family(map: FrontendMap, family: IpFamily) -> FrontendMap {
+    map.into_iter().filter(|(fe, _)| family.matches(&fe.0)).collect()
 }
 
 /// Differences between the desired and the programmed ClusterIP frontends, one line each; empty when in sync.

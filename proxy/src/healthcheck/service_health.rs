@@ -48,13 +48,15 @@ pub fn body(svc: &ServiceName, local_endpoints: usize, healthy: bool) -> String 
 /// A service port's local ready endpoints, as `ip:port`.
 type LocalEndpoints = BTreeSet<SocketAddr>;
 
-/// A service port's claim: the healthCheckNodePort it names and its local ready endpoints.
+/// A service port's claim: the healthCheckNodePort it names and its local ready endpoints of the Service's primary
+/// family (its first cluster IP's): kube-proxy counts per family proxier, so a dual-stack pod counts once, not twice.
 fn claim_of(st: &ServicePortState) -> Option<(u16, LocalEndpoints)> {
     let port = st.port.health_check_node_port?;
+    let family = st.port.cluster_ips.first().map(|ip| crate::model::IpFamily::of(*ip));
     let local = st
         .endpoints
         .iter()
-        .filter(|e| e.is_local && e.ready)
+        .filter(|e| e.is_local && e.ready && family.is_none_or(|f| f.matches(&e.ip)))
         .map(|e| SocketAddr::new(e.ip, e.port))
         .collect();
     Some((port, local))

@@ -133,23 +133,21 @@ pub fn cluster_frontends(views: &[FrontendView], desired: &Snapshot, node_addres
         let p = &st.port;
         let proto = p.protocol.as_str().to_string();
         for ip in p.load_balancer_ips.iter().chain(&p.external_ips) {
-            if let IpAddr::V4(a) = ip {
-                external.insert((*a, p.port, proto.clone()));
-            }
+            external.insert((*ip, p.port, proto.clone()));
         }
         if let Some(np) = p.node_port {
             for ip in node_addresses {
-                if let IpAddr::V4(a) = ip {
-                    external.insert((*a, np, proto.clone()));
-                }
+                external.insert((*ip, np, proto.clone()));
             }
         }
     }
     let mut out = FrontendMap::new();
     for v in views {
-        let fe = (*v.address.ip(), v.address.port(), v.protocol.to_uppercase());
+        let fe = (IpAddr::V4(*v.address.ip()), v.address.port(), v.protocol.to_uppercase());
         if !external.contains(&fe) {
-            out.entry(fe).or_default().extend(v.backends.iter().copied());
+            out.entry(fe)
+                .or_default()
+                .extend(v.backends.iter().map(|b| std::net::SocketAddr::V4(*b)));
         }
     }
     out

@@ -6,19 +6,21 @@
 //! Orca.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 
+use crate::model::IpFamily;
+
 /// One kind of entry to delete: UDP, original destination `orig_dst` (any when `None`) and port `orig_dport`,
 /// DNATed to `reply_src` (any when `None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UdpFilter {
-    pub orig_dst: Option<Ipv4Addr>,
+    pub orig_dst: Option<IpAddr>,
     pub orig_dport: u16,
-    pub reply_src: Option<Ipv4Addr>,
+    pub reply_src: Option<IpAddr>,
 }
 
 impl UdpFilter {
@@ -48,14 +50,14 @@ impl UdpFilter {
 /// first sync after a start (endpoints removed while no agent ran) and after a cleanup that failed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UdpState {
-    pub frontends: std::collections::HashMap<(Ipv4Addr, u16), std::collections::HashSet<Ipv4Addr>>,
-    pub node_ports: std::collections::HashMap<u16, std::collections::HashSet<Ipv4Addr>>,
+    pub frontends: std::collections::HashMap<(IpAddr, u16), std::collections::HashSet<IpAddr>>,
+    pub node_ports: std::collections::HashMap<u16, std::collections::HashSet<IpAddr>>,
 }
 
 impl UdpState {
     /// An entry to a frontend not DNATed to one of its endpoints (a removed endpoint, or no DNAT at all while the
     /// port has endpoints now), or to a NodePort DNATed to an address that is no endpoint.
-    fn stale(&self, proto: u8, orig_dst: Ipv4Addr, orig_dport: u16, reply_src: Ipv4Addr) -> bool {
+    fn stale(&self, proto: u8, orig_dst: IpAddr, orig_dport: u16, reply_src: IpAddr) -> bool {
         if proto != 17 {
             return false;
         }
@@ -79,33 +81,46 @@ pub enum Method {
     Cli,
 }
 
-/// Deletes every IPv4 UDP conntrack entry matching one of `filters`, or stale by `state`, in namespace `netns` (or
-/// the current one). Returns how many were deleted, and how.
-pub fn delete_udp(netns: Option<&str>, filters: &[UdpFilter], state: Option<&UdpState>) -> Result<(usize, Method)> {
+/// Deletes every UDP conntrack entry of `family` matching one of `filters`, or stale by `state`, in namespace
+/// `netns` (or the current one). Returns how many were deleted, and how.
+pub fn delete_udp(
+    netns: Option<&str>,
+    family: IpFamily,
+    filters: &[UdpFilter],
+    state: Option<&UdpState>,
+) -> Result<(usize, Method)> {
     if filters.is_empty() && state.is_none() {
         return Ok((0, Method::None));
     }
-    match delete_netlink(netns, filters, state) {
+    match delete_netlink(netns, family, filters, state) {
         Ok(n) => Ok((n, Method::Netlink)),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "ctnetlink failed, falling back to the conntrack binary");
-            let mut n = delete_cli(netns, filters)?;
+            let mut n = delete_cli(netns, family, filters)?;
             if let Some(st) = state {
-                n += delete_cli_stale(netns, st)?;
+                n += delete_cli_stale(netns, family, st)?;
             }
             Ok((n, Method::Cli))
         }
     }
 }
 
-fn conntrack_command(netns: Option<&str>) -> Result<std::process::Command> {
+/// `conntrack -f ipv4|ipv6` (the binary lists and deletes IPv4 entries only unless told otherwise).
+fn conntrack_command(netns: Option<&str>, family: IpFamily) -> Result<std::process::Command> {
     let mut c = crate::netns::command(netns, "conntrack")?;
     c.stdin(Stdio::null());
+    c.args([
+        "-f",
+        match family {
+            IpFamily::V4 => "ipv4",
+            IpFamily::V6 => "ipv6",
+        },
+    ]);
     Ok(c)
 }
 
 /// One line of `conntrack -L -p udp`: (orig src, orig dst, sport, dport, reply src).
-fn parse_cli_line(line: &str) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, Ipv4Addr)> {
+fn parse_cli_line(line: &str) -> Option<(IpAddr, IpAddr, u16, u16, IpAddr)> {
     let field = |key: &str, nth: usize| -> Option<&str> {
         line.split_whitespace().filter_map(|w| w.strip_prefix(key)).nth(nth)
     };
@@ -119,8 +134,8 @@ fn parse_cli_line(line: &str) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, Ipv4Addr)
 }
 
 /// [`UdpState`] through the `conntrack` binary: list the UDP entries, delete the stale ones one by one.
-fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
-    let out = conntrack_command(netns)?
+fn delete_cli_stale(netns: Option<&str>, family: IpFamily, state: &UdpState) -> Result<usize> {
+    let out = conntrack_command(netns, family)?
         .args(["-L", "-p", "udp"])
         .output()
         .context("running conntrack -L")?;
@@ -133,7 +148,7 @@ fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
             continue;
         }
         let (src, dst, sport, dport) = (src.to_string(), dst.to_string(), sport.to_string(), dport.to_string());
-        let del = conntrack_command(netns)?
+        let del = conntrack_command(netns, family)?
             .args([
                 "-D", "-p", "udp", "-s", &src, "-d", &dst, "--sport", &sport, "--dport", &dport,
             ])
@@ -147,10 +162,10 @@ fn delete_cli_stale(netns: Option<&str>, state: &UdpState) -> Result<usize> {
     Ok(deleted)
 }
 
-fn delete_cli(netns: Option<&str>, filters: &[UdpFilter]) -> Result<usize> {
+fn delete_cli(netns: Option<&str>, family: IpFamily, filters: &[UdpFilter]) -> Result<usize> {
     let mut deleted = 0;
     for f in filters {
-        let mut c = conntrack_command(netns)?;
+        let mut c = conntrack_command(netns, family)?;
         c.args(f.cli_args());
         let out = c.output().context("running conntrack -D")?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -183,18 +198,21 @@ const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
 const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// The parts of a conntrack entry we match on, plus the raw attributes needed to delete it.
 #[derive(Debug, Clone)]
 struct Entry {
     proto: u8,
-    orig_dst: Ipv4Addr,
+    orig_dst: IpAddr,
     orig_dport: u16,
-    reply_src: Ipv4Addr,
+    reply_src: IpAddr,
     /// The raw CTA_TUPLE_ORIG attribute (header included), and CTA_ZONE when present.
     raw_orig: Vec<u8>,
     raw_zone: Vec<u8>,
@@ -223,19 +241,24 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
 }
 
 /// (src, dst, proto, dport) of a CTA_TUPLE_* payload.
-fn parse_tuple(t: &[u8]) -> (Ipv4Addr, Ipv4Addr, u8, u16) {
-    let (mut src, mut dst, mut proto, mut dport) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, 0u8, 0u16);
+fn parse_tuple(t: &[u8]) -> (IpAddr, IpAddr, u8, u16) {
+    let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let (mut src, mut dst, mut proto, mut dport) = (unspecified, unspecified, 0u8, 0u16);
     for (ty, p, _) in attrs(t) {
         match ty {
             CTA_TUPLE_IP => {
                 for (ty, p, _) in attrs(p) {
-                    if p.len() == 4 {
-                        let a = Ipv4Addr::new(p[0], p[1], p[2], p[3]);
-                        match ty {
-                            CTA_IP_V4_SRC => src = a,
-                            CTA_IP_V4_DST => dst = a,
-                            _ => {}
-                        }
+                    let a = if let Ok(b) = <[u8; 4]>::try_from(p) {
+                        IpAddr::V4(Ipv4Addr::from(b))
+                    } else if let Ok(b) = <[u8; 16]>::try_from(p) {
+                        IpAddr::V6(Ipv6Addr::from(b))
+                    } else {
+                        continue;
+                    };
+                    match ty {
+                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => src = a,
+                        CTA_IP_V4_DST | CTA_IP_V6_DST => dst = a,
+                        _ => {}
                     }
                 }
             }
@@ -258,9 +281,9 @@ fn parse_entry(payload: &[u8]) -> Option<Entry> {
     // nfgenmsg (4 bytes) then attributes.
     let mut e = Entry {
         proto: 0,
-        orig_dst: Ipv4Addr::UNSPECIFIED,
+        orig_dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         orig_dport: 0,
-        reply_src: Ipv4Addr::UNSPECIFIED,
+        reply_src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         raw_orig: Vec::new(),
         raw_zone: Vec::new(),
     };
@@ -289,6 +312,8 @@ fn parse_entry(payload: &[u8]) -> Option<Entry> {
 struct NlSocket {
     fd: OwnedFd,
     seq: u32,
+    /// The nfgenmsg family: the dump lists, and the deletes name, entries of this family only.
+    family: u8,
 }
 
 fn open_socket() -> io::Result<OwnedFd> {
@@ -332,7 +357,7 @@ impl NlSocket {
         m.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
         m.extend_from_slice(&self.seq.to_ne_bytes());
         m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[AF_INET, 0, 0, 0]);
+        m.extend_from_slice(&[self.family, 0, 0, 0]);
         for a in attrs {
             m.extend_from_slice(a);
             m.resize(align4(m.len()), 0);
@@ -399,10 +424,19 @@ impl NlSocket {
     }
 }
 
-fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter], state: Option<&UdpState>) -> Result<usize> {
+fn delete_netlink(
+    netns: Option<&str>,
+    family: IpFamily,
+    filters: &[UdpFilter],
+    state: Option<&UdpState>,
+) -> Result<usize> {
     let mut sock = NlSocket {
         fd: open_socket_in(netns)?,
         seq: std::process::id(),
+        family: match family {
+            IpFamily::V4 => AF_INET,
+            IpFamily::V6 => AF_INET6,
+        },
     };
     let seq = sock
         .send(IPCTNL_MSG_CT_GET, NLM_F_DUMP, &[])
@@ -442,9 +476,13 @@ fn delete_netlink(netns: Option<&str>, filters: &[UdpFilter], state: Option<&Udp
 mod tests {
     use super::*;
 
+    fn a(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn state_marks_entries_that_point_to_no_current_endpoint() {
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let mut st = UdpState::default();
         st.frontends.insert((ip("10.96.0.10"), 53), [ip("10.244.1.5")].into());
         st.frontends.insert((ip("10.96.0.11"), 53), Default::default());
@@ -514,25 +552,22 @@ mod tests {
         );
         let payload = [vec![AF_INET, 0, 0, 0], orig.clone(), reply].concat();
         let e = parse_entry(&payload).unwrap();
-        assert_eq!(
-            (e.proto, e.orig_dst, e.orig_dport),
-            (17, Ipv4Addr::new(10, 96, 0, 10), 53)
-        );
-        assert_eq!(e.reply_src, Ipv4Addr::new(10, 244, 1, 5));
+        assert_eq!((e.proto, e.orig_dst, e.orig_dport), (17, a("10.96.0.10"), 53));
+        assert_eq!(e.reply_src, a("10.244.1.5"));
         assert_eq!(e.raw_orig, orig);
         let svc = UdpFilter {
-            orig_dst: Some(Ipv4Addr::new(10, 96, 0, 10)),
+            orig_dst: Some(a("10.96.0.10")),
             orig_dport: 53,
             reply_src: None,
         };
         assert!(svc.matches(&e));
         assert!(UdpFilter {
-            reply_src: Some(Ipv4Addr::new(10, 244, 1, 5)),
+            reply_src: Some(a("10.244.1.5")),
             ..svc
         }
         .matches(&e));
         assert!(!UdpFilter {
-            reply_src: Some(Ipv4Addr::new(10, 244, 1, 6)),
+            reply_src: Some(a("10.244.1.6")),
             ..svc
         }
         .matches(&e));
@@ -540,7 +575,7 @@ mod tests {
         assert!(UdpFilter { orig_dst: None, ..svc }.matches(&e));
         assert_eq!(
             UdpFilter {
-                reply_src: Some(Ipv4Addr::new(10, 244, 1, 5)),
+                reply_src: Some(a("10.244.1.5")),
                 ..svc
             }
             .cli_args()
@@ -550,5 +585,40 @@ mod tests {
         // Garbage never panics.
         assert!(parse_entry(&[1, 2]).is_none());
         assert!(parse_entry(&[0, 0, 0, 0, 255, 255, 1]).is_none());
+    }
+
+    #[test]
+    fn parses_ipv6_entries() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap().octets();
+        let tuple6 = |src: [u8; 16], dst: [u8; 16], dport: u16| {
+            let ip = [attr(CTA_IP_V6_SRC, &src), attr(CTA_IP_V6_DST, &dst)].concat();
+            let pr = [
+                attr(CTA_PROTO_NUM, &[17]),
+                attr(CTA_PROTO_DST_PORT, &dport.to_be_bytes()),
+            ]
+            .concat();
+            [attr(CTA_TUPLE_IP | 0x8000, &ip), attr(CTA_TUPLE_PROTO | 0x8000, &pr)].concat()
+        };
+        let orig = attr(
+            CTA_TUPLE_ORIG | 0x8000,
+            &tuple6(v6("fd00:244:1::9"), v6("fd00:96::a"), 53),
+        );
+        let reply = attr(
+            CTA_TUPLE_REPLY | 0x8000,
+            &tuple6(v6("fd00:244:2::5"), v6("fd00:244:1::9"), 40000),
+        );
+        let e = parse_entry(&[vec![AF_INET6, 0, 0, 0], orig, reply].concat()).unwrap();
+        assert_eq!((e.proto, e.orig_dst, e.orig_dport), (17, a("fd00:96::a"), 53));
+        assert_eq!(e.reply_src, a("fd00:244:2::5"));
+        let f = UdpFilter {
+            orig_dst: Some(a("fd00:96::a")),
+            orig_dport: 53,
+            reply_src: Some(a("fd00:244:2::5")),
+        };
+        assert!(f.matches(&e));
+        assert_eq!(
+            f.cli_args().join(" "),
+            "-D -p udp --orig-dst fd00:96::a --dport 53 --dst-nat fd00:244:2::5"
+        );
     }
 }

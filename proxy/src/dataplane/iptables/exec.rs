@@ -35,6 +35,8 @@ pub struct Exec {
     flavour: Flavour,
     /// Whether the `iptables-<flavour>` binaries exist (else plain `iptables` is used).
     suffixed: bool,
+    /// IPv6: `ip6tables*` instead of `iptables*`.
+    ipv6: bool,
 }
 
 fn on_path(bin: &str) -> bool {
@@ -57,6 +59,7 @@ impl Exec {
             netns: netns.map(str::to_string),
             flavour,
             suffixed: true,
+            ipv6: false,
         };
         let (nft, legacy) = (probe(Flavour::Nft), probe(Flavour::Legacy));
         let have_nft = on_path("iptables-nft-save");
@@ -67,6 +70,7 @@ impl Exec {
                     netns: netns.map(str::to_string),
                     flavour: Flavour::Nft,
                     suffixed: false,
+                    ipv6: false,
                 };
                 let f = e.plain_version_flavour();
                 tracing::info!(
@@ -113,6 +117,7 @@ impl Exec {
             netns: netns.map(str::to_string),
             flavour,
             suffixed,
+            ipv6: false,
         }
     }
 
@@ -128,11 +133,37 @@ impl Exec {
             netns: netns.map(str::to_string),
             flavour,
             suffixed,
+            ipv6: false,
         }
     }
 
     pub fn flavour(&self) -> Flavour {
         self.flavour
+    }
+
+    /// The same flavour and namespace, running the tools of `family` (`ip6tables*` for IPv6).
+    pub fn for_family(&self, family: crate::model::IpFamily) -> Self {
+        Exec {
+            ipv6: family == crate::model::IpFamily::V6,
+            ..self.clone()
+        }
+    }
+
+    pub fn family(&self) -> crate::model::IpFamily {
+        if self.ipv6 {
+            crate::model::IpFamily::V6
+        } else {
+            crate::model::IpFamily::V4
+        }
+    }
+
+    /// `iptables` or `ip6tables`, for messages.
+    pub fn tool(&self) -> &'static str {
+        if self.ipv6 {
+            "ip6tables"
+        } else {
+            "iptables"
+        }
     }
 
     pub fn netns(&self) -> Option<&str> {
@@ -148,6 +179,11 @@ impl Exec {
 
     /// `iptables` -> `iptables-nft`, `iptables-restore` -> `iptables-nft-restore`, ...
     fn bin(&self, tool: &str) -> String {
+        let tool = match tool.strip_prefix("iptables") {
+            Some(rest) if self.ipv6 => format!("ip6tables{rest}"),
+            _ => tool.to_string(),
+        };
+        let tool = tool.as_str();
         if !self.suffixed {
             return tool.to_string();
         }
@@ -217,7 +253,7 @@ impl Exec {
         let mut c = self.command(&self.bin("iptables-save"))?;
         c.args(["-t", table]);
         let out = self.run(c)?;
-        String::from_utf8(out.stdout).map_err(|e| anyhow!("iptables-save output is not UTF-8: {e}"))
+        String::from_utf8(out.stdout).map_err(|e| anyhow!("{}-save output is not UTF-8: {e}", self.tool()))
     }
 
     /// Feeds `input` to `iptables-restore -w 5 --noflush --counters`: one atomic transaction. On failure the
@@ -228,7 +264,7 @@ impl Exec {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = c.spawn().context("starting iptables-restore")?;
+        let mut child = c.spawn().with_context(|| format!("starting {}-restore", self.tool()))?;
         let mut stdin = child.stdin.take().context("iptables-restore stdin")?;
         // Write from a thread so a restore that fails early (and stops reading) cannot deadlock us.
         let data = input.as_bytes().to_vec();
@@ -242,7 +278,8 @@ impl Exec {
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             bail!(
-                "iptables-restore failed ({}): {err}{}",
+                "{}-restore failed ({}): {err}{}",
+                self.tool(),
                 out.status,
                 context_lines(input, &err)
             );
@@ -310,7 +347,8 @@ impl Exec {
     /// The IPv4 addresses of the namespace's interfaces.
     pub fn local_addrs(&self) -> Result<Vec<IpAddr>> {
         let all = crate::netns::run_in(self.netns(), crate::netns::local_addrs)??;
-        Ok(all.into_iter().filter(IpAddr::is_ipv4).collect())
+        let family = self.family();
+        Ok(all.into_iter().filter(|a| family.matches(a)).collect())
     }
 }
 

@@ -14,7 +14,10 @@
 //!   it is gone, the tables were flushed, and the sync becomes a full one.
 //! - The flavour (nft or legacy) is detected as kube-proxy's iptables wrapper does ([`exec::Exec::detect`]).
 //! - After a sync, stale UDP conntrack entries are deleted ([`conntrack`]).
-//! - IPv4 only for now: IPv6 service ports/endpoints are skipped (`ip6tables-restore` is not driven yet).
+//! - One dataplane per IP family, as kube-proxy runs one proxier per family: [`IptablesDataplane::new`] drives
+//!   `iptables*` with the IPv4 addresses, endpoints and CIDRs, [`IptablesDataplane::for_family`] with
+//!   [`IpFamily::V6`] drives `ip6tables*` with the IPv6 ones (the same chains and rules; NodePorts never on `::1`,
+//!   no `route_localnet`); [`super::dual::DualStack`] runs both.
 //!
 //! Deliberate differences from kube-proxy: no nfacct counters (so no separate localhost-NodePort nfacct rule), the
 //! canary is checked at each partial sync rather than polled every minute, conntrack cleanup by endpoint/first-endpoint deltas (kube-proxy
@@ -40,7 +43,7 @@ pub mod readback;
 pub mod rules;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -51,7 +54,7 @@ use self::rules::{Generator, GeneratorOptions, Ruleset, FILTER_CHAINS, JUMPS, PR
 use super::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
 use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::tracker::Diff;
-use crate::model::{NodeInfo, Protocol, ServicePortName};
+use crate::model::{IpFamily, NodeInfo, Protocol, ServicePortName};
 
 /// The empty mangle chain whose absence tells a partial sync that the tables were flushed (kube-proxy's
 /// `KUBE-PROXY-CANARY`).
@@ -94,6 +97,7 @@ pub struct LastSync {
 
 /// The iptables dataplane.
 pub struct IptablesDataplane {
+    family: IpFamily,
     cfg: DataplaneConfig,
     exec: Exec,
     gen_opts: GeneratorOptions,
@@ -111,16 +115,30 @@ pub struct IptablesDataplane {
 }
 
 impl IptablesDataplane {
+    /// The IPv4 dataplane.
     pub fn new(cfg: DataplaneConfig, opts: IptablesOptions) -> Result<Self> {
+        Self::for_family(IpFamily::V4, cfg, opts)
+    }
+
+    /// The dataplane of `family`: `iptables*` for IPv4, `ip6tables*` for IPv6 (the flavour is detected once, from
+    /// the IPv4 tables, as kube-proxy does, and used for both).
+    pub fn for_family(family: IpFamily, cfg: DataplaneConfig, opts: IptablesOptions) -> Result<Self> {
         let mut exec = Exec::detect(opts.netns.as_deref());
         if let Some(f) = opts.flavour {
             if f != exec.flavour() {
                 exec = Exec::with_flavour(opts.netns.as_deref(), f);
             }
         }
+        let exec = exec.for_family(family);
+        let tool = exec.tool();
         let version = exec
             .version_string()
-            .context("iptables is not usable (is it installed, and are we root?)")?;
+            .with_context(|| format!("{tool} is not usable (is it installed, and are we root?)"))?;
+        // A kernel without IPv6 (ipv6.disable=1) has ip6tables but no table to restore into.
+        if family == IpFamily::V6 {
+            exec.save("nat")
+                .with_context(|| format!("{tool} cannot read the nat table (no IPv6 in this kernel?)"))?;
+        }
         let liberal = exec
             .sysctl_get("net.netfilter.nf_conntrack_tcp_be_liberal")
             .is_some_and(|v| v != "0");
@@ -129,6 +147,7 @@ impl IptablesDataplane {
             conntrack_tcp_liberal: liberal,
         };
         tracing::info!(
+            %family,
             flavour = exec.flavour().as_str(),
             version,
             random_fully = gen_opts.random_fully,
@@ -137,6 +156,7 @@ impl IptablesDataplane {
             "iptables dataplane"
         );
         Ok(Self {
+            family,
             cfg,
             exec,
             gen_opts,
@@ -154,6 +174,10 @@ impl IptablesDataplane {
         self.exec.flavour()
     }
 
+    pub fn family(&self) -> IpFamily {
+        self.family
+    }
+
     pub fn exec(&self) -> &Exec {
         &self.exec
     }
@@ -164,7 +188,12 @@ impl IptablesDataplane {
     }
 
     fn local_addrs(&self) -> Vec<IpAddr> {
-        let needed = self.cfg.nodeport_addresses.iter().any(|c| c.is_ipv4() && c.prefix != 0);
+        let needed = self.cfg.nodeport_primary
+            || self
+                .cfg
+                .nodeport_addresses
+                .iter()
+                .any(|c| c.family() == self.family && c.prefix != 0);
         if !needed {
             return Vec::new();
         }
@@ -176,7 +205,7 @@ impl IptablesDataplane {
 
     fn generate(&self, desired: &Snapshot, node: &NodeInfo, write: &dyn Fn(&ServicePortName) -> bool) -> Ruleset {
         let addrs = self.local_addrs();
-        let mut g = Generator::new(&self.cfg, node, &addrs, self.gen_opts);
+        let mut g = Generator::for_family(self.family, &self.cfg, node, &addrs, self.gen_opts);
         g.generate(desired, write)
     }
 
@@ -202,6 +231,9 @@ impl IptablesDataplane {
     }
 
     fn ensure_route_localnet(&mut self, needed: bool, full: bool) -> Result<()> {
+        if self.family != IpFamily::V4 {
+            return Ok(());
+        }
         if full && needed {
             // Re-checked on every full sync, in case something reset it.
             self.route_localnet_done = self.exec.sysctl_get("net.ipv4.conf.all.route_localnet").as_deref() == Some("1");
@@ -304,18 +336,18 @@ impl IptablesDataplane {
         let mut filters = match (&self.applied, diff) {
             (Some(old), Some(diff)) if !full => {
                 let names = diff.upserted.iter().map(|s| s.name()).chain(diff.removed.iter());
-                conntrack_filters(names, old, desired)
+                conntrack_filters(self.family, names, old, desired)
             }
-            (Some(old), _) => conntrack_filters(old.keys().chain(desired.keys()), old, desired),
+            (Some(old), _) => conntrack_filters(self.family, old.keys().chain(desired.keys()), old, desired),
             (None, _) => Vec::new(),
         };
         // The deltas miss what changed while no agent ran (the first sync after a start) and what a failed
         // cleanup left: then the whole table is checked against the current endpoints, and failed filters retried.
         filters.append(&mut self.conntrack_retry);
         let check_all = self.applied.is_none() || self.conntrack_check_all;
-        let state = check_all.then(|| udp_state(desired));
+        let state = check_all.then(|| udp_state(self.family, desired));
         let (conntrack_deleted, conntrack_method) =
-            match conntrack::delete_udp(self.exec.netns(), &filters, state.as_ref()) {
+            match conntrack::delete_udp(self.exec.netns(), self.family, &filters, state.as_ref()) {
                 Ok(r) => {
                     self.conntrack_check_all = false;
                     r
@@ -323,6 +355,7 @@ impl IptablesDataplane {
                 Err(e) => {
                     tracing::error!(
                         error = %format!("{e:#}"),
+                        family = %self.family,
                         "deleting stale UDP conntrack entries failed; retried on the next sync"
                     );
                     self.conntrack_retry = filters;
@@ -347,6 +380,7 @@ impl IptablesDataplane {
             jumps: t_jumps,
         };
         tracing::debug!(
+            family = %self.family,
             full,
             lines,
             rules_written = ruleset.rules_written,
@@ -365,42 +399,35 @@ impl IptablesDataplane {
     }
 }
 
-fn v4_of(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
-    ips.iter().filter_map(|ip| match ip {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
-    })
-}
-
-/// Every IPv4 frontend address of a service port: cluster IP, external IPs, load-balancer IPs.
-fn frontends(st: &ServicePortState) -> Vec<Ipv4Addr> {
+/// Every frontend address of `family` of a service port: cluster IP, external IPs, load-balancer IPs.
+fn frontends(family: IpFamily, st: &ServicePortState) -> Vec<IpAddr> {
     let p = &st.port;
-    let mut v: Vec<Ipv4Addr> = v4_of(&p.cluster_ips).take(1).collect();
-    v.extend(v4_of(&p.external_ips));
-    v.extend(v4_of(&p.load_balancer_ips));
+    let mut v: Vec<IpAddr> = family.filter(&p.cluster_ips).take(1).collect();
+    v.extend(family.filter(&p.external_ips));
+    v.extend(family.filter(&p.load_balancer_ips));
     v
 }
 
-fn reachable_v4(st: &ServicePortState) -> BTreeSet<(Ipv4Addr, u16)> {
+/// The reachable endpoints of `family`. (The categories of a dual-stack port mix both families; like the rule
+/// generator's, the per-family reachable set is the family's part of them: readiness is per endpoint.)
+fn reachable(family: IpFamily, st: &ServicePortState) -> BTreeSet<(IpAddr, u16)> {
     st.selected
         .all_reachable
         .iter()
-        .filter_map(|e| match e.ip {
-            IpAddr::V4(a) => Some((a, e.port)),
-            IpAddr::V6(_) => None,
-        })
+        .filter(|e| family.matches(&e.ip))
+        .map(|e| (e.ip, e.port))
         .collect()
 }
 
-/// Every UDP Service port's frontends and NodePort with the endpoint IPs its flows may be DNATed to.
-pub fn udp_state(desired: &Snapshot) -> conntrack::UdpState {
+/// Every UDP Service port's frontends of `family` and NodePort with the endpoint IPs its flows may be DNATed to.
+pub fn udp_state(family: IpFamily, desired: &Snapshot) -> conntrack::UdpState {
     let mut st = conntrack::UdpState::default();
     for (name, s) in desired {
-        if name.protocol != Protocol::Udp {
+        if name.protocol != Protocol::Udp || !s.port.has_family(family) {
             continue;
         }
-        let eps: HashSet<Ipv4Addr> = reachable_v4(s).into_iter().map(|(ip, _)| ip).collect();
-        for f in frontends(s) {
+        let eps: HashSet<IpAddr> = reachable(family, s).into_iter().map(|(ip, _)| ip).collect();
+        for f in frontends(family, s) {
             st.frontends.entry((f, s.port.port)).or_default().extend(&eps);
         }
         if let Some(np) = s.port.node_port {
@@ -414,6 +441,7 @@ pub fn udp_state(desired: &Snapshot) -> conntrack::UdpState {
 /// - an endpoint that is no longer reachable: entries to every frontend (and the NodePort) DNATed to it;
 /// - a first endpoint after none: entries to every frontend (and the NodePort), which cached the REJECT.
 pub fn conntrack_filters<'a>(
+    family: IpFamily,
     names: impl Iterator<Item = &'a ServicePortName>,
     old: &Snapshot,
     new: &Snapshot,
@@ -424,15 +452,15 @@ pub fn conntrack_filters<'a>(
             continue;
         }
         let (o, n) = (old.get(name), new.get(name));
-        let old_eps = o.map(|s| reachable_v4(s)).unwrap_or_default();
-        let new_eps = n.map(|s| reachable_v4(s)).unwrap_or_default();
+        let old_eps = o.map(|s| reachable(family, s)).unwrap_or_default();
+        let new_eps = n.map(|s| reachable(family, s)).unwrap_or_default();
         if let Some(o) = o {
-            let new_ips: HashSet<Ipv4Addr> = new_eps.iter().map(|(ip, _)| *ip).collect();
+            let new_ips: HashSet<IpAddr> = new_eps.iter().map(|(ip, _)| *ip).collect();
             for (ip, _) in old_eps.iter().filter(|e| !new_eps.contains(e)) {
                 if new_ips.contains(ip) {
                     continue;
                 }
-                for f in frontends(o) {
+                for f in frontends(family, o) {
                     out.insert(UdpFilter {
                         orig_dst: Some(f),
                         orig_dport: o.port.port,
@@ -450,7 +478,7 @@ pub fn conntrack_filters<'a>(
         }
         if let Some(n) = n {
             if old_eps.is_empty() && !new_eps.is_empty() {
-                for f in frontends(n) {
+                for f in frontends(family, n) {
                     out.insert(UdpFilter {
                         orig_dst: Some(f),
                         orig_dport: n.port.port,

@@ -2,7 +2,7 @@
 //! the chain names and the comment text come from there, so a change to one is a change to both.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 
@@ -11,11 +11,27 @@ use super::rules::{CLUSTER_IP_COMMENT, MARK_MASQ, PREFIX, SERVICES};
 use crate::verify::FrontendMap;
 
 /// The ClusterIP frontends programmed in the calling process's network namespace (or in `netns`), with the
-/// endpoints each sends to: `iptables-save` of the nat and filter tables, parsed by [`cluster_frontends`].
+/// endpoints each sends to: `iptables-save` (and `ip6tables-save`, when it works) of the nat and filter tables,
+/// parsed by [`cluster_frontends`].
 pub fn read_cluster_frontends(netns: Option<&str>) -> Result<FrontendMap> {
     let exec = Exec::detect(netns);
+    let mut out = read_family(&exec)?;
+    let v6 = exec.for_family(crate::model::IpFamily::V6);
+    if let Ok(map) = read_family(&v6) {
+        out.extend(map);
+    }
+    Ok(out)
+}
+
+/// The ClusterIP frontends in the tables of `exec`'s family.
+pub fn read_family(exec: &Exec) -> Result<FrontendMap> {
     let save = exec.save("nat")? + &exec.save("filter")?;
     Ok(cluster_frontends(&save))
+}
+
+/// An address as `*-save` prints a destination: `10.96.0.10/32`, `fd00:96::a/128`.
+fn host(dst: &str) -> Option<IpAddr> {
+    dst.trim_end_matches("/32").trim_end_matches("/128").parse().ok()
 }
 
 fn arg<'a>(words: &'a [&'a str], flag: &str) -> Option<&'a str> {
@@ -44,7 +60,7 @@ pub fn cluster_frontends(save: &str) -> FrontendMap {
             }
         }
     }
-    fn resolve(chains: &HashMap<&str, Vec<Vec<&str>>>, chain: &str, depth: u8, out: &mut BTreeSet<SocketAddrV4>) {
+    fn resolve(chains: &HashMap<&str, Vec<Vec<&str>>>, chain: &str, depth: u8, out: &mut BTreeSet<SocketAddr>) {
         if depth > 4 {
             return;
         }
@@ -73,7 +89,7 @@ pub fn cluster_frontends(save: &str) -> FrontendMap {
         else {
             continue;
         };
-        let (Ok(ip), Ok(port)) = (dst.trim_end_matches("/32").parse::<Ipv4Addr>(), port.parse::<u16>()) else {
+        let (Some(ip), Ok(port)) = (host(dst), port.parse::<u16>()) else {
             continue;
         };
         let mut backends = BTreeSet::new();
@@ -86,7 +102,7 @@ pub fn cluster_frontends(save: &str) -> FrontendMap {
         else {
             continue;
         };
-        if let (Ok(ip), Ok(port)) = (dst.trim_end_matches("/32").parse::<Ipv4Addr>(), port.parse::<u16>()) {
+        if let (Some(ip), Ok(port)) = (host(dst), port.parse::<u16>()) {
             out.entry((ip, port, proto.to_uppercase())).or_default();
         }
     }
@@ -127,7 +143,7 @@ COMMIT
         assert!(got[&("10.96.0.13".parse().unwrap(), 53, "UDP".to_string())].is_empty());
         assert!(got[&("10.96.0.14".parse().unwrap(), 80, "TCP".to_string())].is_empty());
         let web = &got[&("10.96.0.10".parse().unwrap(), 80, "TCP".to_string())];
-        let want: BTreeSet<SocketAddrV4> =
+        let want: BTreeSet<SocketAddr> =
             ["10.244.1.5:8080".parse().unwrap(), "10.244.2.5:8080".parse().unwrap()].into();
         assert_eq!(web, &want);
         assert!(got[&("10.96.0.11".parse().unwrap(), 53, "UDP".to_string())].is_empty());

@@ -2,7 +2,9 @@
 //!
 //! It follows kube-proxy's iptables proxier (`pkg/proxy/iptables/proxier.go`) rule for rule, with Orca's chain
 //! prefix (`ORCA-` instead of `KUBE-`): the same chains, the same matches in the same order, the same comments
-//! (with `orca` instead of `kubernetes` in the fixed ones), the same probability formatting. IPv4 only.
+//! (with `orca` instead of `kubernetes` in the fixed ones), the same probability formatting. One generator per IP
+//! family, as kube-proxy runs one proxier per family: the IPv6 one writes `ip6tables-restore` input from the IPv6
+//! addresses, endpoints and CIDRs alone (and never opens NodePorts on `::1`, as kube-proxy does not).
 //!
 //! Per service port (hash `H` of `namespace/name[:port]` + protocol, see [`super::hash`]):
 //! - `ORCA-SVC-H`: Cluster-policy endpoints, `ORCA-SVL-H`: Local-policy endpoints;
@@ -21,7 +23,7 @@ use super::hash::hash16;
 use crate::dataplane::DataplaneConfig;
 use crate::model::selection::categorize;
 use crate::model::state::{ServicePortState, Snapshot};
-use crate::model::{Cidr, Endpoint, NodeInfo, Protocol, ServicePortName};
+use crate::model::{Cidr, Endpoint, IpFamily, NodeInfo, Protocol, ServicePortName};
 
 pub const PREFIX: &str = "ORCA-";
 pub const SERVICES: &str = "ORCA-SERVICES";
@@ -155,7 +157,7 @@ enum NodePortDest {
     /// Every local address (`-m addrtype --dst-type LOCAL`), loopback excluded unless `localhost`.
     All { localhost: bool },
     /// The local addresses inside `--nodeport-addresses`.
-    Ips(Vec<Ipv4Addr>),
+    Ips(Vec<IpAddr>),
 }
 
 /// Whether `--nodeport-addresses` asks for NodePorts on 127.0.0.1 (kube-proxy's ContainsIPv4Loopback); then
@@ -271,7 +273,7 @@ impl Buf {
     }
 }
 
-/// Everything about one service port the rules need, IPv4 only.
+/// Everything about one service port the rules need, in the generator's family.
 struct PortView<'a> {
     st: &'a ServicePortState,
     /// kube-proxy's name string, hashed into chain names.
@@ -279,23 +281,14 @@ struct PortView<'a> {
     /// The same, safe inside a quoted `--comment`.
     name: String,
     proto: &'static str,
-    cluster_ip: Ipv4Addr,
-    external_ips: Vec<Ipv4Addr>,
-    lb_ips: Vec<Ipv4Addr>,
+    cluster_ip: IpAddr,
+    external_ips: Vec<IpAddr>,
+    lb_ips: Vec<IpAddr>,
     source_ranges: Vec<Cidr>,
     cluster: std::sync::Arc<[Endpoint]>,
     local: std::sync::Arc<[Endpoint]>,
     reachable: std::sync::Arc<[Endpoint]>,
     has_any: bool,
-}
-
-fn v4(ips: &[IpAddr]) -> Vec<Ipv4Addr> {
-    ips.iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
-        .collect()
 }
 
 fn proto_lower(p: Protocol) -> &'static str {
@@ -362,10 +355,11 @@ pub struct Generator<'a> {
     cfg: &'a DataplaneConfig,
     node: &'a NodeInfo,
     opts: GeneratorOptions,
+    family: IpFamily,
     masq_mark: String,
-    /// IPv4 `--cluster-cidr`s: the local-traffic detector.
+    /// The `--cluster-cidr`s of the family: the local-traffic detector.
     cluster_cidrs: Vec<Cidr>,
-    node_ip: Option<Ipv4Addr>,
+    node_ip: Option<IpAddr>,
     nodeports: NodePortDest,
     localhost_nodeports: bool,
     probabilities: Vec<String>,
@@ -373,24 +367,41 @@ pub struct Generator<'a> {
 
 impl<'a> Generator<'a> {
     /// `local_addrs` are the addresses of the node's interfaces (what `--nodeport-addresses` selects from);
-    /// the node's own IP (for loadBalancerSourceRanges) is the first IPv4 address of `node.addresses`.
+    /// the node's own IP (for loadBalancerSourceRanges) is the first address of `node.addresses` in the family.
     pub fn new(cfg: &'a DataplaneConfig, node: &'a NodeInfo, local_addrs: &[IpAddr], opts: GeneratorOptions) -> Self {
+        Self::for_family(IpFamily::V4, cfg, node, local_addrs, opts)
+    }
+
+    /// The generator of `family`'s rules (the IPv6 one feeds `ip6tables-restore`).
+    pub fn for_family(
+        family: IpFamily,
+        cfg: &'a DataplaneConfig,
+        node: &'a NodeInfo,
+        local_addrs: &[IpAddr],
+        opts: GeneratorOptions,
+    ) -> Self {
         let bit = cfg.masquerade_bit.min(31);
         if bit != cfg.masquerade_bit {
             tracing::warn!(bit = cfg.masquerade_bit, "masquerade bit out of range 0..=31, using 31");
         }
         let masq_mark = format!("{:#08x}", 1u32 << bit);
-        let localhost = localhost_nodeports(cfg);
-        let np_cidrs: Vec<Cidr> = cfg.nodeport_addresses.iter().filter(|c| c.is_ipv4()).copied().collect();
+        // NodePorts on localhost need route_localnet, which IPv6 does not have: never on ::1 (as kube-proxy).
+        let localhost = family == IpFamily::V4 && localhost_nodeports(cfg);
+        let np_cidrs: Vec<Cidr> = cfg
+            .nodeport_addresses
+            .iter()
+            .filter(|c| c.family() == family)
+            .copied()
+            .collect();
         let nodeports = if cfg.nodeport_primary {
             // kube-proxy's `primary`: the Node's own addresses (those this node holds).
-            let mut ips: Vec<Ipv4Addr> = v4(&node.addresses)
-                .into_iter()
-                .filter(|ip| local_addrs.contains(&IpAddr::V4(*ip)))
+            let mut ips: Vec<IpAddr> = family
+                .filter(&node.addresses)
+                .filter(|ip| local_addrs.contains(ip))
                 .collect();
             ips.dedup();
             if ips.is_empty() {
-                tracing::warn!(addresses = ?node.addresses, "--nodeport-addresses primary: the Node has no local IPv4 address yet; NodePorts answer nowhere");
+                tracing::warn!(addresses = ?node.addresses, %family, "--nodeport-addresses primary: the Node has no local address of the family yet; NodePorts answer nowhere on it");
             }
             NodePortDest::Ips(ips)
         } else if np_cidrs.is_empty() {
@@ -399,14 +410,14 @@ impl<'a> Generator<'a> {
             NodePortDest::All { localhost }
         } else {
             let mut ips = Vec::new();
-            for ip in v4(local_addrs) {
-                if !np_cidrs.iter().any(|c| c.contains(IpAddr::V4(ip))) || ips.contains(&ip) {
+            for ip in family.filter(local_addrs) {
+                if !np_cidrs.iter().any(|c| c.contains(ip)) || ips.contains(&ip) {
                     continue;
                 }
                 ips.push(ip);
             }
             if ips.is_empty() {
-                tracing::warn!(cidrs = ?np_cidrs, "no local address matches --nodeport-addresses: NodePorts answer nowhere");
+                tracing::warn!(cidrs = ?np_cidrs, %family, "no local address matches --nodeport-addresses: NodePorts answer nowhere");
             }
             NodePortDest::Ips(ips)
         };
@@ -414,9 +425,15 @@ impl<'a> Generator<'a> {
             cfg,
             node,
             opts,
+            family,
             masq_mark,
-            cluster_cidrs: cfg.cluster_cidrs.iter().filter(|c| c.is_ipv4()).copied().collect(),
-            node_ip: v4(&node.addresses).first().copied(),
+            cluster_cidrs: cfg
+                .cluster_cidrs
+                .iter()
+                .filter(|c| c.family() == family)
+                .copied()
+                .collect(),
+            node_ip: family.filter(&node.addresses).next(),
             nodeports,
             localhost_nodeports: localhost,
             probabilities: vec!["<bad value>".into()],
@@ -434,13 +451,15 @@ impl<'a> Generator<'a> {
 
     fn view<'s>(&self, st: &'s ServicePortState) -> Option<PortView<'s>> {
         let p = &st.port;
-        let cluster_ip = *v4(&p.cluster_ips).first()?;
-        let (cluster, local, reachable, has_any) = if st.endpoints.iter().all(|e| e.ip.is_ipv4()) {
+        let family = self.family;
+        let cluster_ip = family.filter(&p.cluster_ips).next()?;
+        let (cluster, local, reachable, has_any) = if st.endpoints.iter().all(|e| family.matches(&e.ip)) {
             let s = &st.selected;
             (s.cluster.clone(), s.local.clone(), s.all_reachable.clone(), s.has_any)
         } else {
-            // A dual-stack Service: categorise the IPv4 endpoints alone, as kube-proxy's per-family proxier does.
-            let eps: Vec<Endpoint> = st.endpoints.iter().filter(|e| e.ip.is_ipv4()).cloned().collect();
+            // A dual-stack Service (or slices of both families): categorise this family's endpoints alone, as
+            // kube-proxy's per-family proxier does.
+            let eps: Vec<Endpoint> = st.endpoints.iter().filter(|e| family.matches(&e.ip)).cloned().collect();
             let c = categorize(&eps, p, self.node);
             (c.cluster, c.local, c.all_reachable, c.has_any)
         };
@@ -450,12 +469,12 @@ impl<'a> Generator<'a> {
             name: comment_safe(&port_name_string(&p.name)),
             proto: proto_lower(p.protocol),
             cluster_ip,
-            external_ips: v4(&p.external_ips),
-            lb_ips: v4(&p.load_balancer_ips),
+            external_ips: family.filter(&p.external_ips).collect(),
+            lb_ips: family.filter(&p.load_balancer_ips).collect(),
             source_ranges: p
                 .load_balancer_source_ranges
                 .iter()
-                .filter(|c| c.is_ipv4())
+                .filter(|c| c.family() == family)
                 .copied()
                 .collect(),
             cluster,
@@ -520,7 +539,7 @@ impl<'a> Generator<'a> {
 
         for (pname, st) in desired {
             let Some(v) = self.view(st) else {
-                tracing::debug!(service = %pname, "no IPv4 cluster IP: not programmed by the IPv4 iptables dataplane");
+                tracing::trace!(service = %pname, family = %self.family, "no cluster IP of the family: not programmed by its iptables dataplane");
                 continue;
             };
             let write = write_port(pname);
@@ -557,7 +576,12 @@ impl<'a> Generator<'a> {
         const NP_COMMENT: &str = "\"orca service nodeports; NOTE: this must be the last rule in this chain\"";
         match &self.nodeports {
             NodePortDest::All { localhost } => {
-                let not_loopback = if *localhost { "" } else { " ! -d 127.0.0.0/8" };
+                let loopback = self.family.loopback_cidr();
+                let not_loopback = if *localhost {
+                    String::new()
+                } else {
+                    format!(" ! -d {loopback}")
+                };
                 nat_rules.rule(
                     SERVICES,
                     format_args!(
@@ -773,7 +797,7 @@ impl<'a> Generator<'a> {
                     &fw,
                     format_args!(" -m comment --comment \"{name} loadbalancer IP\" -s {c} -j {ext}"),
                 );
-                if self.node_ip.is_some_and(|ip| c.contains(IpAddr::V4(ip))) {
+                if self.node_ip.is_some_and(|ip| c.contains(ip)) {
                     allow_from_node = true;
                 }
             }

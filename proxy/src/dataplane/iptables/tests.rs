@@ -536,7 +536,7 @@ fn large_clusters_drop_endpoint_comments() {
 }
 
 #[test]
-fn ipv6_is_left_out() {
+fn the_ipv4_generator_leaves_ipv6_out() {
     let mut d = port("ds", "10.96.0.40", 80, Protocol::Tcp);
     d.cluster_ips.push("fd00:96::40".parse().unwrap());
     let mut v6only = port("v6", "fd00:96::41", 80, Protocol::Tcp);
@@ -567,13 +567,13 @@ fn conntrack_cleanup_filters() {
         vec![ep("10.244.1.5", 53, false), ep("10.244.2.6", 53, false)],
     )]);
     let ip = |s: &str| Some(s.parse().unwrap());
-    let f = |d: Option<std::net::Ipv4Addr>, p: u16, r: Option<std::net::Ipv4Addr>| UdpFilter {
+    let f = |d: Option<std::net::IpAddr>, p: u16, r: Option<std::net::IpAddr>| UdpFilter {
         orig_dst: d,
         orig_dport: p,
         reply_src: r,
     };
     // First endpoint: entries for every frontend (they cached the REJECT).
-    let got = conntrack_filters([&name].into_iter(), &none, &one);
+    let got = conntrack_filters(IpFamily::V4, [&name].into_iter(), &none, &one);
     assert_eq!(
         got,
         vec![
@@ -583,7 +583,7 @@ fn conntrack_cleanup_filters() {
         ]
     );
     // An endpoint goes: entries DNATed to it.
-    let got = conntrack_filters([&name].into_iter(), &two, &one);
+    let got = conntrack_filters(IpFamily::V4, [&name].into_iter(), &two, &one);
     assert_eq!(
         got,
         vec![
@@ -593,16 +593,19 @@ fn conntrack_cleanup_filters() {
         ]
     );
     // Nothing lost, nothing gained: nothing to delete.
-    assert!(conntrack_filters([&name].into_iter(), &one, &two).is_empty());
+    assert!(conntrack_filters(IpFamily::V4, [&name].into_iter(), &one, &two).is_empty());
     // The service port is removed: its endpoints' entries go.
     let empty = Snapshot::new();
-    assert_eq!(conntrack_filters([&name].into_iter(), &one, &empty).len(), 3);
+    assert_eq!(
+        conntrack_filters(IpFamily::V4, [&name].into_iter(), &one, &empty).len(),
+        3
+    );
     // TCP: never.
     let t = port("web", "10.96.0.1", 80, Protocol::Tcp);
     let tn = t.name.clone();
     let a = snap(vec![(t.clone(), two_endpoints())]);
     let b = snap(vec![(t, vec![])]);
-    assert!(conntrack_filters([&tn].into_iter(), &a, &b).is_empty());
+    assert!(conntrack_filters(IpFamily::V4, [&tn].into_iter(), &a, &b).is_empty());
     let _: Option<Cidr> = None;
 }
 
@@ -680,4 +683,165 @@ fn generated_rules_read_back_as_the_desired_cluster_frontends() {
     let desired = crate::verify::desired_cluster_frontends(&s);
     assert_eq!(desired.len(), 3);
     assert_eq!(super::readback::cluster_frontends(&text(&cfg_cidr(), &s)), desired);
+}
+
+fn dual_node() -> NodeInfo {
+    NodeInfo::new(
+        "node-a",
+        vec!["192.168.50.10".parse().unwrap(), "fd00:240::11".parse().unwrap()],
+    )
+}
+
+fn text_v6(cfg: &DataplaneConfig, s: &Snapshot, addrs: &[IpAddr]) -> String {
+    let n = dual_node();
+    let mut g = Generator::for_family(IpFamily::V6, cfg, &n, addrs, GeneratorOptions::default());
+    g.generate(s, &|_| true).restore_input(&[], &[]).0
+}
+
+fn dual_stack_port() -> (ServicePort, Vec<Endpoint>) {
+    let mut d = port("ds", "10.96.0.40", 80, Protocol::Tcp);
+    d.cluster_ips.push("fd00:96::40".parse().unwrap());
+    d.node_port = Some(30080);
+    let eps = vec![
+        ep("10.244.1.5", 8080, false),
+        ep("fd00:244:1::5", 8080, false),
+        ep("fd00:244:2::6", 8080, false),
+    ];
+    (d, eps)
+}
+
+fn cfg_dual() -> DataplaneConfig {
+    DataplaneConfig {
+        cluster_cidrs: vec![cidr("10.244.0.0/16"), cidr("fd00:244::/56")],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ipv6_rules_exact() {
+    // The ip6tables half of a dual-stack port: kube-proxy's IPv6 proxier writes the same chains (same hashes) with
+    // the IPv6 cluster IP, endpoints in brackets, the IPv6 cluster CIDR and `! -d ::1/128` on the NodePorts jump.
+    let t = text_v6(&cfg_dual(), &snap(vec![dual_stack_port()]), &[]);
+    let nat = &t[t.find("*nat").unwrap()..];
+    let want = r#"*nat
+:ORCA-SERVICES - [0:0]
+:ORCA-NODEPORTS - [0:0]
+:ORCA-POSTROUTING - [0:0]
+:ORCA-MARK-MASQ - [0:0]
+:ORCA-EXT-UUU2UOYNFWQICNAH - [0:0]
+:ORCA-SVC-UUU2UOYNFWQICNAH - [0:0]
+:ORCA-SEP-4TYZJYLDQTFFKPT2 - [0:0]
+:ORCA-SEP-SHRNXFBG7MN5B4T3 - [0:0]
+-A ORCA-POSTROUTING -m mark ! --mark 0x004000/0x004000 -j RETURN
+-A ORCA-POSTROUTING -j MARK --xor-mark 0x004000
+-A ORCA-POSTROUTING -m comment --comment "orca service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A ORCA-MARK-MASQ -j MARK --or-mark 0x004000
+-A ORCA-SERVICES -m comment --comment "ns/ds:http cluster IP" -m tcp -p tcp -d fd00:96::40 --dport 80 -j ORCA-SVC-UUU2UOYNFWQICNAH
+-A ORCA-NODEPORTS -m comment --comment ns/ds:http -m tcp -p tcp --dport 30080 -j ORCA-EXT-UUU2UOYNFWQICNAH
+-A ORCA-SERVICES -m comment --comment "orca service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL ! -d ::1/128 -j ORCA-NODEPORTS
+-A ORCA-SVC-UUU2UOYNFWQICNAH -m comment --comment "ns/ds:http cluster IP" -m tcp -p tcp -d fd00:96::40 --dport 80 ! -s fd00:244::/56 -j ORCA-MARK-MASQ
+-A ORCA-EXT-UUU2UOYNFWQICNAH -m comment --comment "masquerade traffic for ns/ds:http external destinations" -j ORCA-MARK-MASQ
+-A ORCA-EXT-UUU2UOYNFWQICNAH -j ORCA-SVC-UUU2UOYNFWQICNAH
+-A ORCA-SVC-UUU2UOYNFWQICNAH -m comment --comment "ns/ds:http -> [fd00:244:1::5]:8080" -m statistic --mode random --probability 0.5000000000 -j ORCA-SEP-4TYZJYLDQTFFKPT2
+-A ORCA-SVC-UUU2UOYNFWQICNAH -m comment --comment "ns/ds:http -> [fd00:244:2::6]:8080" -j ORCA-SEP-SHRNXFBG7MN5B4T3
+-A ORCA-SEP-4TYZJYLDQTFFKPT2 -m comment --comment ns/ds:http -s fd00:244:1::5 -j ORCA-MARK-MASQ
+-A ORCA-SEP-4TYZJYLDQTFFKPT2 -m comment --comment ns/ds:http -m tcp -p tcp -j DNAT --to-destination [fd00:244:1::5]:8080
+-A ORCA-SEP-SHRNXFBG7MN5B4T3 -m comment --comment ns/ds:http -s fd00:244:2::6 -j ORCA-MARK-MASQ
+-A ORCA-SEP-SHRNXFBG7MN5B4T3 -m comment --comment ns/ds:http -m tcp -p tcp -j DNAT --to-destination [fd00:244:2::6]:8080
+COMMIT
+"#;
+    assert_eq!(nat, want);
+    // kube-proxy's SEP hash takes the endpoint as Go's net.JoinHostPort writes it.
+    assert_eq!(
+        sep_chain(&spn("ds", "http", Protocol::Tcp), "[fd00:244:1::5]:8080"),
+        "ORCA-SEP-4TYZJYLDQTFFKPT2"
+    );
+    // No IPv4 address of any kind reaches ip6tables.
+    assert!(!t.contains("10.") && !t.contains("127.0.0.0"), "{t}");
+}
+
+#[test]
+fn dual_stack_port_splits_by_family() {
+    let s = snap(vec![dual_stack_port()]);
+    let v4 = text(&cfg_dual(), &s);
+    // The IPv4 half: its cluster IP, its one endpoint (no random choice), its cluster CIDR.
+    assert!(!v4.contains("fd00"), "{v4}");
+    let sep = sep_chain(&spn("ds", "http", Protocol::Tcp), "10.244.1.5:8080");
+    assert_eq!(
+        with(&v4, "-j DNAT"),
+        vec![format!(
+            "-A {sep} -m comment --comment ns/ds:http -m tcp -p tcp -j DNAT --to-destination 10.244.1.5:8080"
+        )]
+    );
+    assert!(
+        v4.contains("-d 10.96.0.40 --dport 80 ! -s 10.244.0.0/16 -j ORCA-MARK-MASQ"),
+        "{v4}"
+    );
+    assert!(!v4.contains("probability"), "{v4}");
+    // Both families serve the NodePort.
+    assert_eq!(with(&v4, "--dport 30080").len(), 1);
+    // A port with endpoints of one family only rejects in the other (kube-proxy: no endpoints of that family).
+    let (d, _) = dual_stack_port();
+    let only_v4 = snap(vec![(d, vec![ep("10.244.1.5", 8080, false)])]);
+    let v6 = text_v6(&cfg_dual(), &only_v4, &[]);
+    assert_eq!(
+        with(&v6, "-j REJECT"),
+        vec![
+            "-A ORCA-SERVICES -m comment --comment \"ns/ds:http has no endpoints\" -m tcp -p tcp -d fd00:96::40 --dport 80 -j REJECT",
+            "-A ORCA-EXTERNAL-SERVICES -m comment --comment \"ns/ds:http has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT",
+        ],
+        "{v6}"
+    );
+    assert!(!text(&cfg_dual(), &only_v4).contains("REJECT"));
+}
+
+#[test]
+fn ipv6_single_stack_port_and_source_ranges() {
+    let mut p = port("v6", "fd00:96::41", 443, Protocol::Tcp);
+    p.load_balancer_ips = vec!["fd00:250::7".parse().unwrap()];
+    p.load_balancer_source_ranges = vec![cidr("fd00:240::100/128"), cidr("192.0.2.0/24")];
+    let s = snap(vec![(p.clone(), vec![ep("fd00:244:1::5", 8443, false)])]);
+    // IPv4 has nothing of it.
+    let v4 = text(&cfg_dual(), &s);
+    assert!(!v4.contains("ns/v6"), "{v4}");
+    let v6 = text_v6(&cfg_dual(), &s, &[]);
+    let fw = with(&v6, "ORCA-FW-");
+    assert!(
+        fw.iter().any(|l| l.contains("-s fd00:240::100/128 -j ORCA-EXT-")),
+        "{v6}"
+    );
+    assert!(!v6.contains("192.0.2.0"), "{v6}");
+    assert!(fw.iter().any(|l| l.contains("-d fd00:250::7 --dport 443")), "{v6}");
+    // Ranges of the other family only: kube-proxy filters them per family, which leaves this family open.
+    p.load_balancer_source_ranges = vec![cidr("192.0.2.0/24")];
+    let v6 = text_v6(
+        &cfg_dual(),
+        &snap(vec![(p, vec![ep("fd00:244:1::5", 8443, false)])]),
+        &[],
+    );
+    assert!(!v6.contains("ORCA-FW-"), "{v6}");
+    assert!(
+        v6.contains("loadbalancer IP\" -m tcp -p tcp -d fd00:250::7 --dport 443 -j ORCA-EXT-"),
+        "{v6}"
+    );
+}
+
+#[test]
+fn ipv6_rules_read_back_as_the_desired_ipv6_frontends() {
+    let mut v6only = port("v6", "fd00:96::41", 80, Protocol::Tcp);
+    v6only.name.port = "web".into();
+    let s = snap(vec![
+        dual_stack_port(),
+        (v6only, vec![ep("fd00:244:2::9", 80, false)]),
+        (port("web", "10.96.0.10", 80, Protocol::Tcp), two_endpoints()),
+    ]);
+    let desired = crate::verify::desired_cluster_frontends(&s);
+    assert_eq!(desired.len(), 4);
+    let v6 = crate::verify::of_family(desired.clone(), IpFamily::V6);
+    assert_eq!(v6.len(), 2);
+    assert_eq!(super::readback::cluster_frontends(&text_v6(&cfg_dual(), &s, &[])), v6);
+    assert_eq!(
+        super::readback::cluster_frontends(&text(&cfg_dual(), &s)),
+        crate::verify::of_family(desired, IpFamily::V4)
+    );
 }
