@@ -14,13 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use orca_proxy::dataplane::dual::DualStack;
 use orca_proxy::dataplane::iptables::conntrack::Method;
 use orca_proxy::dataplane::iptables::exec::Flavour;
 use orca_proxy::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use orca_proxy::dataplane::{Dataplane, DataplaneConfig};
 use orca_proxy::model::state::{ServicePortState, Snapshot};
 use orca_proxy::model::tracker::Diff;
-use orca_proxy::model::{Cidr, Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy};
+use orca_proxy::model::{Cidr, Endpoint, IpFamily, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy};
 
 // ---- namespaces -------------------------------------------------------------------------------------------------
 
@@ -581,18 +582,70 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// The same three namespaces with IPv6 as well: client fd00:77:1::2, server fd00:77:2::2, the node ::1 on both
+    /// links (unique local addresses, inside these namespaces only), forwarding both families.
+    fn dual() -> Self {
+        let t = Topology::new();
+        for (peer, dev, node_dev, net) in [(&t.client, "c0", "nc", "1"), (&t.server, "s0", "ns", "2")] {
+            t.node.sh(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:77:{net}::1/64"),
+                "dev",
+                node_dev,
+                "nodad",
+            ]);
+            peer.sh(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:77:{net}::2/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            peer.sh(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:77:{net}::1"),
+            ]);
+        }
+        t.node.sh(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
+        t.node
+            .sh(&["ip", "-6", "route", "add", "default", "via", "fd00:77:2::2"]);
+        t
+    }
+}
+
+fn dual_node() -> NodeInfo {
+    NodeInfo::new(
+        "node-a",
+        vec!["10.77.1.1".parse().unwrap(), "fd00:77:1::1".parse().unwrap()],
+    )
+}
+
 /// A TCP server in `ns` on `port` answering every connection with the peer address it sees; stops with `stop`.
 fn tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
-    tcp_server_answering(ns, port, stop, |_, peer| peer.ip().to_string())
+    tcp_server_answering(ns, port, stop, |_, peer| peer.ip().to_canonical().to_string())
 }
 
 /// A TCP server in `ns` on `port` answering every connection with the local address it was reached on.
 fn tcp_local_addr_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
-    tcp_server_answering(ns, port, stop, |s, _| s.local_addr().unwrap().ip().to_string())
+    tcp_server_answering(ns, port, stop, |s, _| {
+        s.local_addr().unwrap().ip().to_canonical().to_string()
+    })
 }
 
-/// A TCP server in `ns` on `port` writing `answer(connection, peer)` to every connection, for 60 s at the most or
-/// until `stop`; returns how many it served.
+/// A TCP server in `ns` on `port` (IPv4 and IPv6) writing `answer(connection, peer)` to every connection, for 60 s
+/// at the most or until `stop`; returns how many it served.
 fn tcp_server_answering(
     ns: &Netns,
     port: u16,
@@ -601,7 +654,8 @@ fn tcp_server_answering(
 ) -> std::thread::JoinHandle<usize> {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = ns.enter(move || {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+        // `[::]` takes IPv4 connections as well (a new namespace's bindv6only is 0).
+        let l = TcpListener::bind(("::", port)).expect("bind");
         l.set_nonblocking(true).unwrap();
         tx.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -833,6 +887,149 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     assert!(orca_chains(&t.node).is_empty());
     // Without rules the ClusterIP no longer answers.
     assert!(tcp_get(&t.client, "10.96.77.10:80".parse().unwrap(), Duration::from_millis(300)).is_err());
+}
+
+/// Dual-stack through ip6tables and iptables side by side (kube-proxy's two proxiers behind its meta-proxier): a
+/// dual-stack Service answers on both cluster IPs and on its NodePort in both families, an IPv6-only one with
+/// eTP=Local keeps the client's address, a Service without endpoints refuses over IPv6, a pod reaches itself
+/// through its Service (hairpin), and a UDP endpoint that goes takes its IPv6 conntrack entries with it.
+#[test]
+fn real_packets_ipv6_and_dual_stack() {
+    let t = Topology::dual();
+    let cfg = DataplaneConfig {
+        cluster_cidrs: vec![cidr("10.77.2.0/24"), cidr("fd00:77:2::/64")],
+        nodeport_addresses: vec![cidr("10.77.1.0/24"), cidr("fd00:77:1::/64")],
+        ..Default::default()
+    };
+    let opts = || IptablesOptions {
+        netns: Some(t.node.name.clone()),
+        flavour: None,
+    };
+    let v4 = IptablesDataplane::for_family(IpFamily::V4, cfg.clone(), opts()).expect("iptables");
+    let v6 = IptablesDataplane::for_family(IpFamily::V6, cfg, opts()).expect("ip6tables");
+    let mut dp = DualStack::new(Box::new(v4), Box::new(v6));
+    let ds = state(
+        {
+            let mut p = port("ds", "10.96.77.10", 80, Protocol::Tcp);
+            p.cluster_ips.push("fd00:96::10".parse().unwrap());
+            p.node_port = Some(30080);
+            p
+        },
+        vec![ep("10.77.2.2", 8080, false), ep("fd00:77:2::2", 8080, false)],
+    );
+    let local6 = state(
+        {
+            let mut p = port("local6", "fd00:96::11", 80, Protocol::Tcp);
+            p.node_port = Some(30081);
+            p.external_policy = TrafficPolicy::Local;
+            p
+        },
+        vec![ep("fd00:77:2::2", 8080, true)],
+    );
+    let empty6 = state(port("empty6", "fd00:96::12", 80, Protocol::Tcp), vec![]);
+    let dns_port = port("dns6", "fd00:96::53", 53, Protocol::Udp);
+    let dns = state(dns_port.clone(), vec![ep("fd00:77:2::2", 5353, false)]);
+    let mut desired = snapshot(&[ds, local6, empty6, dns]);
+    dp.full_sync(&desired, &dual_node()).unwrap();
+    // Each family's rules hold its own addresses only.
+    let v6_nat = t.node.sh(&["ip6tables-save", "-t", "nat"]);
+    assert!(
+        v6_nat.contains("-d fd00:96::10/128") && !v6_nat.contains("10.96.77.10"),
+        "{v6_nat}"
+    );
+    assert!(!t.node.save("nat").contains("fd00:"));
+    // What `status --verify` reads back: both families' frontends, as desired.
+    assert_eq!(
+        dp.cluster_frontends(&desired, &dual_node()).expect("read back"),
+        orca_proxy::verify::desired_cluster_frontends(&desired)
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = tcp_server(&t.server, 8080, stop.clone());
+    let timeout = Duration::from_secs(3);
+    let get = |ns: &Netns, a: &str| tcp_get(ns, a.parse().unwrap(), timeout);
+    // Both cluster IPs of the dual-stack Service, from off-cluster: DNATed within the family and masqueraded.
+    assert_eq!(get(&t.client, "10.96.77.10:80").expect("IPv4 ClusterIP"), "10.77.2.1");
+    assert_eq!(
+        get(&t.client, "[fd00:96::10]:80").expect("IPv6 ClusterIP"),
+        "fd00:77:2::1"
+    );
+    // Its NodePort in both families.
+    assert_eq!(get(&t.client, "10.77.1.1:30080").expect("IPv4 NodePort"), "10.77.2.1");
+    assert_eq!(
+        get(&t.client, "[fd00:77:1::1]:30080").expect("IPv6 NodePort"),
+        "fd00:77:2::1"
+    );
+    // IPv6 NodePort with eTP=Local: the client's address is preserved.
+    assert_eq!(
+        get(&t.client, "[fd00:77:1::1]:30081").expect("eTP=Local"),
+        "fd00:77:1::2"
+    );
+    // The IPv6-only Service has no IPv4 NodePort.
+    assert!(tcp_get(
+        &t.client,
+        "10.77.1.1:30081".parse().unwrap(),
+        Duration::from_millis(300)
+    )
+    .is_err());
+    // Hairpin over IPv6: the endpoint reaches itself through the cluster IP, masqueraded to the node.
+    assert_eq!(get(&t.server, "[fd00:96::10]:80").expect("hairpin"), "fd00:77:2::1");
+    // No endpoints: ip6tables REJECT (icmp6 port unreachable) -> refused, where a drop would time out. Not at once
+    // here: over a veth pair the ICMPv6 error comes back while connect() still holds the socket lock, and TCP keeps
+    // such an error as a soft one (TcpExtLockDroppedIcmps) until the SYN's retransmission a second later draws
+    // another. Upstream kube-proxy's IPv6 rules meet the same kernel path.
+    assert_eq!(
+        get(&t.client, "[fd00:96::12]:80"),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(server.join().unwrap(), 6);
+
+    // UDP over IPv6: a flow to the DNS cluster IP is DNATed to fd00:77:2::2 ...
+    let udp_srv = t.server.enter(|| {
+        let s = UdpSocket::bind("[::]:5353").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, peer) = s.recv_from(&mut buf).expect("udp recv");
+        s.send_to(&buf[..n], peer).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let reply = t
+        .client
+        .enter(|| {
+            let s = UdpSocket::bind("[::]:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.send_to(b"ping", "[fd00:96::53]:53").unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.recv(&mut buf).expect("udp reply");
+            buf[..n].to_vec()
+        })
+        .join()
+        .unwrap();
+    assert_eq!(reply, b"ping");
+    udp_srv.join().unwrap();
+    let ct = |ns: &Netns| ns.sh(&["conntrack", "-L", "-f", "ipv6", "-p", "udp"]);
+    let before = ct(&t.node);
+    assert!(
+        before.contains("dst=fd00:96::53") && before.contains("src=fd00:77:2::2"),
+        "conntrack: {before}"
+    );
+    // ... and losing that endpoint deletes the IPv6 entry (and an IPv4-only change leaves ip6tables alone).
+    let moved = state(dns_port, vec![ep("fd00:77:2::3", 5353, false)]);
+    desired.insert(moved.name().clone(), moved.clone());
+    dp.apply(&upserting(vec![moved]), &desired, &dual_node()).unwrap();
+    let after = ct(&t.node);
+    assert!(!after.contains("dst=fd00:96::53"), "stale entry left: {after}");
+
+    dp.cleanup().unwrap();
+    assert!(orca_chains(&t.node).is_empty());
+    assert!(!t.node.sh(&["ip6tables-save"]).contains("ORCA-"));
+    assert!(tcp_get(
+        &t.client,
+        "[fd00:96::10]:80".parse().unwrap(),
+        Duration::from_millis(300)
+    )
+    .is_err());
 }
 
 /// Full-sync time and rule count at 1k and 10k service ports (2 endpoints each, every 4th a NodePort, every

@@ -1,8 +1,10 @@
 //! Chooses and builds the dataplane: eBPF by default, iptables when asked or when eBPF cannot run.
 
+use crate::dataplane::dual::DualStack;
 use crate::dataplane::ebpf::{EbpfDataplane, EbpfOptions};
 use crate::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use crate::dataplane::{Dataplane, ProxyMode};
+use crate::model::IpFamily;
 use crate::settings::Settings;
 
 /// Builds the dataplane for `s.mode`; returns it with the reason for a fallback, if one happened.
@@ -10,16 +12,16 @@ pub fn create(s: &Settings) -> anyhow::Result<(Box<dyn Dataplane>, Option<String
     match s.mode {
         ProxyMode::Iptables => {
             remove_ebpf(s, "iptables mode");
-            Ok((iptables(s)?, None))
+            Ok((dual_stack(s, iptables(s)?), None))
         }
         ProxyMode::Ebpf => match ebpf(s) {
-            Ok(dp) => Ok((dp, None)),
+            Ok(dp) => Ok((dual_stack(s, dp), None)),
             Err(e) if s.allow_fallback => {
                 let reason = format!("{e:#}");
                 tracing::warn!(reason = %reason, "eBPF dataplane unavailable; falling back to iptables");
                 // Whatever this or an earlier eBPF agent attached would translate in front of the iptables rules.
                 remove_ebpf(s, "fallback to iptables");
-                Ok((iptables(s)?, Some(reason)))
+                Ok((dual_stack(s, iptables(s)?), Some(reason)))
             }
             Err(e) => Err(e.context("eBPF dataplane unavailable and --no-fallback is set")),
         },
@@ -34,6 +36,22 @@ fn remove_ebpf(s: &Settings, why: &str) {
             why,
             "could not remove everything an eBPF agent left"
         );
+    }
+}
+
+/// The IPv4 dataplane `v4` with the IPv6 one beside it (ip6tables, in either mode), as kube-proxy runs dual-stack
+/// whenever the node can; `v4` alone, with a warning, when ip6tables cannot run here (no IPv6 in the kernel, no
+/// ip6tables), as kube-proxy falls back to single-stack.
+fn dual_stack(s: &Settings, v4: Box<dyn Dataplane>) -> Box<dyn Dataplane> {
+    match IptablesDataplane::for_family(IpFamily::V6, s.dataplane.clone(), IptablesOptions::default()) {
+        Ok(v6) => Box::new(DualStack::new(v4, Box::new(v6))),
+        Err(e) => {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "no IPv6 dataplane: IPv6 Services are not programmed on this node (single-stack IPv4)"
+            );
+            v4
+        }
     }
 }
 
@@ -72,5 +90,12 @@ pub fn cleanup_all(s: &Settings) -> anyhow::Result<()> {
     }
     IptablesDataplane::new(s.dataplane.clone(), IptablesOptions::default())?.cleanup()?;
     tracing::info!("removed Orca's iptables chains and rules");
+    match IptablesDataplane::for_family(IpFamily::V6, s.dataplane.clone(), IptablesOptions::default()) {
+        Ok(mut v6) => {
+            v6.cleanup()?;
+            tracing::info!("removed Orca's ip6tables chains and rules");
+        }
+        Err(e) => tracing::info!(error = %format!("{e:#}"), "no ip6tables here: nothing to remove"),
+    }
     ebpf
 }
