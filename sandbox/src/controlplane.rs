@@ -558,7 +558,12 @@ impl Sandbox {
             "--requestheader-group-headers=X-Remote-Group".into(),
             "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
             "--authorization-mode=RBAC".into(),
-            format!("--service-cluster-ip-range={}", topo.service_cidr),
+            // Dual-stack, IPv4 first (the `kubernetes` Service and single-stack Services stay IPv4).
+            format!(
+                "--service-cluster-ip-range={},{}",
+                topo.service_cidr,
+                crate::topology::SERVICE_CIDR_V6
+            ),
             format!(
                 "--service-node-port-range={}-{}",
                 topo.node_port_range.0, topo.node_port_range.1
@@ -690,7 +695,7 @@ impl Sandbox {
                 },
                 "spec": {
                     "podCIDR": n.pod_cidr.to_string(),
-                    "podCIDRs": [n.pod_cidr.to_string()],
+                    "podCIDRs": [n.pod_cidr.to_string(), n.pod_cidr.v6()],
                 },
             }))?;
             nodes
@@ -708,6 +713,7 @@ impl Sandbox {
                 "status": {
                     "addresses": [
                         {"type": "InternalIP", "address": n.ip.to_string()},
+                        {"type": "InternalIP", "address": crate::topology::v6(n.ip).to_string()},
                         {"type": "Hostname", "address": n.name},
                     ],
                     "conditions": [

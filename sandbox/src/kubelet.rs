@@ -371,6 +371,16 @@ impl PodInfo {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::from((self.ip, port))
     }
+
+    /// The pod's IPv6 address (its second podIP).
+    pub fn ip6(&self) -> std::net::Ipv6Addr {
+        crate::topology::v6(self.ip)
+    }
+
+    /// `[ip6]:port`.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip6(), port))
+    }
 }
 
 type PodKey = (String, String);
@@ -935,12 +945,13 @@ fn status_body(pod: &Pod, st: &PodState) -> Value {
         json!({"running": {"startedAt": st.started_at}})
     };
     let (ip, host) = (pod.ip().to_string(), pod.host_ip().to_string());
+    let (ip6, host6) = (pod.ip6().to_string(), crate::topology::v6(pod.host_ip()).to_string());
     json!({"status": {
         "phase": if st.terminated { "Succeeded" } else { "Running" },
         "hostIP": host,
-        "hostIPs": [{"ip": host}],
+        "hostIPs": [{"ip": host}, {"ip": host6}],
         "podIP": ip,
-        "podIPs": [{"ip": ip}],
+        "podIPs": [{"ip": ip}, {"ip": ip6}],
         "startTime": st.started_at,
         "conditions": [
             cond("PodScheduled", true, &st.started_at),

@@ -47,6 +47,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub const HOST_VETH_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pod's gateway: link-local, never assigned to any interface.
 pub const POD_GATEWAY: &str = "169.254.1.1";
+/// The pod's IPv6 gateway: a link-local address with a permanent neighbour entry to [`HOST_VETH_MAC`].
+pub const POD_GATEWAY_V6: &str = "fe80::1";
 /// Interface name inside the pod.
 pub const POD_IFACE: &str = "eth0";
 
@@ -344,6 +346,10 @@ impl PodNetwork {
         let (node, pod, veth) = (self.node_netns.as_str(), self.netns.as_str(), self.host_veth.as_str());
         let ip = self.ip.to_string();
         netns::ip(&["-n", pod, "link", "set", "lo", "up"])?;
+        // Links moved in take the namespace's defaults: no duplicate address detection, addresses work at once.
+        for k in ["all", "default"] {
+            netns::exec(pod, &["sysctl", "-qw", &format!("net.ipv6.conf.{k}.accept_dad=0")])?;
+        }
         netns::ip(&[
             "-n", node, "link", "add", veth, "type", "veth", "peer", "name", POD_IFACE, "netns", pod,
         ])?;
@@ -398,7 +404,50 @@ impl PodNetwork {
             "scope",
             "link",
         ])?;
+        // IPv6, the same way: the pod's /128, its gateway a permanent neighbour, the node's route to it.
+        let ip6 = self.ip6().to_string();
+        netns::ip(&[
+            "-n",
+            pod,
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            POD_IFACE,
+            "nodad",
+        ])?;
+        netns::ip(&[
+            "-n",
+            pod,
+            "neigh",
+            "replace",
+            POD_GATEWAY_V6,
+            "lladdr",
+            HOST_VETH_MAC,
+            "dev",
+            POD_IFACE,
+            "nud",
+            "permanent",
+        ])?;
+        netns::ip(&[
+            "-n",
+            pod,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            POD_GATEWAY_V6,
+            "dev",
+            POD_IFACE,
+        ])?;
+        netns::ip(&["-n", node, "-6", "route", "replace", &format!("{ip6}/128"), "dev", veth])?;
         Ok(())
+    }
+
+    /// The pod's IPv6 address ([`crate::topology::v6`] of its IPv4 one; the node's for a host-network pod).
+    pub fn ip6(&self) -> std::net::Ipv6Addr {
+        crate::topology::v6(self.ip)
     }
 
     /// Delete the namespace (the veth pair and the node's /32 route go with it). Best effort: logs failures.
@@ -490,6 +539,11 @@ impl Pod {
     /// The pod's IP.
     pub fn ip(&self) -> Ipv4Addr {
         self.network.ip
+    }
+
+    /// The pod's IPv6 address (its second podIP).
+    pub fn ip6(&self) -> std::net::Ipv6Addr {
+        self.network.ip6()
     }
 
     /// The node's IP (the Pod's hostIP).
@@ -772,9 +826,9 @@ pub fn in_netns<T: Send + 'static>(
 }
 
 /// A TCP socket created inside `ns`, optionally bound to `local` (e.g. a fixed source port).
-fn tcp_socket_in(ns: &str, local: Option<SocketAddr>) -> Result<tokio::net::TcpSocket, NetError> {
+fn tcp_socket_in(ns: &str, local: Option<SocketAddr>, to: SocketAddr) -> Result<tokio::net::TcpSocket, NetError> {
     let std_sock = in_netns(ns, move || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
         s.set_nonblocking(true)?;
         if let Some(l) = local {
             s.set_reuse_address(true)?;
@@ -798,7 +852,7 @@ pub async fn tcp_connect_from(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<tokio::net::TcpStream, NetError> {
-    let sock = tcp_socket_in(ns, local)?;
+    let sock = tcp_socket_in(ns, local, addr)?;
     match tokio::time::timeout(timeout, sock.connect(addr)).await {
         Err(_) => Err(NetError::Timeout),
         Ok(Err(e)) => Err(NetError::io(e)),
@@ -965,9 +1019,12 @@ pub async fn udp_exchange(
     payload: &str,
     timeout: Duration,
 ) -> Result<UdpReply, NetError> {
-    let bind = local.unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+    let bind = local.unwrap_or_else(|| match addr {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+    });
     let std_sock = in_netns(ns, move || {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
         s.set_reuse_address(true)?;
         s.bind(&bind.into())?;
         s.set_nonblocking(true)?;

@@ -17,15 +17,30 @@
 //!   plane) via the first node, like an L2/BGP load balancer that delivers to one node; tests may re-route it
 //!   with [`Topology::exec`].
 //! * Services: ClusterIP range 10.96.0.0/16 (the `kubernetes` Service is 10.96.0.1), NodePorts 30000-32767.
+//! * IPv6 beside every IPv4 address (dual-stack, unique local addresses): [`v6`] maps 10.a.b.c to fd00:a:b::c and
+//!   a /24 to its /64 ([`Ipv4Cidr::v6`]): fabric fd00:240:0::/64, pods fd00:244:1::/64 and fd00:244:2::/64, load
+//!   balancers fd00:250:0::/64, each routed like its IPv4 twin; Services also get [`SERVICE_CIDR_V6`]. Addresses
+//!   skip duplicate address detection (the namespaces are ours) and the nodes forward IPv6 too.
 //! * `lo` is up in every namespace. Nothing is created in the machine's own namespace.
 //! * Names must match [`netns::SANDBOX_NETNS_PREFIXES`] (checked by [`Topology::validate`]) so that teardown
 //!   finds them.
 use crate::netns;
 use anyhow::{bail, Context, Result};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Output};
 use std::str::FromStr;
+
+/// The IPv6 ClusterIP range beside [`Topology::service_cidr`] (the apiserver's second `--service-cluster-ip-range`).
+pub const SERVICE_CIDR_V6: &str = "fd00:96::/112";
+
+/// The IPv6 twin of a sandbox address: 10.a.b.c -> fd00:a:b::c (the decimal digits read as hex: 10.244.1.5 is
+/// fd00:244:1::5).
+pub fn v6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, a, b, c] = ip.octets();
+    let hex = |d: u8| u16::from_str_radix(&d.to_string(), 16).unwrap_or(0);
+    Ipv6Addr::new(0xfd00, hex(a), hex(b), 0, 0, 0, 0, hex(c))
+}
 
 /// An IPv4 prefix such as 10.244.1.0/24.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,6 +87,11 @@ impl Ipv4Cidr {
             return None;
         }
         u32::from(self.addr).checked_add(n).map(Ipv4Addr::from)
+    }
+
+    /// The IPv6 twin of a /24 (or longer) prefix: its [`v6`] network as a /64 (10.244.1.0/24 -> fd00:244:1::/64).
+    pub fn v6(&self) -> String {
+        format!("{}/64", v6(self.addr))
     }
 
     /// Whether `ip` lies inside the prefix.
@@ -295,6 +315,10 @@ impl Topology {
         for ns in self.netns_names() {
             netns::ip(&["netns", "add", &ns])?;
             netns::ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            // No duplicate address detection on links made later (the pods' veths): addresses work at once.
+            for k in ["all", "default"] {
+                netns::exec(&ns, &["sysctl", "-qw", &format!("net.ipv6.conf.{k}.accept_dad=0")])?;
+            }
         }
         netns::ip(&["-n", fabric, "link", "add", BRIDGE, "type", "bridge"])?;
         netns::ip(&["-n", fabric, "link", "set", BRIDGE, "up"])?;
@@ -317,23 +341,28 @@ impl Topology {
             netns::ip(&["-n", fabric, "link", "set", &m.fabric_port, "master", BRIDGE, "up"])?;
             let addr = format!("{}/{fabric_len}", m.ip);
             netns::ip(&["-n", &m.netns, "addr", "add", &addr, "dev", MEMBER_IFACE])?;
+            let addr6 = format!("{}/64", v6(m.ip));
+            netns::ip(&["-n", &m.netns, "addr", "add", &addr6, "dev", MEMBER_IFACE, "nodad"])?;
             netns::ip(&["-n", &m.netns, "link", "set", MEMBER_IFACE, "up"])?;
         }
+        // Each route twice: IPv4, and its IPv6 twin.
+        let route = |ns: &str, dst: Ipv4Cidr, via: Ipv4Addr| -> Result<()> {
+            netns::ip(&["-n", ns, "route", "add", &dst.to_string(), "via", &via.to_string()])?;
+            netns::ip(&["-n", ns, "-6", "route", "add", &dst.v6(), "via", &v6(via).to_string()])?;
+            Ok(())
+        };
         for n in &self.nodes {
             netns::exec(&n.netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            netns::exec(&n.netns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
             for other in self.nodes.iter().filter(|o| o.name != n.name) {
-                let (dst, via) = (other.pod_cidr.to_string(), other.ip.to_string());
-                netns::ip(&["-n", &n.netns, "route", "add", &dst, "via", &via])?;
+                route(&n.netns, other.pod_cidr, other.ip)?;
             }
         }
         for other in &self.nodes {
-            let (dst, via) = (other.pod_cidr.to_string(), other.ip.to_string());
-            netns::ip(&["-n", &self.control_plane.netns, "route", "add", &dst, "via", &via])?;
+            route(&self.control_plane.netns, other.pod_cidr, other.ip)?;
         }
-        let lb_via = self.nodes[0].ip.to_string();
-        let lb = self.lb_cidr.to_string();
         for ns in [&self.client.netns, &self.control_plane.netns] {
-            netns::ip(&["-n", ns, "route", "add", &lb, "via", &lb_via])?;
+            route(ns, self.lb_cidr, self.nodes[0].ip)?;
         }
         let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         crate::hostfs::create(&names)?;
@@ -366,6 +395,15 @@ mod tests {
         assert_eq!(t.kubernetes_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(t.node_port_range, (30000, 32767));
         assert!(t.netns_names().iter().all(|n| netns::is_sandbox_netns(n)));
+    }
+
+    #[test]
+    fn ipv6_twins() {
+        assert_eq!(v6(Ipv4Addr::new(10, 244, 1, 5)).to_string(), "fd00:244:1::5");
+        assert_eq!(v6(Ipv4Addr::new(10, 240, 0, 100)).to_string(), "fd00:240::100");
+        assert_eq!(v6(Ipv4Addr::new(10, 250, 0, 255)).to_string(), "fd00:250::255");
+        let c: Ipv4Cidr = "10.244.2.0/24".parse().unwrap();
+        assert_eq!(c.v6(), "fd00:244:2::/64");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! traffic only to nodes that can serve it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -223,10 +223,24 @@ impl HealthCheckServers {
     }
 
     fn listen(&self, port: u16, node_addresses: &[IpAddr]) -> std::io::Result<Vec<tokio::net::TcpListener>> {
+        let bind = |a: SocketAddr| -> std::io::Result<tokio::net::TcpListener> {
+            let l = std::net::TcpListener::bind(a)?;
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        };
+        if !self.primary && self.nodeport_addresses.is_empty() {
+            // Every address of both families (kube-proxy's IPv4 and IPv6 proxiers each listen on their wildcard):
+            // `[::]` takes IPv4 as well; IPv4 alone on a node without IPv6.
+            return match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)) {
+                Ok(l) => Ok(vec![l]),
+                Err(e) if e.kind() != std::io::ErrorKind::AddrInUse => {
+                    Ok(vec![bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))?])
+                }
+                Err(e) => Err(e),
+            };
+        }
         let addrs: Vec<IpAddr> = if self.primary {
             node_addresses.to_vec()
-        } else if self.nodeport_addresses.is_empty() {
-            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
         } else {
             node_addresses
                 .iter()
@@ -234,14 +248,7 @@ impl HealthCheckServers {
                 .filter(|a| self.nodeport_addresses.iter().any(|c| c.contains(*a)))
                 .collect()
         };
-        addrs
-            .into_iter()
-            .map(|a| {
-                let l = std::net::TcpListener::bind(SocketAddr::new(a, port))?;
-                l.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(l)
-            })
-            .collect()
+        addrs.into_iter().map(|a| bind(SocketAddr::new(a, port))).collect()
     }
 
     /// Per claimed healthCheckNodePort: the Service that owns it and its local endpoints (served or not).

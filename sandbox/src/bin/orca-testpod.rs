@@ -42,7 +42,7 @@
 //! Exit codes: 0 success, 2 connection refused, 3 timed out, 4 connection reset, 1 anything else (usage errors
 //! included). Bad input is reported on stderr; nothing panics.
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -337,7 +337,8 @@ async fn http_conn(st: Arc<State>, stream: TcpStream, peer: SocketAddr, local_po
 }
 
 async fn bind_tcp(port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await
+    // `[::]` answers IPv4 as well (bindv6only is 0); peers are reported through `plain`.
+    TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await
 }
 
 async fn serve_http(st: Arc<State>, l: TcpListener, port: u16) {
@@ -437,7 +438,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tasks.spawn(serve_http(st.clone(), l, p));
     }
     for &p in &st.args.udp_ports {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, p))
+        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, p))
             .await
             .map_err(|e| format!("binding UDP port {p}: {e}"))?;
         tasks.spawn(serve_udp(st.clone(), s));
@@ -577,7 +578,12 @@ async fn http_client(method: &str, url: &str, timeout: Duration) -> Result<(), C
 
 async fn udp_client(addr: SocketAddr, payload: &str, timeout: Duration) -> Result<(), ClientError> {
     with_timeout(timeout, &addr.to_string(), async {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        let any: IpAddr = if addr.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let s = UdpSocket::bind((any, 0))
             .await
             .map_err(|e| ClientError::from_io("binding", e))?;
         s.connect(addr)

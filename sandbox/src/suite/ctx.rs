@@ -206,7 +206,8 @@ impl Ctx {
     }
 
     /// Write `status.loadBalancer.ingress` (what a load-balancer controller does).
-    pub async fn set_lb_ingress(&self, name: &str, ip: Ipv4Addr) -> Result<Service> {
+    pub async fn set_lb_ingress(&self, name: &str, ip: impl Into<IpAddr>) -> Result<Service> {
+        let ip: IpAddr = ip.into();
         let patch = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string(), "ipMode": "VIP"}]}}});
         let s = self
             .services()
@@ -278,6 +279,22 @@ pub fn cluster_ip(s: &Service) -> Result<Ipv4Addr> {
         .and_then(|s| s.cluster_ip.clone())
         .context("service has no clusterIP")?;
     ip.parse().with_context(|| format!("clusterIP {ip:?}"))
+}
+
+/// `spec.clusterIPs` of a Service, in its order (the first is `spec.clusterIP`).
+pub fn cluster_ips(s: &Service) -> Result<Vec<IpAddr>> {
+    let ips = s.spec.as_ref().and_then(|s| s.cluster_ips.clone()).unwrap_or_default();
+    ips.iter()
+        .map(|ip| ip.parse().with_context(|| format!("clusterIPs entry {ip:?}")))
+        .collect()
+}
+
+/// The IPv6 cluster IP of a Service.
+pub fn cluster_ip6(s: &Service) -> Result<IpAddr> {
+    cluster_ips(s)?
+        .into_iter()
+        .find(IpAddr::is_ipv6)
+        .context("service has no IPv6 clusterIP")
 }
 
 /// The nodePort of the Service port named `port_name` (or the first port when `None`).
@@ -465,7 +482,7 @@ pub fn names(pods: &[PodInfo]) -> BTreeSet<String> {
     pods.iter().map(|p| p.name.clone()).collect()
 }
 
-/// `ip:port`.
-pub fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
+/// `ip:port` (`[ip]:port` for IPv6).
+pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
 }

@@ -5,10 +5,12 @@
 //!   iptables and eBPF mode — and resetting the nodes between proxies.
 //! * [`ctx`]: a scenario's namespace, Services and bounded-wait traffic checks.
 //! * [`scenarios`]: the seed walkthrough and upstream `[sig-network] Services` behaviours.
+//! * [`dual_stack`]: the same behaviours for IPv6 and dual-stack Services.
 //! * [`runner`]: one sandbox, every scenario x every proxy, the summary table.
 //!
 //! `cargo xtask suite [--proxy NAME]... [--scenario NAME]... [--require NAME]...` is the entry point.
 pub mod ctx;
+pub mod dual_stack;
 pub mod proxy;
 pub mod runner;
 pub mod scenarios;

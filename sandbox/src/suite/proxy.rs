@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 pub const HEALTHZ_PORT: u16 = 10256;
 /// Port of every proxy's metrics server (kube-proxy's default).
 pub const METRICS_PORT: u16 = 10249;
-/// `--cluster-cidr`: both nodes' pod CIDRs.
-pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// `--cluster-cidr`: both nodes' pod CIDRs, in both families (IPv6: fd00:244:1::/64 and fd00:244:2::/64).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16,fd00:244::/32";
 
 /// Which proxy runs on the nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -285,7 +285,8 @@ pub async fn run_on(sb: &Sandbox, opts: &SuiteOptions, selected: &[Scenario]) ->
     Ok(report)
 }
 
-/// Give every node a default route via the control-plane namespace, as real nodes have a default gateway.
+/// Give every node a default route (IPv4 and IPv6) via the control-plane namespace, as real nodes have a default
+/// gateway.
 ///
 /// Without one, the kernel drops a pod's packet to a ClusterIP the proxy did not DNAT at the routing decision
 /// (the TCP client sees a non-fatal "network unreachable" and retries until it times out), before the proxy's
@@ -304,6 +305,17 @@ pub fn default_routes(topo: &crate::Topology) -> Result<()> {
             )?;
         }
         crate::netns::ip(&["-n", &n.netns, "route", "replace", "default", "via", &via])?;
+        let via6 = crate::topology::v6(topo.control_plane.ip).to_string();
+        crate::netns::ip(&["-n", &n.netns, "-6", "route", "replace", "default", "via", &via6])?;
+    }
+    // IPv6 has no switch against sending redirects: the client and the control plane ignore them instead.
+    for ns in [&topo.client.netns, &topo.control_plane.netns] {
+        for iface in ["all", "default", crate::topology::MEMBER_IFACE] {
+            crate::netns::exec(
+                ns,
+                &["sysctl", "-qw", &format!("net.ipv6.conf.{iface}.accept_redirects=0")],
+            )?;
+        }
     }
     Ok(())
 }

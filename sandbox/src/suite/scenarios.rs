@@ -27,6 +27,7 @@ pub struct Scenario {
 pub fn time_limit(name: &str) -> Option<Duration> {
     match name {
         "soak" => Some(Duration::from_secs(480)),
+        "ipv6" | "ipv6-edges" | "dual-stack" => Some(Duration::from_secs(300)),
         _ => None,
     }
 }
@@ -170,6 +171,24 @@ pub fn all() -> Vec<Scenario> {
             about: "UDP to a NodePort from a fixed source port reaches the new pod after the old one is deleted",
             run: |c| Box::pin(udp_cycle(c)),
         },
+        Scenario {
+            name: "ipv6",
+            about: "SingleStack IPv6: spread and readiness flip on the ClusterIP, NodePort on both nodes and the \
+                    LoadBalancer IP from the client, ClientIP affinity, source ranges",
+            run: |c| Box::pin(crate::suite::dual_stack::ipv6(c)),
+        },
+        Scenario {
+            name: "ipv6-edges",
+            about: "SingleStack IPv6: no endpoints refused, eTP=Local keeps the client's address (health check \
+                    200/503), hairpin, a UDP flow follows a replaced pod",
+            run: |c| Box::pin(crate::suite::dual_stack::ipv6_edges(c)),
+        },
+        Scenario {
+            name: "dual-stack",
+            about: "RequireDualStack: both cluster IPs (source kept) and the NodePort in both families; \
+                    SingleStack IPv4 upgraded to PreferDualStack gains a working IPv6 IP and loses it downgraded",
+            run: |c| Box::pin(crate::suite::dual_stack::dual_stack(c)),
+        },
     ]
 }
 
@@ -179,7 +198,7 @@ pub fn spec(name: &str, replicas: usize) -> DeploymentSpec {
 }
 
 /// A ClusterIP Service JSON: `app=<app>` selector, port `port` to targetPort 8080.
-fn simple_service(name: &str, app: &str, port: u16) -> serde_json::Value {
+pub(crate) fn simple_service(name: &str, app: &str, port: u16) -> serde_json::Value {
     json!({
         "metadata": {"name": name},
         "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": port, "targetPort": 8080, "protocol": "TCP"}]},
@@ -303,7 +322,7 @@ async fn no_endpoints(ctx: Arc<Ctx>) -> Result<()> {
 }
 
 /// Poll until `n` requests from `from` to `addr` all land on one pod; returns it.
-async fn expect_sticky(from: &str, addr: std::net::SocketAddr, n: usize) -> Result<String> {
+pub(crate) async fn expect_sticky(from: &str, addr: std::net::SocketAddr, n: usize) -> Result<String> {
     eventually(
         &format!("requests from {from} to {addr} sticking to one pod"),
         CONVERGE,
