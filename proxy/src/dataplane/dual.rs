@@ -6,9 +6,11 @@
 //! way kube-proxy's iptables mode serves them). Each family's dataplane programs only the addresses, endpoints and
 //! CIDRs of its family, from the same desired state.
 //!
-//! A partial sync reaches a family's dataplane only when the diff touches a service port of that family (or one
-//! it programmed before): an IPv4-only change costs the eBPF dataplane's map writes and no `ip6tables-restore`.
-//! Full syncs (start-up, `--sync-period`, after an error) always run both.
+//! Every sync reaches the IPv4 dataplane (its partial sync also does per-sync work of its own: node facts,
+//! terminating-endpoint hand-overs, the canary check). A partial sync skips the IPv6 one only when the diff changes
+//! service ports and none of them is, or was, of IPv6, nothing failed there before and the node is the same: an
+//! IPv4-only change costs the eBPF dataplane's map writes and no `ip6tables-restore`. The periodic sync (an empty
+//! diff: hooks are re-checked) and full syncs (start-up, after an error) always run both.
 
 use std::collections::HashSet;
 
@@ -25,6 +27,10 @@ struct Family {
     ports: HashSet<ServicePortName>,
     /// The last sync left something to retry (a service port it could not program, a conntrack cleanup).
     retry: bool,
+    /// Every sync reaches it (the IPv4 dataplane).
+    always: bool,
+    /// The node as of its last sync.
+    node: Option<NodeInfo>,
 }
 
 impl Family {
@@ -34,12 +40,17 @@ impl Family {
             dp,
             ports: HashSet::new(),
             retry: false,
+            always: family == IpFamily::V4,
+            node: None,
         }
     }
 
-    /// Whether `diff` changes anything this family's dataplane programs or should program.
-    fn touched_by(&self, diff: &Diff) -> bool {
-        self.retry
+    /// Whether this family's dataplane has anything to do in a partial sync of `diff` on `node`.
+    fn touched_by(&self, diff: &Diff, node: &NodeInfo) -> bool {
+        self.always
+            || self.retry
+            || diff.is_empty()
+            || self.node.as_ref() != Some(node)
             || diff
                 .upserted
                 .iter()
@@ -47,7 +58,8 @@ impl Family {
             || diff.removed.iter().any(|n| self.ports.contains(n))
     }
 
-    fn record(&mut self, desired: &Snapshot, stats: &SyncStats) {
+    fn record(&mut self, desired: &Snapshot, node: &NodeInfo, stats: &SyncStats) {
+        self.node = Some(node.clone());
         self.ports = desired
             .iter()
             .filter(|(_, s)| s.port.has_family(self.family))
@@ -99,7 +111,7 @@ impl Dataplane for DualStack {
         for f in self.both() {
             match f.dp.full_sync(desired, node) {
                 Ok(st) => {
-                    f.record(desired, &st);
+                    f.record(desired, node, &st);
                     total = sum(total, st);
                 }
                 Err(e) => {
@@ -119,14 +131,14 @@ impl Dataplane for DualStack {
         let mut total = SyncStats::default();
         let mut first_error = None;
         for f in self.both() {
-            if !f.touched_by(diff) {
+            if !f.touched_by(diff, node) {
                 // Nothing of this family changed; its service ports are still the desired ones.
                 total.service_ports = total.service_ports.max(f.ports.len());
                 continue;
             }
             match f.dp.apply(diff, desired, node) {
                 Ok(st) => {
-                    f.record(desired, &st);
+                    f.record(desired, node, &st);
                     total = sum(total, st);
                 }
                 Err(e) => {
@@ -169,6 +181,10 @@ impl Dataplane for DualStack {
 
     fn datapath_source(&self) -> Option<super::ebpf::DatapathSource> {
         self.v4.dp.datapath_source()
+    }
+
+    fn families(&self) -> Vec<IpFamily> {
+        vec![IpFamily::V4, IpFamily::V6]
     }
 
     fn degraded(&self) -> Vec<Degraded> {
@@ -251,7 +267,7 @@ mod tests {
     }
 
     #[test]
-    fn partial_syncs_reach_only_the_families_they_touch() {
+    fn partial_syncs_reach_ipv6_only_when_they_concern_it() {
         let (v4, c4) = recorder(false);
         let (v6, c6) = recorder(false);
         let mut dp = DualStack::new(v4, v6);
@@ -270,21 +286,34 @@ mod tests {
         dp.apply(&diff(&[&a4], &[]), &desired, &node).unwrap();
         assert_eq!((calls(&c4), calls(&c6)), (1, 0), "an IPv4-only change");
         dp.apply(&diff(&[&b6], &[]), &desired, &node).unwrap();
-        assert_eq!((calls(&c4), calls(&c6)), (1, 1), "an IPv6-only change");
+        assert_eq!(
+            (calls(&c4), calls(&c6)),
+            (2, 1),
+            "an IPv6-only change (IPv4 runs every sync)"
+        );
         dp.apply(&diff(&[&d46], &[]), &desired, &node).unwrap();
-        assert_eq!((calls(&c4), calls(&c6)), (2, 2), "a dual-stack change");
+        assert_eq!((calls(&c4), calls(&c6)), (3, 2), "a dual-stack change");
         // A Service that drops its IPv6 cluster IP still reaches the IPv6 dataplane once, which removes it.
         let d4 = state("d", &["10.96.0.12"]);
         desired.insert(d4.name().clone(), Arc::clone(&d4));
         dp.apply(&diff(&[&d4], &[]), &desired, &node).unwrap();
-        assert_eq!((calls(&c4), calls(&c6)), (3, 3));
+        assert_eq!((calls(&c4), calls(&c6)), (4, 3));
         dp.apply(&diff(&[&d4], &[]), &desired, &node).unwrap();
-        assert_eq!((calls(&c4), calls(&c6)), (4, 3), "no longer an IPv6 port");
-        // Removing an IPv6 Service reaches the IPv6 dataplane only.
+        assert_eq!((calls(&c4), calls(&c6)), (5, 3), "no longer an IPv6 port");
+        // Removing an IPv6 Service reaches the IPv6 dataplane.
         desired.remove(b6.name());
         let st = dp.apply(&diff(&[], &["b"]), &desired, &node).unwrap();
-        assert_eq!((calls(&c4), calls(&c6)), (4, 4));
+        assert_eq!((calls(&c4), calls(&c6)), (6, 4));
         assert_eq!(st.service_ports, 2);
+        // The periodic sync (nothing changed: hooks are re-checked) reaches both.
+        dp.apply(&Diff::default(), &desired, &node).unwrap();
+        assert_eq!((calls(&c4), calls(&c6)), (7, 5), "periodic");
+        // So does a change of the node (its addresses pick the NodePort addresses of both families).
+        let moved = NodeInfo::new("node-a", vec!["fd00:240::11".parse().unwrap()]);
+        dp.apply(&diff(&[&a4], &[]), &desired, &moved).unwrap();
+        assert_eq!((calls(&c4), calls(&c6)), (8, 6), "node changed");
+        dp.apply(&diff(&[&a4], &[]), &desired, &moved).unwrap();
+        assert_eq!((calls(&c4), calls(&c6)), (9, 6), "same node again");
     }
 
     #[test]
