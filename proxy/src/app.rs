@@ -150,6 +150,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         first_sync_timeout: crate::healthcheck::FIRST_SYNC_LIVENESS,
         node_eligible: shared.node_eligible.clone(),
         metrics: metrics.clone(),
+        families: dataplane.families(),
     };
     start_servers(&s, proxy_health, metrics.clone(), Some(&events)).await;
     let watchers = tokio::spawn(watch::run(client, s.node_name.clone(), shared.clone()));

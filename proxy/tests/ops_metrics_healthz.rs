@@ -484,14 +484,15 @@ fn wait_for<T>(
     }
 }
 
-/// The key names of a JSON object (sorted), and of its `status.IPv4` object.
-fn shape(v: &Value) -> (Vec<String>, Vec<String>) {
+/// The key names of a JSON object (sorted), of its `status` (the IP families: both on the dual-stack sandbox),
+/// and of its `status.IPv4` object.
+fn shape(v: &Value) -> (Vec<String>, Vec<String>, Vec<String>) {
     let keys = |o: &Value| {
         let mut k: Vec<String> = o.as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
         k.sort();
         k
     };
-    (keys(v), keys(&v["status"]["IPv4"]))
+    (keys(v), keys(&v["status"]), keys(&v["status"]["IPv4"]))
 }
 
 fn time_of(v: &Value, field: &str) -> k8s_openapi::jiff::Timestamp {
@@ -511,12 +512,14 @@ fn wait_answer(agents: &mut [&mut Agent], who: &str, ns: &str, url: &str, want: 
     let (code, healthy, eligible) = want;
     wait_for(agents, &format!("{who} {url} -> {code}"), limit, || {
         let (c, v) = get_json(ns, url)?;
-        // kube-proxy answers healthy before its proxier has registered its family (no `status` yet): wait for
-        // the per-family entry too, which both agents show from their first sync on.
+        // kube-proxy answers healthy before its proxiers have registered their families (no `status` yet): wait
+        // for both per-family entries too (the sandbox is dual-stack), which both agents show from their first
+        // sync on.
         let ok = c == code
             && v["healthy"].as_bool() == Some(healthy)
             && v.get("nodeEligible").and_then(Value::as_bool) == eligible
-            && v.pointer("/status/IPv4").is_some();
+            && v.pointer("/status/IPv4").is_some()
+            && v.pointer("/status/IPv6").is_some();
         if ok {
             Ok(v)
         } else {
@@ -658,7 +661,8 @@ async fn healthz_turns_unhealthy_when_syncs_stall_and_when_the_node_leaves_like_
         // 1. Both healthy after their first sync; the same fields in /healthz and in /livez (no nodeEligible).
         let (o, k) = wait_both(&mut orca, &mut kp, orca_hz, kp_hz, (200, true, Some(true)), long);
         assert_eq!(shape(&o), shape(&k), "/healthz fields: orca {o} kube-proxy {k}");
-        assert!(!shape(&o).1.is_empty(), "status.IPv4 in {o}");
+        assert_eq!(shape(&o).1, ["IPv4", "IPv6"], "status families in {o}");
+        assert!(!shape(&o).2.is_empty(), "status.IPv4 in {o}");
         let (code_o, lo) = get_json(&a.netns, &a_lz).expect("orca /livez");
         let (code_k, lk) = get_json(&b.netns, &b_lz).expect("kube-proxy /livez");
         assert_eq!((code_o, code_k), (200, 200), "{lo} {lk}");

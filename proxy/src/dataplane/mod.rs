@@ -94,6 +94,11 @@ pub trait Dataplane: Send {
         None
     }
 
+    /// The IP families this dataplane programs (IPv4 unless it runs one per family).
+    fn families(&self) -> Vec<crate::model::IpFamily> {
+        vec![crate::model::IpFamily::V4]
+    }
+
     /// What the dataplane runs without, found at start (the agent logs each, records a Warning Event and sets
     /// `orca_dataplane_degraded{reason}`).
     fn degraded(&self) -> Vec<Degraded> {

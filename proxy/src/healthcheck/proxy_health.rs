@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use crate::http::Response;
 use crate::metrics::{CodeLabels, Metrics};
+use crate::model::IpFamily;
 use crate::watch::WatchState;
 
-/// kube-proxy's ProxyHealthServer state (pkg/proxy/healthcheck/proxy_health.go) for the one IP family Orca
-/// programs (IPv4): when the dataplane was last updated, and since when a change has waited for a sync.
+/// kube-proxy's ProxyHealthServer state (pkg/proxy/healthcheck/proxy_health.go), for the IP families the dataplane
+/// programs together (one sync runs both, so they share it): when the dataplane was last updated, and since when a change has waited for a sync.
 ///
 /// kube-proxy's rule: the proxy is healthy while it has never been updated, while nothing is queued, or while the
 /// oldest queued change has waited less than the health timeout (2 x sync period). A change counts as queued from
@@ -170,8 +171,9 @@ struct ProxyHealthBody {
 
 /// The body of /healthz (with `node_eligible`) or /livez (without). `lastUpdated` is the time of the answer when
 /// healthy (kube-proxy keeps "recent when healthy" for old clients), else the last successful sync; `status` has
-/// Orca's one IP family once the sync loop has started.
-pub fn proxy_health_body(status: &HealthStatus, node_eligible: Option<bool>) -> String {
+/// one entry per IP family the dataplane programs (`IPv4`, and `IPv6` when dual-stack, as kube-proxy's
+/// proxiers report) once the sync loop has started.
+pub fn proxy_health_body(status: &HealthStatus, node_eligible: Option<bool>, families: &[IpFamily]) -> String {
     let healthy_now = status.healthy && node_eligible.unwrap_or(true);
     let last = status.last_updated.map(go_time);
     let body = ProxyHealthBody {
@@ -185,16 +187,20 @@ pub fn proxy_health_body(status: &HealthStatus, node_eligible: Option<bool>) -> 
         healthy: status.healthy,
         status: last
             .map(|l| {
-                (
-                    "IPv4",
-                    ProxierHealthBody {
-                        last_updated: l,
-                        healthy: status.healthy,
-                    },
-                )
+                families
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.as_str(),
+                            ProxierHealthBody {
+                                last_updated: l.clone(),
+                                healthy: status.healthy,
+                            },
+                        )
+                    })
+                    .collect()
             })
-            .into_iter()
-            .collect(),
+            .unwrap_or_default(),
     };
     serde_json::to_string(&body).unwrap_or_default()
 }
@@ -213,6 +219,8 @@ pub struct ProxyHealthServer {
     /// [`node_eligible`] of the latest Node object, kept by the Node watcher.
     pub node_eligible: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// The IP families the dataplane programs.
+    pub families: Vec<IpFamily>,
 }
 
 impl ProxyHealthServer {
@@ -225,7 +233,7 @@ impl ProxyHealthServer {
                 let ok = status.healthy && eligible;
                 (
                     ok,
-                    proxy_health_body(&status, Some(eligible)),
+                    proxy_health_body(&status, Some(eligible), &self.families),
                     &self.metrics.proxy_healthz_total,
                 )
             }
@@ -241,7 +249,7 @@ impl ProxyHealthServer {
                 };
                 (
                     status.healthy,
-                    proxy_health_body(&status, None),
+                    proxy_health_body(&status, None, &self.families),
                     &self.metrics.proxy_livez_total,
                 )
             }
@@ -343,12 +351,12 @@ mod tests {
             now,
         };
         assert_eq!(
-            proxy_health_body(&unhealthy, Some(true)),
+            proxy_health_body(&unhealthy, Some(true), &[IpFamily::V4]),
             r#"{"lastUpdated":"2023-11-14T22:13:20.000005Z","currentTime":"2023-11-14T22:14:50.000005Z","nodeEligible":true,"healthy":false,"status":{"IPv4":{"lastUpdated":"2023-11-14T22:13:20.000005Z","healthy":false}}}"#
         );
         // /livez: no nodeEligible.
         assert_eq!(
-            proxy_health_body(&unhealthy, None),
+            proxy_health_body(&unhealthy, None, &[IpFamily::V4]),
             r#"{"lastUpdated":"2023-11-14T22:13:20.000005Z","currentTime":"2023-11-14T22:14:50.000005Z","healthy":false,"status":{"IPv4":{"lastUpdated":"2023-11-14T22:13:20.000005Z","healthy":false}}}"#
         );
         // Healthy: the top-level lastUpdated is the time of the answer, the family's stays the last update.
@@ -356,13 +364,15 @@ mod tests {
             healthy: true,
             ..unhealthy
         };
-        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&healthy, Some(true))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&proxy_health_body(&healthy, Some(true), &[IpFamily::V4])).unwrap();
         let top: k8s_openapi::jiff::Timestamp = v["lastUpdated"].as_str().unwrap().parse().unwrap();
         assert!(top > k8s_openapi::jiff::Timestamp::try_from(now).unwrap());
         assert_eq!(v["status"]["IPv4"]["lastUpdated"], "2023-11-14T22:13:20.000005Z");
         assert_eq!(v["healthy"], true);
         // Healthy proxy on a node being deleted: lastUpdated is the last update (the answer is 503).
-        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&healthy, Some(false))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&proxy_health_body(&healthy, Some(false), &[IpFamily::V4])).unwrap();
         assert_eq!(v["lastUpdated"], "2023-11-14T22:13:20.000005Z");
         assert_eq!(
             (v["nodeEligible"].as_bool(), v["healthy"].as_bool()),
@@ -374,7 +384,8 @@ mod tests {
             last_updated: None,
             now,
         };
-        let v: serde_json::Value = serde_json::from_str(&proxy_health_body(&fresh, Some(false))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&proxy_health_body(&fresh, Some(false), &[IpFamily::V4])).unwrap();
         assert_eq!(v["lastUpdated"], "0001-01-01T00:00:00Z");
         assert!(v.get("status").is_none());
     }
@@ -388,6 +399,7 @@ mod tests {
             first_sync_timeout: Duration::ZERO,
             node_eligible: Arc::new(AtomicBool::new(true)),
             metrics: metrics.clone(),
+            families: vec![IpFamily::V4, IpFamily::V6],
         };
         server.health.updated();
         let code = |p: &str| server.respond(p).map(|r| r.status);
@@ -399,6 +411,10 @@ mod tests {
         assert_eq!((code("/healthz"), code("/livez")), (Some(503), Some(200)));
         let r = server.respond("/healthz").unwrap();
         assert!(r.body.contains(r#""nodeEligible":false,"healthy":true"#), "{}", r.body);
+        // Dual-stack: one status per family, as kube-proxy's two proxiers report.
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["status"]["IPv4"]["healthy"], true, "{}", r.body);
+        assert_eq!(v["status"]["IPv6"], v["status"]["IPv4"], "{}", r.body);
         assert!(r
             .headers
             .iter()
@@ -432,6 +448,7 @@ mod tests {
             first_sync_timeout: Duration::from_secs(60),
             node_eligible: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(Metrics::new()),
+            families: vec![IpFamily::V4],
         };
         // The sync loop started, the caches synced, a change waits while the first sync runs.
         server.health.updated();
