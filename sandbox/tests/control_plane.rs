@@ -59,7 +59,11 @@ async fn sandbox_comes_up_answers_and_leaves_nothing_behind() {
             .filter(|a| a.type_ == "InternalIP")
             .map(|a| a.address)
             .collect();
-        assert_eq!(internal, vec![n.ip.to_string()]);
+        // Dual-stack: the IPv4 address first, then its IPv6 twin.
+        assert_eq!(
+            internal,
+            vec![n.ip.to_string(), orca_sandbox::topology::v6(n.ip).to_string()]
+        );
         let ready = status
             .conditions
             .unwrap_or_default()

@@ -838,6 +838,8 @@ mod tests {
         assert_eq!((a.to_string(), p.as_str()), ("10.244.1.2:8080".into(), "/ready"));
         let (a, p) = parse_url("http://10.0.0.1").unwrap();
         assert_eq!((a.port(), p.as_str()), (80, "/"));
+        let (a, _) = parse_url("http://[fd00:96::a]:80/").unwrap();
+        assert_eq!(a.to_string(), "[fd00:96::a]:80");
         assert!(parse_url("https://x").is_err());
         assert!(parse_url("http://name:80/").is_err());
     }

@@ -36,8 +36,8 @@ fn client6(ctx: &Ctx) -> IpAddr {
 }
 
 /// SingleStack IPv6: spread over three pods on both nodes and a readiness flip through the IPv6 ClusterIP, the
-/// NodePort on both nodes' IPv6 addresses and the IPv6 load-balancer IP from the external client, ClientIP
-/// affinity, and source ranges of the family.
+/// NodePort on both nodes' IPv6 addresses and the IPv6 load-balancer IP from the external client, host-network
+/// clients, ClientIP affinity, and source ranges of the family.
 pub async fn ipv6(ctx: Arc<Ctx>) -> Result<()> {
     let mut sp = spec("web6", 3);
     sp.placement = Placement::Nodes(vec!["node-a".into(), "node-b".into()]);
@@ -76,6 +76,12 @@ pub async fn ipv6(ctx: Arc<Ctx>) -> Result<()> {
     for node in &ctx.topo.nodes {
         let s = expect_backends(ctx.client_ns(), sa(v6(node.ip), np), &all).await?;
         ctx.step(format!("NodePort [{}]:{np} from the client: {s}", v6(node.ip)));
+    }
+    // Host-network clients (a process of node-b, in its cgroup): the cluster IP and node-a's NodePort over IPv6.
+    let b = ctx.node("node-b")?;
+    for addr in [sa(ip, 80), sa(v6(ctx.node("node-a")?.ip), np)] {
+        let s = expect_backends(&b.netns, addr, &all).await?;
+        ctx.step(format!("{addr} from a process of node-b: {s}"));
     }
     // An IPv6-only Service has no IPv4 NodePort.
     let errs = expect_unanswered(ctx.client_ns(), sa(ctx.node("node-a")?.ip, np)).await?;

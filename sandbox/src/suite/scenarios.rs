@@ -174,7 +174,7 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "ipv6",
             about: "SingleStack IPv6: spread and readiness flip on the ClusterIP, NodePort on both nodes and the \
-                    LoadBalancer IP from the client, ClientIP affinity, source ranges",
+                    LoadBalancer IP from the client, host-network clients, ClientIP affinity, source ranges",
             run: |c| Box::pin(crate::suite::dual_stack::ipv6(c)),
         },
         Scenario {
