@@ -8,7 +8,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Namespace of the filler Services. It sorts before [`BENCH_NS`]: Orca's iptables mode writes its dispatch chain
@@ -167,14 +167,15 @@ pub async fn delete_service(client: &Client, ns: &str, name: &str) -> Result<()>
     Ok(())
 }
 
-/// (Re)create a Service selecting `app=<app>` with ports 80->8080 (http), 9000 (echo), 9001 (sink); returns
-/// its ClusterIP.
-pub async fn create_selector_service(client: &Client, name: &str, app: &str) -> Result<Ipv4Addr> {
+/// (Re)create a dual-stack Service selecting `app=<app>` with ports 80->8080 (http), 9000 (echo), 9001 (sink);
+/// returns its IPv4 and IPv6 cluster IPs.
+pub async fn create_selector_service(client: &Client, name: &str, app: &str) -> Result<(Ipv4Addr, Ipv6Addr)> {
     delete_service(client, BENCH_NS, name).await?;
     let v = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": BENCH_NS},
-        "spec": {"type": "ClusterIP", "selector": {"app": app}, "ports": [
+        "spec": {"type": "ClusterIP", "selector": {"app": app},
+                 "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"], "ports": [
             {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
             {"name": "echo", "port": 9000, "targetPort": 9000, "protocol": "TCP"},
             {"name": "sink", "port": 9001, "targetPort": 9001, "protocol": "TCP"}
@@ -185,7 +186,13 @@ pub async fn create_selector_service(client: &Client, name: &str, app: &str) -> 
         .create(&PostParams::default(), &s)
         .await
         .with_context(|| format!("creating service {name}"))?;
-    cluster_ip(&s)
+    let v6 = s
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ips.as_ref())
+        .and_then(|ips| ips.iter().find_map(|ip| ip.parse::<Ipv6Addr>().ok()))
+        .with_context(|| format!("service {name} has no IPv6 cluster IP"))?;
+    Ok((cluster_ip(&s)?, v6))
 }
 
 fn cluster_ip(s: &Service) -> Result<Ipv4Addr> {

@@ -2,7 +2,7 @@
 //! program's cost per packet with BPF_PROG_TEST_RUN against a running eBPF agent's pinned maps.
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 /// A Prometheus histogram: cumulative buckets (upper bound, count), sum and count.
@@ -461,6 +461,10 @@ pub struct TcCost {
     /// error and passes it): the program's fixed entry cost without any map lookup.
     #[serde(default)]
     pub nonip_ns: Option<f64>,
+    /// A TCP SYN from the pod's IPv6 address to the Service's IPv6 cluster IP: the programs translate IPv4 only,
+    /// so this is what an IPv6 packet costs at TC on its way to the ip6tables rules.
+    #[serde(default)]
+    pub ipv6_ns: Option<f64>,
     /// Destination of the service SYN after the program ran: a backend's address when it was translated (the
     /// cost is then the Service path's), the ClusterIP when not.
     #[serde(default)]
@@ -507,6 +511,36 @@ pub fn syn_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8
     tcp_frame(src, sport, dst, dport, 0x02)
 }
 
+/// Ethernet + IPv6 + a TCP SYN header (checksum valid).
+pub fn syn6_frame(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    let mut tcp = Vec::with_capacity(20);
+    tcp.extend_from_slice(&sport.to_be_bytes());
+    tcp.extend_from_slice(&dport.to_be_bytes());
+    tcp.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+    tcp.extend_from_slice(&0u32.to_be_bytes());
+    tcp.push(5 << 4);
+    tcp.push(0x02);
+    tcp.extend_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(tcp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    let c = csum_fold(csum_add(csum_add(0, &pseudo), &tcp));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    // Version 6, no traffic class or flow label; payload length; next header TCP; hop limit 64.
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[6, 64]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x07, 0x86, 0xdd];
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp);
+    f
+}
+
 /// Ethernet + IPv4 + a TCP header with `flags` (checksums valid).
 pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
     let mut tcp = Vec::with_capacity(20);
@@ -546,6 +580,7 @@ pub fn tc_cost(
     vip: Ipv4Addr,
     vport: u16,
     pod: Ipv4Addr,
+    v6: (Ipv6Addr, Ipv6Addr),
     repeat: u32,
 ) -> Result<TcCost> {
     use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
@@ -598,6 +633,7 @@ pub fn tc_cost(
         passthrough_verdict,
         empty_ns: tc_empty_baseline(&svc, repeat).ok(),
         nonip_ns: run(&arp_frame()).ok().map(|(ns, _)| ns),
+        ipv6_ns: run(&syn6_frame(v6.0, 40_002, v6.1, vport)).ok().map(|(ns, _)| ns),
         service_dst: Some(service_dst.to_string()),
     })
 }

@@ -80,6 +80,12 @@ pub fn packet_metrics() -> Vec<Metric> {
             get: |c| lr(&c.connect_remote, |r| r.rate),
         },
         Metric {
+            title: "New connections/s to the same Service's IPv6 cluster IP (dual-stack; ip6tables in every Orca mode)",
+            unit: "conn/s",
+            higher_is_better: true,
+            get: |c| lr(&c.connect_remote6, |r| r.rate),
+        },
+        Metric {
             title: "Connect latency p50, cross-node",
             unit: "µs",
             higher_is_better: false,
@@ -257,6 +263,12 @@ pub fn control_metrics() -> Vec<Metric> {
             unit: "ns",
             higher_is_better: false,
             get: |c| c.tc.as_ref().and_then(|t| t.nonip_ns).into_iter().collect(),
+        },
+        Metric {
+            title: "TC program per packet, an IPv6 SYN to the Service's IPv6 cluster IP (passed on to ip6tables)",
+            unit: "ns",
+            higher_is_better: false,
+            get: |c| c.tc.as_ref().and_then(|t| t.ipv6_ns).into_iter().collect(),
         },
         Metric {
             title: "TC test-run floor: a two-instruction program (r0 = TC_ACT_OK; exit) on the same SYN",

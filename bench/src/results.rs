@@ -40,6 +40,9 @@ pub struct ConfigResult {
     pub scale: usize,
     pub connect_remote: Vec<LoadResult>,
     pub connect_local: Vec<LoadResult>,
+    /// New connections to the IPv6 ClusterIP of the cross-node Service (dual-stack; the fillers are IPv4).
+    #[serde(default)]
+    pub connect_remote6: Vec<LoadResult>,
     pub rr: Vec<LoadResult>,
     pub stream: Vec<LoadResult>,
     /// Proxy start -> the measured ClusterIPs answer (first full sync at this scale), seconds.

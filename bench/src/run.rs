@@ -12,7 +12,7 @@ use orca_sandbox::pods;
 use orca_sandbox::suite::proxy::{bpf_root, METRICS_PORT};
 use orca_sandbox::suite::{Proxy, ProxyEnv, ProxyKind, StartOptions};
 use orca_sandbox::{build, netns, Sandbox, SandboxOptions};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -350,8 +350,20 @@ async fn programming_latency(
     Ok(r)
 }
 
+/// The measured Services' cluster IPs.
+#[derive(Clone, Copy)]
+struct Vips {
+    remote: Ipv4Addr,
+    local: Ipv4Addr,
+    prog: Ipv4Addr,
+    /// The IPv6 cluster IP of the cross-node Service.
+    remote6: Ipv6Addr,
+}
+
 struct Targets {
     remote_http: Vec<SocketAddr>,
+    /// The same backends over IPv6.
+    remote_http6: Vec<SocketAddr>,
     local_http: Vec<SocketAddr>,
     remote_echo: Vec<SocketAddr>,
     remote_sink: SocketAddr,
@@ -372,7 +384,7 @@ async fn measure(
     env: &ProxyEnv,
     shim: Option<&LegacyShim>,
     pods: &Pods,
-    vips: (Ipv4Addr, Ipv4Addr, Ipv4Addr),
+    vips: Vips,
     cfg: Config,
     scale: usize,
     o: &RunOpts,
@@ -426,14 +438,19 @@ async fn measure_inner(
     sb: &Sandbox,
     env: &ProxyEnv,
     pods: &Pods,
-    vips: (Ipv4Addr, Ipv4Addr, Ipv4Addr),
+    vips: Vips,
     cfg: Config,
     scale: usize,
     backend: Option<Backend>,
     o: &RunOpts,
     res: &mut ConfigResult,
 ) {
-    let (remote_vip, local_vip, prog_vip) = vips;
+    let Vips {
+        remote: remote_vip,
+        local: local_vip,
+        prog: prog_vip,
+        remote6: remote_vip6,
+    } = vips;
     let ns = pods.client.netns.clone();
     let topo = sb.topology().clone();
     let t0 = Instant::now();
@@ -461,12 +478,14 @@ async fn measure_inner(
     let t = match cfg {
         Config::Direct => Targets {
             remote_http: pods.srv_b.iter().map(|p| p.addr(8080)).collect(),
+            remote_http6: pods.srv_b.iter().map(|p| p.addr6(8080)).collect(),
             local_http: pods.srv_a.iter().map(|p| p.addr(8080)).collect(),
             remote_echo: pods.srv_b.iter().map(|p| p.addr(9000)).collect(),
             remote_sink: pods.srv_b[0].addr(9001),
         },
         Config::Proxy(_) | Config::EbpfBypass | Config::EbpfBefore => Targets {
             remote_http: vec![SocketAddr::from((remote_vip, 80))],
+            remote_http6: vec![SocketAddr::from((remote_vip6, 80))],
             local_http: vec![SocketAddr::from((local_vip, 80))],
             remote_echo: vec![SocketAddr::from((remote_vip, 9000))],
             remote_sink: SocketAddr::from((remote_vip, 9001)),
@@ -474,6 +493,7 @@ async fn measure_inner(
     };
     let mut check = t.remote_http.clone();
     check.extend(&t.local_http);
+    check.extend(&t.remote_http6);
     if cfg != Config::Direct {
         check.push(SocketAddr::from((prog_vip, 80)));
     }
@@ -521,6 +541,7 @@ async fn measure_inner(
             (Mode::Connect, t.local_http.clone(), 1),
             (Mode::Rr, t.remote_echo.clone(), 2),
             (Mode::Stream, vec![t.remote_sink], 3),
+            (Mode::Connect, t.remote_http6.clone(), 4),
         ] {
             let prof = (profile_now && rep == 0 && slot == 0).then(|| {
                 let secs = (o.duration_ms as f64 / 1000.0 * 0.8).clamp(0.2, 5.0);
@@ -548,6 +569,7 @@ async fn measure_inner(
                         0 => res.connect_remote.push(r),
                         1 => res.connect_local.push(r),
                         2 => res.rr.push(r),
+                        4 => res.connect_remote6.push(r),
                         _ => res.stream.push(r),
                     }
                 }
@@ -639,8 +661,10 @@ async fn measure_inner(
                 None => bpf_root(&a.name),
             };
             let (client_ip, pod_ip, rep) = (pods.client.ip, pods.srv_b[0].ip, o.tc_repeat);
-            let tc = tokio::task::spawn_blocking(move || probe::tc_cost(&root, client_ip, remote_vip, 80, pod_ip, rep))
-                .await;
+            let v6 = (pods.client.ip6(), remote_vip6);
+            let tc =
+                tokio::task::spawn_blocking(move || probe::tc_cost(&root, client_ip, remote_vip, 80, pod_ip, v6, rep))
+                    .await;
             match tc {
                 Ok(Ok(c)) => res.tc = Some(c),
                 Ok(Err(e)) => res.errors.push(format!("TC test run: {e:#}")),
@@ -775,15 +799,16 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
                 out.fill_rate.push((scale, rate));
             }
             // The measured Services last (highest resourceVersion, newest ClusterIP).
-            let remote = cluster::create_selector_service(&client, "bench-remote", "srv-b").await?;
-            let local = cluster::create_selector_service(&client, "bench-local", "srv-a").await?;
+            let (remote, remote6) = cluster::create_selector_service(&client, "bench-remote", "srv-b").await?;
+            let (local, _) = cluster::create_selector_service(&client, "bench-local", "srv-a").await?;
             let prog_ips: Vec<Ipv4Addr> = pods.srv_b.iter().chain(pods.srv_a.first()).map(|p| p.ip).collect();
             let prog = cluster::create_prog_service(&client, "bench-prog", &prog_ips).await?;
             for svc in ["bench-remote", "bench-local"] {
                 let t = Instant::now();
                 loop {
                     let eps = kubelet::service_endpoints(&client, BENCH_NS, svc).await?;
-                    if eps.iter().filter(|e| e.ready == Some(true)).count() == 2 {
+                    // Two pods, one slice per family.
+                    if eps.iter().filter(|e| e.ready == Some(true)).count() == 4 {
                         break;
                     }
                     if t.elapsed() > Duration::from_secs(60) {
@@ -792,14 +817,22 @@ async fn run_on(sb: &Sandbox, o: &RunOpts, out: &mut RunResult) -> Result<()> {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            println!("bench: scale {scale}: bench-remote {remote}, bench-local {local}, bench-prog {prog}");
+            println!(
+                "bench: scale {scale}: bench-remote {remote} and {remote6}, bench-local {local}, bench-prog {prog}"
+            );
+            let vips = Vips {
+                remote,
+                local,
+                prog,
+                remote6,
+            };
             let cfgs = match &o.first_scale_configs {
                 Some(f) if o.scales.first() == Some(&scale) => f.clone(),
                 _ => o.configs.clone(),
             };
             for &cfg in &cfgs {
                 println!("bench: scale {scale}: {} (load average {})", cfg.name(), loadavg());
-                let r = measure(sb, &env, shim.as_ref(), &pods, (remote, local, prog), cfg, scale, o).await;
+                let r = measure(sb, &env, shim.as_ref(), &pods, vips, cfg, scale, o).await;
                 crate::report::print_brief(&r);
                 out.results.push(r);
             }
