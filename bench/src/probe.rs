@@ -511,24 +511,30 @@ pub fn syn_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8
     tcp_frame(src, sport, dst, dport, 0x02)
 }
 
-/// Ethernet + IPv6 + a TCP SYN header (checksum valid).
-pub fn syn6_frame(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+/// A 20-byte TCP header with `flags`, its checksum over `pseudo` (the IP pseudo-header) and itself.
+fn tcp_header(sport: u16, dport: u16, flags: u8, pseudo: &[u8]) -> Vec<u8> {
     let mut tcp = Vec::with_capacity(20);
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
     tcp.extend_from_slice(&0x1000_0000u32.to_be_bytes());
     tcp.extend_from_slice(&0u32.to_be_bytes());
     tcp.push(5 << 4);
-    tcp.push(0x02);
+    tcp.push(flags);
     tcp.extend_from_slice(&64240u16.to_be_bytes());
     tcp.extend_from_slice(&[0, 0, 0, 0]);
+    let c = csum_fold(csum_add(csum_add(0, pseudo), &tcp));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    tcp
+}
+
+/// Ethernet + IPv6 + a TCP SYN header (checksum valid).
+pub fn syn6_frame(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
-    pseudo.extend_from_slice(&(tcp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&20u32.to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, 6]);
-    let c = csum_fold(csum_add(csum_add(0, &pseudo), &tcp));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let tcp = tcp_header(sport, dport, 0x02, &pseudo);
     // Version 6, no traffic class or flow label; payload length; next header TCP; hop limit 64.
     let mut ip = vec![0x60, 0, 0, 0];
     ip.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
@@ -543,22 +549,12 @@ pub fn syn6_frame(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u
 
 /// Ethernet + IPv4 + a TCP header with `flags` (checksums valid).
 pub fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
-    let mut tcp = Vec::with_capacity(20);
-    tcp.extend_from_slice(&sport.to_be_bytes());
-    tcp.extend_from_slice(&dport.to_be_bytes());
-    tcp.extend_from_slice(&0x1000_0000u32.to_be_bytes());
-    tcp.extend_from_slice(&0u32.to_be_bytes());
-    tcp.push(5 << 4);
-    tcp.push(flags);
-    tcp.extend_from_slice(&64240u16.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 0]);
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
     pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
-    let c = csum_fold(csum_add(csum_add(0, &pseudo), &tcp));
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    pseudo.extend_from_slice(&20u16.to_be_bytes());
+    let tcp = tcp_header(sport, dport, flags, &pseudo);
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&[0x12, 0x34, 0x40, 0, 64, 6, 0, 0]);
@@ -738,7 +734,18 @@ I1126 18:33:36.927956   26486 proxier.go:649] \"SyncProxyRules complete\" ipFami
         let f = syn_frame(Ipv4Addr::new(10, 244, 1, 2), 40000, Ipv4Addr::new(10, 96, 0, 10), 80);
         assert_eq!(f.len(), 14 + 20 + 20);
         assert_eq!(csum_fold(csum_add(0, &f[14..34])), 0);
+        // The TCP checksum over the pseudo-header and the segment folds to zero.
+        let mut pseudo = f[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        assert_eq!(csum_fold(csum_add(csum_add(0, &pseudo), &f[34..])), 0);
         let a = arp_frame();
         assert_eq!((a.len(), &a[12..14]), (42, &[0x08u8, 0x06][..]));
+        let src: Ipv6Addr = "fd00:244:1::2".parse().unwrap();
+        let dst: Ipv6Addr = "fd00:96::a".parse().unwrap();
+        let f = syn6_frame(src, 40000, dst, 80);
+        assert_eq!((f.len(), &f[12..14], f[20]), (14 + 40 + 20, &[0x86u8, 0xdd][..], 6));
+        let mut pseudo = f[22..54].to_vec();
+        pseudo.extend_from_slice(&[0, 0, 0, 20, 0, 0, 0, 6]);
+        assert_eq!(csum_fold(csum_add(csum_add(0, &pseudo), &f[54..])), 0);
     }
 }

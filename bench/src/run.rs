@@ -485,7 +485,12 @@ async fn measure_inner(
         },
         Config::Proxy(_) | Config::EbpfBypass | Config::EbpfBefore => Targets {
             remote_http: vec![SocketAddr::from((remote_vip, 80))],
-            remote_http6: vec![SocketAddr::from((remote_vip6, 80))],
+            // The baseline may predate dual-stack (it then leaves IPv6 Services alone): IPv4 only for it.
+            remote_http6: if cfg == Config::EbpfBefore {
+                Vec::new()
+            } else {
+                vec![SocketAddr::from((remote_vip6, 80))]
+            },
             local_http: vec![SocketAddr::from((local_vip, 80))],
             remote_echo: vec![SocketAddr::from((remote_vip, 9000))],
             remote_sink: SocketAddr::from((remote_vip, 9001)),
@@ -543,6 +548,9 @@ async fn measure_inner(
             (Mode::Stream, vec![t.remote_sink], 3),
             (Mode::Connect, t.remote_http6.clone(), 4),
         ] {
+            if addrs.is_empty() {
+                continue;
+            }
             let prof = (profile_now && rep == 0 && slot == 0).then(|| {
                 let secs = (o.duration_ms as f64 / 1000.0 * 0.8).clamp(0.2, 5.0);
                 let out = std::env::temp_dir().join(format!("orca-bench-perf-{}.data", std::process::id()));

@@ -676,6 +676,34 @@ fn tcp_server_answering(
     h
 }
 
+/// One datagram from the client to `target` (a Service on the server's port 5353), echoed by the server: the
+/// exchange leaves a conntrack entry on the node.
+fn udp_echo_once(t: &Topology, target: &'static str) {
+    let udp_srv = t.server.enter(|| {
+        // `[::]` takes IPv4 as well.
+        let s = UdpSocket::bind("[::]:5353").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, peer) = s.recv_from(&mut buf).expect("udp recv");
+        s.send_to(&buf[..n], peer).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let reply = t
+        .client
+        .enter(move || {
+            let s = UdpSocket::bind("[::]:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.send_to(b"ping", target).unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.recv(&mut buf).expect("udp reply");
+            buf[..n].to_vec()
+        })
+        .join()
+        .unwrap();
+    assert_eq!(reply, b"ping");
+    udp_srv.join().unwrap();
+}
+
 /// Connects from `ns` to `addr`; Ok(what the server said) or the connect error.
 fn tcp_get(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<String, std::io::ErrorKind> {
     ns.enter(move || {
@@ -768,28 +796,7 @@ fn real_packets_cluster_ip_node_port_reject_and_udp_conntrack() {
     assert_eq!(server.join().unwrap(), 5);
 
     // UDP: a flow to the DNS ClusterIP creates a conntrack entry DNATed to 10.77.2.2 ...
-    let udp_srv = t.server.enter(|| {
-        let s = UdpSocket::bind("0.0.0.0:5353").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 64];
-        let (n, peer) = s.recv_from(&mut buf).expect("udp recv");
-        s.send_to(&buf[..n], peer).unwrap();
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let reply = t
-        .client
-        .enter(|| {
-            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.send_to(b"ping", "10.96.77.53:53").unwrap();
-            let mut buf = [0u8; 64];
-            let n = s.recv(&mut buf).expect("udp reply");
-            buf[..n].to_vec()
-        })
-        .join()
-        .unwrap();
-    assert_eq!(reply, b"ping");
-    udp_srv.join().unwrap();
+    udp_echo_once(&t, "10.96.77.53:53");
     let ct = |ns: &Netns| ns.sh(&["conntrack", "-L", "-p", "udp"]);
     let before = ct(&t.node);
     assert!(
@@ -986,28 +993,7 @@ fn real_packets_ipv6_and_dual_stack() {
     assert_eq!(server.join().unwrap(), 6);
 
     // UDP over IPv6: a flow to the DNS cluster IP is DNATed to fd00:77:2::2 ...
-    let udp_srv = t.server.enter(|| {
-        let s = UdpSocket::bind("[::]:5353").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 64];
-        let (n, peer) = s.recv_from(&mut buf).expect("udp recv");
-        s.send_to(&buf[..n], peer).unwrap();
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let reply = t
-        .client
-        .enter(|| {
-            let s = UdpSocket::bind("[::]:0").unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.send_to(b"ping", "[fd00:96::53]:53").unwrap();
-            let mut buf = [0u8; 64];
-            let n = s.recv(&mut buf).expect("udp reply");
-            buf[..n].to_vec()
-        })
-        .join()
-        .unwrap();
-    assert_eq!(reply, b"ping");
-    udp_srv.join().unwrap();
+    udp_echo_once(&t, "[fd00:96::53]:53");
     let ct = |ns: &Netns| ns.sh(&["conntrack", "-L", "-f", "ipv6", "-p", "udp"]);
     let before = ct(&t.node);
     assert!(

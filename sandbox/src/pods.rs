@@ -309,6 +309,24 @@ pub struct PodNetwork {
     pub host_network: bool,
 }
 
+/// The pod's neighbour entry for its gateway `gw`: the host veth's fixed MAC, permanent.
+fn permanent_gateway(pod: &str, gw: &str) -> Result<()> {
+    netns::ip(&[
+        "-n",
+        pod,
+        "neigh",
+        "replace",
+        gw,
+        "lladdr",
+        HOST_VETH_MAC,
+        "dev",
+        POD_IFACE,
+        "nud",
+        "permanent",
+    ])?;
+    Ok(())
+}
+
 impl PodNetwork {
     /// Create namespace `pod_netns` with `ip` on eth0, joined to `node_netns`. On error, whatever was created is
     /// removed again.
@@ -358,19 +376,7 @@ impl PodNetwork {
         netns::exec(node, &["sysctl", "-qw", &format!("net.ipv4.conf.{veth}.proxy_arp=1")])?;
         netns::ip(&["-n", pod, "addr", "add", &format!("{ip}/32"), "dev", POD_IFACE])?;
         netns::ip(&["-n", pod, "link", "set", POD_IFACE, "up"])?;
-        netns::ip(&[
-            "-n",
-            pod,
-            "neigh",
-            "replace",
-            POD_GATEWAY,
-            "lladdr",
-            HOST_VETH_MAC,
-            "dev",
-            POD_IFACE,
-            "nud",
-            "permanent",
-        ])?;
+        permanent_gateway(pod, POD_GATEWAY)?;
         netns::ip(&[
             "-n",
             pod,
@@ -416,19 +422,7 @@ impl PodNetwork {
             POD_IFACE,
             "nodad",
         ])?;
-        netns::ip(&[
-            "-n",
-            pod,
-            "neigh",
-            "replace",
-            POD_GATEWAY_V6,
-            "lladdr",
-            HOST_VETH_MAC,
-            "dev",
-            POD_IFACE,
-            "nud",
-            "permanent",
-        ])?;
+        permanent_gateway(pod, POD_GATEWAY_V6)?;
         netns::ip(&[
             "-n",
             pod,
