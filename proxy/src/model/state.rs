@@ -1,10 +1,11 @@
 //! The desired state of one service port on this node: what a dataplane programs.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::selection::{categorize_shared, Categorized};
-use super::{Endpoint, NodeInfo, ServicePort, ServicePortName};
+use super::selection::{categorize, categorize_shared, Categorized};
+use super::{Endpoint, IpFamily, NodeInfo, ServicePort, ServicePortName};
 
 /// A service port together with its endpoints, categorised for this node.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -19,6 +20,23 @@ pub struct ServicePortState {
 }
 
 impl ServicePortState {
+    /// The endpoints this node uses for `family`'s traffic: [`Self::selected`] when every endpoint is of the
+    /// family, else the family's endpoints categorised alone, as kube-proxy's per-family proxier does (a
+    /// dual-stack Service's IPv4 and IPv6 slices).
+    pub fn selected_in(&self, family: IpFamily, node: &NodeInfo) -> Cow<'_, Categorized> {
+        if self.endpoints.iter().all(|e| family.matches(&e.ip)) {
+            Cow::Borrowed(&self.selected)
+        } else {
+            let eps: Vec<Endpoint> = self
+                .endpoints
+                .iter()
+                .filter(|e| family.matches(&e.ip))
+                .cloned()
+                .collect();
+            Cow::Owned(categorize(&eps, &self.port, node))
+        }
+    }
+
     pub fn new(port: ServicePort, endpoints: Vec<Endpoint>, node: &NodeInfo) -> Self {
         let endpoints: Arc<[Endpoint]> = endpoints.into();
         let selected = categorize_shared(&endpoints, &port, node);

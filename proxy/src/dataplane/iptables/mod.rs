@@ -336,16 +336,16 @@ impl IptablesDataplane {
         let mut filters = match (&self.applied, diff) {
             (Some(old), Some(diff)) if !full => {
                 let names = diff.upserted.iter().map(|s| s.name()).chain(diff.removed.iter());
-                conntrack_filters(self.family, names, old, desired)
+                conntrack_filters(self.family, node, names, old, desired)
             }
-            (Some(old), _) => conntrack_filters(self.family, old.keys().chain(desired.keys()), old, desired),
+            (Some(old), _) => conntrack_filters(self.family, node, old.keys().chain(desired.keys()), old, desired),
             (None, _) => Vec::new(),
         };
         // The deltas miss what changed while no agent ran (the first sync after a start) and what a failed
         // cleanup left: then the whole table is checked against the current endpoints, and failed filters retried.
         filters.append(&mut self.conntrack_retry);
         let check_all = self.applied.is_none() || self.conntrack_check_all;
-        let state = check_all.then(|| udp_state(self.family, desired));
+        let state = check_all.then(|| udp_state(self.family, node, desired));
         let (conntrack_deleted, conntrack_method) =
             match conntrack::delete_udp(self.exec.netns(), self.family, &filters, state.as_ref()) {
                 Ok(r) => {
@@ -408,10 +408,9 @@ fn frontends(family: IpFamily, st: &ServicePortState) -> Vec<IpAddr> {
     v
 }
 
-/// The reachable endpoints of `family`. (The categories of a dual-stack port mix both families; like the rule
-/// generator's, the per-family reachable set is the family's part of them: readiness is per endpoint.)
-fn reachable(family: IpFamily, st: &ServicePortState) -> BTreeSet<(IpAddr, u16)> {
-    st.selected
+/// The reachable endpoints of `family`, categorised as the rule generator does ([`ServicePortState::selected_in`]).
+fn reachable(family: IpFamily, node: &NodeInfo, st: &ServicePortState) -> BTreeSet<(IpAddr, u16)> {
+    st.selected_in(family, node)
         .all_reachable
         .iter()
         .filter(|e| family.matches(&e.ip))
@@ -420,13 +419,13 @@ fn reachable(family: IpFamily, st: &ServicePortState) -> BTreeSet<(IpAddr, u16)>
 }
 
 /// Every UDP Service port's frontends of `family` and NodePort with the endpoint IPs its flows may be DNATed to.
-pub fn udp_state(family: IpFamily, desired: &Snapshot) -> conntrack::UdpState {
+pub fn udp_state(family: IpFamily, node: &NodeInfo, desired: &Snapshot) -> conntrack::UdpState {
     let mut st = conntrack::UdpState::default();
     for (name, s) in desired {
         if name.protocol != Protocol::Udp || !s.port.has_family(family) {
             continue;
         }
-        let eps: HashSet<IpAddr> = reachable(family, s).into_iter().map(|(ip, _)| ip).collect();
+        let eps: HashSet<IpAddr> = reachable(family, node, s).into_iter().map(|(ip, _)| ip).collect();
         for f in frontends(family, s) {
             st.frontends.entry((f, s.port.port)).or_default().extend(&eps);
         }
@@ -442,6 +441,7 @@ pub fn udp_state(family: IpFamily, desired: &Snapshot) -> conntrack::UdpState {
 /// - a first endpoint after none: entries to every frontend (and the NodePort), which cached the REJECT.
 pub fn conntrack_filters<'a>(
     family: IpFamily,
+    node: &NodeInfo,
     names: impl Iterator<Item = &'a ServicePortName>,
     old: &Snapshot,
     new: &Snapshot,
@@ -452,8 +452,8 @@ pub fn conntrack_filters<'a>(
             continue;
         }
         let (o, n) = (old.get(name), new.get(name));
-        let old_eps = o.map(|s| reachable(family, s)).unwrap_or_default();
-        let new_eps = n.map(|s| reachable(family, s)).unwrap_or_default();
+        let old_eps = o.map(|s| reachable(family, node, s)).unwrap_or_default();
+        let new_eps = n.map(|s| reachable(family, node, s)).unwrap_or_default();
         if let Some(o) = o {
             let new_ips: HashSet<IpAddr> = new_eps.iter().map(|(ip, _)| *ip).collect();
             for (ip, _) in old_eps.iter().filter(|e| !new_eps.contains(e)) {

@@ -21,7 +21,6 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::hash::hash16;
 use crate::dataplane::DataplaneConfig;
-use crate::model::selection::categorize;
 use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::{Cidr, Endpoint, IpFamily, NodeInfo, Protocol, ServicePortName};
 
@@ -453,16 +452,9 @@ impl<'a> Generator<'a> {
         let p = &st.port;
         let family = self.family;
         let cluster_ip = family.filter(&p.cluster_ips).next()?;
-        let (cluster, local, reachable, has_any) = if st.endpoints.iter().all(|e| family.matches(&e.ip)) {
-            let s = &st.selected;
-            (s.cluster.clone(), s.local.clone(), s.all_reachable.clone(), s.has_any)
-        } else {
-            // A dual-stack Service (or slices of both families): categorise this family's endpoints alone, as
-            // kube-proxy's per-family proxier does.
-            let eps: Vec<Endpoint> = st.endpoints.iter().filter(|e| family.matches(&e.ip)).cloned().collect();
-            let c = categorize(&eps, p, self.node);
-            (c.cluster, c.local, c.all_reachable, c.has_any)
-        };
+        let s = st.selected_in(family, self.node);
+        let (cluster, local, reachable, has_any) =
+            (s.cluster.clone(), s.local.clone(), s.all_reachable.clone(), s.has_any);
         Some(PortView {
             st,
             raw_name: port_name_string(&p.name),

@@ -573,7 +573,7 @@ fn conntrack_cleanup_filters() {
         reply_src: r,
     };
     // First endpoint: entries for every frontend (they cached the REJECT).
-    let got = conntrack_filters(IpFamily::V4, [&name].into_iter(), &none, &one);
+    let got = conntrack_filters(IpFamily::V4, &node(), [&name].into_iter(), &none, &one);
     assert_eq!(
         got,
         vec![
@@ -583,7 +583,7 @@ fn conntrack_cleanup_filters() {
         ]
     );
     // An endpoint goes: entries DNATed to it.
-    let got = conntrack_filters(IpFamily::V4, [&name].into_iter(), &two, &one);
+    let got = conntrack_filters(IpFamily::V4, &node(), [&name].into_iter(), &two, &one);
     assert_eq!(
         got,
         vec![
@@ -593,11 +593,11 @@ fn conntrack_cleanup_filters() {
         ]
     );
     // Nothing lost, nothing gained: nothing to delete.
-    assert!(conntrack_filters(IpFamily::V4, [&name].into_iter(), &one, &two).is_empty());
+    assert!(conntrack_filters(IpFamily::V4, &node(), [&name].into_iter(), &one, &two).is_empty());
     // The service port is removed: its endpoints' entries go.
     let empty = Snapshot::new();
     assert_eq!(
-        conntrack_filters(IpFamily::V4, [&name].into_iter(), &one, &empty).len(),
+        conntrack_filters(IpFamily::V4, &node(), [&name].into_iter(), &one, &empty).len(),
         3
     );
     // TCP: never.
@@ -605,7 +605,7 @@ fn conntrack_cleanup_filters() {
     let tn = t.name.clone();
     let a = snap(vec![(t.clone(), two_endpoints())]);
     let b = snap(vec![(t, vec![])]);
-    assert!(conntrack_filters(IpFamily::V4, [&tn].into_iter(), &a, &b).is_empty());
+    assert!(conntrack_filters(IpFamily::V4, &node(), [&tn].into_iter(), &a, &b).is_empty());
     let _: Option<Cidr> = None;
 }
 
@@ -844,4 +844,28 @@ fn ipv6_rules_read_back_as_the_desired_ipv6_frontends() {
         super::readback::cluster_frontends(&text(&cfg_dual(), &s)),
         crate::verify::of_family(desired, IpFamily::V4)
     );
+}
+
+#[test]
+fn each_family_selects_its_own_endpoints_for_rules_and_conntrack_alike() {
+    // A dual-stack UDP port whose IPv4 endpoint is terminating but still serving while the IPv6 one is ready:
+    // kube-proxy's IPv4 proxier, seeing no ready IPv4 endpoint, falls back to the serving terminating one. The
+    // rules and the conntrack cleanup must agree: the IPv4 flows to it stay.
+    let mut u = port("dns", "10.96.0.10", 53, Protocol::Udp);
+    u.cluster_ips.push("fd00:96::a".parse().unwrap());
+    let name = u.name.clone();
+    let v6 = ep("fd00:244:2::6", 53, false);
+    let before = snap(vec![(u.clone(), vec![ep("10.244.1.5", 53, false), v6.clone()])]);
+    let mut leaving = ep("10.244.1.5", 53, false);
+    (leaving.ready, leaving.terminating) = (false, true);
+    let after = snap(vec![(u, vec![leaving, v6])]);
+    let t = text(&cfg_dual(), &after);
+    assert!(t.contains("--to-destination 10.244.1.5:53"), "{t}");
+    assert!(
+        conntrack_filters(IpFamily::V4, &node(), [&name].into_iter(), &before, &after).is_empty(),
+        "the serving IPv4 endpoint's flows must stay"
+    );
+    let st = &after[&name];
+    assert_eq!(st.selected_in(IpFamily::V4, &node()).all_reachable.len(), 1);
+    assert_eq!(st.selected_in(IpFamily::V6, &node()).all_reachable.len(), 1);
 }
