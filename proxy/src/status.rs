@@ -150,7 +150,7 @@ pub async fn run(s: &Settings, json: bool, verify: bool) -> anyhow::Result<()> {
     }
     if verify {
         let (mode, have) = crate::dataplane::read_back_cluster_frontends(&s.bpf_root, &state, &node)?;
-        let drift = verify::compare(&verify::desired_cluster_frontends(&state), &have);
+        let drift = verify::compare(&verify::desired_cluster_frontends(&state, &node), &have);
         if drift.is_empty() {
             println!(
                 "verify ({mode}): {} ClusterIP frontends match the desired state",

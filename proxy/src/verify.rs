@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use crate::model::IpFamily;
+use crate::model::{IpFamily, NodeInfo};
 
 use crate::model::state::Snapshot;
 
@@ -16,18 +16,20 @@ pub type Frontend = (IpAddr, u16, String);
 pub type FrontendMap = BTreeMap<Frontend, BTreeSet<SocketAddr>>;
 
 /// The ClusterIP frontends (each cluster IP, of both families) the desired state asks for, with the endpoints of
-/// the same family internal traffic goes to.
-pub fn desired_cluster_frontends(desired: &Snapshot) -> FrontendMap {
+/// the same family internal traffic from `node` goes to (each family's endpoints selected alone, as the
+/// dataplanes do: [`crate::model::state::ServicePortState::selected_in`]).
+pub fn desired_cluster_frontends(desired: &Snapshot, node: &NodeInfo) -> FrontendMap {
     let mut out = FrontendMap::new();
     for st in desired.values() {
         for ip in &st.port.cluster_ips {
             let family = IpFamily::of(*ip);
-            let backends: BTreeSet<SocketAddr> = st
-                .internal_endpoints()
-                .iter()
-                .filter(|e| family.matches(&e.ip))
-                .map(|e| SocketAddr::new(e.ip, e.port))
-                .collect();
+            let sel = st.selected_in(family, node);
+            let internal = if st.port.internal_policy_local() {
+                &sel.local
+            } else {
+                &sel.cluster
+            };
+            let backends: BTreeSet<SocketAddr> = internal.iter().map(|e| SocketAddr::new(e.ip, e.port)).collect();
             out.insert((*ip, st.port.port, st.port.protocol.as_str().to_string()), backends);
         }
     }

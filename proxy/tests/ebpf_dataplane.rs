@@ -423,7 +423,7 @@ fn dnat_reject_restart_cleanup(tag: &str, attach: TcAttach) {
         // The restarted dataplane reads back from the pinned maps what the desired state asks for.
         assert_eq!(
             dp.cluster_frontends(&both, &node()).expect("read back"),
-            orca_proxy::verify::desired_cluster_frontends(&both)
+            orca_proxy::verify::desired_cluster_frontends(&both, &node())
         );
         // The restarted agent replaced the programs in place: still one per interface and hook.
         let after = orca_tc_attachments();

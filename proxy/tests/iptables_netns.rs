@@ -287,7 +287,7 @@ fn full_sync_read_back_and_cleanup() {
     // The dataplane's own read-back (what `status --verify` compares) is the desired state.
     assert_eq!(
         dp.cluster_frontends(&desired, &node()).expect("read back"),
-        orca_proxy::verify::desired_cluster_frontends(&desired)
+        orca_proxy::verify::desired_cluster_frontends(&desired, &node())
     );
 
     // Idempotent: a second full sync changes nothing and adds no duplicate jump.
@@ -948,7 +948,7 @@ fn real_packets_ipv6_and_dual_stack() {
     // What `status --verify` reads back: both families' frontends, as desired.
     assert_eq!(
         dp.cluster_frontends(&desired, &dual_node()).expect("read back"),
-        orca_proxy::verify::desired_cluster_frontends(&desired)
+        orca_proxy::verify::desired_cluster_frontends(&desired, &dual_node())
     );
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -20,8 +20,8 @@ pub struct ServicePortState {
 }
 
 impl ServicePortState {
-    /// The endpoints this node uses for `family`'s traffic: [`Self::selected`] when every endpoint is of the
-    /// family, else the family's endpoints categorised alone, as kube-proxy's per-family proxier does (a
+    /// The endpoints of `family` this node uses for that family's traffic (only that family's): [`Self::selected`]
+    /// when every endpoint is of the family, else the family's endpoints categorised alone, as kube-proxy's per-family proxier does (a
     /// dual-stack Service's IPv4 and IPv6 slices).
     pub fn selected_in(&self, family: IpFamily, node: &NodeInfo) -> Cow<'_, Categorized> {
         if self.endpoints.iter().all(|e| family.matches(&e.ip)) {

@@ -13,8 +13,9 @@ use orca_common::{
 };
 
 use crate::dataplane::DataplaneConfig;
+use crate::model::selection::Categorized;
 use crate::model::state::ServicePortState;
-use crate::model::{NodeInfo, Protocol, ServicePortName};
+use crate::model::{IpFamily, NodeInfo, Protocol, ServicePortName};
 
 /// The two halves of a service's slot space; a new backend set goes to the half not in use.
 const SLOT_HALF: u32 = 1 << 16;
@@ -88,15 +89,21 @@ enum Failed {
     Keep(anyhow::Error),
 }
 
-/// The backends each set kind the port's frontends use should hold.
-fn wanted_sets(st: &ServicePortState, desired: &BTreeMap<FrontendKey, SetKind>) -> BTreeMap<SetKind, Vec<Backend>> {
+/// The backends each set kind the port's frontends use should hold, from `sel`: the port's IPv4 endpoints
+/// categorised alone ([`ServicePortState::selected_in`]).
+fn wanted_sets(
+    st: &ServicePortState,
+    sel: &Categorized,
+    desired: &BTreeMap<FrontendKey, SetKind>,
+) -> BTreeMap<SetKind, Vec<Backend>> {
+    let local_or_cluster = |local: bool| if local { &sel.local } else { &sel.cluster };
     let mut wanted = BTreeMap::new();
     for kind in desired.values() {
         wanted.entry(*kind).or_insert_with(|| {
             let eps = match kind {
-                SetKind::Internal => st.internal_endpoints(),
-                SetKind::External => st.external_endpoints(),
-                SetKind::ClusterForPods => &st.selected.cluster,
+                SetKind::Internal => local_or_cluster(st.port.internal_policy_local()),
+                SetKind::External => local_or_cluster(st.port.external_policy_local()),
+                SetKind::ClusterForPods => &sel.cluster,
             };
             backends_of(st.name(), eps)
         });
@@ -205,12 +212,12 @@ impl LbSourceRanges {
 
 /// A frontend's flags: masquerade (external traffic unless externalTrafficPolicy is Local, as kube-proxy does),
 /// drop when a selected Service has no endpoints, source ranges, Maglev, ClusterIP.
-fn frontend_flags(st: &ServicePortState, kind: SetKind, set: &PublishedSet, restricted: bool) -> u16 {
+fn frontend_flags(st: &ServicePortState, has_any: bool, kind: SetKind, set: &PublishedSet, restricted: bool) -> u16 {
     let mut flags = 0;
     if kind == SetKind::External && !st.port.external_policy_local() {
         flags |= orca_common::FRONTEND_F_SNAT_EXTERNAL;
     }
-    if st.selected.has_any {
+    if has_any {
         flags |= orca_common::FRONTEND_F_DROP_WHEN_EMPTY;
     }
     if restricted {
@@ -396,7 +403,9 @@ impl Programmer {
             .port
             .load_balancing
             .map_or(self.maglev, |lb| lb == crate::model::LoadBalancing::Maglev);
-        let wanted = wanted_sets(st, &desired);
+        // kube-proxy's IPv4 proxier sees the IPv4 endpoints only (a dual-stack port's IPv6 ones are ip6tables').
+        let sel = st.selected_in(IpFamily::V4, node);
+        let wanted = wanted_sets(st, &sel, &desired);
         let previous = self.ports.remove(&name);
         let mut entry = previous.clone().unwrap_or_default();
         let mut w = Written::default();
@@ -408,7 +417,17 @@ impl Programmer {
         };
         let sources = LbSourceRanges::of(st, node);
         let ranges = sources.ranges(&desired, &entry);
-        let step2 = self.publish_frontends(maps, st, &entry, &desired, &sources, &ranges, &mut created, &mut w);
+        let step2 = self.publish_frontends(
+            maps,
+            st,
+            sel.has_any,
+            &entry,
+            &desired,
+            &sources,
+            &ranges,
+            &mut created,
+            &mut w,
+        );
         match step2 {
             Ok(()) => {}
             Err(Failed::TakeBack(e)) => return Err(self.take_back(maps, created, name, previous, e)),
@@ -521,6 +540,7 @@ impl Programmer {
         &mut self,
         maps: &mut dyn MapOps,
         st: &ServicePortState,
+        has_any: bool,
         entry: &PortEntry,
         desired: &BTreeMap<FrontendKey, SetKind>,
         sources: &LbSourceRanges,
@@ -552,7 +572,7 @@ impl Programmer {
             let value = Frontend {
                 service_id: set.id,
                 backend_count: set.backends.len() as u16,
-                flags: frontend_flags(st, *kind, set, sources.restricts(fk)),
+                flags: frontend_flags(st, has_any, *kind, set, sources.restricts(fk)),
                 affinity_timeout: affinity,
                 slot_base: set.base,
             };

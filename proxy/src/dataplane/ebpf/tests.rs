@@ -296,6 +296,27 @@ fn external_policy_cluster_masquerades_and_no_endpoints_rejects() {
 }
 
 #[test]
+fn a_dual_stack_port_without_ipv4_endpoints_rejects_on_ipv4() {
+    // IPv6 endpoints only: kube-proxy's IPv4 proxier sees no endpoint and REJECTs; a drop would time out.
+    let mut m = FakeMaps::default();
+    let mut p = Programmer::default();
+    let mut sp = port("ds", "10.96.0.23");
+    sp.cluster_ips.push("fd00:96::23".parse().unwrap());
+    let v6_only = state(sp.clone(), vec![ep("fd00:244:2::1", false)]);
+    p.upsert(&mut m, &v6_only, &node(), &DataplaneConfig::default())
+        .unwrap();
+    let f = m.fe[&fk("10.96.0.23", 80)];
+    assert_eq!(
+        (f.backend_count, f.flags & orca_common::FRONTEND_F_DROP_WHEN_EMPTY),
+        (0, 0)
+    );
+    // With an IPv4 endpoint as well, IPv4 traffic goes to it alone.
+    let both = state(sp, vec![ep("10.244.2.1", false), ep("fd00:244:2::1", false)]);
+    p.upsert(&mut m, &both, &node(), &DataplaneConfig::default()).unwrap();
+    assert_eq!(resolve(&m, &fk("10.96.0.23", 80)), ["10.244.2.1"]);
+}
+
+#[test]
 fn nodeport_addresses_restrict_node_port_frontends() {
     let mut m = FakeMaps::default();
     let mut p = Programmer::default();

@@ -413,7 +413,6 @@ fn reachable(family: IpFamily, node: &NodeInfo, st: &ServicePortState) -> BTreeS
     st.selected_in(family, node)
         .all_reachable
         .iter()
-        .filter(|e| family.matches(&e.ip))
         .map(|e| (e.ip, e.port))
         .collect()
 }

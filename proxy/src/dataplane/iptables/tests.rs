@@ -680,7 +680,7 @@ fn generated_rules_read_back_as_the_desired_cluster_frontends() {
         (port("empty", "10.96.0.11", 53, Protocol::Udp), vec![]),
         (local_only, two_endpoints()),
     ]);
-    let desired = crate::verify::desired_cluster_frontends(&s);
+    let desired = crate::verify::desired_cluster_frontends(&s, &node());
     assert_eq!(desired.len(), 3);
     assert_eq!(super::readback::cluster_frontends(&text(&cfg_cidr(), &s)), desired);
 }
@@ -835,7 +835,7 @@ fn ipv6_rules_read_back_as_the_desired_ipv6_frontends() {
         (v6only, vec![ep("fd00:244:2::9", 80, false)]),
         (port("web", "10.96.0.10", 80, Protocol::Tcp), two_endpoints()),
     ]);
-    let desired = crate::verify::desired_cluster_frontends(&s);
+    let desired = crate::verify::desired_cluster_frontends(&s, &node());
     assert_eq!(desired.len(), 4);
     let v6 = crate::verify::of_family(desired.clone(), IpFamily::V6);
     assert_eq!(v6.len(), 2);
