@@ -10,7 +10,7 @@
 
 /// Layout version of the maps below. The agent pins its maps under `<bpffs root>/v<ABI_VERSION>/`,
 /// so a release that changes a layout never adopts maps written by an older one.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Map names as they appear in the eBPF object (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
 pub const MAP_FRONTENDS: &str = "ORCA_FRONTENDS";
@@ -23,6 +23,142 @@ pub const MAP_SRC_RANGES: &str = "ORCA_SRC_RANGES";
 pub const MAP_SOCK: &str = "ORCA_SOCK";
 pub const MAP_MAGLEV: &str = "ORCA_MAGLEV";
 pub const MAP_STATS: &str = "ORCA_STATS";
+/// The IPv6 twins of the per-family maps (same roles, `In6` addresses).
+pub const MAP_FRONTENDS6: &str = "ORCA_FRONTENDS6";
+pub const MAP_BACKENDS6: &str = "ORCA_BACKENDS6";
+pub const MAP_MEMBERS6: &str = "ORCA_MEMBERS6";
+pub const MAP_CT6: &str = "ORCA_CT6";
+pub const MAP_AFFINITY6: &str = "ORCA_AFFINITY6";
+pub const MAP_SRC_RANGES6: &str = "ORCA_SRC_RANGE6";
+pub const MAP_SOCK6: &str = "ORCA_SOCK6";
+pub const MAP_MAGLEV6: &str = "ORCA_MAGLEV6";
+
+/// The names of one family's maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapNames {
+    pub frontends: &'static str,
+    pub backends: &'static str,
+    pub members: &'static str,
+    pub ct: &'static str,
+    pub affinity: &'static str,
+    pub src_ranges: &'static str,
+    pub sock: &'static str,
+    pub maglev: &'static str,
+}
+
+pub const MAPS4: MapNames = MapNames {
+    frontends: MAP_FRONTENDS,
+    backends: MAP_BACKENDS,
+    members: MAP_MEMBERS,
+    ct: MAP_CT,
+    affinity: MAP_AFFINITY,
+    src_ranges: MAP_SRC_RANGES,
+    sock: MAP_SOCK,
+    maglev: MAP_MAGLEV,
+};
+
+pub const MAPS6: MapNames = MapNames {
+    frontends: MAP_FRONTENDS6,
+    backends: MAP_BACKENDS6,
+    members: MAP_MEMBERS6,
+    ct: MAP_CT6,
+    affinity: MAP_AFFINITY6,
+    src_ranges: MAP_SRC_RANGES6,
+    sock: MAP_SOCK6,
+    maglev: MAP_MAGLEV6,
+};
+
+/// An address as the maps hold it, in packet order: IPv4 as `u32` (`addr_from_octets`), IPv6 as [`In6`]. Every
+/// per-family type below is generic over it, with IPv4 as the default.
+pub trait Addr:
+    Copy + Default + PartialEq + Eq + PartialOrd + Ord + core::hash::Hash + core::fmt::Debug + 'static
+{
+    /// Address length in bits (32 or 128).
+    const BITS: u32;
+    /// The family's map names.
+    const MAPS: MapNames;
+    fn is_zero(&self) -> bool;
+    /// Feeds the address bytes, in packet order, to `f`.
+    fn each_byte(&self, f: impl FnMut(u8));
+}
+
+impl Addr for u32 {
+    const BITS: u32 = 32;
+    const MAPS: MapNames = MAPS4;
+    #[inline(always)]
+    fn is_zero(&self) -> bool {
+        *self == 0
+    }
+    #[inline(always)]
+    fn each_byte(&self, mut f: impl FnMut(u8)) {
+        for b in self.to_ne_bytes() {
+            f(b);
+        }
+    }
+}
+
+/// An IPv6 address in packet order: four `u32` words, each as `u32::from_ne_bytes` of four address bytes (so it
+/// is 4-aligned, like every other field, and no map type gets hidden padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Eq, PartialOrd, Ord)]
+pub struct In6(pub [u32; 4]);
+
+impl core::hash::Hash for In6 {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialEq for In6 {
+    /// Branch-free (the eBPF programs compare addresses on every packet, with few registers to spare).
+    #[inline(always)]
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&self.0, &other.0);
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+    }
+}
+
+impl In6 {
+    pub const fn from_octets(o: [u8; 16]) -> Self {
+        In6([
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ])
+    }
+
+    pub const fn octets(&self) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.0[i].to_ne_bytes();
+            o[4 * i] = b[0];
+            o[4 * i + 1] = b[1];
+            o[4 * i + 2] = b[2];
+            o[4 * i + 3] = b[3];
+            i += 1;
+        }
+        o
+    }
+}
+
+impl Addr for In6 {
+    const BITS: u32 = 128;
+    const MAPS: MapNames = MAPS6;
+    #[inline(always)]
+    fn is_zero(&self) -> bool {
+        self.0[0] | self.0[1] | self.0[2] | self.0[3] == 0
+    }
+    #[inline(always)]
+    fn each_byte(&self, mut f: impl FnMut(u8)) {
+        for w in self.0 {
+            for b in w.to_ne_bytes() {
+                f(b);
+            }
+        }
+    }
+}
 
 /// `ORCA_CONFIG` (array of `u32`) indices.
 /// The node's IPv4 address (packet order) used as source for masqueraded flows; 0 disables SNAT.
@@ -33,13 +169,17 @@ pub const CONFIG_NETNS_COOKIE_LO: u32 = 1;
 pub const CONFIG_NETNS_COOKIE_HI: u32 = 2;
 /// `CONFIG_F_*` bits.
 pub const CONFIG_FLAGS: u32 = 3;
-pub const CONFIG_LEN: u32 = 4;
+/// The node's IPv6 address for masqueraded IPv6 flows: four words (`In6`), from this index; all zero disables it.
+pub const CONFIG_SNAT_IPV6: u32 = 4;
+pub const CONFIG_LEN: u32 = 8;
 
 /// `--masquerade-all`: every translated flow is masqueraded.
 pub const CONFIG_F_MASQUERADE_ALL: u32 = 1;
 /// `--cluster-cidr` is set: ClusterIP traffic arriving from outside the node from a source outside
 /// the cluster CIDRs (`ORCA_SRC_RANGES` entries of `CLUSTER_CIDR_ID`) is masqueraded.
 pub const CONFIG_F_CLUSTER_CIDR: u32 = 2;
+/// The same for IPv6 (`ORCA_SRC_RANGE6` entries of `CLUSTER_CIDR_ID`).
+pub const CONFIG_F_CLUSTER_CIDR6: u32 = 4;
 /// Service id under which `ORCA_SRC_RANGES` holds the cluster CIDRs (real ids start at 1).
 pub const CLUSTER_CIDR_ID: u32 = 0;
 
@@ -49,6 +189,11 @@ pub const PROG_CONNECT4: &str = "orca_connect4";
 pub const PROG_SENDMSG4: &str = "orca_sendmsg4";
 pub const PROG_RECVMSG4: &str = "orca_recvmsg4";
 pub const PROG_GETPEERNAME4: &str = "orca_getpeername4";
+/// Their IPv6 twins (connect6, sendmsg6, recvmsg6, getpeername6).
+pub const PROG_CONNECT6: &str = "orca_connect6";
+pub const PROG_SENDMSG6: &str = "orca_sendmsg6";
+pub const PROG_RECVMSG6: &str = "orca_recvmsg6";
+pub const PROG_GETPEERNAME6: &str = "orca_getpeername6";
 
 /// Program names in the eBPF object.
 /// Attached (TC ingress) on the host side of pod veths: traffic leaving local pods.
@@ -82,6 +227,7 @@ pub const MAX_BACKENDS_PER_SERVICE: u32 = 65_535;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// `addr.octets()` to the packet-order `u32` used in every map.
 #[inline(always)]
@@ -99,9 +245,9 @@ pub const fn addr_octets(addr: u32) -> [u8; 4] {
 /// Map `ORCA_FRONTENDS` (hash): `FrontendKey` -> `Frontend`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FrontendKey {
+pub struct FrontendKey<A = u32> {
     /// Destination address, packet order.
-    pub addr: u32,
+    pub addr: A,
     /// Destination port, network byte order.
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
@@ -123,6 +269,30 @@ impl FrontendKey {
     pub const fn new(octets: [u8; 4], port: u16, proto: u8) -> Self {
         Self {
             addr: addr_from_octets(octets),
+            port: port.to_be(),
+            proto,
+            scope: SCOPE_ANY,
+        }
+    }
+}
+
+impl FrontendKey<In6> {
+    /// `port` in host byte order.
+    pub const fn new6(octets: [u8; 16], port: u16, proto: u8) -> Self {
+        Self {
+            addr: In6::from_octets(octets),
+            port: port.to_be(),
+            proto,
+            scope: SCOPE_ANY,
+        }
+    }
+}
+
+impl<A: Addr> FrontendKey<A> {
+    /// `addr` (packet order) and `port` (host byte order).
+    pub fn of(addr: A, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
             port: port.to_be(),
             proto,
             scope: SCOPE_ANY,
@@ -171,10 +341,10 @@ pub const FRONTEND_F_SOURCE_RANGES: u16 = 4;
 /// (unused). The service id is always matched in full, then the source address by prefix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SrcRangeKey {
+pub struct SrcRangeKey<A = u32> {
     pub service_id: u32,
     /// Source address, packet order (so prefixes match from the most significant bit).
-    pub addr: u32,
+    pub addr: A,
 }
 
 /// Frontend flag: a ClusterIP (internal) frontend.
@@ -192,18 +362,14 @@ pub type MaglevKey = BackendSlotKey;
 /// The flow hash Maglev tables are indexed by (the same on every node and in the agent's tests):
 /// FNV-1a over the 5-tuple bytes in packet order.
 #[inline(always)]
-pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+pub fn flow_hash<A: Addr>(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     let mut mix = |b: u8| {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     };
-    for b in saddr.to_ne_bytes() {
-        mix(b);
-    }
-    for b in daddr.to_ne_bytes() {
-        mix(b);
-    }
+    saddr.each_byte(&mut mix);
+    daddr.each_byte(&mut mix);
     for b in sport.to_ne_bytes() {
         mix(b);
     }
@@ -219,12 +385,27 @@ pub fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> u
 /// `SOCK_DIR_REVERSE`: (socket, backend) -> the frontend, for recvmsg/getpeername.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SockKey {
-    pub cookie: u64,
-    pub addr: u32,
+pub struct SockKey<A = u32> {
+    pub addr: A,
     pub port: u16,
     pub dir: u8,
     pub _pad: u8,
+    /// The socket cookie, low and high 32 bits (two words, so the key is 4-aligned without padding in both
+    /// families).
+    pub cookie: [u32; 2],
+}
+
+impl<A: Addr> SockKey<A> {
+    #[inline(always)]
+    pub fn new(cookie: u64, addr: A, port: u16, dir: u8) -> Self {
+        Self {
+            addr,
+            port,
+            dir,
+            _pad: 0,
+            cookie: [cookie as u32, (cookie >> 32) as u32],
+        }
+    }
 }
 
 pub const SOCK_DIR_SERVICE: u8 = 0;
@@ -240,9 +421,9 @@ pub struct BackendSlotKey {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Backend {
+pub struct Backend<A = u32> {
     /// Backend address, packet order.
-    pub addr: u32,
+    pub addr: A,
     /// Backend port, network byte order.
     pub port: u16,
     pub _pad: u16,
@@ -259,21 +440,32 @@ impl Backend {
     }
 }
 
+impl Backend<In6> {
+    /// `port` in host byte order.
+    pub const fn new6(octets: [u8; 16], port: u16) -> Self {
+        Self {
+            addr: In6::from_octets(octets),
+            port: port.to_be(),
+            _pad: 0,
+        }
+    }
+}
+
 /// Map `ORCA_MEMBERS` (hash): `MemberKey` -> slot index (informational). Present exactly while the
 /// backend belongs to the service's current set. The programs use it to decide whether a
 /// conntrack or affinity entry still points at a live backend: UDP flows and new TCP connections
 /// (SYN) move off removed backends, established TCP flows keep theirs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MemberKey {
+pub struct MemberKey<A = u32> {
     pub service_id: u32,
-    pub addr: u32,
+    pub addr: A,
     pub port: u16,
     pub _pad: u16,
 }
 
-impl MemberKey {
-    pub const fn of(service_id: u32, backend: &Backend) -> Self {
+impl<A: Addr> MemberKey<A> {
+    pub const fn of(service_id: u32, backend: &Backend<A>) -> Self {
         Self {
             service_id,
             addr: backend.addr,
@@ -301,9 +493,9 @@ pub const CT_DIR_INNER: u8 = 2;
 /// in the datapath and deleted by the agent's garbage collector): `CtKey` -> `CtValue`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey<A = u32> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -311,10 +503,10 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
-impl CtKey {
+impl<A: Addr> CtKey<A> {
     /// The `CT_DIR_INNER` key of the flow between `a`:`ap` and `b`:`bp` (either order gives the same key).
     #[inline(always)]
-    pub fn inner(a: u32, ap: u16, b: u32, bp: u16, proto: u8) -> Self {
+    pub fn inner(a: A, ap: u16, b: A, bp: u16, proto: u8) -> Self {
         // Packet-order values compared as plain integers: any total order does, as long as both sides agree.
         let swap = (a, ap) > (b, bp);
         let ((saddr, sport), (daddr, dport)) = if swap { ((b, bp), (a, ap)) } else { ((a, ap), (b, bp)) };
@@ -333,12 +525,12 @@ impl CtKey {
 /// One translated flow. Addresses in packet order, ports in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtValue {
-    pub client_addr: u32,
-    pub frontend_addr: u32,
-    pub backend_addr: u32,
+pub struct CtValue<A = u32> {
+    pub client_addr: A,
+    pub frontend_addr: A,
+    pub backend_addr: A,
     /// The source masqueraded packets get (the node's address); 0: the flow is not masqueraded.
-    pub nat_addr: u32,
+    pub nat_addr: A,
     pub client_port: u16,
     pub frontend_port: u16,
     pub backend_port: u16,
@@ -354,10 +546,10 @@ pub struct CtValue {
     pub last_seen_ns: u64,
 }
 
-impl CtValue {
+impl<A: Addr> CtValue<A> {
     /// Whether `other` describes the same flow (the same client, frontend and backend).
     #[inline(always)]
-    pub fn same_flow(&self, other: &CtValue) -> bool {
+    pub fn same_flow(&self, other: &CtValue<A>) -> bool {
         self.client_addr == other.client_addr
             && self.client_port == other.client_port
             && self.frontend_addr == other.frontend_addr
@@ -368,7 +560,7 @@ impl CtValue {
 
     /// The `CT_DIR_SERVICE` key of the flow.
     #[inline(always)]
-    pub fn service_key(&self, proto: u8) -> CtKey {
+    pub fn service_key(&self, proto: u8) -> CtKey<A> {
         CtKey {
             saddr: self.client_addr,
             daddr: self.frontend_addr,
@@ -382,8 +574,8 @@ impl CtValue {
 
     /// The `CT_DIR_REPLY` key of the flow: replies as they arrive (to the masquerade address when masqueraded).
     #[inline(always)]
-    pub fn reply_key(&self, proto: u8) -> CtKey {
-        let (daddr, dport) = if self.nat_addr != 0 {
+    pub fn reply_key(&self, proto: u8) -> CtKey<A> {
+        let (daddr, dport) = if !self.nat_addr.is_zero() {
             (self.nat_addr, self.nat_port)
         } else {
             (self.client_addr, self.client_port)
@@ -401,7 +593,7 @@ impl CtValue {
 
     /// The `CT_DIR_INNER` key of the flow.
     #[inline(always)]
-    pub fn inner_key(&self, proto: u8) -> CtKey {
+    pub fn inner_key(&self, proto: u8) -> CtKey<A> {
         CtKey::inner(
             self.client_addr,
             self.client_port,
@@ -604,10 +796,10 @@ pub const REASON_CT_FULL: u32 = 4;
 pub const REASON_NO_SNAT_PORT: u32 = 5;
 /// A packet (or an ICMP error's quote) whose rewrite failed half-way: it would be corrupt.
 pub const REASON_REWRITE_FAILED: u32 = 6;
-/// Untranslated passes: IPv4 fragments (no ports to translate by), non-IPv4 frames, and with netfilter bypassed
+/// Untranslated passes: IP fragments (no ports to translate by), non-IP frames (ARP, ...), and with netfilter bypassed
 /// translated packets the FIB would not forward (handed to the stack).
 pub const REASON_FRAGMENT: u32 = 7;
-pub const REASON_NOT_IPV4: u32 = 8;
+pub const REASON_NOT_IP: u32 = 8;
 pub const REASON_FIB_DECLINED: u32 = 9;
 pub const REASON_COUNT: u32 = 10;
 
@@ -621,7 +813,7 @@ pub const REASONS: [(&str, bool); REASON_COUNT as usize] = [
     ("no_snat_port", true),
     ("rewrite_failed", true),
     ("fragment", false),
-    ("not_ipv4", false),
+    ("not_ip", false),
     ("fib_declined", false),
 ];
 
@@ -635,17 +827,33 @@ pub const GLOBAL_BYPASS_NETFILTER: &str = "ORCA_BYPASS_NETFILTER";
 /// Map `ORCA_AFFINITY` (LRU hash): `AffinityKey` -> `AffinityValue` (ClientIP session affinity).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityKey {
+pub struct AffinityKey<A = u32> {
     pub service_id: u32,
-    pub client_addr: u32,
+    pub client_addr: A,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityValue {
-    pub backend: Backend,
-    /// bpf_ktime_get_ns() of the client's last new connection to the service.
-    pub last_used_ns: u64,
+pub struct AffinityValue<A = u32> {
+    pub backend: Backend<A>,
+    /// bpf_ktime_get_ns() of the client's last new connection to the service, low and high 32 bits (two words: no
+    /// padding in either family).
+    pub last_used: [u32; 2],
+}
+
+impl<A: Addr> AffinityValue<A> {
+    #[inline(always)]
+    pub fn new(backend: Backend<A>, last_used_ns: u64) -> Self {
+        Self {
+            backend,
+            last_used: [last_used_ns as u32, (last_used_ns >> 32) as u32],
+        }
+    }
+
+    #[inline(always)]
+    pub fn last_used_ns(&self) -> u64 {
+        u64::from(self.last_used[0]) | (u64::from(self.last_used[1]) << 32)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -653,17 +861,19 @@ mod pod {
     use super::*;
     // SAFETY: all types are #[repr(C)], made only of integers, with explicit padding fields, so
     // every bit pattern is valid and there are no implicit padding bytes.
-    unsafe impl aya::Pod for FrontendKey {}
+    // The generic ones are checked for both families below (the sizes are sums of their fields).
+    unsafe impl aya::Pod for In6 {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for FrontendKey<A> {}
     unsafe impl aya::Pod for Frontend {}
     unsafe impl aya::Pod for BackendSlotKey {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for MemberKey {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for SrcRangeKey {}
-    unsafe impl aya::Pod for SockKey {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for Backend<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for MemberKey<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for CtKey<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for CtValue<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for AffinityValue<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for SrcRangeKey<A> {}
+    unsafe impl<A: Addr + aya::Pod> aya::Pod for SockKey<A> {}
     unsafe impl aya::Pod for CtTimeouts {}
     unsafe impl aya::Pod for NatPorts {}
 }
@@ -684,6 +894,17 @@ const _: () = {
     assert!(size_of::<AffinityValue>() == 16);
     assert!(size_of::<SrcRangeKey>() == 8);
     assert!(size_of::<SockKey>() == 16);
+    // IPv6: no hidden padding either (each size is the sum of its fields).
+    assert!(size_of::<In6>() == 16);
+    assert!(size_of::<FrontendKey<In6>>() == 20);
+    assert!(size_of::<Backend<In6>>() == 20);
+    assert!(size_of::<MemberKey<In6>>() == 24);
+    assert!(size_of::<CtKey<In6>>() == 40);
+    assert!(size_of::<CtValue<In6>>() == 96);
+    assert!(size_of::<AffinityKey<In6>>() == 20);
+    assert!(size_of::<AffinityValue<In6>>() == 28);
+    assert!(size_of::<SrcRangeKey<In6>>() == 20);
+    assert!(size_of::<SockKey<In6>>() == 28);
 };
 
 #[cfg(test)]
@@ -747,7 +968,7 @@ mod tests {
     #[test]
     fn lifetimes_follow_the_kernel_states() {
         let t = CtTimeouts::DEFAULT;
-        let mut v = CtValue::default();
+        let mut v: CtValue = CtValue::default();
         assert_eq!(v.lifetime_ns(IPPROTO_TCP, &t), t.tcp_syn_sent_ns);
         assert_eq!(v.lifetime_ns(IPPROTO_UDP, &t), t.udp_ns);
         v.flags = CT_F_SEEN_REPLY;

@@ -5,10 +5,10 @@
 
 use orca_common::{AffinityKey, AffinityValue, Backend, Frontend};
 
-use crate::{lb, maps};
+use crate::{fam::Fam, lb};
 
 #[inline(always)]
-pub fn lookup(fe: &Frontend, client: u32, now_ns: u64) -> Option<Backend> {
+pub fn lookup<A: Fam>(fe: &Frontend, client: A, now_ns: u64) -> Option<Backend<A>> {
     if fe.affinity_timeout == 0 {
         return None;
     }
@@ -17,8 +17,8 @@ pub fn lookup(fe: &Frontend, client: u32, now_ns: u64) -> Option<Backend> {
         client_addr: client,
     };
     // SAFETY: copied out at once.
-    let v = unsafe { maps::AFFINITY.get(key) }.copied()?;
-    let age = now_ns.saturating_sub(v.last_used_ns);
+    let v = unsafe { A::affinity().get(key) }.copied()?;
+    let age = now_ns.saturating_sub(v.last_used_ns());
     if age > u64::from(fe.affinity_timeout) * 1_000_000_000 {
         return None;
     }
@@ -29,7 +29,7 @@ pub fn lookup(fe: &Frontend, client: u32, now_ns: u64) -> Option<Backend> {
 }
 
 #[inline(always)]
-pub fn record(fe: &Frontend, client: u32, backend: &Backend, now_ns: u64) {
+pub fn record<A: Fam>(fe: &Frontend, client: A, backend: &Backend<A>, now_ns: u64) {
     if fe.affinity_timeout == 0 {
         return;
     }
@@ -37,11 +37,8 @@ pub fn record(fe: &Frontend, client: u32, backend: &Backend, now_ns: u64) {
         service_id: fe.service_id,
         client_addr: client,
     };
-    let value = AffinityValue {
-        backend: *backend,
-        last_used_ns: now_ns,
-    };
+    let value = AffinityValue::new(*backend, now_ns);
     // A full LRU map evicts its oldest entry; an insert can only fail on memory pressure, and then
     // the connection still works, only without affinity.
-    let _ = maps::AFFINITY.insert(key, value, 0);
+    let _ = A::affinity().insert(key, value, 0);
 }

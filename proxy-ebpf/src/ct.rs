@@ -24,7 +24,8 @@ use orca_common::{
 use proxy_ebpf::hdr::{TCP_FIN, TCP_RST};
 
 use crate::{
-    cfg, maps,
+    cfg,
+    fam::Fam,
     parse::{Flow, Tuple},
 };
 
@@ -39,7 +40,7 @@ const NAT_PORT_TRIES: u32 = 32;
 /// The key of `flow` in the role `dir` (`CT_DIR_SERVICE` / `CT_DIR_REPLY`: the packet's own tuple; `CT_DIR_INNER`:
 /// canonical).
 #[inline(always)]
-pub fn key(flow: &Flow, dir: u8) -> CtKey {
+pub fn key<A: Fam>(flow: &Flow<A>, dir: u8) -> CtKey<A> {
     if dir == CT_DIR_INNER {
         return CtKey::inner(flow.saddr, flow.sport, flow.daddr, flow.dport, flow.proto);
     }
@@ -54,29 +55,41 @@ pub fn key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// A live entry.
-pub struct Hit {
-    ptr: *mut CtValue,
-    pub value: CtValue,
+/// A live entry: a pointer into the map (no copy of the value: IPv6 values are 96 bytes of a 512-byte stack).
+pub struct Hit<A: Fam> {
+    ptr: *mut CtValue<A>,
+}
+
+impl<A: Fam> Hit<A> {
+    /// The entry as it is now.
+    #[inline(always)]
+    pub fn value(&self) -> &CtValue<A> {
+        // SAFETY: the pointer comes from a successful lookup and stays valid during the program (hash map values
+        // are freed after an RCU grace period).
+        unsafe { &*self.ptr }
+    }
 }
 
 /// The live entry under `key`; an expired one is a miss (its packet starts a new flow, which takes it over).
 #[inline(always)]
-pub fn lookup(key: &CtKey, now_ns: u64) -> Option<Hit> {
-    let ptr = maps::CT.get_ptr_mut(key)?;
-    // SAFETY: the pointer comes from a successful lookup and stays valid during the program.
-    let value = unsafe { *ptr };
-    if value.expired(key.proto, now_ns, &cfg::timeouts()) {
+pub fn lookup<A: Fam>(key: &CtKey<A>, now_ns: u64) -> Option<Hit<A>> {
+    let ptr = A::ct().get_ptr_mut(key)?;
+    // SAFETY: as in `Hit::value`.
+    if unsafe { (*ptr).expired(key.proto, now_ns, cfg::timeouts()) } {
         return None;
     }
-    Some(Hit { ptr, value })
+    Some(Hit { ptr })
 }
 
 /// Records a packet of the flow (sent by the client when `from_client`, else by the backend) in the entry it hit:
 /// the time and the state it leads to; refreshes the flow's other entries when due.
 #[inline(always)]
-pub fn observe(hit: &mut Hit, dir: u8, flow: &Flow, from_client: bool, now_ns: u64) {
-    let mut flags = hit.value.flags;
+pub fn observe<A: Fam>(hit: &mut Hit<A>, dir: u8, flow: &Flow<A>, from_client: bool, now_ns: u64) {
+    let (old_flags, old_tick) = {
+        let v = hit.value();
+        (v.flags, v.peer_refreshed)
+    };
+    let mut flags = old_flags;
     if !from_client {
         flags |= CT_F_SEEN_REPLY;
     }
@@ -88,12 +101,7 @@ pub fn observe(hit: &mut Hit, dir: u8, flow: &Flow, from_client: bool, now_ns: u
         }
     }
     let tick = ct_tick(now_ns);
-    let refresh = flags != hit.value.flags || hit.value.peer_refreshed != tick;
-    hit.value.flags = flags;
-    hit.value.last_seen_ns = now_ns;
-    if refresh {
-        hit.value.peer_refreshed = tick;
-    }
+    let refresh = flags != old_flags || old_tick != tick;
     // SAFETY: pointer from a successful lookup, valid during the program; a concurrent update from another CPU
     // is benign (both write the time of a packet of this flow, and state bits only accumulate).
     unsafe {
@@ -104,19 +112,19 @@ pub fn observe(hit: &mut Hit, dir: u8, flow: &Flow, from_client: bool, now_ns: u
         }
     }
     if refresh {
-        refresh_peers(&hit.value, dir, flow.proto, now_ns);
+        refresh_peers(hit.value(), dir, flow.proto, now_ns);
     }
 }
 
 /// Keeps the flow's other entries alive with `v`'s time and state, re-creating a missing one. An entry that now
 /// belongs to another flow (its tuple was taken over) is left alone.
 #[inline(always)]
-fn refresh_peers(v: &CtValue, own: u8, proto: u8, now_ns: u64) {
+fn refresh_peers<A: Fam>(v: &CtValue<A>, own: u8, proto: u8, now_ns: u64) {
     let bypass = cfg::bypass_netfilter();
     if own != CT_DIR_SERVICE {
         touch(&v.service_key(proto), v, now_ns);
     }
-    if own != CT_DIR_REPLY && (v.nat_addr != 0 || bypass) {
+    if own != CT_DIR_REPLY && (!v.nat_addr.is_zero() || bypass) {
         touch(&v.reply_key(proto), v, now_ns);
     }
     if own != CT_DIR_INNER && !bypass {
@@ -125,8 +133,8 @@ fn refresh_peers(v: &CtValue, own: u8, proto: u8, now_ns: u64) {
 }
 
 #[inline(always)]
-fn touch(key: &CtKey, v: &CtValue, now_ns: u64) {
-    match maps::CT.get_ptr_mut(key) {
+fn touch<A: Fam>(key: &CtKey<A>, v: &CtValue<A>, now_ns: u64) {
+    match A::ct().get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup, valid during the program.
         Some(p) => unsafe {
             if (*p).same_flow(v) {
@@ -137,7 +145,7 @@ fn touch(key: &CtKey, v: &CtValue, now_ns: u64) {
         None => {
             // Deleted (by the collector, racing with this packet): re-created. A full map leaves it missing; the
             // next refresh tries again.
-            let _ = maps::CT.insert(key, v, BPF_NOEXIST);
+            let _ = A::ct().insert(key, v, BPF_NOEXIST);
         }
     }
 }
@@ -145,27 +153,39 @@ fn touch(key: &CtKey, v: &CtValue, now_ns: u64) {
 /// Forgets the flow `v` before a new flow takes its client tuple (a new connection reusing the 5-tuple of a
 /// closed one): its masquerade port is given back at once.
 #[inline(always)]
-pub fn release(v: &CtValue, proto: u8) {
-    if v.nat_addr == 0 {
+pub fn release<A: Fam>(v: &CtValue<A>, proto: u8) {
+    if v.nat_addr.is_zero() {
         return;
     }
     let key = v.reply_key(proto);
     // SAFETY: the value is compared at once.
-    if unsafe { maps::CT.get(key) }.is_some_and(|r| r.same_flow(v)) {
-        let _ = maps::CT.remove(key);
+    if unsafe { A::ct().get(key) }.is_some_and(|r| r.same_flow(v)) {
+        let _ = A::ct().remove(key);
     }
 }
 
 /// Tracks the new flow `flow` (client -> frontend) to `backend`, masqueraded to `snat_addr` unless that is 0: a
-/// masquerade port is allocated, then the entries are written. `Err(reason)` when the map is full or no port
-/// was free (the packet is dropped; the client retransmits).
+/// masquerade port is allocated, then the entries are written. Returns what the packet becomes; `Err(reason)`
+/// when the map is full or no port was free (the packet is dropped; the client retransmits).
+// The value is passed by reference on purpose: `*v` would copy it (96 bytes for IPv6) onto the stack.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-pub fn create(flow: &Flow, backend: &Backend, service_id: u32, snat_addr: u32, now_ns: u64) -> Result<CtValue, u32> {
-    let mut v = CtValue {
+pub fn create<A: Fam>(
+    flow: &Flow<A>,
+    backend: &Backend<A>,
+    service_id: u32,
+    snat_addr: A,
+    now_ns: u64,
+) -> Result<Tuple<A>, u32> {
+    let mut local = CtValue::default();
+    let Some(v) = A::ct_scratch(&mut local) else {
+        return Err(REASON_CT_FULL);
+    };
+    *v = CtValue {
         client_addr: flow.saddr,
         frontend_addr: flow.daddr,
         backend_addr: backend.addr,
-        nat_addr: 0,
+        nat_addr: A::default(),
         client_port: flow.sport,
         frontend_port: flow.dport,
         backend_port: backend.port,
@@ -178,28 +198,29 @@ pub fn create(flow: &Flow, backend: &Backend, service_id: u32, snat_addr: u32, n
     };
     let proto = flow.proto;
     let bypass = cfg::bypass_netfilter();
-    if snat_addr != 0 {
-        allocate_port(&mut v, proto, snat_addr, flow.is_opening(), now_ns)?;
-    } else if bypass && maps::CT.insert(v.reply_key(proto), v, BPF_ANY).is_err() {
+    let ct = A::ct();
+    if !snat_addr.is_zero() {
+        allocate_port(v, proto, snat_addr, flow.is_opening(), now_ns)?;
+    } else if bypass && ct.insert(v.reply_key(proto), &*v, BPF_ANY).is_err() {
         return Err(REASON_CT_FULL);
     }
-    let has_reply = snat_addr != 0 || bypass;
-    if !bypass && maps::CT.insert(v.inner_key(proto), v, BPF_ANY).is_err() {
+    let has_reply = !snat_addr.is_zero() || bypass;
+    if !bypass && ct.insert(v.inner_key(proto), &*v, BPF_ANY).is_err() {
         if has_reply {
-            let _ = maps::CT.remove(v.reply_key(proto));
+            let _ = ct.remove(v.reply_key(proto));
         }
         return Err(REASON_CT_FULL);
     }
-    if maps::CT.insert(v.service_key(proto), v, BPF_ANY).is_err() {
+    if ct.insert(v.service_key(proto), &*v, BPF_ANY).is_err() {
         if has_reply {
-            let _ = maps::CT.remove(v.reply_key(proto));
+            let _ = ct.remove(v.reply_key(proto));
         }
         if !bypass {
-            let _ = maps::CT.remove(v.inner_key(proto));
+            let _ = ct.remove(v.inner_key(proto));
         }
         return Err(REASON_CT_FULL);
     }
-    Ok(v)
+    Ok(translation(CT_DIR_SERVICE, v, &flow.tuple()))
 }
 
 /// Finds a masquerade source port for `v` towards its backend and claims it by writing the flow's reply entry
@@ -210,7 +231,7 @@ pub fn create(flow: &Flow, backend: &Backend, service_id: u32, snat_addr: u32, n
 /// segment of it would reach the new one). The client's own port is tried first (as the kernel's masquerade
 /// does), then random ones.
 #[inline(always)]
-fn allocate_port(v: &mut CtValue, proto: u8, snat_addr: u32, opening: bool, now_ns: u64) -> Result<(), u32> {
+fn allocate_port<A: Fam>(v: &mut CtValue<A>, proto: u8, snat_addr: A, opening: bool, now_ns: u64) -> Result<(), u32> {
     let ports = cfg::nat_ports();
     let timeouts = cfg::timeouts();
     v.nat_addr = snat_addr;
@@ -224,19 +245,19 @@ fn allocate_port(v: &mut CtValue, proto: u8, snat_addr: u32, opening: bool, now_
         };
         v.nat_port = port.to_be();
         let key = v.reply_key(proto);
-        match maps::CT.insert(key, *v, BPF_NOEXIST) {
+        match A::ct().insert(key, *v, BPF_NOEXIST) {
             Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => {
                 // SAFETY: the value is copied out at once.
-                let reusable = unsafe { maps::CT.get(key) }.is_some_and(|old| {
-                    old.reclaimable(proto, now_ns, &timeouts)
+                let reusable = unsafe { A::ct().get(key) }.is_some_and(|old| {
+                    old.reclaimable(proto, now_ns, timeouts)
                         || (opening
                             && proto == IPPROTO_TCP
                             && old.tcp_closed()
                             && old.client_addr == v.client_addr
                             && old.client_port == v.client_port)
                 });
-                if reusable && maps::CT.insert(key, *v, BPF_EXIST).is_ok() {
+                if reusable && A::ct().insert(key, *v, BPF_EXIST).is_ok() {
                     return Ok(());
                 }
             }
@@ -252,13 +273,13 @@ fn allocate_port(v: &mut CtValue, proto: u8, snat_addr: u32, opening: bool, now_
 /// - `REPLY`: to the client (and, with netfilter bypassed, from the frontend);
 /// - `INNER`: from the masquerade address when the client sent it, from the frontend when the backend did.
 #[inline(always)]
-pub fn translation(dir: u8, v: &CtValue, t: &Tuple) -> Tuple {
+pub fn translation<A: Fam>(dir: u8, v: &CtValue<A>, t: &Tuple<A>) -> Tuple<A> {
     let bypass = cfg::bypass_netfilter();
     let mut out = *t;
     if dir == CT_DIR_SERVICE {
         out.daddr = v.backend_addr;
         out.dport = v.backend_port;
-        if bypass && v.nat_addr != 0 {
+        if bypass && !v.nat_addr.is_zero() {
             out.saddr = v.nat_addr;
             out.sport = v.nat_port;
         }
@@ -270,7 +291,7 @@ pub fn translation(dir: u8, v: &CtValue, t: &Tuple) -> Tuple {
             out.sport = v.frontend_port;
         }
     } else if from_client(v, t) {
-        if v.nat_addr != 0 {
+        if !v.nat_addr.is_zero() {
             out.saddr = v.nat_addr;
             out.sport = v.nat_port;
         }
@@ -283,6 +304,6 @@ pub fn translation(dir: u8, v: &CtValue, t: &Tuple) -> Tuple {
 
 /// Whether a packet with `t` was sent by the flow's client (for `INNER` hits, which serve both directions).
 #[inline(always)]
-pub fn from_client(v: &CtValue, t: &Tuple) -> bool {
+pub fn from_client<A: Fam>(v: &CtValue<A>, t: &Tuple<A>) -> bool {
     t.saddr == v.client_addr && t.sport == v.client_port
 }

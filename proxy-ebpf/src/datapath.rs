@@ -1,6 +1,7 @@
-//! The per-packet flow at TC ingress (pod veths, uplinks):
-//! 1. not IPv4 TCP/UDP: ICMP errors about tracked flows are translated like the flow (`icmp`); fragments and
-//!    non-IPv4 pass untouched (counted);
+//! The per-packet flow at TC ingress (pod veths, uplinks), the same for IPv4 and IPv6 (each family with its own
+//! maps and code, `fam`):
+//! 1. not TCP/UDP: ICMP errors about tracked flows are translated like the flow (`icmp`, `icmp6`); fragments and
+//!    non-IP frames pass untouched (counted);
 //! 2. a reply of a masqueraded flow (reply-direction conntrack hit; with netfilter bypassed, of any translated
 //!    flow): back to the client;
 //! 3. not addressed to a frontend: pass;
@@ -24,17 +25,18 @@
 
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
 use orca_common::{
-    Backend, Frontend, CONFIG_SNAT_IPV4, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT,
-    CT_F_RST, FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL, FRONTEND_F_SOURCE_RANGES, REASON_FRAGMENT,
-    REASON_NOT_IPV4, REASON_NO_LOCAL_ENDPOINTS, REASON_REWRITE_FAILED, REASON_SOURCE_RANGE,
+    Backend, Frontend, In6, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST,
+    FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL, FRONTEND_F_SOURCE_RANGES, REASON_FRAGMENT, REASON_NOT_IP,
+    REASON_NO_LOCAL_ENDPOINTS, REASON_REWRITE_FAILED, REASON_SOURCE_RANGE,
 };
 
 use crate::{
     affinity, cfg,
     ct::{self, Hit},
-    fwd, icmp, lb, maps, nat,
+    fam::Fam,
+    lb, maps,
     parse::{self, Flow, Skip},
-    reject, stats,
+    stats,
 };
 
 /// Where the packet entered the node.
@@ -49,16 +51,16 @@ pub enum Origin {
 /// A packet that `parse` leaves alone: ICMP errors may belong to a tracked flow; the rest is counted where it
 /// arrives (at ingress; the same packet is not counted again on its way out).
 #[inline(always)]
-fn skipped(ctx: &TcContext, why: Skip, egress: bool) -> i32 {
+fn skipped<A: Fam>(_ctx: &TcContext, why: Skip, egress: bool) -> i32 {
     match why {
-        Skip::Other => icmp::handle(ctx, egress),
+        Skip::Other => NOT_A_FLOW,
         _ if egress => TC_ACT_OK,
         Skip::Fragment => {
             stats::count(REASON_FRAGMENT);
             TC_ACT_OK
         }
-        Skip::NotIpv4 => {
-            stats::count(REASON_NOT_IPV4);
+        Skip::NotIp => {
+            stats::count(REASON_NOT_IP);
             TC_ACT_OK
         }
     }
@@ -66,10 +68,86 @@ fn skipped(ctx: &TcContext, why: Skip, egress: bool) -> i32 {
 
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> i32 {
-    let mut flow = match parse::parse(ctx) {
-        Ok(f) => f,
-        Err(why) => return skipped(ctx, why, false),
+    if parse::ethertype(ctx) == parse::ETH_IPV6 {
+        match ingress6(ctx, origin) {
+            NOT_A_FLOW => icmp6(ctx, false),
+            NEW_FLOW => new_flow6(ctx, origin),
+            verdict => verdict,
+        }
+    } else {
+        match ingress4(ctx, origin) {
+            NOT_A_FLOW => icmp4(ctx, false),
+            verdict => verdict,
+        }
+    }
+}
+
+/// Each family in a BPF subprogram of its own, and ICMP errors in another: the verifier allows 512 bytes of stack
+/// along a chain of calls, and IPv6's 16-byte addresses need most of it. The entry point's own frame stays empty.
+#[inline(never)]
+fn ingress4(ctx: &TcContext, origin: Origin) -> i32 {
+    match parse::parse(ctx) {
+        Ok(mut f) => ingress_flow(ctx, origin, &mut f),
+        Err(Skip::Other) => NOT_A_FLOW,
+        Err(why) => skipped::<u32>(ctx, why, false),
+    }
+}
+
+#[inline(never)]
+fn ingress6(ctx: &TcContext, origin: Origin) -> i32 {
+    match parse::parse6(ctx) {
+        Ok(f) => match scratch_flow(f) {
+            Some(flow) => ingress_flow(ctx, origin, flow),
+            None => TC_ACT_OK,
+        },
+        Err(Skip::Other) => NOT_A_FLOW,
+        Err(why) => skipped::<In6>(ctx, why, false),
+    }
+}
+
+/// An IPv6 flow lives in this CPU's scratch slot rather than in registers: its addresses are eight words, and
+/// keeping them in registers spills most of the stack.
+#[inline(always)]
+fn scratch_flow(f: Flow<In6>) -> Option<&'static mut Flow<In6>> {
+    let p = maps::SCRATCH6.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; TC programs do not nest on a CPU, and the slot's other fields are not this one.
+    unsafe {
+        (*p).flow = f;
+        Some(&mut (*p).flow)
+    }
+}
+
+/// What the per-family subprograms return for a packet that is not TCP/UDP: the entry point then looks for an
+/// ICMP error (`icmp4`/`icmp6`, sibling subprograms).
+const NOT_A_FLOW: i32 = -1000;
+/// What `ingress6` returns for the first packet of a new flow (its frontend stashed with the flow): the entry point
+/// then calls `new_flow6`, a sibling with a stack frame of its own.
+const NEW_FLOW: i32 = -1001;
+
+#[inline(never)]
+fn new_flow6(ctx: &TcContext, origin: Origin) -> i32 {
+    let Some(p) = maps::SCRATCH6.get_ptr_mut(0) else {
+        return TC_ACT_OK;
     };
+    // SAFETY: this CPU's slot, filled by `ingress6` for this very packet just before.
+    let (flow, fe) = unsafe { (&mut (*p).flow, (*p).fe) };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    new_flow(ctx, origin, flow, &fe, now)
+}
+
+#[inline(never)]
+fn icmp4(ctx: &TcContext, egress: bool) -> i32 {
+    <u32 as Fam>::icmp(ctx, egress)
+}
+
+#[inline(never)]
+fn icmp6(ctx: &TcContext, egress: bool) -> i32 {
+    <In6 as Fam>::icmp(ctx, egress)
+}
+
+#[inline(always)]
+fn ingress_flow<A: Fam>(ctx: &TcContext, origin: Origin, flow: &mut Flow<A>) -> i32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let bypass = cfg::bypass_netfilter();
@@ -78,21 +156,21 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> i32 {
     // reverse-translated). Replies of masqueraded flows are addressed to the node; with netfilter bypassed every
     // reply is translated here.
     if !flow.is_opening() {
-        let snat = snat_ipv4();
-        if bypass || (snat != 0 && flow.daddr == snat) {
-            if let Some(mut hit) = ct::lookup(&ct::key(&flow, CT_DIR_REPLY), now) {
-                ct::observe(&mut hit, CT_DIR_REPLY, &flow, false, now);
-                return apply(ctx, &mut flow, CT_DIR_REPLY, &hit);
+        let snat = A::snat();
+        if bypass || (!snat.is_zero() && flow.daddr == snat) {
+            if let Some(mut hit) = ct::lookup(&ct::key(flow, CT_DIR_REPLY), now) {
+                ct::observe(&mut hit, CT_DIR_REPLY, flow, false, now);
+                return apply(ctx, flow, CT_DIR_REPLY, &hit);
             }
         }
     }
 
-    let Some(fe) = lb::lookup_frontend(&flow, origin == Origin::Netdev) else {
+    let Some(fe) = lb::lookup_frontend(flow, origin == Origin::Netdev) else {
         return TC_ACT_OK;
     };
 
-    if let Some(mut hit) = ct::lookup(&ct::key(&flow, CT_DIR_SERVICE), now) {
-        let v = hit.value;
+    if let Some(mut hit) = ct::lookup(&ct::key(flow, CT_DIR_SERVICE), now) {
+        let v = hit.value();
         let backend = Backend {
             addr: v.backend_addr,
             port: v.backend_port,
@@ -101,37 +179,43 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> i32 {
         // A SYN on a closing or closed connection's tuple opens a new connection, as in the kernel's conntrack;
         // any other SYN on a live entry is a retransmission and keeps the flow (and its masquerade port).
         let reopened = flow.is_opening() && v.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST) != 0;
-        if !reopened && keeps_backend(&flow, v.service_id, &backend) {
-            ct::observe(&mut hit, CT_DIR_SERVICE, &flow, true, now);
-            return apply(ctx, &mut flow, CT_DIR_SERVICE, &hit);
+        if !reopened && keeps_backend(flow, v.service_id, &backend) {
+            ct::observe(&mut hit, CT_DIR_SERVICE, flow, true, now);
+            return apply(ctx, flow, CT_DIR_SERVICE, &hit);
         }
-        ct::release(&v, flow.proto);
+        ct::release(v, flow.proto);
     }
 
+    if A::stash_new_flow(&fe) {
+        return NEW_FLOW;
+    }
+    new_flow(ctx, origin, flow, &fe, now)
+}
+
+/// A new flow to frontend `fe`: choose its backend, track it, translate the packet.
+#[inline(always)]
+fn new_flow<A: Fam>(ctx: &TcContext, origin: Origin, flow: &mut Flow<A>, fe: &Frontend, now: u64) -> i32 {
     // loadBalancerSourceRanges: new connections from other sources are dropped (kube-proxy's KUBE-FW chain;
     // tracked flows above keep going, as conntrack'd ones do there).
     if fe.flags & FRONTEND_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, flow.saddr) {
         return stats::drop(REASON_SOURCE_RANGE);
     }
 
-    let backend = match affinity::lookup(&fe, flow.saddr, now) {
+    let backend = match affinity::lookup(fe, flow.saddr, now) {
         Some(b) => b,
-        None => match lb::choose_backend(&fe, flow_hash(&flow)) {
+        None => match lb::choose_backend::<A>(fe, flow_hash(flow)) {
             Some(b) => b,
             None if fe.flags & FRONTEND_F_DROP_WHEN_EMPTY != 0 => return stats::drop(REASON_NO_LOCAL_ENDPOINTS),
-            None => return reject::reject(ctx, &flow),
+            None => return A::reject(ctx, flow),
         },
     };
-    affinity::record(&fe, flow.saddr, &backend, now);
+    affinity::record(fe, flow.saddr, &backend, now);
     let masquerade = fe.flags & FRONTEND_F_SNAT_EXTERNAL != 0
         || flow.saddr == backend.addr
-        || masquerade_by_config(origin, &fe, flow.saddr);
-    let snat_addr = if masquerade { snat_ipv4() } else { 0 };
-    match ct::create(&flow, &backend, fe.service_id, snat_addr, now) {
-        Ok(v) => {
-            let t = ct::translation(CT_DIR_SERVICE, &v, &flow.tuple());
-            deliver(ctx, &mut flow, t)
-        }
+        || masquerade_by_config(origin, fe, flow.saddr);
+    let snat_addr = if masquerade { A::snat() } else { A::default() };
+    match ct::create(flow, &backend, fe.service_id, snat_addr, now) {
+        Ok(t) => deliver(ctx, flow, t),
         Err(reason) => stats::drop(reason),
     }
 }
@@ -144,52 +228,78 @@ pub fn egress(ctx: &TcContext) -> i32 {
     if cfg::bypass_netfilter() {
         return TC_ACT_OK;
     }
-    let mut flow = match parse::parse(ctx) {
-        Ok(f) => f,
-        Err(why) => return skipped(ctx, why, true),
-    };
+    if parse::ethertype(ctx) == parse::ETH_IPV6 {
+        match egress6(ctx) {
+            NOT_A_FLOW => icmp6(ctx, true),
+            verdict => verdict,
+        }
+    } else {
+        match egress4(ctx) {
+            NOT_A_FLOW => icmp4(ctx, true),
+            verdict => verdict,
+        }
+    }
+}
+
+#[inline(never)]
+fn egress4(ctx: &TcContext) -> i32 {
+    match parse::parse(ctx) {
+        Ok(mut f) => egress_flow(ctx, &mut f),
+        Err(Skip::Other) => NOT_A_FLOW,
+        Err(why) => skipped::<u32>(ctx, why, true),
+    }
+}
+
+#[inline(never)]
+fn egress6(ctx: &TcContext) -> i32 {
+    match parse::parse6(ctx) {
+        Ok(f) => match scratch_flow(f) {
+            Some(flow) => egress_flow(ctx, flow),
+            None => TC_ACT_OK,
+        },
+        Err(Skip::Other) => NOT_A_FLOW,
+        Err(why) => skipped::<In6>(ctx, why, true),
+    }
+}
+
+#[inline(always)]
+fn egress_flow<A: Fam>(ctx: &TcContext, flow: &mut Flow<A>) -> i32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(mut hit) = ct::lookup(&ct::key(&flow, CT_DIR_INNER), now) else {
+    let Some(mut hit) = ct::lookup(&ct::key(flow, CT_DIR_INNER), now) else {
         return TC_ACT_OK;
     };
-    let from_client = ct::from_client(&hit.value, &flow.tuple());
-    ct::observe(&mut hit, CT_DIR_INNER, &flow, from_client, now);
-    apply(ctx, &mut flow, CT_DIR_INNER, &hit)
+    let from_client = ct::from_client(hit.value(), &flow.tuple());
+    ct::observe(&mut hit, CT_DIR_INNER, flow, from_client, now);
+    apply(ctx, flow, CT_DIR_INNER, &hit)
 }
 
 /// Translates the packet as its conntrack entry says.
 #[inline(always)]
-fn apply(ctx: &TcContext, flow: &mut Flow, dir: u8, hit: &Hit) -> i32 {
-    let t = ct::translation(dir, &hit.value, &flow.tuple());
+fn apply<A: Fam>(ctx: &TcContext, flow: &mut Flow<A>, dir: u8, hit: &Hit<A>) -> i32 {
+    let t = ct::translation(dir, hit.value(), &flow.tuple());
     deliver(ctx, flow, t)
 }
 
 /// Rewrites the packet to `t`; with netfilter bypassed, forwards it (`fwd`). A packet whose rewrite failed
 /// half-way would be corrupt and is dropped.
 #[inline(always)]
-fn deliver(ctx: &TcContext, flow: &mut Flow, t: parse::Tuple) -> i32 {
-    if nat::rewrite(ctx, flow, t.saddr, t.sport, t.daddr, t.dport).is_err() {
+fn deliver<A: Fam>(ctx: &TcContext, flow: &mut Flow<A>, t: parse::Tuple<A>) -> i32 {
+    if A::rewrite(ctx, flow, t).is_err() {
         return stats::drop(REASON_REWRITE_FAILED);
     }
     if cfg::bypass_netfilter() {
-        fwd::forward(ctx, flow)
+        A::forward(ctx, flow)
     } else {
         TC_ACT_OK
     }
-}
-
-/// The node address masqueraded flows get; 0 when the agent has not configured one.
-#[inline(always)]
-fn snat_ipv4() -> u32 {
-    maps::CONFIG.get(CONFIG_SNAT_IPV4).copied().unwrap_or(0)
 }
 
 /// A tracked flow keeps its backend, except that UDP flows and new TCP connections (a SYN reusing
 /// an old 5-tuple) move off a backend that left the service, as kube-proxy's conntrack cleanup
 /// does. Established TCP connections keep theirs whatever the backend set becomes.
 #[inline(always)]
-fn keeps_backend(flow: &Flow, service_id: u32, backend: &Backend) -> bool {
+fn keeps_backend<A: Fam>(flow: &Flow<A>, service_id: u32, backend: &Backend<A>) -> bool {
     if flow.is_tcp() && !flow.is_opening() {
         return true;
     }
@@ -197,20 +307,20 @@ fn keeps_backend(flow: &Flow, service_id: u32, backend: &Backend) -> bool {
 }
 
 #[inline(always)]
-fn flow_hash(flow: &Flow) -> u32 {
+fn flow_hash<A: Fam>(flow: &Flow<A>) -> u32 {
     orca_common::flow_hash(flow.saddr, flow.daddr, flow.sport, flow.dport, flow.proto)
 }
 
 /// kube-proxy's `--masquerade-all`, and `--cluster-cidr`: ClusterIP traffic from outside the node
 /// whose source is not a pod is masqueraded, so replies of remote backends come back here.
 #[inline(always)]
-fn masquerade_by_config(origin: Origin, fe: &Frontend, saddr: u32) -> bool {
+fn masquerade_by_config<A: Fam>(origin: Origin, fe: &Frontend, saddr: A) -> bool {
     let flags = maps::CONFIG.get(orca_common::CONFIG_FLAGS).copied().unwrap_or(0);
     if flags & orca_common::CONFIG_F_MASQUERADE_ALL != 0 {
         return true;
     }
     origin == Origin::Netdev
-        && flags & orca_common::CONFIG_F_CLUSTER_CIDR != 0
+        && flags & A::CLUSTER_CIDR_FLAG != 0
         && fe.flags & orca_common::FRONTEND_F_CLUSTER_IP != 0
         && !lb::source_allowed(orca_common::CLUSTER_CIDR_ID, saddr)
 }

@@ -25,9 +25,10 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext as _,
 };
+use orca_common::In6;
 use proxy_ebpf::{
     csum,
-    hdr::{ETH_HLEN, IPV4_HLEN, IP_CSUM, IP_TTL},
+    hdr::{ETH_HLEN, IP6_HOPLIMIT, IPV4_HLEN, IPV6_HLEN, IP_CSUM, IP_TTL},
 };
 
 use orca_common::REASON_FIB_DECLINED;
@@ -35,6 +36,7 @@ use orca_common::REASON_FIB_DECLINED;
 use crate::{parse::Flow, stats};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const FIB_PARAMS_WORDS: usize = core::mem::size_of::<FibParams>() / 8;
 const _: () = assert!(core::mem::size_of::<FibParams>() == FIB_PARAMS_WORDS * 8);
 
@@ -42,6 +44,23 @@ const _: () = assert!(core::mem::size_of::<FibParams>() == FIB_PARAMS_WORDS * 8)
 /// TC_ACT_REDIRECT; TC_ACT_OK (the stack takes it) when the FIB does not forward it here.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
+    route(ctx, flow.proto, flow.sport, flow.dport, false, |p| {
+        p.__bindgen_anon_3.ipv4_src = flow.saddr;
+        p.__bindgen_anon_4.ipv4_dst = flow.daddr;
+    })
+}
+
+/// The IPv6 `forward` (hop limit instead of TTL, no header checksum).
+#[inline(always)]
+pub fn forward6(ctx: &TcContext, flow: &Flow<In6>) -> i32 {
+    route(ctx, flow.proto, flow.sport, flow.dport, true, |p| {
+        p.__bindgen_anon_3.ipv6_src = flow.saddr.0;
+        p.__bindgen_anon_4.ipv6_dst = flow.daddr.0;
+    })
+}
+
+#[inline(always)]
+fn route(ctx: &TcContext, proto: u8, sport: u16, dport: u16, v6: bool, addrs: impl FnOnce(&mut FibParams)) -> i32 {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
     // Zeroed with eight 8-byte stores: a zero-initialised struct literal compiles to calls of
     // aya-ebpf's byte-by-byte memset, which cost more than the FIB lookup itself.
@@ -53,19 +72,25 @@ pub fn forward(ctx: &TcContext, flow: &Flow) -> i32 {
     // SAFETY: `raw` is 8-byte aligned (FibParams needs 4), exactly FibParams' size, and all-zero
     // is a valid FibParams (plain integers).
     let p = unsafe { &mut *raw.as_mut_ptr().cast::<FibParams>() };
-    p.family = AF_INET;
-    p.l4_protocol = flow.proto;
-    p.sport = flow.sport;
-    p.dport = flow.dport;
+    p.family = if v6 { AF_INET6 } else { AF_INET };
+    p.l4_protocol = proto;
+    p.sport = sport;
+    p.dport = dport;
     // tot_len stays 0: the kernel then checks the skb itself against the egress MTU (GSO aware).
     // SAFETY: reading the context's ingress ifindex.
     p.ifindex = unsafe { (*skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = flow.saddr;
-    p.__bindgen_anon_4.ipv4_dst = flow.daddr;
+    addrs(p);
     // SAFETY: `p` lives on this stack frame for the call; the size is the struct's.
     let rc = unsafe { bpf_fib_lookup(skb.cast(), p, core::mem::size_of::<FibParams>() as i32, 0) };
     let rc = rc as u32;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH || decrement_ttl(ctx).is_err() {
+    let decrement = |ctx| {
+        if v6 {
+            decrement_hop_limit(ctx)
+        } else {
+            decrement_ttl(ctx)
+        }
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH || decrement(ctx).is_err() {
         stats::count(REASON_FIB_DECLINED);
         return TC_ACT_OK;
     }
@@ -117,6 +142,24 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
         let new = u16::from_ne_bytes(bytes);
         sum_p.write_unaligned(csum::replace2(sum_p.read_unaligned(), old, new));
         word_p.write_unaligned(new);
+    }
+    Ok(())
+}
+
+/// Decrements the IPv6 hop limit; `Err` when the packet must not be forwarded (the stack answers).
+#[inline(always)]
+fn decrement_hop_limit(ctx: &TcContext) -> Result<(), i64> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_HLEN + IPV6_HLEN > end {
+        return Err(0);
+    }
+    let p = (start + ETH_HLEN + IP6_HOPLIMIT) as *mut u8;
+    // SAFETY: inside the IPv6 header checked above.
+    unsafe {
+        if *p <= 1 {
+            return Err(0);
+        }
+        *p -= 1;
     }
     Ok(())
 }

@@ -119,17 +119,17 @@ fn translate(ctx: &TcContext, egress: bool) -> Option<Result<Flow, i64>> {
             return None;
         }
         let k = CtKey::inner(rev.saddr, rev.sport, rev.daddr, rev.dport, q.proto);
-        (CT_DIR_INNER, ct::lookup(&k, now_ns)?.value)
+        (CT_DIR_INNER, ct::lookup(&k, now_ns)?)
     } else {
         match ct::lookup(&key, now_ns) {
-            Some(hit) => (CT_DIR_SERVICE, hit.value),
+            Some(hit) => (CT_DIR_SERVICE, hit),
             None => {
                 key.dir = CT_DIR_REPLY;
-                (CT_DIR_REPLY, ct::lookup(&key, now_ns)?.value)
+                (CT_DIR_REPLY, ct::lookup(&key, now_ns)?)
             }
         }
     };
-    let new = ct::translation(dir, &v, &rev);
+    let new = ct::translation(dir, v.value(), &rev);
     Some(apply(
         ctx,
         icmp + ICMP_CSUM,

@@ -7,12 +7,12 @@ use orca_common::{
     SCOPE_ANY, SCOPE_EXTERNAL,
 };
 
-use crate::{maps, parse::Flow};
+use crate::{fam::Fam, parse::Flow};
 
 /// The frontend the packet is addressed to, if any. Traffic from outside the node prefers a
 /// `SCOPE_EXTERNAL` entry.
 #[inline(always)]
-pub fn lookup_frontend(flow: &Flow, external: bool) -> Option<Frontend> {
+pub fn lookup_frontend<A: Fam>(flow: &Flow<A>, external: bool) -> Option<Frontend> {
     let mut key = FrontendKey {
         addr: flow.daddr,
         port: flow.dport,
@@ -21,13 +21,13 @@ pub fn lookup_frontend(flow: &Flow, external: bool) -> Option<Frontend> {
     };
     if external {
         // SAFETY: the value is copied out at once; hash map values stay valid during the program.
-        if let Some(fe) = unsafe { maps::FRONTENDS.get(key) } {
+        if let Some(fe) = unsafe { A::frontends().get(key) } {
             return Some(*fe);
         }
     }
     key.scope = SCOPE_ANY;
     // SAFETY: as above.
-    unsafe { maps::FRONTENDS.get(key) }.copied()
+    unsafe { A::frontends().get(key) }.copied()
 }
 
 /// A backend of the frontend's current set: uniformly random, or by the Maglev table for
@@ -35,7 +35,7 @@ pub fn lookup_frontend(flow: &Flow, external: bool) -> Option<Frontend> {
 /// missing (the agent writes slots before it publishes their count, so that means a bug or a race
 /// with a deletion; the caller then treats the frontend as having no endpoints).
 #[inline(always)]
-pub fn choose_backend(fe: &Frontend, flow_hash: u32) -> Option<Backend> {
+pub fn choose_backend<A: Fam>(fe: &Frontend, flow_hash: u32) -> Option<Backend<A>> {
     if fe.backend_count == 0 {
         return None;
     }
@@ -46,7 +46,7 @@ pub fn choose_backend(fe: &Frontend, flow_hash: u32) -> Option<Backend> {
         };
         // SAFETY: copied out at once. A missing table (the agent is writing it) falls back to a
         // random choice rather than failing the connection.
-        match unsafe { maps::MAGLEV.get(key) }.copied() {
+        match unsafe { A::maglev().get(key) }.copied() {
             Some(o) => o,
             // SAFETY: helper without arguments.
             None => (unsafe { bpf_get_prandom_u32() }) % u32::from(fe.backend_count),
@@ -64,26 +64,26 @@ pub fn choose_backend(fe: &Frontend, flow_hash: u32) -> Option<Backend> {
         slot,
     };
     // SAFETY: copied out at once.
-    unsafe { maps::BACKENDS.get(key) }.copied()
+    unsafe { A::backends().get(key) }.copied()
 }
 
 /// Whether `backend` is part of the service's current backend set.
 #[inline(always)]
-pub fn is_member(service_id: u32, backend: &Backend) -> bool {
+pub fn is_member<A: Fam>(service_id: u32, backend: &Backend<A>) -> bool {
     let key = MemberKey::of(service_id, backend);
     // SAFETY: only presence is checked.
-    unsafe { maps::MEMBERS.get(key) }.is_some()
+    unsafe { A::members().get(key) }.is_some()
 }
 
 /// Whether `saddr` may connect to a frontend of `service_id` restricted by source ranges.
 #[inline(always)]
-pub fn source_allowed(service_id: u32, saddr: u32) -> bool {
+pub fn source_allowed<A: Fam>(service_id: u32, saddr: A) -> bool {
     let key = Key::new(
-        64,
+        32 + A::BITS,
         SrcRangeKey {
             service_id,
             addr: saddr,
         },
     );
-    maps::SRC_RANGES.get(key).is_some()
+    A::src_ranges().get(key).is_some()
 }

@@ -1,6 +1,9 @@
 //! Orca's TC programs. The entry points are thin; each concern lives in its own module, as in
 //! Cilium's bpf/lib:
-//! - `parse`: Ethernet/IPv4/TCP/UDP parsing (fragments, IPv6 and other protocols pass untouched)
+//! - `fam`: what differs between IPv4 and IPv6 (each family's maps, node address, header steps); everything else
+//!   is generic over the address type
+//! - `parse`: Ethernet/IPv4/IPv6/TCP/UDP parsing (IPv6 extension headers skipped; fragments and other protocols
+//!   pass untouched)
 //! - `maps`: the map definitions (types in orca-common)
 //! - `cfg`: load-time settings (conntrack lifetimes, masquerade ports, netfilter bypass)
 //! - `lb`: frontend lookup, backend choice, backend membership
@@ -9,9 +12,9 @@
 //!   what each entry translates a packet to
 //! - `nat`: address and port rewriting with incremental L3/L4 checksums
 //! - `fwd`: with netfilter bypassed, delivery of translated packets to their egress device (FIB lookup, redirect)
-//! - `icmp`: ICMP errors about tracked flows, translated like the flow (conntrack's "related")
-//! - `reject`: ICMP port unreachable for frontends without endpoints
-//! - `sock`: cgroup connect/sendmsg/recvmsg/getpeername hooks for clients in the node's namespace
+//! - `icmp`, `icmp6`: ICMP and ICMPv6 errors about tracked flows, translated like the flow (conntrack's "related")
+//! - `reject`: ICMP / ICMPv6 port unreachable for frontends without endpoints
+//! - `sock`: cgroup connect/sendmsg/recvmsg/getpeername hooks (4 and 6) for clients in the node's namespace
 //! - `stats`: counters of drops and untranslated packets, per reason
 //! - `datapath`: the per-packet flow that ties them together (ingress: DNAT; egress: SNAT and reverse DNAT)
 //!
@@ -24,8 +27,10 @@ mod affinity;
 mod cfg;
 mod ct;
 mod datapath;
+mod fam;
 mod fwd;
 mod icmp;
+mod icmp6;
 mod lb;
 mod maps;
 mod nat;
@@ -81,6 +86,30 @@ pub fn orca_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn orca_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::restore(&ctx)
+}
+
+/// cgroup/connect6: the same for IPv6 sockets (IPv6 frontends; IPv4 ones as mapped addresses).
+#[cgroup_sock_addr(connect6)]
+pub fn orca_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx, false)
+}
+
+/// cgroup/sendmsg6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn orca_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx, true)
+}
+
+/// cgroup/recvmsg6.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn orca_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore6(&ctx)
+}
+
+/// cgroup/getpeername6.
+#[cgroup_sock_addr(getpeername6)]
+pub fn orca_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore6(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -6,11 +6,13 @@ use aya_ebpf::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use orca_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, MemberKey, SockKey,
-    SrcRangeKey, AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX, REASON_COUNT, SOCK_MAX, SRC_RANGES_MAX,
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, In6, MemberKey,
+    SockKey, SrcRangeKey, AFFINITY_MAX, BACKENDS_MAX, CONFIG_LEN, CT_MAX, FRONTENDS_MAX, REASON_COUNT, SOCK_MAX,
+    SRC_RANGES_MAX,
 };
 
 use orca_common::{MaglevKey, MAGLEV_MAX};
+use proxy_ebpf::hdr::REJECT6_FRAME_LEN;
 
 #[map(name = "ORCA_FRONTENDS")]
 pub static FRONTENDS: HashMap<FrontendKey, Frontend> = HashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
@@ -49,5 +51,47 @@ pub static MAGLEV: HashMap<MaglevKey, u32> = HashMap::with_max_entries(MAGLEV_MA
 /// Packets per `REASON_*` (drops and untranslated passes), read by the agent for its metrics.
 #[map(name = "ORCA_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+// The IPv6 twins: the same roles with 16-byte addresses (`fam::Fam` picks a family's maps).
+
+#[map(name = "ORCA_FRONTENDS6")]
+pub static FRONTENDS6: HashMap<FrontendKey<In6>, Frontend> =
+    HashMap::with_max_entries(FRONTENDS_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "ORCA_BACKENDS6")]
+pub static BACKENDS6: HashMap<BackendSlotKey, Backend<In6>> =
+    HashMap::with_max_entries(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "ORCA_MEMBERS6")]
+pub static MEMBERS6: HashMap<MemberKey<In6>, u32> = HashMap::with_max_entries(BACKENDS_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "ORCA_CT6")]
+pub static CT6: HashMap<CtKey<In6>, CtValue<In6>> = HashMap::with_max_entries(CT_MAX, BPF_F_NO_PREALLOC);
+
+#[map(name = "ORCA_AFFINITY6")]
+pub static AFFINITY6: LruHashMap<AffinityKey<In6>, AffinityValue<In6>> = LruHashMap::with_max_entries(AFFINITY_MAX, 0);
+
+#[map(name = "ORCA_SRC_RANGE6")]
+pub static SRC_RANGES6: LpmTrie<SrcRangeKey<In6>, u32> = LpmTrie::with_max_entries(SRC_RANGES_MAX, 0);
+
+#[map(name = "ORCA_SOCK6")]
+pub static SOCK6: LruHashMap<SockKey<In6>, Backend<In6>> = LruHashMap::with_max_entries(SOCK_MAX, 0);
+
+#[map(name = "ORCA_MAGLEV6")]
+pub static MAGLEV6: HashMap<MaglevKey, u32> = HashMap::with_max_entries(MAGLEV_MAX, BPF_F_NO_PREALLOC);
+
+/// Per-CPU scratch space for the IPv6 path's large temporaries (a 512-byte stack holds little of 16-byte
+/// addresses): the packet's flow, the conntrack value being created, the ICMPv6 reject frame.
+#[repr(C)]
+pub struct Scratch6 {
+    pub flow: crate::parse::Flow<In6>,
+    /// The frontend of a new flow, between `ingress6` and `new_flow6`.
+    pub fe: Frontend,
+    pub ct: CtValue<In6>,
+    pub frame: [u8; REJECT6_FRAME_LEN],
+}
+
+#[map(name = "ORCA_SCRATCH6")]
+pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;

@@ -9,6 +9,9 @@
 //!
 //! Packets with IPv4 options (the RFC 792 quote would be longer) and TCP resets (which must never
 //! be answered) are dropped instead.
+//!
+//! IPv6 gets ICMPv6 destination unreachable / port unreachable, as ip6tables' `REJECT` sends by default; packets
+//! with extension headers are dropped (the 48 quoted bytes would not reach their ports).
 
 use aya_ebpf::{
     bindings::__sk_buff,
@@ -16,11 +19,15 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext as _,
 };
-use proxy_ebpf::hdr::{build_port_unreachable, ETH_HLEN, IPV4_HLEN, REJECT_FRAME_LEN, REJECT_QUOTE_LEN, TCP_RST};
+use orca_common::In6;
+use proxy_ebpf::hdr::{
+    build_port_unreachable, port_unreachable6_in_place, ETH_HLEN, IPV4_HLEN, IPV6_HLEN, REJECT6_FRAME_LEN,
+    REJECT6_ORIGINAL_AT, REJECT_FRAME_LEN, REJECT_QUOTE_LEN, TCP_RST,
+};
 
 use orca_common::{REASON_NO_ENDPOINTS_DROPPED, REASON_NO_ENDPOINTS_REJECTED};
 
-use crate::{parse::Flow, stats};
+use crate::{maps, parse::Flow, stats};
 
 /// Answers (or, where it cannot, drops) the packet; counted either way.
 #[inline(always)]
@@ -48,6 +55,52 @@ fn answer(ctx: &TcContext, flow: &Flow) -> Option<i32> {
         return None;
     }
     ctx.store(0, &frame, 0).ok()?;
+    // SAFETY: reading the context's ingress ifindex.
+    let ifindex = unsafe { (*skb).ifindex };
+    // SAFETY: plain helper call; returns TC_ACT_REDIRECT.
+    Some(unsafe { bpf_redirect(ifindex, 0) as i32 })
+}
+
+/// The IPv6 `reject`.
+#[inline(always)]
+pub fn reject6(ctx: &TcContext, flow: &Flow<In6>) -> i32 {
+    match answer6(ctx, flow) {
+        Some(verdict) => {
+            stats::count(REASON_NO_ENDPOINTS_REJECTED);
+            verdict
+        }
+        None => stats::drop(REASON_NO_ENDPOINTS_DROPPED),
+    }
+}
+
+#[inline(always)]
+fn answer6(ctx: &TcContext, flow: &Flow<In6>) -> Option<i32> {
+    if flow.ihl_len != IPV6_HLEN || (flow.is_tcp() && flow.tcp_flags & TCP_RST != 0) {
+        return None;
+    }
+    let scratch = maps::SCRATCH6.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot (TC programs do not nest on a CPU).
+    let frame = unsafe { &mut (*scratch).frame };
+    let original = &mut frame[REJECT6_ORIGINAL_AT..];
+    // SAFETY: the context's skb; `original` is REJECT6_FRAME_LEN - REJECT6_ORIGINAL_AT bytes of the scratch slot.
+    if unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            0,
+            original.as_mut_ptr().cast(),
+            (REJECT6_FRAME_LEN - REJECT6_ORIGINAL_AT) as u32,
+        )
+    } != 0
+    {
+        return None;
+    }
+    port_unreachable6_in_place(frame);
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: skb is this program's context.
+    if unsafe { bpf_skb_change_tail(skb, REJECT6_FRAME_LEN as u32, 0) } != 0 {
+        return None;
+    }
+    ctx.store(0, frame, 0).ok()?;
     // SAFETY: reading the context's ingress ifindex.
     let ifindex = unsafe { (*skb).ifindex };
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT.

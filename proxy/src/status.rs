@@ -212,7 +212,7 @@ mod tests {
         assert!(out.contains("4 masquerade ports held"), "{out}");
         assert!(out.contains("no_snat_port=7"), "{out}");
         assert!(
-            out.contains("untranslated\tfragment=2 not_ipv4=0 fib_declined=0"),
+            out.contains("untranslated\tfragment=2 not_ip=0 fib_declined=0"),
             "{out}"
         );
         for (name, _) in orca_common::REASONS {

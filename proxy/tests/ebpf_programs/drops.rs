@@ -100,7 +100,7 @@ fn every_reason_is_counted() {
         assert_eq!(rc, TC_ACT_SHOT);
     });
 
-    // Untranslated: a fragment to the VIP, an IPv6 frame (both pass untouched).
+    // Untranslated: a fragment to the VIP, a frame that is not IP (both pass untouched).
     counts_once(&mut dp2, REASON_FRAGMENT, |dp| {
         let f = frame(
             CLIENT,
@@ -112,9 +112,9 @@ fn every_reason_is_counted() {
         );
         assert_eq!(dp.cross(PROG_FROM_POD, &f), (TC_ACT_OK, f.clone()));
     });
-    counts_once(&mut dp2, REASON_NOT_IPV4, |dp| {
+    counts_once(&mut dp2, REASON_NOT_IP, |dp| {
         let mut f = tcp_frame(CLIENT, VIP, &Tcp::syn(12, 80));
-        f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         assert_eq!(dp.run(PROG_FROM_POD, &f), (TC_ACT_OK, f.clone()));
     });
 

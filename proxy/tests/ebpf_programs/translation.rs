@@ -6,7 +6,7 @@ use crate::harness::*;
 fn verifier_accepts_every_program() {
     for dp in [Datapath::load(), Datapath::load_bypass()] {
         let names: Vec<&str> = dp.ebpf.programs().map(|(n, _)| n).collect();
-        assert_eq!(names.len(), 7, "{names:?}");
+        assert_eq!(names.len(), 11, "{names:?}");
         for p in [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_EGRESS] {
             assert!(names.contains(&p), "{p} missing: {names:?}");
         }

@@ -282,11 +282,15 @@ pub fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<BTreeMap<Role, SchedC
 }
 
 /// The cgroup hooks for clients in the node's own network namespace.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+pub const SOCK_PROGRAMS: [&str; 8] = [
     orca_common::PROG_CONNECT4,
     orca_common::PROG_SENDMSG4,
     orca_common::PROG_RECVMSG4,
     orca_common::PROG_GETPEERNAME4,
+    orca_common::PROG_CONNECT6,
+    orca_common::PROG_SENDMSG6,
+    orca_common::PROG_RECVMSG6,
+    orca_common::PROG_GETPEERNAME6,
 ];
 
 fn verifier_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
