@@ -14,8 +14,12 @@ pub fn create(s: &Settings) -> anyhow::Result<(Box<dyn Dataplane>, Option<String
             remove_ebpf(s, "iptables mode");
             Ok((dual_stack(s, iptables(s)?), None))
         }
+        // The eBPF dataplane serves both families itself.
         ProxyMode::Ebpf => match ebpf(s) {
-            Ok(dp) => Ok((dual_stack(s, dp), None)),
+            Ok(dp) => {
+                remove_ip6tables(s);
+                Ok((dp, None))
+            }
             Err(e) if s.allow_fallback => {
                 let reason = format!("{e:#}");
                 tracing::warn!(reason = %reason, "eBPF dataplane unavailable; falling back to iptables");
@@ -39,7 +43,17 @@ fn remove_ebpf(s: &Settings, why: &str) {
     }
 }
 
-/// The IPv4 dataplane `v4` with the IPv6 one beside it (ip6tables, in either mode), as kube-proxy runs dual-stack
+/// An earlier Orca release served IPv6 Services in eBPF mode with ip6tables: its chains go (the programs translate
+/// IPv6 before netfilter sees it, so they would only be clutter).
+fn remove_ip6tables(s: &Settings) {
+    if let Ok(mut v6) = IptablesDataplane::for_family(IpFamily::V6, s.dataplane.clone(), IptablesOptions::default()) {
+        if let Err(e) = v6.cleanup() {
+            tracing::warn!(error = %format!("{e:#}"), "could not remove Orca's ip6tables chains left by an earlier run");
+        }
+    }
+}
+
+/// The IPv4 iptables dataplane `v4` with the IPv6 one beside it (ip6tables), as kube-proxy runs dual-stack
 /// whenever the node can; `v4` alone, with a warning, when ip6tables cannot run here (no IPv6 in the kernel, no
 /// ip6tables), as kube-proxy falls back to single-stack.
 fn dual_stack(s: &Settings, v4: Box<dyn Dataplane>) -> Box<dyn Dataplane> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::MapData;
-use orca_common::{CtKey, CtTimeouts, CtValue, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_SEEN_REPLY};
+use orca_common::{Addr, CtKey, CtTimeouts, CtValue, In6, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_SEEN_REPLY};
 
 /// What the collector found in its last pass.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,6 +34,21 @@ pub struct CtCounts {
     /// Entries of the other maps (name, count), counted in the same pass.
     pub other_maps: Vec<(&'static str, u64)>,
     pub passes: u64,
+}
+
+impl CtCounts {
+    /// The sums of two maps' counts (IPv4 and IPv6).
+    pub fn plus(mut self, o: &CtCounts) -> CtCounts {
+        self.entries += o.entries;
+        self.capacity += o.capacity;
+        self.service += o.service;
+        self.reply += o.reply;
+        self.inner += o.inner;
+        self.snat_ports += o.snat_ports;
+        self.expired_deleted += o.expired_deleted;
+        self.pressure_deleted += o.pressure_deleted;
+        self
+    }
 }
 
 /// Above this share of the capacity, unanswered flows idle for `PRESSURE_MIN_IDLE` are deleted (as the kernel's
@@ -77,7 +92,7 @@ pub enum Verdict {
 
 /// The collector's decision for one entry (the same rule the programs use to take entries over: reclaimable,
 /// that is expired for longer than the tick by which a flow's entries may lag each other).
-pub fn verdict(key: &CtKey, v: &CtValue, now_ns: u64, t: &CtTimeouts, pressure: bool) -> Verdict {
+pub fn verdict<A: Addr>(key: &CtKey<A>, v: &CtValue<A>, now_ns: u64, t: &CtTimeouts, pressure: bool) -> Verdict {
     if v.reclaimable(key.proto, now_ns, t) {
         return Verdict::Expired;
     }
@@ -89,12 +104,12 @@ pub fn verdict(key: &CtKey, v: &CtValue, now_ns: u64, t: &CtTimeouts, pressure: 
 }
 
 /// Counts a live entry in its role.
-fn count_live(counts: &mut CtCounts, k: &CtKey, v: &CtValue) {
+fn count_live<A: Addr>(counts: &mut CtCounts, k: &CtKey<A>, v: &CtValue<A>) {
     match k.dir {
         CT_DIR_SERVICE => counts.service += 1,
         CT_DIR_REPLY => {
             counts.reply += 1;
-            if v.nat_addr != 0 {
+            if !v.nat_addr.is_zero() {
                 counts.snat_ports += 1;
             }
         }
@@ -106,9 +121,14 @@ fn count_live(counts: &mut CtCounts, k: &CtKey, v: &CtValue) {
 /// Reads the conntrack map without changing it (for `orca-proxy status`): live entries per role, and in
 /// `expired_deleted` the entries that are expired and wait for the collector.
 pub fn census(ct: &MapData, t: &CtTimeouts) -> Result<CtCounts> {
+    census_in::<u32>(ct, t)
+}
+
+/// `census` of a family's map.
+pub fn census_in<A: Addr>(ct: &MapData, t: &CtTimeouts) -> Result<CtCounts> {
     let fd = ct.fd().as_fd().as_raw_fd();
     let now = monotonic_ns();
-    let mut entries: Vec<(CtKey, CtValue)> = Vec::new();
+    let mut entries: Vec<(CtKey<A>, CtValue<A>)> = Vec::new();
     batch::lookup_all(fd, &mut entries).context("reading the conntrack map")?;
     let mut counts = CtCounts {
         entries: entries.len() as u64,
@@ -126,9 +146,14 @@ pub fn census(ct: &MapData, t: &CtTimeouts) -> Result<CtCounts> {
 
 /// One pass over the conntrack map: deletes what `verdict` says, counts the rest.
 pub fn pass(ct: &MapData, capacity: u64, t: &CtTimeouts, totals: &mut CtCounts) -> Result<()> {
+    pass_in::<u32>(ct, capacity, t, totals)
+}
+
+/// `pass` over a family's map.
+pub fn pass_in<A: Addr>(ct: &MapData, capacity: u64, t: &CtTimeouts, totals: &mut CtCounts) -> Result<()> {
     let fd = ct.fd().as_fd().as_raw_fd();
     let now = monotonic_ns();
-    let mut entries: Vec<(CtKey, CtValue)> = Vec::new();
+    let mut entries: Vec<(CtKey<A>, CtValue<A>)> = Vec::new();
     batch::lookup_all(fd, &mut entries).context("reading the conntrack map")?;
     let pressure = entries.len() as f64 >= PRESSURE_SHARE * capacity as f64;
     let mut doomed = Vec::new();
@@ -180,17 +205,19 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// Starts collecting the map pinned in `maps_dir`; also counts the other maps named in `others`.
+    /// Starts collecting the conntrack maps (both families) pinned in `maps_dir`; also counts the other maps named
+    /// in `others`. The counts are the two maps' sums.
     pub fn start(maps_dir: &Path, capacity: u32, timeouts: CtTimeouts, others: &[&'static str]) -> Result<Self> {
         let open = |name: &str| -> Result<MapData> {
             let p = maps_dir.join(name);
             MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))
         };
         let ct = open(orca_common::MAP_CT)?;
+        let ct6 = open(orca_common::MAP_CT6)?;
         let others: Vec<(&'static str, MapData)> =
             others.iter().map(|n| open(n).map(|m| (*n, m))).collect::<Result<_>>()?;
         let counts = Arc::new(Mutex::new(CtCounts {
-            capacity: u64::from(capacity),
+            capacity: 2 * u64::from(capacity),
             ..Default::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
@@ -199,6 +226,7 @@ impl Collector {
             .name("orca-ct-gc".into())
             .spawn(move || {
                 let mut totals = CtCounts::default();
+                let mut totals6 = CtCounts::default();
                 let mut next = Instant::now();
                 let mut failing = false;
                 while !flag.load(Ordering::Relaxed) {
@@ -207,7 +235,9 @@ impl Collector {
                         continue;
                     }
                     let started = Instant::now();
-                    match pass(&ct, u64::from(capacity), &timeouts, &mut totals) {
+                    let passed = pass(&ct, u64::from(capacity), &timeouts, &mut totals)
+                        .and_then(|()| pass_in::<In6>(&ct6, u64::from(capacity), &timeouts, &mut totals6));
+                    match passed {
                         Ok(()) => {
                             if failing {
                                 tracing::info!("conntrack garbage collection works again");
@@ -221,16 +251,20 @@ impl Collector {
                             }
                         }
                     }
-                    totals.other_maps = others.iter().map(|(n, m)| (*n, count(m).unwrap_or(0))).collect();
+                    let mut both = totals.clone().plus(&totals6);
+                    both.other_maps = others.iter().map(|(n, m)| (*n, count(m).unwrap_or(0))).collect();
                     tracing::debug!(
                         entries = totals.entries,
-                        expired_deleted = totals.expired_deleted,
+                        entries6 = totals6.entries,
+                        expired_deleted = both.expired_deleted,
                         took_ms = started.elapsed().as_millis() as u64,
                         "conntrack pass"
                     );
-                    next = Instant::now() + interval(totals.entries, totals.capacity);
+                    // The fuller map sets the pace.
+                    next = Instant::now()
+                        + interval(totals.entries, totals.capacity).min(interval(totals6.entries, totals6.capacity));
                     if let Ok(mut c) = shared.lock() {
-                        *c = totals.clone();
+                        *c = both;
                     }
                 }
             })

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap as AyaHashMap, MapData};
-use orca_common::{Backend, BackendSlotKey, CtTimeouts, Frontend, FrontendKey, MAP_BACKENDS, MAP_FRONTENDS, MAP_STATS};
+use orca_common::{Backend, BackendSlotKey, CtTimeouts, Frontend, FrontendKey, In6, MAP_STATS};
+
+use super::services::Family;
 
 use super::{conntrack, loader};
 use crate::model::state::Snapshot;
@@ -48,11 +50,15 @@ pub fn pinned_maps_dir(root: &std::path::Path) -> PathBuf {
 pub fn datapath_report(root: &std::path::Path, timeouts: &CtTimeouts) -> Result<DatapathCounts> {
     let maps_dir = pinned_maps_dir(root);
     let stats = open_stats(&maps_dir)?;
-    let p = maps_dir.join(orca_common::MAP_CT);
-    let ct = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
+    let open = |name: &str| -> Result<MapData> {
+        let p = maps_dir.join(name);
+        MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))
+    };
+    let ct4 = conntrack::census(&open(orca_common::MAP_CT)?, timeouts)?;
+    let ct6 = conntrack::census_in::<In6>(&open(orca_common::MAP_CT6)?, timeouts)?;
     Ok(DatapathCounts {
         reasons: read_stats(&stats),
-        conntrack: conntrack::census(&ct, timeouts)?,
+        conntrack: ct4.plus(&ct6),
         unmatched_interfaces: loader::veths_without_program(root).len() as u64,
     })
 }
@@ -67,31 +73,39 @@ pub fn read_stats(map: &StatsMap) -> Vec<u64> {
 /// One frontend as the pinned maps hold it (for `orca-proxy status`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FrontendView {
-    pub address: std::net::SocketAddrV4,
+    pub address: std::net::SocketAddr,
     pub protocol: &'static str,
     pub service_id: u32,
     pub affinity_timeout_seconds: u32,
     pub masquerade_external: bool,
-    pub backends: Vec<std::net::SocketAddrV4>,
+    pub backends: Vec<std::net::SocketAddr>,
     /// Slots the frontend counts that are missing from ORCA_BACKENDS (should always be 0).
     pub missing_slots: u32,
 }
 
-fn sock(addr: u32, port_be: u16) -> std::net::SocketAddrV4 {
-    std::net::SocketAddrV4::new(orca_common::addr_octets(addr).into(), u16::from_be(port_be))
+fn sock<A: Family>(addr: A, port_be: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.to_ip(), u16::from_be(port_be))
 }
 
-/// Reads the maps pinned under `root` (by a running or previous agent), without loading anything.
+/// Reads the maps pinned under `root` (by a running or previous agent), without loading anything: both families'
+/// frontends.
 pub fn dump(root: &std::path::Path) -> Result<Vec<FrontendView>> {
     let maps_dir = loader::versioned_dir(root).join("maps");
+    let mut out = Vec::new();
+    dump_family::<u32>(&maps_dir, &mut out)?;
+    dump_family::<In6>(&maps_dir, &mut out)?;
+    out.sort_by_key(|v| (v.address, v.protocol));
+    Ok(out)
+}
+
+fn dump_family<A: Family>(maps_dir: &std::path::Path, out: &mut Vec<FrontendView>) -> Result<()> {
     let open = |name: &str| -> Result<aya::maps::Map> {
         let p = maps_dir.join(name);
         let data = MapData::from_pin(&p).with_context(|| format!("opening pinned map {}", p.display()))?;
         Ok(aya::maps::Map::from_map_data(data)?)
     };
-    let fes: AyaHashMap<MapData, FrontendKey, Frontend> = AyaHashMap::try_from(open(MAP_FRONTENDS)?)?;
-    let slots: AyaHashMap<MapData, BackendSlotKey, Backend> = AyaHashMap::try_from(open(MAP_BACKENDS)?)?;
-    let mut out = Vec::new();
+    let fes: AyaHashMap<MapData, FrontendKey<A>, Frontend> = AyaHashMap::try_from(open(A::MAPS.frontends)?)?;
+    let slots: AyaHashMap<MapData, BackendSlotKey, Backend<A>> = AyaHashMap::try_from(open(A::MAPS.backends)?)?;
     for entry in fes.iter() {
         let (k, f) = entry?;
         let mut backends = Vec::new();
@@ -120,8 +134,7 @@ pub fn dump(root: &std::path::Path) -> Result<Vec<FrontendView>> {
             missing_slots,
         });
     }
-    out.sort_by_key(|v| (v.address, v.protocol));
-    Ok(out)
+    Ok(())
 }
 
 /// The ClusterIP frontends in the pinned eBPF maps: every frontend except those that are a desired load-balancer,
@@ -143,11 +156,9 @@ pub fn cluster_frontends(views: &[FrontendView], desired: &Snapshot, node_addres
     }
     let mut out = FrontendMap::new();
     for v in views {
-        let fe = (IpAddr::V4(*v.address.ip()), v.address.port(), v.protocol.to_uppercase());
+        let fe = (v.address.ip(), v.address.port(), v.protocol.to_uppercase());
         if !external.contains(&fe) {
-            out.entry(fe)
-                .or_default()
-                .extend(v.backends.iter().map(|b| std::net::SocketAddr::V4(*b)));
+            out.entry(fe).or_default().extend(v.backends.iter().copied());
         }
     }
     out

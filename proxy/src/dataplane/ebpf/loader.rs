@@ -13,22 +13,32 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use orca_common::{
-    CtTimeouts, NatPorts, ABI_VERSION, GLOBAL_BYPASS_NETFILTER, GLOBAL_CT_TIMEOUTS, GLOBAL_NAT_PORTS, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CT, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK, MAP_SRC_RANGES, MAP_STATS,
+    CtTimeouts, NatPorts, ABI_VERSION, GLOBAL_BYPASS_NETFILTER, GLOBAL_CT_TIMEOUTS, GLOBAL_NAT_PORTS, MAPS4, MAPS6,
+    MAP_CONFIG, MAP_CT, MAP_CT6, MAP_STATS,
 };
 
 use crate::ebpf_obj;
 
-pub const ALL_MAPS: [&str; 10] = [
-    MAP_FRONTENDS,
-    MAP_BACKENDS,
-    MAP_MEMBERS,
-    MAP_CT,
-    MAP_AFFINITY,
+/// The maps pinned (and adopted by a restarted agent): both families' and the shared ones. (The programs' per-CPU
+/// scratch space is not state: it is not pinned.)
+pub const ALL_MAPS: [&str; 18] = [
+    MAPS4.frontends,
+    MAPS4.backends,
+    MAPS4.members,
+    MAPS4.ct,
+    MAPS4.affinity,
+    MAPS4.src_ranges,
+    MAPS4.sock,
+    MAPS4.maglev,
+    MAPS6.frontends,
+    MAPS6.backends,
+    MAPS6.members,
+    MAPS6.ct,
+    MAPS6.affinity,
+    MAPS6.src_ranges,
+    MAPS6.sock,
+    MAPS6.maglev,
     MAP_CONFIG,
-    MAP_SRC_RANGES,
-    MAP_SOCK,
-    MAP_MAGLEV,
     MAP_STATS,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -171,6 +181,7 @@ pub fn load(dir: &Path, settings: &LoadSettings) -> Result<Ebpf> {
     let maps_dir = dir.join("maps");
     std::fs::create_dir_all(&maps_dir).with_context(|| format!("creating {}", maps_dir.display()))?;
     drop_resized_ct(&maps_dir.join(MAP_CT), settings.ct_entries)?;
+    drop_resized_ct(&maps_dir.join(MAP_CT6), settings.ct_entries)?;
     load_with(Some(&maps_dir), settings, sock_hooks_supported())
 }
 
@@ -197,6 +208,7 @@ pub fn load_with(maps_dir: Option<&Path>, settings: &LoadSettings, sock_hooks: b
     }
     loader
         .map_max_entries(MAP_CT, settings.ct_entries)
+        .map_max_entries(MAP_CT6, settings.ct_entries)
         .override_global(GLOBAL_CT_TIMEOUTS, &settings.timeouts, true)
         .override_global(GLOBAL_NAT_PORTS, &settings.nat_ports, true)
         .override_global(GLOBAL_BYPASS_NETFILTER, &bypass, true);

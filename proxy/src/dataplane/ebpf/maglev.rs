@@ -3,7 +3,7 @@
 //! backend comes or goes, so few flows move. The table depends only on the set of backends, not on
 //! their order, so every node computes the same one.
 
-use orca_common::Backend;
+use orca_common::{Addr, Backend};
 
 fn fnv1a64(seed: u64, bytes: &[u8]) -> u64 {
     let mut h = seed;
@@ -14,15 +14,17 @@ fn fnv1a64(seed: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-fn name(b: &Backend) -> [u8; 6] {
-    let a = b.addr.to_ne_bytes();
-    let p = b.port.to_ne_bytes();
-    [a[0], a[1], a[2], a[3], p[0], p[1]]
+/// The backend's address bytes (packet order) then its port bytes (network order): 6 bytes for IPv4, 18 for IPv6.
+fn name<A: Addr>(b: &Backend<A>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(18);
+    b.addr.each_byte(|x| v.push(x));
+    v.extend_from_slice(&b.port.to_ne_bytes());
+    v
 }
 
 /// The table for `backends`: entry `i` is the offset (in `backends`) of the backend that hash
 /// bucket `i` maps to. Empty when there are no backends. `m` must be prime.
-pub fn table(backends: &[Backend], m: u32) -> Vec<u32> {
+pub fn table<A: Addr>(backends: &[Backend<A>], m: u32) -> Vec<u32> {
     let n = backends.len();
     if n == 0 || m < 2 {
         return Vec::new();
@@ -31,7 +33,8 @@ pub fn table(backends: &[Backend], m: u32) -> Vec<u32> {
     // Fill in a canonical order (sorted by address and port) so the result does not depend on the
     // order the endpoints were listed in.
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (u32::from_be(backends[i].addr), u16::from_be(backends[i].port)));
+    // Address bytes in packet order compare as the address does.
+    order.sort_by_key(|&i| (name(&backends[i]), u16::from_be(backends[i].port)));
     let perms: Vec<(u64, u64)> = order
         .iter()
         .map(|&i| {

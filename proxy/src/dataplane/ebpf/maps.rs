@@ -4,12 +4,9 @@ use anyhow::{Context as _, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap as AyaHashMap, MapData};
 use aya::Ebpf;
-use orca_common::{
-    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey, MAP_BACKENDS, MAP_FRONTENDS, MAP_MAGLEV,
-    MAP_MEMBERS, MAP_SRC_RANGES,
-};
+use orca_common::{Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, SrcRangeKey};
 
-use super::services::{MapOps, SrcRange};
+use super::services::{Family, MapOps, SrcRange};
 
 /// The kernel maps as [`MapOps`].
 pub(super) struct AyaMaps<'a> {
@@ -35,83 +32,87 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<()> {
     }
 }
 
-impl MapOps for AyaMaps<'_> {
-    fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> Result<()> {
-        self.map(MAP_FRONTENDS)?
+/// One family's maps (`A::MAPS`: `ORCA_FRONTENDS` or `ORCA_FRONTENDS6`, ...).
+impl<A: Family> MapOps<A> for AyaMaps<'_> {
+    fn put_frontend(&mut self, k: FrontendKey<A>, v: Frontend) -> Result<()> {
+        self.map(A::MAPS.frontends)?
             .insert(k, v, 0)
-            .context("updating ORCA_FRONTENDS")
+            .with_context(|| format!("updating {}", A::MAPS.frontends))
     }
-    fn del_frontend(&mut self, k: &FrontendKey) -> Result<()> {
-        ignore_missing(self.map::<FrontendKey, Frontend>(MAP_FRONTENDS)?.remove(k))
+    fn del_frontend(&mut self, k: &FrontendKey<A>) -> Result<()> {
+        ignore_missing(self.map::<FrontendKey<A>, Frontend>(A::MAPS.frontends)?.remove(k))
     }
-    fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> Result<()> {
-        self.map(MAP_BACKENDS)?
+    fn put_slot(&mut self, k: BackendSlotKey, v: Backend<A>) -> Result<()> {
+        self.map(A::MAPS.backends)?
             .insert(k, v, 0)
-            .context("updating ORCA_BACKENDS")
+            .with_context(|| format!("updating {}", A::MAPS.backends))
     }
     fn del_slot(&mut self, k: &BackendSlotKey) -> Result<()> {
-        ignore_missing(self.map::<BackendSlotKey, Backend>(MAP_BACKENDS)?.remove(k))
+        ignore_missing(self.map::<BackendSlotKey, Backend<A>>(A::MAPS.backends)?.remove(k))
     }
-    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend> {
-        self.map_ref::<BackendSlotKey, Backend>(MAP_BACKENDS)?.get(k, 0).ok()
+    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend<A>> {
+        self.map_ref::<BackendSlotKey, Backend<A>>(A::MAPS.backends)?
+            .get(k, 0)
+            .ok()
     }
-    fn put_member(&mut self, k: MemberKey, slot: u32) -> Result<()> {
-        self.map(MAP_MEMBERS)?
+    fn put_member(&mut self, k: MemberKey<A>, slot: u32) -> Result<()> {
+        self.map(A::MAPS.members)?
             .insert(k, slot, 0)
-            .context("updating ORCA_MEMBERS")
+            .with_context(|| format!("updating {}", A::MAPS.members))
     }
-    fn del_member(&mut self, k: &MemberKey) -> Result<()> {
-        ignore_missing(self.map::<MemberKey, u32>(MAP_MEMBERS)?.remove(k))
+    fn del_member(&mut self, k: &MemberKey<A>) -> Result<()> {
+        ignore_missing(self.map::<MemberKey<A>, u32>(A::MAPS.members)?.remove(k))
     }
-    fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
-        self.map_ref::<FrontendKey, Frontend>(MAP_FRONTENDS)
+    fn frontends(&self) -> Vec<(FrontendKey<A>, Frontend)> {
+        self.map_ref::<FrontendKey<A>, Frontend>(A::MAPS.frontends)
             .map(|m| m.iter().filter_map(Result::ok).collect())
             .unwrap_or_default()
     }
     fn slots(&self) -> Vec<BackendSlotKey> {
-        self.map_ref::<BackendSlotKey, Backend>(MAP_BACKENDS)
+        self.map_ref::<BackendSlotKey, Backend<A>>(A::MAPS.backends)
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     }
-    fn members(&self) -> Vec<MemberKey> {
-        self.map_ref::<MemberKey, u32>(MAP_MEMBERS)
+    fn members(&self) -> Vec<MemberKey<A>> {
+        self.map_ref::<MemberKey<A>, u32>(A::MAPS.members)
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     }
     fn put_maglev(&mut self, k: BackendSlotKey, offset: u32) -> Result<()> {
-        self.map(MAP_MAGLEV)?
+        self.map(A::MAPS.maglev)?
             .insert(k, offset, 0)
-            .context("updating ORCA_MAGLEV")
+            .with_context(|| format!("updating {}", A::MAPS.maglev))
     }
     fn del_maglev(&mut self, k: &BackendSlotKey) -> Result<()> {
-        ignore_missing(self.map::<BackendSlotKey, u32>(MAP_MAGLEV)?.remove(k))
+        ignore_missing(self.map::<BackendSlotKey, u32>(A::MAPS.maglev)?.remove(k))
     }
     fn maglev_keys(&self) -> Vec<BackendSlotKey> {
-        self.map_ref::<BackendSlotKey, u32>(MAP_MAGLEV)
+        self.map_ref::<BackendSlotKey, u32>(A::MAPS.maglev)
             .map(|m| m.keys().filter_map(Result::ok).collect())
             .unwrap_or_default()
     }
-    fn put_range(&mut self, r: SrcRange) -> Result<()> {
+    fn put_range(&mut self, r: SrcRange<A>) -> Result<()> {
         let map = self
             .ebpf
-            .map_mut(MAP_SRC_RANGES)
-            .context("map ORCA_SRC_RANGES missing")?;
-        let mut t: LpmTrie<&mut MapData, SrcRangeKey, u32> = LpmTrie::try_from(map)?;
-        t.insert(&range_key(&r), 1, 0).context("updating ORCA_SRC_RANGES")
+            .map_mut(A::MAPS.src_ranges)
+            .with_context(|| format!("map {} missing", A::MAPS.src_ranges))?;
+        let mut t: LpmTrie<&mut MapData, SrcRangeKey<A>, u32> = LpmTrie::try_from(map)?;
+        t.insert(&range_key(&r), 1, 0)
+            .with_context(|| format!("updating {}", A::MAPS.src_ranges))
     }
-    fn del_range(&mut self, r: &SrcRange) -> Result<()> {
+    fn del_range(&mut self, r: &SrcRange<A>) -> Result<()> {
         let map = self
             .ebpf
-            .map_mut(MAP_SRC_RANGES)
-            .context("map ORCA_SRC_RANGES missing")?;
-        let mut t: LpmTrie<&mut MapData, SrcRangeKey, u32> = LpmTrie::try_from(map)?;
+            .map_mut(A::MAPS.src_ranges)
+            .with_context(|| format!("map {} missing", A::MAPS.src_ranges))?;
+        let mut t: LpmTrie<&mut MapData, SrcRangeKey<A>, u32> = LpmTrie::try_from(map)?;
         ignore_missing(t.remove(&range_key(r)))
     }
-    fn ranges(&self) -> Vec<SrcRange> {
-        let Some(map) = self.ebpf.map(MAP_SRC_RANGES) else {
+    fn ranges(&self) -> Vec<SrcRange<A>> {
+        let Some(map) = self.ebpf.map(A::MAPS.src_ranges) else {
             return Vec::new();
         };
-        let Ok(t) = LpmTrie::<&MapData, SrcRangeKey, u32>::try_from(map) else {
+        let Ok(t) = LpmTrie::<&MapData, SrcRangeKey<A>, u32>::try_from(map) else {
             return Vec::new();
         };
         t.keys()
@@ -128,7 +129,7 @@ impl MapOps for AyaMaps<'_> {
     }
 }
 
-fn range_key(r: &SrcRange) -> Key<SrcRangeKey> {
+fn range_key<A: Family>(r: &SrcRange<A>) -> Key<SrcRangeKey<A>> {
     Key::new(
         32 + u32::from(r.prefix),
         SrcRangeKey {

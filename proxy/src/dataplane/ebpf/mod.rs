@@ -27,32 +27,32 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, MapData};
 use aya::Ebpf;
-use orca_common::{MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_FRONTENDS, MAP_MAGLEV, MAP_MEMBERS, MAP_SOCK};
+use orca_common::{In6, MAPS4, MAPS6, MAP_CONFIG};
 
 use crate::dataplane::{Dataplane, DataplaneConfig, ProxyMode, SyncStats};
 use crate::model::state::{ServicePortState, Snapshot};
 use crate::model::tracker::Diff;
-use crate::model::{NodeInfo, ServicePortName};
+use crate::model::{IpFamily, NodeInfo, ServicePortName};
 
 use links::{Links, Watcher};
 use loader::Attacher;
 use maps::AyaMaps;
-use services::Programmer;
-use services::{MapOps, SrcRange};
+use services::{Family, MapOps, Programmer, SrcRange};
 
 pub struct EbpfDataplane {
     cfg: DataplaneConfig,
     ebpf: Ebpf,
-    programmer: Programmer,
     links: Arc<Mutex<Links>>,
     watcher: Option<Watcher>,
     mounted_bpffs: Option<PathBuf>,
     /// What this dataplane runs without (found at start).
     degraded: Vec<crate::dataplane::Degraded>,
-    /// Last value written to `ORCA_CONFIG[CONFIG_SNAT_IPV4]`.
+    /// Last values written to `ORCA_CONFIG[CONFIG_SNAT_IPV4]` and `[CONFIG_SNAT_IPV6..]`.
     snat_ipv4: Option<u32>,
-    /// Service ports whose last upsert failed (e.g. a full map): retried on every sync.
-    failed: BTreeSet<ServicePortName>,
+    snat_ipv6: Option<In6>,
+    /// Each family's maps: IPv4 and IPv6 Services are programmed side by side, as kube-proxy's two proxiers.
+    v4: FamilyState<u32>,
+    v6: FamilyState<In6>,
     collector: conntrack::Collector,
     /// The per-reason packet counters (`ORCA_STATS`).
     stats: StatsMap,
@@ -112,19 +112,32 @@ impl EbpfDataplane {
             loader::attach_sock_programs(&mut ebpf, cg, &dir)?;
         }
         configure(&mut ebpf, &cfg)?;
-        let programmer = Programmer::adopt(&AyaMaps { ebpf: &mut ebpf }).with_maglev(opts.maglev);
+        let v4 = FamilyState {
+            programmer: Programmer::adopt(&AyaMaps { ebpf: &mut ebpf }).with_maglev(opts.maglev),
+            failed: BTreeSet::new(),
+        };
+        let v6 = FamilyState {
+            programmer: Programmer::adopt(&AyaMaps { ebpf: &mut ebpf }).with_maglev(opts.maglev),
+            failed: BTreeSet::new(),
+        };
         let maps_dir = dir.join("maps");
         let collector = conntrack::Collector::start(
             &maps_dir,
             settings.ct_entries,
             settings.timeouts,
             &[
-                MAP_FRONTENDS,
-                MAP_BACKENDS,
-                MAP_MEMBERS,
-                MAP_MAGLEV,
-                MAP_AFFINITY,
-                MAP_SOCK,
+                MAPS4.frontends,
+                MAPS4.backends,
+                MAPS4.members,
+                MAPS4.maglev,
+                MAPS4.affinity,
+                MAPS4.sock,
+                MAPS6.frontends,
+                MAPS6.backends,
+                MAPS6.members,
+                MAPS6.maglev,
+                MAPS6.affinity,
+                MAPS6.sock,
             ],
         )?;
         let stats = open_stats(&maps_dir)?;
@@ -149,13 +162,14 @@ impl EbpfDataplane {
         Ok(Self {
             cfg,
             ebpf,
-            programmer,
             links,
             watcher,
             mounted_bpffs,
             degraded,
             snat_ipv4: None,
-            failed: BTreeSet::new(),
+            snat_ipv6: None,
+            v4,
+            v6,
             collector,
             stats,
         })
@@ -207,20 +221,29 @@ impl EbpfDataplane {
     /// Node facts the programs need: the masquerade source address; and the interfaces to attach
     /// to (uplinks are found by the node's addresses).
     fn set_node(&mut self, node: &NodeInfo) -> Result<()> {
-        let snat = node
-            .addresses
-            .iter()
-            .find_map(|a| match a {
-                std::net::IpAddr::V4(v4) => Some(orca_common::addr_from_octets(v4.octets())),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .unwrap_or(0);
+        let snat = node.addresses.iter().find_map(u32::of).unwrap_or(0);
         if self.snat_ipv4 != Some(snat) {
             let map = self.ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
             let mut cfg: Array<&mut MapData, u32> = Array::try_from(map)?;
             cfg.set(orca_common::CONFIG_SNAT_IPV4, snat, 0)
                 .context("writing ORCA_CONFIG")?;
             self.snat_ipv4 = Some(snat);
+        }
+        // IPv6: the node's first global IPv6 address (link-local ones cannot be masqueraded to).
+        let snat6 = node
+            .addresses
+            .iter()
+            .filter(|a| matches!(a, std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 != 0xfe80))
+            .find_map(In6::of)
+            .unwrap_or_default();
+        if self.snat_ipv6 != Some(snat6) {
+            let map = self.ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
+            let mut cfg: Array<&mut MapData, u32> = Array::try_from(map)?;
+            for (i, w) in snat6.0.iter().enumerate() {
+                cfg.set(orca_common::CONFIG_SNAT_IPV6 + i as u32, *w, 0)
+                    .context("writing ORCA_CONFIG")?;
+            }
+            self.snat_ipv6 = Some(snat6);
         }
         let mut links = lock(&self.links)?;
         if links.node_addresses != node.addresses {
@@ -231,153 +254,51 @@ impl EbpfDataplane {
     }
 }
 
-/// Applies again the ports that were refused an address:port another port owned, now that it let it go (two
-/// Services claiming one external or load-balancer IP: the survivor serves it as soon as the other is gone).
-/// Bounded: a hand-over can free nothing new, so two rounds suffice; the rest waits for the next sync.
-fn hand_over(
-    programmer: &mut Programmer,
-    failed: &mut BTreeSet<ServicePortName>,
-    maps: &mut dyn MapOps,
-    desired: &Snapshot,
-    node: &NodeInfo,
-    cfg: &DataplaneConfig,
-) -> usize {
-    let mut written = 0;
-    for _ in 0..2 {
-        let released = programmer.take_released();
-        if released.is_empty() {
-            break;
-        }
-        for name in released {
-            if let Some(st) = desired.get(&name) {
-                tracing::info!(service = %name, "an address:port this service port claims was freed: applying it");
-                written += upsert_contained(programmer, failed, maps, st, node, cfg);
-            }
-        }
-    }
-    written
+/// One family's programmer and the service ports whose last upsert failed there (e.g. a full map: retried on
+/// every sync).
+struct FamilyState<A: Family> {
+    programmer: Programmer<A>,
+    failed: BTreeSet<ServicePortName>,
 }
 
-/// Writes `--masquerade-all` and `--cluster-cidr` (IPv4) into the maps, replacing what a previous
-/// agent wrote.
-fn configure(ebpf: &mut Ebpf, cfg: &DataplaneConfig) -> Result<()> {
-    let mut maps = AyaMaps { ebpf };
-    for r in maps.ranges() {
-        if r.service_id == orca_common::CLUSTER_CIDR_ID {
-            maps.del_range(&r)?;
-        }
-    }
-    let mut flags = 0;
-    if cfg.masquerade_all {
-        flags |= orca_common::CONFIG_F_MASQUERADE_ALL;
-    }
-    for c in &cfg.cluster_cidrs {
-        if let std::net::IpAddr::V4(a) = c.addr {
-            maps.put_range(SrcRange {
-                service_id: orca_common::CLUSTER_CIDR_ID,
-                addr: orca_common::addr_from_octets(a.octets()),
-                prefix: c.prefix,
-            })?;
-            flags |= orca_common::CONFIG_F_CLUSTER_CIDR;
-        }
-    }
-    let map = maps.ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
-    let mut config: Array<&mut MapData, u32> = Array::try_from(map)?;
-    config
-        .set(orca_common::CONFIG_FLAGS, flags, 0)
-        .context("writing ORCA_CONFIG")?;
-    Ok(())
-}
-
-fn lock(links: &Mutex<Links>) -> Result<std::sync::MutexGuard<'_, Links>> {
-    links
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the interface watcher panicked"))
-}
-
-/// Programs one service port; a failure (e.g. a full map) is logged once when it starts, recorded in `failed` and
-/// contained to that port, so that every other Service is still programmed. Returns the entries written.
-fn upsert_contained(
-    programmer: &mut Programmer,
-    failed: &mut BTreeSet<ServicePortName>,
-    maps: &mut dyn MapOps,
-    st: &ServicePortState,
-    node: &NodeInfo,
-    cfg: &DataplaneConfig,
-) -> usize {
-    match programmer.upsert(maps, st, node, cfg) {
-        Ok(w) => {
-            if failed.remove(st.name()) {
-                tracing::info!(service = %st.name(), "service port programmed after earlier failures");
-            }
-            w.entries
-        }
-        Err(e) => {
-            if failed.insert(st.name().clone()) {
-                tracing::error!(
-                    service = %st.name(),
-                    error = format!("{e:#}"),
-                    "cannot program this service port (is a BPF map full?); it keeps its previous state and is \
-                     retried on every sync; other Services are not affected"
-                );
-            }
-            0
-        }
-    }
-}
-
-impl Dataplane for EbpfDataplane {
-    fn mode(&self) -> ProxyMode {
-        ProxyMode::Ebpf
-    }
-
-    fn full_sync(&mut self, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
-        self.set_node(node)?;
-        let mut maps = AyaMaps { ebpf: &mut self.ebpf };
+impl<A: Family> FamilyState<A> {
+    fn full_sync(
+        &mut self,
+        maps: &mut dyn MapOps<A>,
+        desired: &Snapshot,
+        node: &NodeInfo,
+        cfg: &DataplaneConfig,
+    ) -> Result<usize> {
         let mut written = 0;
         for name in self.programmer.names() {
             if !desired.contains_key(&name) {
-                written += self.programmer.remove(&mut maps, &name)?.entries;
+                written += self.programmer.remove(maps, &name)?.entries;
             }
         }
         self.failed.retain(|n| desired.contains_key(n));
         for st in desired.values() {
-            written += upsert_contained(&mut self.programmer, &mut self.failed, &mut maps, st, node, &self.cfg);
+            written += self.upsert_contained(maps, st, node, cfg);
         }
-        written += hand_over(
-            &mut self.programmer,
-            &mut self.failed,
-            &mut maps,
-            desired,
-            node,
-            &self.cfg,
-        );
-        written += self.programmer.sweep(&mut maps)?.entries;
-        // A full sync follows a (re)list: the parsed objects and per-Service temporaries are freed by now; give
-        // their pages back (about 13 MiB of VmRSS at 30k Services x 10 endpoints, `orca-bench agent-mem`).
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        Ok(SyncStats {
-            objects_written: written,
-            service_ports: self.programmer.service_ports(),
-            failed_service_ports: self.failed.len(),
-            ..Default::default()
-        })
+        written += self.hand_over(maps, desired, node, cfg);
+        written += self.programmer.sweep(maps)?.entries;
+        Ok(written)
     }
 
-    fn apply(&mut self, diff: &Diff, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
-        self.set_node(node)?;
-        let mut maps = AyaMaps { ebpf: &mut self.ebpf };
+    fn apply(
+        &mut self,
+        maps: &mut dyn MapOps<A>,
+        diff: &Diff,
+        desired: &Snapshot,
+        node: &NodeInfo,
+        cfg: &DataplaneConfig,
+    ) -> Result<usize> {
         let mut written = 0;
         for name in &diff.removed {
-            written += self.programmer.remove(&mut maps, name)?.entries;
+            written += self.programmer.remove(maps, name)?.entries;
             self.failed.remove(name);
         }
         for st in &diff.upserted {
-            written += upsert_contained(&mut self.programmer, &mut self.failed, &mut maps, st, node, &self.cfg);
+            written += self.upsert_contained(maps, st, node, cfg);
         }
         // Ports that failed before (and did not change now) are retried: the map may have room again.
         let retry: Vec<ServicePortName> = self
@@ -388,28 +309,185 @@ impl Dataplane for EbpfDataplane {
             .collect();
         for name in retry {
             match desired.get(&name) {
-                Some(st) => {
-                    written += upsert_contained(&mut self.programmer, &mut self.failed, &mut maps, st, node, &self.cfg)
-                }
+                Some(st) => written += self.upsert_contained(maps, st, node, cfg),
                 None => {
                     self.failed.remove(&name);
                 }
             }
         }
-        written += hand_over(
-            &mut self.programmer,
-            &mut self.failed,
-            &mut maps,
-            desired,
-            node,
-            &self.cfg,
-        );
-        Ok(SyncStats {
+        written += self.hand_over(maps, desired, node, cfg);
+        Ok(written)
+    }
+
+    /// Applies again the ports that were refused an address:port another port owned, now that it let it go (two
+    /// Services claiming one external or load-balancer IP: the survivor serves it as soon as the other is gone).
+    /// Bounded: a hand-over can free nothing new, so two rounds suffice; the rest waits for the next sync.
+    fn hand_over(
+        &mut self,
+        maps: &mut dyn MapOps<A>,
+        desired: &Snapshot,
+        node: &NodeInfo,
+        cfg: &DataplaneConfig,
+    ) -> usize {
+        let mut written = 0;
+        for _ in 0..2 {
+            let released = self.programmer.take_released();
+            if released.is_empty() {
+                break;
+            }
+            for name in released {
+                if let Some(st) = desired.get(&name) {
+                    tracing::info!(service = %name, "an address:port this service port claims was freed: applying it");
+                    written += self.upsert_contained(maps, st, node, cfg);
+                }
+            }
+        }
+        written
+    }
+
+    fn upsert_contained(
+        &mut self,
+        maps: &mut dyn MapOps<A>,
+        st: &ServicePortState,
+        node: &NodeInfo,
+        cfg: &DataplaneConfig,
+    ) -> usize {
+        upsert_contained(&mut self.programmer, &mut self.failed, maps, st, node, cfg)
+    }
+}
+
+/// Programs one service port; a failure (e.g. a full map) is logged once when it starts, recorded in `failed` and
+/// contained to that port, so that every other Service is still programmed. Returns the entries written.
+fn upsert_contained<A: Family>(
+    programmer: &mut Programmer<A>,
+    failed: &mut BTreeSet<ServicePortName>,
+    maps: &mut dyn MapOps<A>,
+    st: &ServicePortState,
+    node: &NodeInfo,
+    cfg: &DataplaneConfig,
+) -> usize {
+    match programmer.upsert(maps, st, node, cfg) {
+        Ok(w) => {
+            if failed.remove(st.name()) {
+                tracing::info!(service = %st.name(), family = ?A::FAMILY, "service port programmed after earlier failures");
+            }
+            w.entries
+        }
+        Err(e) => {
+            if failed.insert(st.name().clone()) {
+                tracing::error!(
+                    service = %st.name(),
+                    family = ?A::FAMILY,
+                    error = format!("{e:#}"),
+                    "cannot program this service port (is a BPF map full?); it keeps its previous state and is \
+                     retried on every sync; other Services are not affected"
+                );
+            }
+            0
+        }
+    }
+}
+
+/// Writes `--masquerade-all` and `--cluster-cidr` (both families) into the maps, replacing what a previous agent
+/// wrote.
+fn configure(ebpf: &mut Ebpf, cfg: &DataplaneConfig) -> Result<()> {
+    let mut maps = AyaMaps { ebpf };
+    let mut flags = 0;
+    if cfg.masquerade_all {
+        flags |= orca_common::CONFIG_F_MASQUERADE_ALL;
+    }
+    if configure_cluster_cidrs::<u32>(&mut maps, cfg)? {
+        flags |= orca_common::CONFIG_F_CLUSTER_CIDR;
+    }
+    if configure_cluster_cidrs::<In6>(&mut maps, cfg)? {
+        flags |= orca_common::CONFIG_F_CLUSTER_CIDR6;
+    }
+    let map = maps.ebpf.map_mut(MAP_CONFIG).context("map ORCA_CONFIG missing")?;
+    let mut config: Array<&mut MapData, u32> = Array::try_from(map)?;
+    config
+        .set(orca_common::CONFIG_FLAGS, flags, 0)
+        .context("writing ORCA_CONFIG")?;
+    Ok(())
+}
+
+/// The family's cluster CIDRs as source ranges of `CLUSTER_CIDR_ID`; whether it has any.
+fn configure_cluster_cidrs<A: Family>(maps: &mut AyaMaps<'_>, cfg: &DataplaneConfig) -> Result<bool> {
+    for r in MapOps::<A>::ranges(maps) {
+        if r.service_id == orca_common::CLUSTER_CIDR_ID {
+            MapOps::<A>::del_range(maps, &r)?;
+        }
+    }
+    let mut any = false;
+    for c in &cfg.cluster_cidrs {
+        if let Some(addr) = A::of(&c.addr) {
+            MapOps::<A>::put_range(
+                maps,
+                SrcRange {
+                    service_id: orca_common::CLUSTER_CIDR_ID,
+                    addr,
+                    prefix: c.prefix,
+                },
+            )?;
+            any = true;
+        }
+    }
+    Ok(any)
+}
+
+fn lock(links: &Mutex<Links>) -> Result<std::sync::MutexGuard<'_, Links>> {
+    links
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the interface watcher panicked"))
+}
+
+impl EbpfDataplane {
+    fn stats(&self, written: usize) -> SyncStats {
+        let v6_only = self
+            .v6
+            .programmer
+            .names_iter()
+            .filter(|n| !self.v4.programmer.has(n))
+            .count();
+        let failed = self.v4.failed.len() + self.v6.failed.iter().filter(|n| !self.v4.failed.contains(*n)).count();
+        SyncStats {
             objects_written: written,
-            service_ports: self.programmer.service_ports(),
-            failed_service_ports: self.failed.len(),
+            service_ports: self.v4.programmer.service_ports() + v6_only,
+            failed_service_ports: failed,
             ..Default::default()
-        })
+        }
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn mode(&self) -> ProxyMode {
+        ProxyMode::Ebpf
+    }
+
+    fn families(&self) -> Vec<IpFamily> {
+        IpFamily::BOTH.to_vec()
+    }
+
+    fn full_sync(&mut self, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+        self.set_node(node)?;
+        let mut maps = AyaMaps { ebpf: &mut self.ebpf };
+        let mut written = self.v4.full_sync(&mut maps, desired, node, &self.cfg)?;
+        written += self.v6.full_sync(&mut maps, desired, node, &self.cfg)?;
+        // A full sync follows a (re)list: the parsed objects and per-Service temporaries are freed by now; give
+        // their pages back (about 13 MiB of VmRSS at 30k Services x 10 endpoints, `orca-bench agent-mem`).
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        Ok(self.stats(written))
+    }
+
+    fn apply(&mut self, diff: &Diff, desired: &Snapshot, node: &NodeInfo) -> Result<SyncStats> {
+        self.set_node(node)?;
+        let mut maps = AyaMaps { ebpf: &mut self.ebpf };
+        let mut written = self.v4.apply(&mut maps, diff, desired, node, &self.cfg)?;
+        written += self.v6.apply(&mut maps, diff, desired, node, &self.cfg)?;
+        Ok(self.stats(written))
     }
 
     fn degraded(&self) -> Vec<crate::dataplane::Degraded> {

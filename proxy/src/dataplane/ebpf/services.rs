@@ -6,10 +6,10 @@
 //! the unit tests (which check the ordering invariant after every single map operation).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use orca_common::{
-    Backend, BackendSlotKey, Frontend, FrontendKey, MemberKey, MAX_BACKENDS_PER_SERVICE, SCOPE_EXTERNAL,
+    Addr, Backend, BackendSlotKey, Frontend, FrontendKey, In6, MemberKey, MAX_BACKENDS_PER_SERVICE, SCOPE_EXTERNAL,
 };
 
 use crate::dataplane::DataplaneConfig;
@@ -20,32 +20,66 @@ use crate::model::{IpFamily, NodeInfo, Protocol, ServicePortName};
 /// The two halves of a service's slot space; a new backend set goes to the half not in use.
 const SLOT_HALF: u32 = 1 << 16;
 
-/// Map operations the programmer needs. Errors are strings with context (they end up in logs).
-pub trait MapOps {
-    fn put_frontend(&mut self, k: FrontendKey, v: Frontend) -> anyhow::Result<()>;
-    fn del_frontend(&mut self, k: &FrontendKey) -> anyhow::Result<()>;
-    fn put_slot(&mut self, k: BackendSlotKey, v: Backend) -> anyhow::Result<()>;
+/// An address family as the programmer handles it: the map address type and how model addresses convert to it.
+pub trait Family: Addr + aya::Pod + Send + Sync {
+    const FAMILY: IpFamily;
+    /// The address in this family, `None` for the other one.
+    fn of(ip: &IpAddr) -> Option<Self>;
+    fn to_ip(&self) -> IpAddr;
+}
+
+impl Family for u32 {
+    const FAMILY: IpFamily = IpFamily::V4;
+    fn of(ip: &IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(orca_common::addr_from_octets(a.octets())),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn to_ip(&self) -> IpAddr {
+        IpAddr::from(orca_common::addr_octets(*self))
+    }
+}
+
+impl Family for In6 {
+    const FAMILY: IpFamily = IpFamily::V6;
+    fn of(ip: &IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(In6::from_octets(a.octets())),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn to_ip(&self) -> IpAddr {
+        IpAddr::from(self.octets())
+    }
+}
+
+/// Map operations the programmer needs (one family's maps). Errors are strings with context (they end up in logs).
+pub trait MapOps<A: Family = u32> {
+    fn put_frontend(&mut self, k: FrontendKey<A>, v: Frontend) -> anyhow::Result<()>;
+    fn del_frontend(&mut self, k: &FrontendKey<A>) -> anyhow::Result<()>;
+    fn put_slot(&mut self, k: BackendSlotKey, v: Backend<A>) -> anyhow::Result<()>;
     fn del_slot(&mut self, k: &BackendSlotKey) -> anyhow::Result<()>;
-    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend>;
-    fn put_member(&mut self, k: MemberKey, slot: u32) -> anyhow::Result<()>;
-    fn del_member(&mut self, k: &MemberKey) -> anyhow::Result<()>;
-    fn frontends(&self) -> Vec<(FrontendKey, Frontend)>;
+    fn get_slot(&self, k: &BackendSlotKey) -> Option<Backend<A>>;
+    fn put_member(&mut self, k: MemberKey<A>, slot: u32) -> anyhow::Result<()>;
+    fn del_member(&mut self, k: &MemberKey<A>) -> anyhow::Result<()>;
+    fn frontends(&self) -> Vec<(FrontendKey<A>, Frontend)>;
     fn slots(&self) -> Vec<BackendSlotKey>;
-    fn members(&self) -> Vec<MemberKey>;
+    fn members(&self) -> Vec<MemberKey<A>>;
     fn put_maglev(&mut self, k: BackendSlotKey, offset: u32) -> anyhow::Result<()>;
     fn del_maglev(&mut self, k: &BackendSlotKey) -> anyhow::Result<()>;
     fn maglev_keys(&self) -> Vec<BackendSlotKey>;
-    fn put_range(&mut self, r: SrcRange) -> anyhow::Result<()>;
-    fn del_range(&mut self, r: &SrcRange) -> anyhow::Result<()>;
-    fn ranges(&self) -> Vec<SrcRange>;
+    fn put_range(&mut self, r: SrcRange<A>) -> anyhow::Result<()>;
+    fn del_range(&mut self, r: &SrcRange<A>) -> anyhow::Result<()>;
+    fn ranges(&self) -> Vec<SrcRange<A>>;
 }
 
 /// One allowed source range of a service id (loadBalancerSourceRanges).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SrcRange {
+pub struct SrcRange<A = u32> {
     pub service_id: u32,
     /// Network address, packet order.
-    pub addr: u32,
+    pub addr: A,
     pub prefix: u8,
 }
 
@@ -61,17 +95,17 @@ pub enum SetKind {
 }
 
 /// A map entry an upsert created (taken back if the upsert fails).
-enum NewEntry {
+enum NewEntry<A: Family> {
     Slot(BackendSlotKey),
-    Member(MemberKey),
+    Member(MemberKey<A>),
     Maglev(BackendSlotKey),
-    Range(SrcRange),
-    Frontend(FrontendKey),
+    Range(SrcRange<A>),
+    Frontend(FrontendKey<A>),
 }
 
 /// Takes back what a failed upsert created. Best effort: what cannot be deleted now goes with the next full
 /// sync's sweep.
-fn take_back(maps: &mut dyn MapOps, written: Vec<NewEntry>) {
+fn take_back<A: Family>(maps: &mut dyn MapOps<A>, written: Vec<NewEntry<A>>) {
     for k in written.into_iter().rev() {
         let _ = match k {
             NewEntry::Slot(k) => maps.del_slot(&k),
@@ -91,11 +125,11 @@ enum Failed {
 
 /// The backends each set kind the port's frontends use should hold, from `sel`: the port's IPv4 endpoints
 /// categorised alone ([`ServicePortState::selected_in`]).
-fn wanted_sets(
+fn wanted_sets<A: Family>(
     st: &ServicePortState,
     sel: &Categorized,
-    desired: &BTreeMap<FrontendKey, SetKind>,
-) -> BTreeMap<SetKind, Vec<Backend>> {
+    desired: &BTreeMap<FrontendKey<A>, SetKind>,
+) -> BTreeMap<SetKind, Vec<Backend<A>>> {
     let local_or_cluster = |local: bool| if local { &sel.local } else { &sel.cluster };
     let mut wanted = BTreeMap::new();
     for kind in desired.values() {
@@ -113,11 +147,11 @@ fn wanted_sets(
 
 /// Writes a set's Maglev table, slots and members (members of backends `current` already had are rewritten with
 /// their new slot, not created).
-fn write_set(
-    maps: &mut dyn MapOps,
-    next: &PublishedSet,
-    current: Option<&PublishedSet>,
-    created: &mut Vec<NewEntry>,
+fn write_set<A: Family>(
+    maps: &mut dyn MapOps<A>,
+    next: &PublishedSet<A>,
+    current: Option<&PublishedSet<A>>,
+    created: &mut Vec<NewEntry<A>>,
     w: &mut Written,
 ) -> anyhow::Result<()> {
     if next.maglev {
@@ -150,34 +184,28 @@ fn write_set(
 /// loadBalancerSourceRanges (IPv4), which restrict the load-balancer IP frontends. Like kube-proxy, when a range
 /// holds the node's address, sources equal to the load-balancer IPs (traffic of this node looped back to a local
 /// VIP) are allowed too.
-struct LbSourceRanges {
+struct LbSourceRanges<A: Family> {
     port_be: u16,
-    lb_addrs: BTreeSet<u32>,
-    cidrs: Vec<(u32, u8)>,
+    lb_addrs: BTreeSet<A>,
+    cidrs: Vec<(A, u8)>,
 }
 
-impl LbSourceRanges {
+impl<A: Family> LbSourceRanges<A> {
     fn of(st: &ServicePortState, node: &NodeInfo) -> Self {
-        let lb_addrs: BTreeSet<u32> = st
-            .port
-            .load_balancer_ips
-            .iter()
-            .filter_map(v4)
-            .map(|a| orca_common::addr_from_octets(a.octets()))
-            .collect();
-        let mut cidrs: Vec<(u32, u8)> = st
+        let lb_addrs: BTreeSet<A> = st.port.load_balancer_ips.iter().filter_map(A::of).collect();
+        let mut cidrs: Vec<(A, u8)> = st
             .port
             .load_balancer_source_ranges
             .iter()
-            .filter_map(|c| v4(&c.addr).map(|a| (orca_common::addr_from_octets(a.octets()), c.prefix)))
+            .filter_map(|c| A::of(&c.addr).map(|a| (a, c.prefix)))
             .collect();
         let allow_node = st
             .port
             .load_balancer_source_ranges
             .iter()
-            .any(|c| node.addresses.iter().any(|a| a.is_ipv4() && c.contains(*a)));
+            .any(|c| node.addresses.iter().any(|a| A::of(a).is_some() && c.contains(*a)));
         if !cidrs.is_empty() && allow_node {
-            cidrs.extend(lb_addrs.iter().map(|a| (*a, 32)));
+            cidrs.extend(lb_addrs.iter().map(|a| (*a, A::BITS as u8)));
         }
         Self {
             port_be: st.port.port.to_be(),
@@ -187,13 +215,13 @@ impl LbSourceRanges {
     }
 
     /// Whether the ranges restrict frontend `fk` (a load-balancer IP frontend of a port with ranges).
-    fn restricts(&self, fk: &FrontendKey) -> bool {
+    fn restricts(&self, fk: &FrontendKey<A>) -> bool {
         !self.cidrs.is_empty() && fk.port == self.port_be && self.lb_addrs.contains(&fk.addr)
     }
 
     /// The range entries the restricted frontends need, keyed by the id of the set each uses (ranges go in before
     /// the frontends that need them).
-    fn ranges(&self, desired: &BTreeMap<FrontendKey, SetKind>, entry: &PortEntry) -> BTreeSet<SrcRange> {
+    fn ranges(&self, desired: &BTreeMap<FrontendKey<A>, SetKind>, entry: &PortEntry<A>) -> BTreeSet<SrcRange<A>> {
         let mut out = BTreeSet::new();
         for (fk, kind) in desired {
             if self.restricts(fk) {
@@ -212,7 +240,13 @@ impl LbSourceRanges {
 
 /// A frontend's flags: masquerade (external traffic unless externalTrafficPolicy is Local, as kube-proxy does),
 /// drop when a selected Service has no endpoints, source ranges, Maglev, ClusterIP.
-fn frontend_flags(st: &ServicePortState, has_any: bool, kind: SetKind, set: &PublishedSet, restricted: bool) -> u16 {
+fn frontend_flags<A: Family>(
+    st: &ServicePortState,
+    has_any: bool,
+    kind: SetKind,
+    set: &PublishedSet<A>,
+    restricted: bool,
+) -> u16 {
     let mut flags = 0;
     if kind == SetKind::External && !st.port.external_policy_local() {
         flags |= orca_common::FRONTEND_F_SNAT_EXTERNAL;
@@ -234,15 +268,15 @@ fn frontend_flags(st: &ServicePortState, has_any: bool, kind: SetKind, set: &Pub
 
 /// A backend set as published in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct PublishedSet {
+struct PublishedSet<A: Family> {
     id: u32,
     base: u32,
-    backends: Vec<Backend>,
+    backends: Vec<Backend<A>>,
     /// Whether a Maglev table was written for it.
     maglev: bool,
 }
 
-impl PublishedSet {
+impl<A: Family> PublishedSet<A> {
     /// The key of its `i`th slot (backend, or Maglev table entry).
     fn slot(&self, i: usize) -> BackendSlotKey {
         BackendSlotKey {
@@ -252,11 +286,21 @@ impl PublishedSet {
     }
 }
 
-#[derive(Debug, Default, Clone)]
-struct PortEntry {
-    sets: VecMap<SetKind, PublishedSet>,
-    frontends: VecMap<FrontendKey, SetKind>,
-    ranges: BTreeSet<SrcRange>,
+#[derive(Debug, Clone)]
+struct PortEntry<A: Family> {
+    sets: VecMap<SetKind, PublishedSet<A>>,
+    frontends: VecMap<FrontendKey<A>, SetKind>,
+    ranges: BTreeSet<SrcRange<A>>,
+}
+
+impl<A: Family> Default for PortEntry<A> {
+    fn default() -> Self {
+        Self {
+            sets: VecMap::default(),
+            frontends: VecMap::default(),
+            ranges: BTreeSet::new(),
+        }
+    }
 }
 
 /// A map as a sorted vector: a port has one to a few sets and frontends, and a one-entry BTreeMap allocates a
@@ -319,28 +363,43 @@ pub struct Written {
     pub entries: usize,
 }
 
-/// The programmer: remembers what it published per service port.
-#[derive(Debug, Default)]
-pub struct Programmer {
-    ports: HashMap<ServicePortName, PortEntry>,
+/// The programmer of one family's maps: remembers what it published per service port.
+#[derive(Debug)]
+pub struct Programmer<A: Family = u32> {
+    ports: HashMap<ServicePortName, PortEntry<A>>,
     /// Who owns each frontend key (two ports could claim one address:port by misconfiguration).
-    owners: HashMap<FrontendKey, ServicePortName>,
+    owners: HashMap<FrontendKey<A>, ServicePortName>,
     /// Ports refused a frontend another port owns: when the owner lets it go, they are `released` to be
     /// applied again (kube-proxy's rules of the second Service serve the address as soon as the first is gone).
-    waiting: HashMap<FrontendKey, BTreeSet<ServicePortName>>,
+    waiting: HashMap<FrontendKey<A>, BTreeSet<ServicePortName>>,
     released: BTreeSet<ServicePortName>,
     /// Frontends found in pinned maps at start-up, not yet claimed: their service ids and slot
     /// ranges are reused so a restarted agent keeps affinity and switches sets without a gap.
-    adoptable: HashMap<FrontendKey, Frontend>,
+    adoptable: HashMap<FrontendKey<A>, Frontend>,
     used_ids: BTreeSet<u32>,
     next_id: u32,
     /// Choose backends by Maglev consistent hashing instead of at random.
     maglev: bool,
 }
 
-impl Programmer {
+impl<A: Family> Default for Programmer<A> {
+    fn default() -> Self {
+        Self {
+            ports: HashMap::new(),
+            owners: HashMap::new(),
+            waiting: HashMap::new(),
+            released: BTreeSet::new(),
+            adoptable: HashMap::new(),
+            used_ids: BTreeSet::new(),
+            next_id: 0,
+            maglev: false,
+        }
+    }
+}
+
+impl<A: Family> Programmer<A> {
     /// Starts from whatever the (possibly pinned) maps already hold.
-    pub fn adopt(maps: &dyn MapOps) -> Self {
+    pub fn adopt(maps: &dyn MapOps<A>) -> Self {
         let adoptable: HashMap<_, _> = maps.frontends().into_iter().collect();
         let max_id = adoptable.values().map(|f| f.service_id).max().unwrap_or(0);
         let max_slot_id = maps.slots().iter().map(|s| s.service_id).max().unwrap_or(0);
@@ -382,7 +441,7 @@ impl Programmer {
     /// twice).
     pub fn upsert(
         &mut self,
-        maps: &mut dyn MapOps,
+        maps: &mut dyn MapOps<A>,
         st: &ServicePortState,
         node: &NodeInfo,
         cfg: &DataplaneConfig,
@@ -397,19 +456,23 @@ impl Programmer {
                 return self.remove(maps, &name);
             }
         };
-        let desired = frontends_of(st, proto, node, cfg);
+        let desired = frontends_of::<A>(st, proto, node, cfg);
+        if desired.is_empty() {
+            // Nothing of this port in this family (an IPv4-only Service in the IPv6 maps): no entry at all.
+            return self.remove(maps, &name);
+        }
         // The Service's annotation wins over the agent-wide choice.
         let maglev = st
             .port
             .load_balancing
             .map_or(self.maglev, |lb| lb == crate::model::LoadBalancing::Maglev);
-        // kube-proxy's IPv4 proxier sees the IPv4 endpoints only (a dual-stack port's IPv6 ones are ip6tables').
-        let sel = st.selected_in(IpFamily::V4, node);
+        // kube-proxy's per-family proxier sees that family's endpoints only.
+        let sel = st.selected_in(A::FAMILY, node);
         let wanted = wanted_sets(st, &sel, &desired);
         let previous = self.ports.remove(&name);
         let mut entry = previous.clone().unwrap_or_default();
         let mut w = Written::default();
-        let mut created: Vec<NewEntry> = Vec::new();
+        let mut created: Vec<NewEntry<A>> = Vec::new();
         let step1 = self.publish_sets(maps, &mut entry, &wanted, &desired, maglev, &mut created, &mut w);
         let to_free = match step1 {
             Ok(to_free) => to_free,
@@ -444,10 +507,10 @@ impl Programmer {
     /// Takes back what a failed upsert created and restores the port's previous entry; returns the error.
     fn take_back(
         &mut self,
-        maps: &mut dyn MapOps,
-        created: Vec<NewEntry>,
+        maps: &mut dyn MapOps<A>,
+        created: Vec<NewEntry<A>>,
         name: ServicePortName,
-        previous: Option<PortEntry>,
+        previous: Option<PortEntry<A>>,
         e: anyhow::Error,
     ) -> anyhow::Error {
         take_back(maps, created);
@@ -461,11 +524,11 @@ impl Programmer {
     /// slot range are reused so affinity survives and the switch has no gap).
     fn current_set(
         &mut self,
-        maps: &dyn MapOps,
-        entry: &PortEntry,
+        maps: &dyn MapOps<A>,
+        entry: &PortEntry<A>,
         kind: &SetKind,
-        desired: &BTreeMap<FrontendKey, SetKind>,
-    ) -> Option<PublishedSet> {
+        desired: &BTreeMap<FrontendKey<A>, SetKind>,
+    ) -> Option<PublishedSet<A>> {
         if let Some(set) = entry.sets.get(kind) {
             return Some(set.clone());
         }
@@ -496,14 +559,14 @@ impl Programmer {
     #[allow(clippy::too_many_arguments)]
     fn publish_sets(
         &mut self,
-        maps: &mut dyn MapOps,
-        entry: &mut PortEntry,
-        wanted: &BTreeMap<SetKind, Vec<Backend>>,
-        desired: &BTreeMap<FrontendKey, SetKind>,
+        maps: &mut dyn MapOps<A>,
+        entry: &mut PortEntry<A>,
+        wanted: &BTreeMap<SetKind, Vec<Backend<A>>>,
+        desired: &BTreeMap<FrontendKey<A>, SetKind>,
         maglev: bool,
-        created: &mut Vec<NewEntry>,
+        created: &mut Vec<NewEntry<A>>,
         w: &mut Written,
-    ) -> anyhow::Result<Vec<PublishedSet>> {
+    ) -> anyhow::Result<Vec<PublishedSet<A>>> {
         let mut to_free = Vec::new();
         for (kind, backends) in wanted {
             let current = self.current_set(maps, entry, kind, desired);
@@ -538,14 +601,14 @@ impl Programmer {
     #[allow(clippy::too_many_arguments)]
     fn publish_frontends(
         &mut self,
-        maps: &mut dyn MapOps,
+        maps: &mut dyn MapOps<A>,
         st: &ServicePortState,
         has_any: bool,
-        entry: &PortEntry,
-        desired: &BTreeMap<FrontendKey, SetKind>,
-        sources: &LbSourceRanges,
-        ranges: &BTreeSet<SrcRange>,
-        created: &mut Vec<NewEntry>,
+        entry: &PortEntry<A>,
+        desired: &BTreeMap<FrontendKey<A>, SetKind>,
+        sources: &LbSourceRanges<A>,
+        ranges: &BTreeSet<SrcRange<A>>,
+        created: &mut Vec<NewEntry<A>>,
         w: &mut Written,
     ) -> Result<(), Failed> {
         let name = st.name();
@@ -559,7 +622,7 @@ impl Programmer {
             .port
             .session_affinity
             .map_or(0, |d| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX));
-        let mut plan: Vec<(FrontendKey, Frontend)> = Vec::with_capacity(desired.len());
+        let mut plan: Vec<(FrontendKey<A>, Frontend)> = Vec::with_capacity(desired.len());
         for (fk, kind) in desired {
             if let Some(owner) = self.owners.get(fk) {
                 if owner != name {
@@ -602,13 +665,13 @@ impl Programmer {
     #[allow(clippy::too_many_arguments)]
     fn retire(
         &mut self,
-        maps: &mut dyn MapOps,
+        maps: &mut dyn MapOps<A>,
         name: &ServicePortName,
-        entry: &mut PortEntry,
-        desired: BTreeMap<FrontendKey, SetKind>,
-        ranges: BTreeSet<SrcRange>,
-        to_free: Vec<PublishedSet>,
-        wanted: &BTreeMap<SetKind, Vec<Backend>>,
+        entry: &mut PortEntry<A>,
+        desired: BTreeMap<FrontendKey<A>, SetKind>,
+        ranges: BTreeSet<SrcRange<A>>,
+        to_free: Vec<PublishedSet<A>>,
+        wanted: &BTreeMap<SetKind, Vec<Backend<A>>>,
         w: &mut Written,
     ) -> anyhow::Result<()> {
         for fk in desired.keys() {
@@ -635,7 +698,7 @@ impl Programmer {
         }
         entry.ranges = ranges;
         for old in to_free {
-            let keep: BTreeSet<MemberKey> = entry
+            let keep: BTreeSet<MemberKey<A>> = entry
                 .sets
                 .values()
                 .filter(|s| s.id == old.id)
@@ -654,7 +717,7 @@ impl Programmer {
     }
 
     /// Removes a service port: frontends first, then its slots and members.
-    pub fn remove(&mut self, maps: &mut dyn MapOps, name: &ServicePortName) -> anyhow::Result<Written> {
+    pub fn remove(&mut self, maps: &mut dyn MapOps<A>, name: &ServicePortName) -> anyhow::Result<Written> {
         let mut w = Written::default();
         self.stop_waiting(name);
         let Some(entry) = self.ports.remove(name) else {
@@ -690,7 +753,7 @@ impl Programmer {
     }
 
     /// The owner of `fk` let it go: the ports waiting for it are to be applied again.
-    fn release(&mut self, fk: &FrontendKey) {
+    fn release(&mut self, fk: &FrontendKey<A>) {
         if let Some(w) = self.waiting.remove(fk) {
             self.released.extend(w);
         }
@@ -705,9 +768,18 @@ impl Programmer {
         self.ports.keys().cloned().collect()
     }
 
+    pub fn names_iter(&self) -> impl Iterator<Item = &ServicePortName> {
+        self.ports.keys()
+    }
+
+    /// Whether `name` is programmed in this family.
+    pub fn has(&self, name: &ServicePortName) -> bool {
+        self.ports.contains_key(name)
+    }
+
     /// Deletes every entry no published service port accounts for: leftovers of a previous run
     /// (after `full_sync` has claimed what is still desired) or of a failed update.
-    pub fn sweep(&mut self, maps: &mut dyn MapOps) -> anyhow::Result<Written> {
+    pub fn sweep(&mut self, maps: &mut dyn MapOps<A>) -> anyhow::Result<Written> {
         let mut w = Written::default();
         for (fk, _) in maps.frontends() {
             if !self.owners.contains_key(&fk) {
@@ -717,7 +789,7 @@ impl Programmer {
         }
         self.adoptable.clear();
         let mut live_slots: BTreeSet<BackendSlotKey> = BTreeSet::new();
-        let mut live_members: BTreeSet<MemberKey> = BTreeSet::new();
+        let mut live_members: BTreeSet<MemberKey<A>> = BTreeSet::new();
         for entry in self.ports.values() {
             for set in entry.sets.values() {
                 for (i, b) in set.backends.iter().enumerate() {
@@ -754,7 +826,7 @@ impl Programmer {
                 w.entries += 1;
             }
         }
-        let live_ranges: BTreeSet<SrcRange> = self.ports.values().flat_map(|e| e.ranges.iter().copied()).collect();
+        let live_ranges: BTreeSet<SrcRange<A>> = self.ports.values().flat_map(|e| e.ranges.iter().copied()).collect();
         for r in maps.ranges() {
             // The cluster CIDRs (CLUSTER_CIDR_ID) belong to the dataplane's configuration.
             if r.service_id != orca_common::CLUSTER_CIDR_ID && !live_ranges.contains(&r) {
@@ -766,7 +838,11 @@ impl Programmer {
     }
 }
 
-fn free_set(maps: &mut dyn MapOps, set: &PublishedSet, keep: &BTreeSet<MemberKey>) -> anyhow::Result<usize> {
+fn free_set<A: Family>(
+    maps: &mut dyn MapOps<A>,
+    set: &PublishedSet<A>,
+    keep: &BTreeSet<MemberKey<A>>,
+) -> anyhow::Result<usize> {
     let mut n = 0;
     if set.maglev {
         for i in 0..orca_common::MAGLEV_TABLE_SIZE {
@@ -791,27 +867,20 @@ fn free_set(maps: &mut dyn MapOps, set: &PublishedSet, keep: &BTreeSet<MemberKey
     Ok(n)
 }
 
-fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
-    }
-}
-
-/// The frontends of a service port on this node (IPv4).
-fn frontends_of(
+/// The frontends of a service port on this node, in family `A`.
+fn frontends_of<A: Family>(
     st: &ServicePortState,
     proto: u8,
     node: &NodeInfo,
     cfg: &DataplaneConfig,
-) -> BTreeMap<FrontendKey, SetKind> {
+) -> BTreeMap<FrontendKey<A>, SetKind> {
     let p = &st.port;
     let mut out = BTreeMap::new();
-    for ip in p.cluster_ips.iter().filter_map(v4) {
-        out.insert(FrontendKey::new(ip.octets(), p.port, proto), SetKind::Internal);
+    for ip in p.cluster_ips.iter().filter_map(A::of) {
+        out.insert(FrontendKey::of(ip, p.port, proto), SetKind::Internal);
     }
     let local = p.external_policy_local();
-    let external = |out: &mut BTreeMap<FrontendKey, SetKind>, key: FrontendKey| {
+    let external = |out: &mut BTreeMap<FrontendKey<A>, SetKind>, key: FrontendKey<A>| {
         if local {
             // Outside clients: local endpoints; local pods: cluster-wide ones.
             out.insert(key.with_scope(SCOPE_EXTERNAL), SetKind::External);
@@ -820,28 +889,32 @@ fn frontends_of(
             out.insert(key, SetKind::External);
         }
     };
-    for ip in p.load_balancer_ips.iter().chain(&p.external_ips).filter_map(v4) {
-        external(&mut out, FrontendKey::new(ip.octets(), p.port, proto));
+    for ip in p.load_balancer_ips.iter().chain(&p.external_ips).filter_map(A::of) {
+        external(&mut out, FrontendKey::of(ip, p.port, proto));
     }
     if let Some(np) = p.node_port {
         for ip in &node.addresses {
-            let Some(a) = v4(ip) else { continue };
+            let Some(a) = A::of(ip) else { continue };
             let allowed = cfg.nodeport_addresses.is_empty() || cfg.nodeport_addresses.iter().any(|c| c.contains(*ip));
             if allowed {
-                external(&mut out, FrontendKey::new(a.octets(), np, proto));
+                external(&mut out, FrontendKey::of(a, np, proto));
             }
         }
     }
     out
 }
 
-/// IPv4 endpoints as backends, deduplicated, at most `MAX_BACKENDS_PER_SERVICE`.
-fn backends_of(name: &ServicePortName, eps: &[crate::model::Endpoint]) -> Vec<Backend> {
+/// The family's endpoints as backends, deduplicated, at most `MAX_BACKENDS_PER_SERVICE`.
+fn backends_of<A: Family>(name: &ServicePortName, eps: &[crate::model::Endpoint]) -> Vec<Backend<A>> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for ep in eps {
-        let Some(a) = v4(&ep.ip) else { continue };
-        let b = Backend::new(a.octets(), ep.port);
+        let Some(a) = A::of(&ep.ip) else { continue };
+        let b = Backend {
+            addr: a,
+            port: ep.port.to_be(),
+            _pad: 0,
+        };
         if seen.insert((b.addr, b.port)) {
             out.push(b);
         }
