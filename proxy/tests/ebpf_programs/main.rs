@@ -17,7 +17,7 @@
 //! there. The namespaces die with their threads.
 //!
 //! One file per behaviour, as Cilium's bpf/tests: `translation` (DNAT, reverse NAT, backend choice), `masquerade`,
-//! `conntrack` (lifetimes, masquerade ports, the collector), `reject` (no endpoints, source ranges), `icmp`,
+//! `conntrack` (lifetimes, masquerade ports, the collector), `reject` (no endpoints, source ranges), `icmp`, `ipv6`,
 //! `forwarding` (what reaches the stack; the bypass path), `drops` (a counted reason for each). The per-packet
 //! cost at 1 and 10,000 Services is a test of the bench (`bench/src/tccost.rs`), next to the measurement it guards.
 
@@ -27,6 +27,7 @@ mod conntrack;
 mod drops;
 mod forwarding;
 mod icmp;
+mod ipv6;
 mod masquerade;
 mod reject;
 mod translation;
