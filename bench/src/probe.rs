@@ -461,10 +461,14 @@ pub struct TcCost {
     /// error and passes it): the program's fixed entry cost without any map lookup.
     #[serde(default)]
     pub nonip_ns: Option<f64>,
-    /// A TCP SYN from the pod's IPv6 address to the Service's IPv6 cluster IP: the programs translate IPv4 only,
-    /// so this is what an IPv6 packet costs at TC on its way to the ip6tables rules.
+    /// A TCP SYN from the pod's IPv6 address to the Service's IPv6 cluster IP (after a warm-up run that created its
+    /// conntrack entry, as for `service_ns`): the IPv6 Service path. (Agents before the eBPF IPv6 datapath passed it
+    /// on untranslated to ip6tables; `ipv6_dst` tells which.)
     #[serde(default)]
     pub ipv6_ns: Option<f64>,
+    /// Destination of that SYN after the program ran: an IPv6 backend when translated, the cluster IP when not.
+    #[serde(default)]
+    pub ipv6_dst: Option<String>,
     /// Destination of the service SYN after the program ran: a backend's address when it was translated (the
     /// cost is then the Service path's), the ClusterIP when not.
     #[serde(default)]
@@ -621,6 +625,15 @@ pub fn tc_cost(
     // The program must have translated the SYN: its destination is a backend now, not the ClusterIP.
     let service_dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
     let (passthrough_ns, passthrough_verdict) = run(&syn_frame(client, 40_001, pod, 8080))?;
+    let svc6 = syn6_frame(v6.0, 40_002, v6.1, vport);
+    let _ = run(&svc6);
+    let (ipv6_ns, ipv6_dst) = match run_out(&svc6) {
+        Ok((ns, _, out)) => {
+            let dst: [u8; 16] = out[38..54].try_into().unwrap_or([0; 16]);
+            (Some(ns), Some(std::net::Ipv6Addr::from(dst).to_string()))
+        }
+        Err(_) => (None, None),
+    };
     Ok(TcCost {
         service_ns,
         passthrough_ns,
@@ -629,7 +642,8 @@ pub fn tc_cost(
         passthrough_verdict,
         empty_ns: tc_empty_baseline(&svc, repeat).ok(),
         nonip_ns: run(&arp_frame()).ok().map(|(ns, _)| ns),
-        ipv6_ns: run(&syn6_frame(v6.0, 40_002, v6.1, vport)).ok().map(|(ns, _)| ns),
+        ipv6_ns,
+        ipv6_dst,
         service_dst: Some(service_dst.to_string()),
     })
 }

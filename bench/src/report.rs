@@ -265,7 +265,7 @@ pub fn control_metrics() -> Vec<Metric> {
             get: |c| c.tc.as_ref().and_then(|t| t.nonip_ns).into_iter().collect(),
         },
         Metric {
-            title: "TC program per packet, an IPv6 SYN to the Service's IPv6 cluster IP (passed on to ip6tables)",
+            title: "TC program per packet, an IPv6 SYN to the Service's IPv6 cluster IP (translated by agents with the eBPF IPv6 datapath; passed on to ip6tables before)",
             unit: "ns",
             higher_is_better: false,
             get: |c| c.tc.as_ref().and_then(|t| t.ipv6_ns).into_iter().collect(),

@@ -447,6 +447,126 @@ fn dnat_reject_restart_cleanup(tag: &str, attach: TcAttach) {
 /// Agents of several nodes starting at once must not stack bpffs mounts (the later mount would
 /// hide the pins made in the earlier one). Threads released together by a barrier race for the
 /// mount, many times over.
+/// An IPv6 exchange from the client namespace to `target` (`[addr]:port`): (output, error text).
+fn client_request6(env: &Env, target: &str) -> (String, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &env.ns("client")])
+        .args(["socat", "-T3", "-", &format!("TCP6:{target},connect-timeout=3")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("socat");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `client_request6` until the output contains `want` (10 s).
+fn await_answer6(env: &Env, target: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (out, err) = client_request6(env, target);
+        if out.contains(want) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "{target}: no {want:?}: {out:?} {err:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn ipv6_cluster_ip_node_port_and_reject_through_the_ebpf_maps() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root");
+    let mut env = setup("v6");
+    let (c, n, b) = (env.ns("client"), env.ns("node"), env.ns("backend"));
+    for (ns, dev, addr) in [
+        (&n, "c0", "fd00:201::1/64"),
+        (&n, "b0", "fd00:202::1/64"),
+        (&c, "eth0", "fd00:201::2/64"),
+        (&b, "eth0", "fd00:202::2/64"),
+    ] {
+        run(&["ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    run(&["ip", "-n", &c, "-6", "route", "add", "default", "via", "fd00:201::1"]);
+    run(&["ip", "-n", &b, "-6", "route", "add", "default", "via", "fd00:202::1"]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &n,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    // The backend tells who connected: the client itself through the ClusterIP, the node (masqueraded) through
+    // the NodePort.
+    env.servers.push(
+        Command::new("ip")
+            .args(["netns", "exec", &b])
+            .args([
+                "socat",
+                "TCP6-LISTEN:8080,fork,reuseaddr",
+                "SYSTEM:echo peer=$SOCAT_PEERADDR",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("backend server"),
+    );
+
+    run_in_node(env, |env| {
+        let node = NodeInfo::new(
+            "node",
+            vec!["10.201.0.1".parse().unwrap(), "fd00:201::1".parse().unwrap()],
+        );
+        let mut dp = EbpfDataplane::new(DataplaneConfig::default(), options(env)).expect("eBPF dataplane");
+        let name = ServicePortName::new("default", "web6", "http", Protocol::Tcp);
+        let mut port = ServicePort::new(name, "fd00:96::10".parse().unwrap(), 80);
+        port.node_port = Some(30080);
+        let port = Arc::new(port);
+        let with = |eps: &[&str]| {
+            let eps = eps
+                .iter()
+                .map(|ip| Endpoint::new(ip.parse().unwrap(), 8080).on_node("other", false))
+                .collect();
+            Arc::new(ServicePortState::new((*port).clone(), eps, &node))
+        };
+        let st = with(&["fd00:202::2"]);
+        dp.full_sync(&snapshot(&st), &node).expect("full sync");
+        // The eBPF maps hold it (no ip6tables in eBPF mode).
+        let views = orca_proxy::dataplane::ebpf::dump(&env.bpf_root()).expect("dump");
+        let cluster: Vec<String> = views.iter().map(|v| v.address.to_string()).collect();
+        assert!(cluster.contains(&"[fd00:96::10]:80".to_string()), "{cluster:?}");
+
+        // The address the backend saw (socat writes it in full, in brackets).
+        let peer = |out: &str| -> std::net::Ipv6Addr {
+            let p = out.trim().trim_start_matches("peer=");
+            p.trim_matches(|c| c == '[' || c == ']').parse().expect(out)
+        };
+        // ClusterIP: the backend sees the client's own address.
+        let out = await_answer6(env, "[fd00:96::10]:80", "peer=");
+        assert_eq!(peer(&out), "fd00:201::2".parse::<std::net::Ipv6Addr>().unwrap());
+        // NodePort on the node's IPv6 address: masqueraded to it.
+        let out = await_answer6(env, "[fd00:201::1]:30080", "peer=");
+        assert_eq!(peer(&out), "fd00:201::1".parse::<std::net::Ipv6Addr>().unwrap());
+
+        // No endpoints: refused (ICMPv6 port unreachable from the programs), not timed out.
+        let empty = with(&[]);
+        let diff = Diff {
+            upserted: vec![empty.clone()],
+            ..Diff::default()
+        };
+        dp.apply(&diff, &snapshot(&empty), &node).expect("apply");
+        let started = Instant::now();
+        let (out, err) = client_request6(env, "[fd00:96::10]:80");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains("Connection refused"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        dp.cleanup().expect("cleanup");
+    });
+}
+
 #[test]
 fn concurrent_agents_mount_bpffs_once() {
     // SAFETY: geteuid has no preconditions.
@@ -509,9 +629,39 @@ fn host_namespace_clients_use_the_socket_hooks() {
     let cgroup = cg_root.join(&env.prefix);
     std::fs::create_dir_all(&cgroup).expect("test cgroup");
     let _cg_guard = CgroupGuard(cgroup.clone());
+    // IPv6 between the node and the backend too, for the IPv6 hooks.
+    let (n, b) = (env.ns("node"), env.ns("backend"));
+    run(&[
+        "ip",
+        "-n",
+        &n,
+        "-6",
+        "addr",
+        "add",
+        "fd00:202::1/64",
+        "dev",
+        "b0",
+        "nodad",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &b,
+        "-6",
+        "addr",
+        "add",
+        "fd00:202::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
     for (args, _) in [
         (["TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo hello-from-backend"], ()),
         (["UDP-RECVFROM:5353,fork", "SYSTEM:echo udp-hello"], ()),
+        (
+            ["TCP6-LISTEN:8086,fork,reuseaddr", "SYSTEM:echo hello6-from-backend"],
+            (),
+        ),
     ] {
         env.servers.push(
             Command::new("ip")
@@ -558,10 +708,10 @@ fn host_namespace_clients_use_the_socket_hooks() {
             ..options(env)
         };
         let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
-        // `status` reads the hooks back from the pins: all four attached, to the test's cgroup.
+        // `status` reads the hooks back from the pins: all eight (IPv4 and IPv6) attached, to the test's cgroup.
         let hooks = orca_proxy::dataplane::ebpf::loader::pinned_socket_hooks(&env.bpf_root());
         let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cgroup).unwrap());
-        assert_eq!(hooks.len(), 4);
+        assert_eq!(hooks.len(), 8);
         assert!(
             hooks.iter().all(|(_, id)| *id == Some(cgroup_id)),
             "{hooks:?} (cgroup id {cgroup_id})"
@@ -571,7 +721,13 @@ fn host_namespace_clients_use_the_socket_hooks() {
         dns.port.protocol = Protocol::Udp;
         dns.port.name.protocol = Protocol::Udp;
         let dns = Arc::new(dns);
-        let snap: Snapshot = [web.clone(), dns.clone()]
+        let web6 = {
+            let name = ServicePortName::new("default", "web6", "http", Protocol::Tcp);
+            let port = ServicePort::new(name, "fd00:96::10".parse().unwrap(), 80);
+            let eps = vec![Endpoint::new("fd00:202::2".parse().unwrap(), 8086).on_node("other", false)];
+            Arc::new(ServicePortState::new(port, eps, &node()))
+        };
+        let snap: Snapshot = [web.clone(), dns.clone(), web6]
             .into_iter()
             .map(|p| (p.name().clone(), p))
             .collect();
@@ -592,6 +748,15 @@ fn host_namespace_clients_use_the_socket_hooks() {
         // Unconnected UDP: the request goes to the backend, the answer comes from the frontend.
         let (out, err) = sh(&n, true, "echo q | exec socat -T2 - UDP-SENDTO:10.96.0.53:53");
         assert!(out.contains("udp-hello"), "{out:?} {err:?}");
+        // IPv6: an IPv6 ClusterIP (connect6), and the IPv4 one as an IPv4-mapped address of an IPv6 socket.
+        let (out, err) = sh(&n, true, "exec socat -T3 - TCP6:[fd00:96::10]:80,connect-timeout=3");
+        assert!(out.contains("hello6-from-backend"), "{out:?} {err:?}");
+        let (out, err) = sh(
+            &n,
+            true,
+            "exec socat -T3 - TCP6:[::ffff:10.96.0.10]:80,connect-timeout=3",
+        );
+        assert!(out.contains("hello-from-backend"), "{out:?} {err:?}");
 
         // Not ours: another namespace in the same cgroup, or our namespace outside the cgroup.
         let (out, err) = sh(&c2, true, tcp);
@@ -847,10 +1012,10 @@ fn check_kernel_reports_every_program() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let verified: Vec<&str> = text.lines().filter(|l| l.starts_with("verifier\t")).collect();
-    // The three TC programs in both variants, and the four socket hooks in the default one where the kernel loads
-    // them (5.18+).
+    // The three TC programs in both variants, and the eight socket hooks (IPv4 and IPv6) in the default one where the
+    // kernel loads them (5.18+).
     let hooks = orca_proxy::dataplane::ebpf::loader::sock_hooks_supported();
-    assert_eq!(verified.len(), if hooks { 10 } else { 6 }, "{text}");
+    assert_eq!(verified.len(), if hooks { 14 } else { 6 }, "{text}");
     // Kernels report the instructions processed since 5.16.
     let counted = orca_proxy::dataplane::ebpf::loader::kernel_version().is_some_and(|v| v >= (5, 16));
     for l in &verified {
