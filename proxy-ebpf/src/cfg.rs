@@ -22,13 +22,11 @@ static ORCA_BYPASS_NETFILTER: u32 = 0;
 // The reads are volatile: the statics are immutable to the compiler, which would otherwise fold their initial
 // values into the code and ignore what the agent wrote.
 
-/// Conntrack lifetimes per state: a reference, so that a lookup reads the one lifetime it needs (the pointer is read
-/// volatile, so the compiler does not fold the defaults in).
+/// Conntrack lifetimes per state.
 #[inline(always)]
-pub fn timeouts() -> &'static CtTimeouts {
-    let p: *const CtTimeouts = &ORCA_CT_TIMEOUTS;
-    // SAFETY: reading a local; the pointer is to a static.
-    unsafe { &*core::ptr::read_volatile(&p) }
+pub fn timeouts() -> CtTimeouts {
+    // SAFETY: reading a static.
+    unsafe { core::ptr::read_volatile(&ORCA_CT_TIMEOUTS) }
 }
 
 /// The masquerade source ports.

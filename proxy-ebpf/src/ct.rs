@@ -75,7 +75,7 @@ impl<A: Fam> Hit<A> {
 pub fn lookup<A: Fam>(key: &CtKey<A>, now_ns: u64) -> Option<Hit<A>> {
     let ptr = A::ct().get_ptr_mut(key)?;
     // SAFETY: as in `Hit::value`.
-    if unsafe { (*ptr).expired(key.proto, now_ns, cfg::timeouts()) } {
+    if unsafe { (*ptr).expired(key.proto, now_ns, &cfg::timeouts()) } {
         return None;
     }
     Some(Hit { ptr })
@@ -230,12 +230,25 @@ pub fn create<A: Fam>(
 /// tuple still tracked to another flow: the backend may still hold the old connection in TIME_WAIT, and a late
 /// segment of it would reach the new one). The client's own port is tried first (as the kernel's masquerade
 /// does), then random ones.
+// Key and value are passed by reference on purpose: copies would go on the stack on every try (and cost the verifier
+// dearly in the IPv6 loop).
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
 fn allocate_port<A: Fam>(v: &mut CtValue<A>, proto: u8, snat_addr: A, opening: bool, now_ns: u64) -> Result<(), u32> {
     let ports = cfg::nat_ports();
     let timeouts = cfg::timeouts();
     v.nat_addr = snat_addr;
     let own = u16::from_be(v.client_port);
+    // The reply key (`CtValue::reply_key` of a masqueraded flow), built once; only its port changes per try.
+    let mut key = CtKey {
+        saddr: v.backend_addr,
+        daddr: snat_addr,
+        sport: v.backend_port,
+        dport: 0,
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
     for i in 0..NAT_PORT_TRIES {
         let port = if i == 0 && ports.contains(own) {
             own
@@ -244,20 +257,21 @@ fn allocate_port<A: Fam>(v: &mut CtValue<A>, proto: u8, snat_addr: A, opening: b
             ports.port(unsafe { bpf_get_prandom_u32() })
         };
         v.nat_port = port.to_be();
-        let key = v.reply_key(proto);
-        match A::ct().insert(key, *v, BPF_NOEXIST) {
+        key.dport = v.nat_port;
+        // `&*v`: the value is passed where it lives (a copy would put it on the stack on every try).
+        match A::ct().insert(&key, &*v, BPF_NOEXIST) {
             Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => {
-                // SAFETY: the value is copied out at once.
-                let reusable = unsafe { A::ct().get(key) }.is_some_and(|old| {
-                    old.reclaimable(proto, now_ns, timeouts)
+                // SAFETY: the entry is only read, at once.
+                let reusable = unsafe { A::ct().get(&key) }.is_some_and(|old| {
+                    old.reclaimable(proto, now_ns, &timeouts)
                         || (opening
                             && proto == IPPROTO_TCP
                             && old.tcp_closed()
                             && old.client_addr == v.client_addr
                             && old.client_port == v.client_port)
                 });
-                if reusable && A::ct().insert(key, *v, BPF_EXIST).is_ok() {
+                if reusable && A::ct().insert(&key, &*v, BPF_EXIST).is_ok() {
                     return Ok(());
                 }
             }

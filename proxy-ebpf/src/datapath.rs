@@ -69,9 +69,12 @@ fn skipped<A: Fam>(_ctx: &TcContext, why: Skip, egress: bool) -> i32 {
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> i32 {
     if parse::ethertype(ctx) == parse::ETH_IPV6 {
-        match ingress6(ctx, origin) {
+        match parse6(ctx, false) {
+            PARSED => match ingress6(ctx, origin) {
+                NEW_FLOW => new_flow6(ctx, origin),
+                verdict => verdict,
+            },
             NOT_A_FLOW => icmp6(ctx, false),
-            NEW_FLOW => new_flow6(ctx, origin),
             verdict => verdict,
         }
     } else {
@@ -93,29 +96,44 @@ fn ingress4(ctx: &TcContext, origin: Origin) -> i32 {
     }
 }
 
+/// Parses an IPv6 packet into this CPU's scratch slot (its flow is eight address words: in registers they would
+/// spill most of the stack). A subprogram of its own, so that the verifier walks the rest of the path once, not
+/// once per way through the extension headers. Returns `PARSED`, `NOT_A_FLOW` (not TCP/UDP: maybe an ICMPv6
+/// error), or the verdict for a packet that passes as it is (counted).
 #[inline(never)]
-fn ingress6(ctx: &TcContext, origin: Origin) -> i32 {
+fn parse6(ctx: &TcContext, egress: bool) -> i32 {
     match parse::parse6(ctx) {
-        Ok(f) => match scratch_flow(f) {
-            Some(flow) => ingress_flow(ctx, origin, flow),
+        Ok(f) => match maps::SCRATCH6.get_ptr_mut(0) {
+            Some(p) => {
+                // SAFETY: this CPU's slot; TC programs do not nest on a CPU.
+                unsafe { (*p).flow = f };
+                PARSED
+            }
             None => TC_ACT_OK,
         },
         Err(Skip::Other) => NOT_A_FLOW,
-        Err(why) => skipped::<In6>(ctx, why, false),
+        Err(why) => skipped::<In6>(ctx, why, egress),
     }
 }
 
-/// An IPv6 flow lives in this CPU's scratch slot rather than in registers: its addresses are eight words, and
-/// keeping them in registers spills most of the stack.
+/// The IPv6 flow `parse6` left in this CPU's scratch slot.
 #[inline(always)]
-fn scratch_flow(f: Flow<In6>) -> Option<&'static mut Flow<In6>> {
+fn scratch_flow() -> Option<&'static mut Flow<In6>> {
     let p = maps::SCRATCH6.get_ptr_mut(0)?;
-    // SAFETY: this CPU's slot; TC programs do not nest on a CPU, and the slot's other fields are not this one.
-    unsafe {
-        (*p).flow = f;
-        Some(&mut (*p).flow)
+    // SAFETY: this CPU's slot, filled by `parse6` for this very packet just before.
+    Some(unsafe { &mut (*p).flow })
+}
+
+#[inline(never)]
+fn ingress6(ctx: &TcContext, origin: Origin) -> i32 {
+    match scratch_flow() {
+        Some(flow) => ingress_flow(ctx, origin, flow),
+        None => TC_ACT_OK,
     }
 }
+
+/// `parse6` found a TCP/UDP flow (in the scratch slot).
+const PARSED: i32 = -1002;
 
 /// What the per-family subprograms return for a packet that is not TCP/UDP: the entry point then looks for an
 /// ICMP error (`icmp4`/`icmp6`, sibling subprograms).
@@ -229,7 +247,8 @@ pub fn egress(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     if parse::ethertype(ctx) == parse::ETH_IPV6 {
-        match egress6(ctx) {
+        match parse6(ctx, true) {
+            PARSED => egress6(ctx),
             NOT_A_FLOW => icmp6(ctx, true),
             verdict => verdict,
         }
@@ -252,13 +271,9 @@ fn egress4(ctx: &TcContext) -> i32 {
 
 #[inline(never)]
 fn egress6(ctx: &TcContext) -> i32 {
-    match parse::parse6(ctx) {
-        Ok(f) => match scratch_flow(f) {
-            Some(flow) => egress_flow(ctx, flow),
-            None => TC_ACT_OK,
-        },
-        Err(Skip::Other) => NOT_A_FLOW,
-        Err(why) => skipped::<In6>(ctx, why, true),
+    match scratch_flow() {
+        Some(flow) => egress_flow(ctx, flow),
+        None => TC_ACT_OK,
     }
 }
 
