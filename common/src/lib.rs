@@ -202,6 +202,21 @@ pub const PROG_FROM_POD: &str = "orca_from_pod";
 pub const PROG_FROM_NETDEV: &str = "orca_from_netdev";
 /// Attached (TC egress) on uplinks and pod veths, unless netfilter is bypassed: traffic leaving the node's stack.
 pub const PROG_EGRESS: &str = "orca_egress";
+/// The IPv6 halves of the three (not attached: tail-called from them through `ORCA_PROGS6`, at these slots).
+pub const PROG_FROM_POD6: &str = "orca_from_pod6";
+pub const PROG_FROM_NETDEV6: &str = "orca_from_netdev6";
+pub const PROG_EGRESS6: &str = "orca_egress6";
+pub const MAP_PROGS6: &str = "ORCA_PROGS6";
+pub const PROG6_FROM_POD: u32 = 0;
+pub const PROG6_FROM_NETDEV: u32 = 1;
+pub const PROG6_EGRESS: u32 = 2;
+pub const PROG6_SLOTS: u32 = 3;
+/// The IPv6 programs by slot.
+pub const PROGS6: [(&str, u32); 3] = [
+    (PROG_FROM_POD6, PROG6_FROM_POD),
+    (PROG_FROM_NETDEV6, PROG6_FROM_NETDEV),
+    (PROG_EGRESS6, PROG6_EGRESS),
+];
 
 /// Map capacities. The frontend, backend-slot and member maps are allocated as entries are written
 /// (`BPF_F_NO_PREALLOC`), so their capacity costs no kernel memory until used: 1M backend slots hold 300k

@@ -26,8 +26,9 @@
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_ktime_get_ns, programs::TcContext};
 use orca_common::{
     Backend, Frontend, In6, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST,
-    FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL, FRONTEND_F_SOURCE_RANGES, REASON_FRAGMENT, REASON_NOT_IP,
-    REASON_NO_LOCAL_ENDPOINTS, REASON_REWRITE_FAILED, REASON_SOURCE_RANGE,
+    FRONTEND_F_DROP_WHEN_EMPTY, FRONTEND_F_SNAT_EXTERNAL, FRONTEND_F_SOURCE_RANGES, PROG6_EGRESS, PROG6_FROM_NETDEV,
+    PROG6_FROM_POD, REASON_FRAGMENT, REASON_NOT_IP, REASON_NO_LOCAL_ENDPOINTS, REASON_REWRITE_FAILED,
+    REASON_SOURCE_RANGE,
 };
 
 use crate::{
@@ -66,33 +67,56 @@ fn skipped<A: Fam>(_ctx: &TcContext, why: Skip, egress: bool) -> i32 {
     }
 }
 
+/// IPv4, in the entry point itself (one program, no calls: what it was before IPv6); IPv6 frames go to the
+/// family's own program by a tail call (`PROGS6`), which gets a 512-byte stack of its own for 16-byte addresses.
+/// Should the slot be empty (an agent that has not filled it yet), IPv6 passes untouched.
 #[inline(always)]
 pub fn ingress(ctx: &TcContext, origin: Origin) -> i32 {
     if parse::ethertype(ctx) == parse::ETH_IPV6 {
-        match parse6(ctx, false) {
-            PARSED => match ingress6(ctx, origin) {
-                NEW_FLOW => new_flow6(ctx, origin),
-                verdict => verdict,
-            },
-            NOT_A_FLOW => icmp6(ctx, false),
-            verdict => verdict,
-        }
-    } else {
-        match ingress4(ctx, origin) {
-            NOT_A_FLOW => icmp4(ctx, false),
-            verdict => verdict,
-        }
+        let slot = match origin {
+            Origin::Pod => PROG6_FROM_POD,
+            Origin::Netdev => PROG6_FROM_NETDEV,
+        };
+        return tail_call6(ctx, slot);
+    }
+    match parse::parse(ctx) {
+        Ok(mut f) => ingress_flow(ctx, origin, &mut f),
+        Err(Skip::Other) => <u32 as Fam>::icmp(ctx, false),
+        Err(why) => skipped::<u32>(ctx, why, false),
     }
 }
 
-/// Each family in a BPF subprogram of its own, and ICMP errors in another: the verifier allows 512 bytes of stack
-/// along a chain of calls, and IPv6's 16-byte addresses need most of it. The entry point's own frame stays empty.
-#[inline(never)]
-fn ingress4(ctx: &TcContext, origin: Origin) -> i32 {
-    match parse::parse(ctx) {
-        Ok(mut f) => ingress_flow(ctx, origin, &mut f),
-        Err(Skip::Other) => NOT_A_FLOW,
-        Err(why) => skipped::<u32>(ctx, why, false),
+// (On the host, where this crate only type-checks, the helper's result type is `()`.)
+#[allow(clippy::let_unit_value)]
+#[inline(always)]
+fn tail_call6(ctx: &TcContext, slot: u32) -> i32 {
+    // SAFETY: the slot holds one of this object's IPv6 programs of the same type (or nothing: the call falls through).
+    let _ = unsafe { maps::PROGS6.tail_call(ctx, slot) };
+    TC_ACT_OK
+}
+
+/// The IPv6 program at TC ingress (the tail of `ingress`). Its steps are BPF subprograms, siblings called from here
+/// so that their stack frames never add up: `parse6` (the flow into the scratch slot), `ingress6` (replies and
+/// tracked flows), `new_flow6` (a new flow), `icmp6` (ICMPv6 errors).
+#[inline(always)]
+pub fn ingress_v6(ctx: &TcContext, origin: Origin) -> i32 {
+    match parse6(ctx, false) {
+        PARSED => match ingress6(ctx, origin) {
+            NEW_FLOW => new_flow6(ctx, origin),
+            verdict => verdict,
+        },
+        NOT_A_FLOW => icmp6(ctx, false),
+        verdict => verdict,
+    }
+}
+
+/// The IPv6 program at TC egress (the tail of `egress`).
+#[inline(always)]
+pub fn egress_v6(ctx: &TcContext) -> i32 {
+    match parse6(ctx, true) {
+        PARSED => egress6(ctx),
+        NOT_A_FLOW => icmp6(ctx, true),
+        verdict => verdict,
     }
 }
 
@@ -155,11 +179,6 @@ fn new_flow6(ctx: &TcContext, origin: Origin) -> i32 {
 }
 
 #[inline(never)]
-fn icmp4(ctx: &TcContext, egress: bool) -> i32 {
-    <u32 as Fam>::icmp(ctx, egress)
-}
-
-#[inline(never)]
 fn icmp6(ctx: &TcContext, egress: bool) -> i32 {
     <In6 as Fam>::icmp(ctx, egress)
 }
@@ -169,11 +188,13 @@ fn ingress_flow<A: Fam>(ctx: &TcContext, origin: Origin, flow: &mut Flow<A>) -> 
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let bypass = cfg::bypass_netfilter();
+    // Read once (an IPv6 flow lives in a map: every read of it would be a new unknown to the verifier).
+    let opening = flow.is_opening();
 
     // A connection-opening SYN is never a reply (and a backend opening a connection to its client must not be
     // reverse-translated). Replies of masqueraded flows are addressed to the node; with netfilter bypassed every
     // reply is translated here.
-    if !flow.is_opening() {
+    if !opening {
         let snat = A::snat();
         if bypass || (!snat.is_zero() && flow.daddr == snat) {
             if let Some(mut hit) = ct::lookup(&ct::key(flow, CT_DIR_REPLY), now) {
@@ -196,8 +217,8 @@ fn ingress_flow<A: Fam>(ctx: &TcContext, origin: Origin, flow: &mut Flow<A>) -> 
         };
         // A SYN on a closing or closed connection's tuple opens a new connection, as in the kernel's conntrack;
         // any other SYN on a live entry is a retransmission and keeps the flow (and its masquerade port).
-        let reopened = flow.is_opening() && v.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST) != 0;
-        if !reopened && keeps_backend(flow, v.service_id, &backend) {
+        let reopened = opening && v.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST) != 0;
+        if !reopened && keeps_backend(flow.is_tcp(), opening, v.service_id, &backend) {
             ct::observe(&mut hit, CT_DIR_SERVICE, flow, true, now);
             return apply(ctx, flow, CT_DIR_SERVICE, &hit);
         }
@@ -247,24 +268,11 @@ pub fn egress(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     if parse::ethertype(ctx) == parse::ETH_IPV6 {
-        match parse6(ctx, true) {
-            PARSED => egress6(ctx),
-            NOT_A_FLOW => icmp6(ctx, true),
-            verdict => verdict,
-        }
-    } else {
-        match egress4(ctx) {
-            NOT_A_FLOW => icmp4(ctx, true),
-            verdict => verdict,
-        }
+        return tail_call6(ctx, PROG6_EGRESS);
     }
-}
-
-#[inline(never)]
-fn egress4(ctx: &TcContext) -> i32 {
     match parse::parse(ctx) {
         Ok(mut f) => egress_flow(ctx, &mut f),
-        Err(Skip::Other) => NOT_A_FLOW,
+        Err(Skip::Other) => <u32 as Fam>::icmp(ctx, true),
         Err(why) => skipped::<u32>(ctx, why, true),
     }
 }
@@ -314,8 +322,8 @@ fn deliver<A: Fam>(ctx: &TcContext, flow: &mut Flow<A>, t: parse::Tuple<A>) -> i
 /// an old 5-tuple) move off a backend that left the service, as kube-proxy's conntrack cleanup
 /// does. Established TCP connections keep theirs whatever the backend set becomes.
 #[inline(always)]
-fn keeps_backend<A: Fam>(flow: &Flow<A>, service_id: u32, backend: &Backend<A>) -> bool {
-    if flow.is_tcp() && !flow.is_opening() {
+fn keeps_backend<A: Fam>(tcp: bool, opening: bool, service_id: u32, backend: &Backend<A>) -> bool {
+    if tcp && !opening {
         return true;
     }
     lb::is_member(service_id, backend)

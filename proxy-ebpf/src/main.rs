@@ -64,6 +64,27 @@ pub fn orca_egress(ctx: TcContext) -> i32 {
     datapath::egress(&ctx)
 }
 
+/// IPv6 at TC ingress of pod veths (tail-called by `orca_from_pod`).
+#[classifier]
+pub fn orca_from_pod6(ctx: TcContext) -> i32 {
+    datapath::ingress_v6(&ctx, datapath::Origin::Pod)
+}
+
+/// IPv6 at TC ingress of uplinks (tail-called by `orca_from_netdev`).
+#[classifier]
+pub fn orca_from_netdev6(ctx: TcContext) -> i32 {
+    datapath::ingress_v6(&ctx, datapath::Origin::Netdev)
+}
+
+/// IPv6 at TC egress (tail-called by `orca_egress`).
+#[classifier]
+pub fn orca_egress6(ctx: TcContext) -> i32 {
+    if cfg::bypass_netfilter() {
+        return aya_ebpf::bindings::TC_ACT_OK;
+    }
+    datapath::egress_v6(&ctx)
+}
+
 /// cgroup/connect4: TCP and connected UDP sockets of the node's namespace to a frontend.
 #[cgroup_sock_addr(connect4)]
 pub fn orca_connect4(ctx: SockAddrContext) -> i32 {

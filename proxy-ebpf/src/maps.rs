@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use orca_common::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, CtKey, CtValue, Frontend, FrontendKey, In6, MemberKey,
@@ -11,7 +11,7 @@ use orca_common::{
     SRC_RANGES_MAX,
 };
 
-use orca_common::{MaglevKey, MAGLEV_MAX};
+use orca_common::{MaglevKey, MAGLEV_MAX, PROG6_SLOTS};
 use proxy_ebpf::hdr::REJECT6_FRAME_LEN;
 
 #[map(name = "ORCA_FRONTENDS")]
@@ -93,5 +93,11 @@ pub struct Scratch6 {
 
 #[map(name = "ORCA_SCRATCH6")]
 pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 programs (`PROG6_*` slots), tail-called by the entry points for IPv6 frames. Filled by the agent and
+/// pinned, so that they keep running when the agent is gone (a program array is emptied when its last user
+/// reference, fd or pin, is closed).
+#[map(name = "ORCA_PROGS6")]
+pub static PROGS6: ProgramArray = ProgramArray::with_max_entries(PROG6_SLOTS, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;

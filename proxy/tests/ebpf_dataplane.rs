@@ -1012,10 +1012,10 @@ fn check_kernel_reports_every_program() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let verified: Vec<&str> = text.lines().filter(|l| l.starts_with("verifier\t")).collect();
-    // The three TC programs in both variants, and the eight socket hooks (IPv4 and IPv6) in the default one where the
-    // kernel loads them (5.18+).
+    // The three TC programs and their IPv6 halves in both variants, and the eight socket hooks (IPv4 and IPv6) in
+    // the default one where the kernel loads them (5.18+).
     let hooks = orca_proxy::dataplane::ebpf::loader::sock_hooks_supported();
-    assert_eq!(verified.len(), if hooks { 14 } else { 6 }, "{text}");
+    assert_eq!(verified.len(), if hooks { 20 } else { 12 }, "{text}");
     // Kernels report the instructions processed since 5.16.
     let counted = orca_proxy::dataplane::ebpf::loader::kernel_version().is_some_and(|v| v >= (5, 16));
     for l in &verified {

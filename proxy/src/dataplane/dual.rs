@@ -1,15 +1,14 @@
 //! Dual-stack: one dataplane per IP family behind one [`Dataplane`], as kube-proxy's meta-proxier runs an IPv4
 //! and an IPv6 proxier side by side.
 //!
-//! The IPv4 dataplane is the mode's own (eBPF or iptables); the IPv6 one is the iptables dataplane driving
-//! `ip6tables` (the eBPF programs translate IPv4 only: in eBPF mode IPv6 Services are served by ip6tables rules, the
-//! way kube-proxy's iptables mode serves them). Each family's dataplane programs only the addresses, endpoints and
-//! CIDRs of its family, from the same desired state.
+//! iptables mode: the IPv4 dataplane drives `iptables`, the IPv6 one `ip6tables` (the eBPF dataplane serves both
+//! families itself and is not wrapped). Each family's dataplane programs only the addresses, endpoints and CIDRs of
+//! its family, from the same desired state.
 //!
 //! Every sync reaches the IPv4 dataplane (its partial sync also does per-sync work of its own: node facts,
 //! terminating-endpoint hand-overs, the canary check). A partial sync skips the IPv6 one only when the diff changes
 //! service ports and none of them is, or was, of IPv6, nothing failed there before and the node is the same: an
-//! IPv4-only change costs the eBPF dataplane's map writes and no `ip6tables-restore`. The periodic sync (an empty
+//! IPv4-only change costs no `ip6tables-restore`. The periodic sync (an empty
 //! diff: hooks are re-checked) and full syncs (start-up, after an error) always run both.
 
 use std::collections::HashSet;

@@ -143,17 +143,11 @@ pub fn read_back_cluster_frontends(
 ) -> anyhow::Result<(String, crate::verify::FrontendMap)> {
     let maps_dir = ebpf::pinned_maps_dir(bpf_root);
     match ebpf::dump(bpf_root) {
-        Ok(views) => {
-            let mut map = ebpf::dump::cluster_frontends(&views, desired, &node.addresses);
-            // IPv6 Services are ip6tables rules in eBPF mode too.
-            let v6 = iptables::exec::Exec::detect(None).for_family(crate::model::IpFamily::V6);
-            let mut what = format!("ebpf maps in {}", maps_dir.display());
-            if let Ok(v6) = iptables::readback::read_family(&v6) {
-                map.extend(v6);
-                what.push_str(" and the ip6tables nat and filter tables");
-            }
-            Ok((what, map))
-        }
+        // Both families' frontends: the eBPF maps hold IPv4 and IPv6 Services.
+        Ok(views) => Ok((
+            format!("ebpf maps in {}", maps_dir.display()),
+            ebpf::dump::cluster_frontends(&views, desired, &node.addresses),
+        )),
         Err(e) => {
             eprintln!(
                 "no eBPF state found in {} ({e:#}); reading iptables instead (if the agent runs in eBPF mode, \

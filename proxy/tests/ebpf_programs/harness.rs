@@ -40,6 +40,9 @@ pub struct Options {
     pub frontends: u32,
     pub timeouts: CtTimeouts,
     pub nat_ports: Option<NatPorts>,
+    /// Also load the IPv6 programs (and fill `ORCA_PROGS6`): the IPv6 tests. Others leave them out, which spares
+    /// the verifier (and the kernel matrix's emulated VMs) most of the work; IPv6 frames then pass untouched.
+    pub ipv6: bool,
 }
 
 impl Default for Options {
@@ -50,6 +53,7 @@ impl Default for Options {
             frontends: 1024,
             timeouts: CtTimeouts::DEFAULT,
             nat_ports: None,
+            ipv6: false,
         }
     }
 }
@@ -80,9 +84,28 @@ pub fn both_modes(body: impl Fn(Datapath)) {
     }
 }
 
+/// `both_modes` with the IPv6 programs.
+pub fn both_modes6(body: impl Fn(Datapath)) {
+    for bypass in [false, true] {
+        body(Datapath::load_with(Options {
+            bypass_netfilter: bypass,
+            ipv6: true,
+            ..Options::default()
+        }));
+    }
+}
+
 impl Datapath {
     pub fn load() -> Self {
         Self::load_with(Options::default())
+    }
+
+    /// With the IPv6 programs.
+    pub fn load6() -> Self {
+        Self::load_with(Options {
+            ipv6: true,
+            ..Options::default()
+        })
     }
 
     pub fn load_bypass() -> Self {
@@ -138,6 +161,20 @@ impl Datapath {
             if let Err(e) = prog.load() {
                 panic!("the verifier rejected {name}: {}", verifier_log(&e));
             }
+        }
+        // The IPv6 programs, tail-called by the three for IPv6 frames.
+        for (name, _) in orca_common::PROGS6.into_iter().filter(|_| o.ipv6) {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from the object"))
+                .try_into()
+                .expect("a TC classifier");
+            if let Err(e) = prog.load() {
+                panic!("the verifier rejected {name}: {}", verifier_log(&e));
+            }
+        }
+        if o.ipv6 {
+            orca_proxy::dataplane::ebpf::loader::fill_progs6(&mut ebpf).expect("filling ORCA_PROGS6");
         }
         // The socket hooks load where the agent loads them (bpf_set_retval: 5.18); the netns tests exercise them.
         let hooks = orca_proxy::dataplane::ebpf::loader::sock_hooks_supported();

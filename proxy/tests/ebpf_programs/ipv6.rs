@@ -166,7 +166,7 @@ fn ct6(dp: &mut Datapath, k: &CtKey<In6>) -> Option<CtValue<In6>> {
 
 #[test]
 fn ipv6_dnat_of_tcp_syn_and_reverse_nat_of_reply() {
-    both_modes(|mut dp| {
+    both_modes6(|mut dp| {
         let fe = FrontendKey::new6(VIP6, 80, IPPROTO_TCP);
         set_service6(&mut dp, fe, 1, &[be6(BACKEND6_A, 8080)], 0);
         // An IPv4 frontend with the same id and port is another map: it does not answer IPv6.
@@ -217,7 +217,7 @@ fn ipv6_dnat_of_tcp_syn_and_reverse_nat_of_reply() {
 
 #[test]
 fn ipv6_extension_headers_are_skipped_and_fragments_pass() {
-    let mut dp = Datapath::load();
+    let mut dp = Datapath::load6();
     let fe = FrontendKey::new6(VIP6, 80, IPPROTO_TCP);
     set_service6(&mut dp, fe, 3, &[be6(BACKEND6_A, 8080)], 0);
     // Hop-by-hop options (a PadN) then destination options of 16 bytes.
@@ -254,7 +254,7 @@ fn ipv6_extension_headers_are_skipped_and_fragments_pass() {
 
 #[test]
 fn ipv6_no_endpoints_rejects_with_icmpv6_port_unreachable() {
-    let mut dp = Datapath::load();
+    let mut dp = Datapath::load6();
     set_service6(&mut dp, FrontendKey::new6(VIP6, 80, IPPROTO_TCP), 4, &[], 0);
     let syn = tcp_frame6(CLIENT6, VIP6, &Tcp::syn(42000, 80));
     let (rc, out) = dp.run(PROG_FROM_POD, &syn);
@@ -294,7 +294,7 @@ fn ipv6_no_endpoints_rejects_with_icmpv6_port_unreachable() {
 
 #[test]
 fn ipv6_external_traffic_is_masqueraded_to_the_node_address() {
-    both_modes(|mut dp| {
+    both_modes6(|mut dp| {
         set_snat6(&mut dp, NODE6);
         let np = FrontendKey::new6(NODE6, 30080, IPPROTO_TCP);
         set_service6(&mut dp, np, 6, &[be6(BACKEND6_B, 8080)], FRONTEND_F_SNAT_EXTERNAL);
@@ -344,7 +344,7 @@ fn icmp6_error(src: [u8; 16], dst: [u8; 16], icmp_type: u8, code: u8, quote: &[u
 
 #[test]
 fn ipv6_icmp_errors_about_a_cluster_ip_flow_are_translated_both_ways() {
-    both_modes(|mut dp| {
+    both_modes6(|mut dp| {
         set_service6(
             &mut dp,
             FrontendKey::new6(VIP6, 53, IPPROTO_UDP),
@@ -412,7 +412,11 @@ fn ipv6_icmp_errors_about_a_cluster_ip_flow_are_translated_both_ways() {
 #[test]
 fn ipv6_with_netfilter_bypassed_translated_packets_go_to_the_fib_device() {
     // In this thread's own namespace: a "backend" veth with a resolved IPv6 neighbour, IPv6 forwarding on.
-    let mut dp = Datapath::load_bypass();
+    let mut dp = Datapath::load_with(Options {
+        bypass_netfilter: true,
+        ipv6: true,
+        ..Options::default()
+    });
     set_service6(
         &mut dp,
         FrontendKey::new6(VIP6, 80, IPPROTO_TCP),

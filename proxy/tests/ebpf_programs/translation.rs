@@ -4,17 +4,30 @@ use crate::harness::*;
 
 #[test]
 fn verifier_accepts_every_program() {
-    for dp in [Datapath::load(), Datapath::load_bypass()] {
+    let bypass6 = Options {
+        bypass_netfilter: true,
+        ipv6: true,
+        ..Options::default()
+    };
+    for dp in [Datapath::load6(), Datapath::load_with(bypass6)] {
         let names: Vec<&str> = dp.ebpf.programs().map(|(n, _)| n).collect();
-        assert_eq!(names.len(), 11, "{names:?}");
-        for p in [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_EGRESS] {
+        assert_eq!(names.len(), 14, "{names:?}");
+        let tc_programs = [
+            PROG_FROM_POD,
+            PROG_FROM_NETDEV,
+            PROG_EGRESS,
+            orca_common::PROG_FROM_POD6,
+            orca_common::PROG_FROM_NETDEV6,
+            orca_common::PROG_EGRESS6,
+        ];
+        for p in tc_programs {
             assert!(names.contains(&p), "{p} missing: {names:?}");
         }
         // Datapath::load loaded each program (the socket hooks where the kernel has bpf_set_retval, 5.18+), so the
         // verifier accepted all of them.
         let hooks = orca_proxy::dataplane::ebpf::loader::sock_hooks_supported();
         for (name, prog) in dp.ebpf.programs() {
-            let tc = [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_EGRESS].contains(&name);
+            let tc = tc_programs.contains(&name);
             assert_eq!(prog.fd().is_ok(), tc || hooks, "{name} loaded");
         }
     }

@@ -21,7 +21,7 @@ use crate::ebpf_obj;
 
 /// The maps pinned (and adopted by a restarted agent): both families' and the shared ones. (The programs' per-CPU
 /// scratch space is not state: it is not pinned.)
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAPS4.frontends,
     MAPS4.backends,
     MAPS4.members,
@@ -40,6 +40,7 @@ pub const ALL_MAPS: [&str; 18] = [
     MAPS6.maglev,
     MAP_CONFIG,
     MAP_STATS,
+    orca_common::MAP_PROGS6,
 ];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -227,6 +228,18 @@ pub fn load_with(maps_dir: Option<&Path>, settings: &LoadSettings, sock_hooks: b
             .try_into()?;
         prog.load().map_err(|e| verifier_error(name, e))?;
     }
+    for (name, _) in orca_common::PROGS6 {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().map_err(|e| verifier_error(name, e))?;
+    }
+    // Private maps: nothing else uses this program array. (With pinned maps the agent fills it, `fill_progs6`:
+    // a tool loading the programs next to a running agent leaves the agent's IPv6 programs in place.)
+    if maps_dir.is_none() {
+        fill_progs6(&mut ebpf)?;
+    }
     if sock_hooks {
         for name in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -237,6 +250,29 @@ pub fn load_with(maps_dir: Option<&Path>, settings: &LoadSettings, sock_hooks: b
         }
     }
     Ok(ebpf)
+}
+
+/// Points the entry programs' IPv6 tail calls (`ORCA_PROGS6`) at this object's IPv6 programs (loaded by `load`).
+/// The array is pinned: programs of a previous agent still attached switch to these at once (they share the maps).
+pub fn fill_progs6(ebpf: &mut Ebpf) -> Result<()> {
+    let mut fds = Vec::new();
+    for (name, slot) in orca_common::PROGS6 {
+        let prog: &SchedClassifier = ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        fds.push((slot, prog.fd()?.try_clone()?));
+    }
+    let map = ebpf
+        .map_mut(orca_common::MAP_PROGS6)
+        .with_context(|| format!("map {} missing", orca_common::MAP_PROGS6))?;
+    let mut progs: aya::maps::ProgramArray<&mut aya::maps::MapData> = aya::maps::ProgramArray::try_from(map)?;
+    for (slot, fd) in &fds {
+        progs
+            .set(*slot, fd, 0)
+            .with_context(|| format!("setting slot {slot} of {}", orca_common::MAP_PROGS6))?;
+    }
+    Ok(())
 }
 
 /// Per loaded program: its name and the instructions the verifier processed (kernel 5.16+ reports it). What

@@ -88,6 +88,7 @@ impl EbpfDataplane {
             bypass_netfilter: opts.bypass_netfilter,
         };
         let mut ebpf = loader::load(&dir, &settings)?;
+        loader::fill_progs6(&mut ebpf)?;
         let progs = loader::pin_programs(&mut ebpf, &dir)?;
         if opts.cgroup.is_some() && !loader::sock_hooks_supported() {
             let d = crate::dataplane::Degraded::new(
