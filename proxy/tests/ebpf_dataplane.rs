@@ -551,6 +551,24 @@ fn ipv6_cluster_ip_node_port_and_reject_through_the_ebpf_maps() {
         let out = await_answer6(env, "[fd00:201::1]:30080", "peer=");
         assert_eq!(peer(&out), "fd00:201::1".parse::<std::net::Ipv6Addr>().unwrap());
 
+        // The agent goes away (every fd of it closed): the IPv6 programs stay reachable, as the program array that
+        // holds them is pinned; a new agent adopts everything and points the array at its own programs.
+        drop(dp);
+        let out = await_answer6(env, "[fd00:96::10]:80", "peer=");
+        assert_eq!(
+            peer(&out),
+            "fd00:201::2".parse::<std::net::Ipv6Addr>().unwrap(),
+            "while no agent runs"
+        );
+        let mut dp = EbpfDataplane::new(DataplaneConfig::default(), options(env)).expect("restarted dataplane");
+        dp.full_sync(&snapshot(&st), &node).expect("full sync after restart");
+        let out = await_answer6(env, "[fd00:201::1]:30080", "peer=");
+        assert_eq!(
+            peer(&out),
+            "fd00:201::1".parse::<std::net::Ipv6Addr>().unwrap(),
+            "after the restart"
+        );
+
         // No endpoints: refused (ICMPv6 port unreachable from the programs), not timed out.
         let empty = with(&[]);
         let diff = Diff {
