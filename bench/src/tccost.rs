@@ -488,7 +488,7 @@ fn write(a: &TcCostArgs, variants: &[Variant], rows: &[Row]) -> Result<()> {
         a.samples,
         baseline
             .as_deref()
-            .map(|b| format!("; `{b}` is the programs object of commit {b}, built by the same command, which always forwarded by FIB redirect"))
+            .map(|b| format!("; `{b}` is the programs object of commit {b}, built by the same command, with its defaults (builds from before the netfilter default forward by FIB redirect; later ones are measured like `netfilter (default)`, egress program included)"))
             .unwrap_or_default(),
         a.samples
     );

@@ -151,13 +151,23 @@ fn touch<A: Fam>(key: &CtKey<A>, v: &CtValue<A>, now_ns: u64) {
 }
 
 /// Forgets the flow `v` before a new flow takes its client tuple (a new connection reusing the 5-tuple of a
-/// closed one): its masquerade port is given back at once.
+/// closed one, or a flow moving off a backend that left): its other entries go with it, as the kernel's conntrack
+/// drops the whole entry when a SYN reopens a closed connection's tuple, so late packets of the old connection (its
+/// backend's retransmitted FIN) are not translated into the new one; its masquerade port is given back at once.
 #[inline(always)]
 pub fn release<A: Fam>(v: &CtValue<A>, proto: u8) {
-    if v.nat_addr.is_zero() {
-        return;
+    let bypass = cfg::bypass_netfilter();
+    if !v.nat_addr.is_zero() || bypass {
+        forget(&v.reply_key(proto), v);
     }
-    let key = v.reply_key(proto);
+    if !bypass {
+        forget(&v.inner_key(proto), v);
+    }
+}
+
+/// Deletes the entry under `key` if it is `v`'s flow's (not a newer flow's that took the tuple over).
+#[inline(always)]
+fn forget<A: Fam>(key: &CtKey<A>, v: &CtValue<A>) {
     // SAFETY: the value is compared at once.
     if unsafe { A::ct().get(key) }.is_some_and(|r| r.same_flow(v)) {
         let _ = A::ct().remove(key);

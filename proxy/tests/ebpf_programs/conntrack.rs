@@ -400,3 +400,40 @@ fn the_collector_keeps_live_flows_and_counts_them() {
     conntrack::pass(ct_map(&dp), 4096, &CtTimeouts::DEFAULT, &mut counts).unwrap();
     assert_eq!((counts.entries, counts.expired_deleted), (30, 2));
 }
+
+#[test]
+fn a_reopened_tuple_leaves_nothing_of_the_old_flow_behind() {
+    // As the kernel's conntrack drops the whole entry when a SYN reopens a closed connection's tuple: when the new
+    // connection goes to another backend, a late packet of the old backend (a retransmitted FIN) must not come out
+    // as the VIP's into the new connection (the client would answer it with a reset).
+    both_modes(|mut dp| {
+        dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 62, 0, &[be(BACKEND_A, 8080)], 0);
+        dp.cross(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(60100, 80)));
+        dp.cross(
+            PROG_FROM_NETDEV,
+            &tcp_frame(BACKEND_A, CLIENT, &tcp_flags(8080, 60100, SYN | ACK)),
+        );
+        dp.cross(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &tcp_flags(60100, 80, ACK | FIN)));
+        dp.cross(
+            PROG_FROM_NETDEV,
+            &tcp_frame(BACKEND_A, CLIENT, &tcp_flags(8080, 60100, ACK | FIN)),
+        );
+        // The backend set changes; the client reuses its port: the new connection goes to B.
+        dp.set_service(FrontendKey::new(VIP, 80, IPPROTO_TCP), 62, 2, &[be(BACKEND_B, 8080)], 0);
+        dp.remove_backends(62, 0, &[be(BACKEND_A, 8080)]);
+        let (_, out) = dp.cross(PROG_FROM_POD, &tcp_frame(CLIENT, VIP, &Tcp::syn(60100, 80)));
+        assert_eq!(check(&out).dst, Ipv4Addr::from(BACKEND_B));
+        // A's retransmitted FIN: untranslated (the client's stack finds no socket for A and ignores it).
+        let late = tcp_frame(BACKEND_A, CLIENT, &tcp_flags(8080, 60100, ACK | FIN));
+        let (_, out) = dp.cross(PROG_FROM_NETDEV, &late);
+        assert_eq!(
+            check(&out).src,
+            Ipv4Addr::from(BACKEND_A),
+            "the old backend's packet came out as the VIP's"
+        );
+        // Only the new flow's entries are left.
+        for (_, v) in dp.ct_entries() {
+            assert_eq!(v.backend_addr, addr_from_octets(BACKEND_B));
+        }
+    });
+}
