@@ -80,7 +80,7 @@ pub fn packet_metrics() -> Vec<Metric> {
             get: |c| lr(&c.connect_remote, |r| r.rate),
         },
         Metric {
-            title: "New connections/s to the same Service's IPv6 cluster IP (dual-stack; ip6tables in every Orca mode)",
+            title: "New connections/s to the same Service's IPv6 cluster IP (dual-stack; eBPF maps in orca-ebpf, ip6tables in orca-iptables and in orca-ebpf-before)",
             unit: "conn/s",
             higher_is_better: true,
             get: |c| lr(&c.connect_remote6, |r| r.rate),
