@@ -291,6 +291,36 @@ fn allocate_port<A: Fam>(v: &mut CtValue<A>, proto: u8, snat_addr: A, opening: b
     Err(REASON_NO_SNAT_PORT)
 }
 
+/// The flow an ICMP error is about, found as the packets of the flow are (the quote reversed, `rev`, is the tuple they
+/// have at this hook): at ingress its service or reply entry, at egress its inner entry. The entry's role and hit.
+#[inline(always)]
+pub fn related<A: Fam>(rev: &Tuple<A>, proto: u8, egress: bool) -> Option<(u8, Hit<A>)> {
+    // The clock is read only for ICMP errors (not for every other non-TCP/UDP frame).
+    // SAFETY: helper without arguments.
+    let now_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    if egress {
+        if cfg::bypass_netfilter() {
+            return None;
+        }
+        let k = CtKey::inner(rev.saddr, rev.sport, rev.daddr, rev.dport, proto);
+        return Some((CT_DIR_INNER, lookup(&k, now_ns)?));
+    }
+    let mut key = CtKey {
+        saddr: rev.saddr,
+        daddr: rev.daddr,
+        sport: rev.sport,
+        dport: rev.dport,
+        proto,
+        dir: CT_DIR_SERVICE,
+        _pad: 0,
+    };
+    if let Some(hit) = lookup(&key, now_ns) {
+        return Some((CT_DIR_SERVICE, hit));
+    }
+    key.dir = CT_DIR_REPLY;
+    Some((CT_DIR_REPLY, lookup(&key, now_ns)?))
+}
+
 /// What a packet with `t` becomes through the flow `v` whose entry `dir` it hit (the same rule translates the
 /// packets of the flow and the packets that ICMP errors quote):
 /// - `SERVICE`: to the backend (and, with netfilter bypassed, from the masquerade address);

@@ -20,9 +20,7 @@
 //! change through bpf_l4_csum_replace.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use orca_common::{
-    CtKey, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REASON_REWRITE_FAILED,
-};
+use orca_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REASON_REWRITE_FAILED};
 use proxy_ebpf::{
     csum,
     hdr::{
@@ -102,33 +100,7 @@ fn translate(ctx: &TcContext, egress: bool) -> Option<Result<Flow, i64>> {
         sport: q.dport,
         dport: q.sport,
     };
-    let mut key = CtKey {
-        saddr: rev.saddr,
-        daddr: rev.daddr,
-        sport: rev.sport,
-        dport: rev.dport,
-        proto: q.proto,
-        dir: CT_DIR_SERVICE,
-        _pad: 0,
-    };
-    // The clock is read only for ICMP errors (not for every other non-TCP/UDP frame).
-    // SAFETY: helper without arguments.
-    let now_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let (dir, v) = if egress {
-        if cfg::bypass_netfilter() {
-            return None;
-        }
-        let k = CtKey::inner(rev.saddr, rev.sport, rev.daddr, rev.dport, q.proto);
-        (CT_DIR_INNER, ct::lookup(&k, now_ns)?)
-    } else {
-        match ct::lookup(&key, now_ns) {
-            Some(hit) => (CT_DIR_SERVICE, hit),
-            None => {
-                key.dir = CT_DIR_REPLY;
-                (CT_DIR_REPLY, ct::lookup(&key, now_ns)?)
-            }
-        }
-    };
+    let (dir, v) = ct::related(&rev, q.proto, egress)?;
     let new = ct::translation(dir, v.value(), &rev);
     Some(apply(
         ctx,

@@ -8,10 +8,7 @@
 //! are translated; everything else passes untouched (neighbour discovery among it).
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use orca_common::{
-    CtKey, In6, CT_DIR_INNER, CT_DIR_REPLY, CT_DIR_SERVICE, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    REASON_REWRITE_FAILED,
-};
+use orca_common::{In6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, REASON_REWRITE_FAILED};
 use proxy_ebpf::{
     csum,
     hdr::{
@@ -75,32 +72,7 @@ fn translate(ctx: &TcContext, egress: bool) -> Option<Result<Flow<In6>, i64>> {
         sport: ports[1],
         dport: ports[0],
     };
-    // SAFETY: helper without arguments.
-    let now_ns = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    let (dir, v) = if egress {
-        if cfg::bypass_netfilter() {
-            return None;
-        }
-        let k = CtKey::inner(rev.saddr, rev.sport, rev.daddr, rev.dport, proto);
-        (CT_DIR_INNER, ct::lookup(&k, now_ns)?)
-    } else {
-        let mut key = CtKey {
-            saddr: rev.saddr,
-            daddr: rev.daddr,
-            sport: rev.sport,
-            dport: rev.dport,
-            proto,
-            dir: CT_DIR_SERVICE,
-            _pad: 0,
-        };
-        match ct::lookup(&key, now_ns) {
-            Some(hit) => (CT_DIR_SERVICE, hit),
-            None => {
-                key.dir = CT_DIR_REPLY;
-                (CT_DIR_REPLY, ct::lookup(&key, now_ns)?)
-            }
-        }
-    };
+    let (dir, v) = ct::related(&rev, proto, egress)?;
     let new = ct::translation(dir, v.value(), &rev);
     Some(apply(ctx, proto, &rev, &new, outer_saddr, outer_daddr))
 }

@@ -152,18 +152,9 @@ impl Datapath {
         let mut ebpf = loader
             .load(ebpf_obj::OBJECT)
             .expect("parse and create maps of the embedded eBPF object");
-        for name in [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing from the object"))
-                .try_into()
-                .expect("a TC classifier");
-            if let Err(e) = prog.load() {
-                panic!("the verifier rejected {name}: {}", verifier_log(&e));
-            }
-        }
-        // The IPv6 programs, tail-called by the three for IPv6 frames.
-        for (name, _) in orca_common::PROGS6.into_iter().filter(|_| o.ipv6) {
+        // The three TC programs, and the IPv6 ones they tail-call for IPv6 frames.
+        let ipv6 = orca_common::PROGS6.into_iter().map(|(n, _)| n).filter(|_| o.ipv6);
+        for name in [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_EGRESS].into_iter().chain(ipv6) {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing from the object"))
