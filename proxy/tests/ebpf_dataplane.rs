@@ -907,10 +907,11 @@ impl Drop for CgroupGuard {
     }
 }
 
-/// Programs attached to `cgroup` at the four socket hooks' attach types (BPF_PROG_QUERY).
+/// Programs attached to `cgroup` at the eight socket hooks' attach types (BPF_PROG_QUERY).
 fn cgroup_programs(cgroup: &Path) -> usize {
-    // BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME.
-    const TYPES: [u32; 4] = [10, 14, 19, 29];
+    // BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME, and
+    // their IPv6 twins (INET6_CONNECT, UDP6_SENDMSG, UDP6_RECVMSG, INET6_GETPEERNAME).
+    const TYPES: [u32; 8] = [10, 14, 19, 29, 11, 15, 20, 30];
     const BPF_PROG_QUERY: libc::c_long = 16;
     let dir = std::fs::File::open(cgroup).expect("opening the cgroup");
     TYPES
@@ -996,7 +997,7 @@ fn iptables_start_and_fallback_remove_what_ebpf_attached() {
                 4,
                 "{what}: the exited agent's programs stay"
             );
-            assert_eq!(cgroup_programs(&cgroup), 4, "{what}: and its socket hooks");
+            assert_eq!(cgroup_programs(&cgroup), 8, "{what}: and its socket hooks");
 
             let mut argv = vec!["orca-proxy", "--hostname-override", "n", "--bpf-root", &root_s];
             argv.extend(args.iter().copied());

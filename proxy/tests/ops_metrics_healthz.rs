@@ -1128,7 +1128,7 @@ async fn ebpf_without_a_persistent_bpffs_or_the_cgroup_root_warns_at_start() {
     .expect("orca-proxy status");
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(
-        status.contains("host clients\tsocket hooks attached (4 programs, cgroup id "),
+        status.contains("host clients\tsocket hooks attached (8 programs, cgroup id "),
         "{status}"
     );
     agent.check_running();
