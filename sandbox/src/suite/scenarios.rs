@@ -1487,12 +1487,33 @@ async fn soak(ctx: Arc<Ctx>) -> Result<()> {
     let before = tracked_flows(&ctx).await?;
     ctx.step(format!("before: {before}"));
 
-    let heartbeat = load::Heartbeat::start(
-        &heart.netns,
-        echo_vip,
-        Duration::from_millis(200),
-        Duration::from_secs(2),
-    )?;
+    // soak-echo was created just now: the long-lived connection is opened once the proxy has programmed it (a
+    // connect before that times out under the load about to start, which is not what this scenario is about).
+    let heartbeat = eventually(
+        "the echo Service answers the long-lived connection",
+        CONVERGE,
+        || async {
+            let hb = load::Heartbeat::start(
+                &heart.netns,
+                echo_vip,
+                Duration::from_millis(200),
+                Duration::from_secs(2),
+            )?;
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let r = hb.report();
+                if r.exchanges > 0 {
+                    return Ok(hb);
+                }
+                if r.error.is_some() {
+                    break;
+                }
+            }
+            let r = hb.finish();
+            bail!("no exchange yet: {r:?}")
+        },
+    )
+    .await?;
     let client_ns = ctx.client_ns().to_string();
     let tcp = tokio::task::spawn_blocking(move || {
         load::tcp_connections(
