@@ -49,10 +49,10 @@ pub enum Origin {
     Netdev,
 }
 
-/// A packet that `parse` leaves alone: ICMP errors may belong to a tracked flow; the rest is counted where it
-/// arrives (at ingress; the same packet is not counted again on its way out).
+/// A packet that `parse` leaves alone: `NOT_A_FLOW` (the caller looks for an ICMP error about a tracked flow); the
+/// rest is counted where it arrives (at ingress; the same packet is not counted again on its way out).
 #[inline(always)]
-fn skipped<A: Fam>(_ctx: &TcContext, why: Skip, egress: bool) -> i32 {
+fn skipped(why: Skip, egress: bool) -> i32 {
     match why {
         Skip::Other => NOT_A_FLOW,
         _ if egress => TC_ACT_OK,
@@ -82,7 +82,7 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> i32 {
     match parse::parse(ctx) {
         Ok(mut f) => ingress_flow(ctx, origin, &mut f),
         Err(Skip::Other) => <u32 as Fam>::icmp(ctx, false),
-        Err(why) => skipped::<u32>(ctx, why, false),
+        Err(why) => skipped(why, false),
     }
 }
 
@@ -136,7 +136,7 @@ fn parse6(ctx: &TcContext, egress: bool) -> i32 {
             None => TC_ACT_OK,
         },
         Err(Skip::Other) => NOT_A_FLOW,
-        Err(why) => skipped::<In6>(ctx, why, egress),
+        Err(why) => skipped(why, egress),
     }
 }
 
@@ -273,7 +273,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
     match parse::parse(ctx) {
         Ok(mut f) => egress_flow(ctx, &mut f),
         Err(Skip::Other) => <u32 as Fam>::icmp(ctx, true),
-        Err(why) => skipped::<u32>(ctx, why, true),
+        Err(why) => skipped(why, true),
     }
 }
 
