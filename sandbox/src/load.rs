@@ -89,22 +89,33 @@ fn classify(e: std::io::Error) -> String {
     NetError::io(e).to_string()
 }
 
-/// One `GET /` on a new connection; Ok when the answer is `200`.
-fn http_get(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(classify)?;
-    s.set_read_timeout(Some(timeout)).map_err(classify)?;
-    s.set_write_timeout(Some(timeout)).map_err(classify)?;
+/// One `GET /` on a new connection; Ok when the answer is `200`. A failure is its kind (what failures are counted
+/// by) and where it happened: the step and the connection's local port, to find the flow in a proxy's state.
+fn http_get(addr: SocketAddr, timeout: Duration) -> Result<(), (String, String)> {
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
+        let kind = classify(e);
+        (kind.clone(), format!("{kind} (connecting)"))
+    })?;
+    let local = s.local_addr().map(|a| a.port()).unwrap_or(0);
+    exchange(s, addr, timeout).map_err(|(kind, step)| {
+        let detail = format!("{kind} ({step}, local port {local})");
+        (kind, detail)
+    })
+}
+
+fn exchange(mut s: TcpStream, addr: SocketAddr, timeout: Duration) -> Result<(), (String, &'static str)> {
+    let step = |what: &'static str| move |e: std::io::Error| (classify(e), what);
+    s.set_read_timeout(Some(timeout)).map_err(step("setting up"))?;
+    s.set_write_timeout(Some(timeout)).map_err(step("setting up"))?;
     let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(classify)?;
+    s.write_all(req.as_bytes()).map_err(step("sending the request"))?;
     let mut buf = Vec::with_capacity(512);
-    s.read_to_end(&mut buf).map_err(classify)?;
+    s.read_to_end(&mut buf).map_err(step("waiting for the answer"))?;
     if buf.starts_with(b"HTTP/1.1 200") {
         Ok(())
     } else {
-        Err(format!(
-            "bad answer {:?}",
-            String::from_utf8_lossy(&buf[..buf.len().min(40)])
-        ))
+        let kind = format!("bad answer {:?}", String::from_utf8_lossy(&buf[..buf.len().min(40)]));
+        Err((kind, "reading the answer"))
     }
 }
 
@@ -139,12 +150,12 @@ pub fn tcp_connections(
                 let t = started.elapsed();
                 match http_get(addr, Duration::from_secs(5)) {
                     Ok(()) => out.ok += 1,
-                    Err(e) => {
+                    Err((kind, detail)) => {
                         if out.failed_samples.len() < 10 {
                             out.failed_samples
-                                .push(format!("request {i}: {e} (started at {:.1}s)", t.as_secs_f64()));
+                                .push(format!("request {i}: {detail}, started at {:.1}s", t.as_secs_f64()));
                         }
-                        *out.failures.entry(e).or_default() += 1;
+                        *out.failures.entry(kind).or_default() += 1;
                     }
                 }
             }

@@ -1404,20 +1404,56 @@ impl std::fmt::Display for Tracked {
 
 /// The body of node-a's proxy metrics (`/metrics`).
 async fn node_a_metrics(ctx: &Ctx) -> Result<String> {
-    let node = ctx.node("node-a")?;
+    node_metrics(ctx, "node-a").await
+}
+
+async fn node_metrics(ctx: &Ctx, name: &str) -> Result<String> {
+    let node = ctx.node(name)?;
     let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
     pods::http_request(&node.netns, "GET", addr, "/metrics", Duration::from_secs(3))
         .await
         .map(|r| r.body)
-        .map_err(|e| anyhow::anyhow!("metrics of node-a: {e}"))
+        .map_err(|e| anyhow::anyhow!("metrics of {name}: {e}"))
 }
 
-/// Orca eBPF: node-a's non-zero datapath drop and pass counters (`orca_datapath_*_total{reason}`), as text.
-async fn datapath_counters(ctx: &Ctx) -> String {
-    match node_a_metrics(ctx).await {
+/// Orca eBPF: a node's non-zero datapath drop and pass counters (`orca_datapath_*_total{reason}`), as text.
+async fn datapath_counters(ctx: &Ctx, node: &str) -> String {
+    match node_metrics(ctx, node).await {
         Ok(body) => body
             .lines()
             .filter(|l| l.starts_with("orca_datapath_") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// The non-zero TCP counters of namespace `ns` that tell why connections failed.
+fn tcp_counters(ctx: &Ctx, ns: &str) -> String {
+    const NAMES: &[&str] = &[
+        "TcpAttemptFails",
+        "TcpRetransSegs",
+        "TcpOutRsts",
+        "TcpExtListenOverflows",
+        "TcpExtListenDrops",
+        "TcpExtPAWSEstab",
+        "TcpExtTWRecycled",
+        "TcpExtTCPTimeWaitOverflow",
+        "TcpExtTCPChallengeACK",
+        "TcpExtTCPSYNChallenge",
+        "TcpExtTCPTimeouts",
+        "TcpExtTCPSynRetrans",
+    ];
+    let mut cmd = vec!["nstat", "-as"];
+    cmd.extend_from_slice(NAMES);
+    match ctx.topo.exec(ns, &cmd) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some(format!("{} {}", it.next()?, it.next()?))
+            })
             .collect::<Vec<_>>()
             .join(", "),
         Err(e) => format!("{e:#}"),
@@ -1557,7 +1593,18 @@ async fn soak(ctx: Arc<Ctx>) -> Result<()> {
     peak = peak.max(tracked_flows(&ctx).await?);
     ctx.step(format!("peak (each count's maximum, sampled every 2 s): {peak}"));
     if ctx.proxy == crate::suite::proxy::ProxyKind::OrcaEbpf {
-        ctx.step(format!("node-a datapath counters: [{}]", datapath_counters(&ctx).await));
+        for node in ["node-a", "node-b"] {
+            ctx.step(format!(
+                "{node} datapath counters: [{}]",
+                datapath_counters(&ctx, node).await
+            ));
+        }
+    }
+    if tcp.ok != TCP_FIRST {
+        // What the kernels saw of the failed connections: listen-queue drops, segments refused by TIME_WAIT or PAWS.
+        for (who, ns) in [("the backend", backend.netns.as_str()), ("the client", ctx.client_ns())] {
+            ctx.step(format!("{who}'s TCP counters: {}", tcp_counters(&ctx, ns)));
+        }
     }
     ensure!(
         tcp.ok == TCP_FIRST && tcp.elapsed <= Duration::from_secs(60),
