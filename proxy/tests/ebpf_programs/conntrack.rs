@@ -402,6 +402,48 @@ fn the_collector_keeps_live_flows_and_counts_them() {
 }
 
 #[test]
+fn the_collector_spares_an_entry_a_new_flow_took_over_while_it_read_the_map() {
+    // The collector reads the whole map, then deletes what had expired; a large map takes a while to read, and
+    // meanwhile the programs may give an expired entry to a new flow (here: an expired flow's masquerade port, the
+    // new client's own port, tried first). Deleting that key blindly would delete the new flow's reply entry: its
+    // backend's answer would find no entry (the node answers it with a reset, and the client waits in vain).
+    let mut dp = node_port_with_10k_ports(Options::default());
+    assert_eq!(open(&dp, EXTERNAL_CLIENT, 20_000), Ok(20_000));
+    age_all(&mut dp, 3_600_000_000_000);
+    let t = CtTimeouts::DEFAULT;
+    let found = conntrack::survey::<u32>(ct_map(&dp), 4096, &t).unwrap();
+    assert_eq!(found.doomed().len(), 3, "the old flow's three entries are doomed");
+    // Between the survey and the deletions, another client's connection takes the port over.
+    let other = [192, 0, 2, 51];
+    assert_eq!(open(&dp, other, 20_000), Ok(20_000));
+    let mut counts = conntrack::CtCounts::default();
+    conntrack::reap(ct_map(&dp), found, &t, &mut counts).unwrap();
+    // The old flow's service and inner entries are gone; the port's reply entry is the new flow's, and works.
+    assert_eq!((counts.expired_deleted, counts.snat_ports), (2, 1), "{counts:?}");
+    let left = dp.ct_entries();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.iter().all(|(_, v)| v.client_addr == addr_from_octets(other)));
+    let reply = ct_key(BACKEND_B, NODE_IP, 8080, 20_000, IPPROTO_TCP, CT_DIR_REPLY);
+    assert_eq!(dp.ct(&reply).map(|v| v.client_addr), Some(addr_from_octets(other)));
+    assert!(dp
+        .ct(&ct_key(
+            EXTERNAL_CLIENT,
+            NODE_IP,
+            20_000,
+            30080,
+            IPPROTO_TCP,
+            CT_DIR_SERVICE
+        ))
+        .is_none());
+    let (_, out) = dp.cross(
+        PROG_FROM_NETDEV,
+        &tcp_frame(BACKEND_B, NODE_IP, &tcp_flags(8080, 20_000, SYN | ACK)),
+    );
+    let seen = check(&out);
+    assert_eq!((seen.dst, seen.dport), (Ipv4Addr::from(other), 20_000));
+}
+
+#[test]
 fn a_reopened_tuple_leaves_nothing_of_the_old_flow_behind() {
     // As the kernel's conntrack drops the whole entry when a SYN reopens a closed connection's tuple: when the new
     // connection goes to another backend, a late packet of the old backend (a retransmitted FIN) must not come out

@@ -3,8 +3,9 @@
 //! relieves a nearly full map the way the kernel's `early_drop` does (unanswered flows go first, established
 //! ones never), and counts what the maps hold for the metrics.
 //!
-//! Entries are read and deleted in batches (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`, Linux 5.6), so a pass
-//! over a million entries is a few hundred system calls. The collector runs more often as the map fills.
+//! Entries are read in batches (`BPF_MAP_LOOKUP_BATCH`, Linux 5.6), so reading a million entries is a few hundred
+//! system calls; each doomed entry is looked at again right before it is deleted (see `reap`). The collector runs
+//! more often as the map fills.
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::Path;
@@ -149,33 +150,86 @@ pub fn pass(ct: &MapData, capacity: u64, t: &CtTimeouts, totals: &mut CtCounts) 
     pass_in::<u32>(ct, capacity, t, totals)
 }
 
-/// `pass` over a family's map.
+/// `pass` over a family's map: a `survey`, then a `reap`.
 pub fn pass_in<A: Addr>(ct: &MapData, capacity: u64, t: &CtTimeouts, totals: &mut CtCounts) -> Result<()> {
+    let found = survey::<A>(ct, capacity, t)?;
+    reap(ct, found, t, totals)
+}
+
+/// What the first half of a pass found: the live entries counted, and the entries it would delete.
+pub struct Survey<A: Addr> {
+    counts: CtCounts,
+    entries: usize,
+    pressure: bool,
+    doomed: Vec<CtKey<A>>,
+}
+
+impl<A: Addr> Survey<A> {
+    /// The keys the pass means to delete.
+    pub fn doomed(&self) -> &[CtKey<A>] {
+        &self.doomed
+    }
+}
+
+/// The first half of a pass: reads the whole map at once and judges every entry.
+pub fn survey<A: Addr>(ct: &MapData, capacity: u64, t: &CtTimeouts) -> Result<Survey<A>> {
     let fd = ct.fd().as_fd().as_raw_fd();
     let now = monotonic_ns();
     let mut entries: Vec<(CtKey<A>, CtValue<A>)> = Vec::new();
     batch::lookup_all(fd, &mut entries).context("reading the conntrack map")?;
     let pressure = entries.len() as f64 >= PRESSURE_SHARE * capacity as f64;
-    let mut doomed = Vec::new();
-    let mut counts = CtCounts {
-        capacity,
-        ..Default::default()
+    let mut found = Survey {
+        counts: CtCounts {
+            capacity,
+            ..Default::default()
+        },
+        entries: entries.len(),
+        pressure,
+        doomed: Vec::new(),
     };
     for (k, v) in &entries {
         match verdict(k, v, now, t, pressure) {
+            Verdict::Keep => count_live(&mut found.counts, k, v),
+            Verdict::Expired | Verdict::Pressure => found.doomed.push(*k),
+        }
+    }
+    Ok(found)
+}
+
+/// The second half of a pass: deletes the doomed entries, each judged again as it is now. Reading a large map
+/// takes a while, and meanwhile the programs may have given an expired entry to a new flow (a new connection on
+/// an expired tuple, a masquerade port taken back): deleting that key blindly would delete the new flow's entry,
+/// and a reply that finds no entry is lost (the node answers it with a reset, and the client waits for an answer
+/// that never comes). The fresh look and the deletion are two system calls apart, not a whole pass.
+pub fn reap<A: Addr>(ct: &MapData, found: Survey<A>, t: &CtTimeouts, totals: &mut CtCounts) -> Result<()> {
+    let fd = ct.fd().as_fd().as_raw_fd();
+    let Survey {
+        mut counts,
+        entries,
+        pressure,
+        doomed,
+    } = found;
+    let mut deleted = 0usize;
+    for k in &doomed {
+        let Some(v) = batch::lookup::<CtKey<A>, CtValue<A>>(fd, k).context("reading a conntrack entry")? else {
+            continue;
+        };
+        match verdict(k, &v, monotonic_ns(), t, pressure) {
+            // Taken over or refreshed since the survey: it stays.
             Verdict::Keep => {
-                count_live(&mut counts, k, v);
+                count_live(&mut counts, k, &v);
                 continue;
             }
             Verdict::Expired => totals.expired_deleted += 1,
             Verdict::Pressure => totals.pressure_deleted += 1,
         }
-        doomed.push(*k);
+        if batch::delete_one(fd, k).context("deleting an expired conntrack entry")? {
+            deleted += 1;
+        }
     }
-    let deleted = batch::delete(fd, &doomed).context("deleting expired conntrack entries")?;
-    counts.entries = entries.len().saturating_sub(deleted) as u64;
+    counts.entries = entries.saturating_sub(deleted) as u64;
     totals.entries = counts.entries;
-    totals.capacity = capacity;
+    totals.capacity = counts.capacity;
     totals.service = counts.service;
     totals.reply = counts.reply;
     totals.inner = counts.inner;
@@ -286,12 +340,25 @@ impl Drop for Collector {
     }
 }
 
-/// `BPF_MAP_*_BATCH` through the raw system call (aya has no batch API).
+/// `BPF_MAP_LOOKUP_BATCH` and the element commands through the raw system call (aya has no batch API, and its
+/// typed maps want a map object, not a pinned map's descriptor).
 pub mod batch {
     use std::io;
 
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+    /// `bpf_attr` of the element commands.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
 
     #[repr(C)]
     #[derive(Default)]
@@ -306,16 +373,9 @@ pub mod batch {
         flags: u64,
     }
 
-    fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-        // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size passed.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+        // SAFETY: attr is a valid, fully initialised bpf_attr prefix (`BatchAttr`, `ElemAttr`) of the size passed.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as u32) };
         if rc < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -383,28 +443,35 @@ pub mod batch {
         })
     }
 
-    /// Deletes `keys` from the hash map `fd` (keys that are gone already are skipped). Returns how many were
-    /// deleted.
-    pub fn delete<K: Copy>(fd: i32, keys: &[K]) -> io::Result<usize> {
-        let mut deleted = 0;
-        let mut rest = keys;
-        while !rest.is_empty() {
-            let mut attr = BatchAttr {
-                keys: rest.as_ptr() as u64,
-                count: rest.len().min(u32::MAX as usize) as u32,
-                map_fd: fd as u32,
-                ..Default::default()
-            };
-            let r = bpf(BPF_MAP_DELETE_BATCH, &mut attr);
-            let n = attr.count as usize;
-            deleted += n;
-            match r {
-                Ok(()) => return Ok(deleted),
-                // A key was deleted meanwhile (by the programs taking it over, or a flow re-created): skip it.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(n + 1).min(rest.len())..],
-                Err(e) => return Err(e),
-            }
+    /// The value under `key` in the hash map `fd` of `K` -> `V` (plain-data types of the map's exact sizes); `None`
+    /// when there is none.
+    pub fn lookup<K: Copy, V: Copy>(fd: i32, key: &K) -> io::Result<Option<V>> {
+        let mut value = std::mem::MaybeUninit::<V>::uninit();
+        let mut attr = ElemAttr {
+            map_fd: fd as u32,
+            key: key as *const K as u64,
+            value: value.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            // SAFETY: the kernel wrote the whole value (the map's value size is size_of::<V>()); V is plain data.
+            Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(deleted)
+    }
+
+    /// Deletes `key` from the hash map `fd`; false when it was gone already.
+    pub fn delete_one<K: Copy>(fd: i32, key: &K) -> io::Result<bool> {
+        let mut attr = ElemAttr {
+            map_fd: fd as u32,
+            key: key as *const K as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }
