@@ -22,7 +22,7 @@ const V6_ETP_LB: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 31);
 const V6_RANGES_LB: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 32);
 
 /// `simple_service` as a single-stack IPv6 Service of `type_`.
-fn v6_service(name: &str, app: &str, port: u16, type_: &str) -> Value {
+pub fn v6_service(name: &str, app: &str, port: u16, type_: &str) -> Value {
     let mut s = simple_service(name, app, port);
     s["spec"]["type"] = json!(type_);
     s["spec"]["ipFamilyPolicy"] = json!("SingleStack");

@@ -3,9 +3,10 @@
 use crate::kubelet::{DeploymentSpec, Placement, PodInfo, PortSpec, ProbeSpec};
 use crate::pods::{self, NetError};
 use crate::suite::ctx::{
-    cluster_ip, eventually, expect_backends, expect_refused, expect_unanswered, health_check_node_port, names,
-    node_port, sa, sample, Ctx, CONVERGE,
+    cluster_ip, cluster_ip6, eventually, expect_backends, expect_refused, expect_unanswered, health_check_node_port,
+    names, node_port, sa, sample, Ctx, CONVERGE,
 };
+use crate::suite::dual_stack::v6_service;
 use anyhow::{bail, ensure, Context, Result};
 use futures::future::BoxFuture;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -155,8 +156,9 @@ pub fn all() -> Vec<Scenario> {
         Scenario {
             name: "agent-restart",
             about: "node-a's proxy killed with SIGKILL and started again 3 s later: long-lived TCP connections \
-                    through a ClusterIP (from a pod) and a NodePort (from the client) and a steady UDP flow keep going, \
-                    new connections work during the outage, and the new agent follows an endpoint removed meanwhile",
+                    through a ClusterIP (from a pod) and a NodePort (from the client), over IPv4 and IPv6, and a steady \
+                    UDP flow keep going, new connections of both families work during the outage, and the new agent \
+                    follows an endpoint removed meanwhile",
             run: |c| Box::pin(agent_restart(c)),
         },
         Scenario {
@@ -1182,9 +1184,24 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
                                {"name": "udp", "port": 53, "targetPort": 8081, "protocol": "UDP"}]},
         }))
         .await?;
+    // The same through IPv6 (in eBPF mode the IPv6 programs are reached through a pinned program array, which
+    // must outlive the agent).
+    let web6 = ctx
+        .create_service(v6_service("steady6", "steady", 80, "NodePort"))
+        .await?;
+    let mut echo6 = v6_service("steady-echo6", "steady-echo", 9000, "NodePort");
+    echo6["spec"]["ports"][0]["targetPort"] = json!(9000);
+    let echo6 = ctx.create_service(echo6).await?;
     ctx.wait_endpoints("steady", 3).await?;
     ctx.wait_endpoints("steady-echo", 1).await?;
+    ctx.wait_endpoints("steady6", 3).await?;
+    ctx.wait_endpoints("steady-echo6", 1).await?;
     let node_a = ctx.node("node-a")?.clone();
+    let node_a6 = crate::topology::v6(node_a.ip);
+    let vip6 = sa(cluster_ip6(&web6)?, 80);
+    let np6 = sa(node_a6, node_port(&web6, None)?);
+    let echo_vip6 = sa(cluster_ip6(&echo6)?, 9000);
+    let echo_np6 = sa(node_a6, node_port(&echo6, None)?);
     let vip = sa(cluster_ip(&web)?, 80);
     let np = sa(node_a.ip, node_port(&web, Some("http"))?);
     let web_udp = sa(cluster_ip(&web)?, 53);
@@ -1194,11 +1211,15 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     let all = names(&pods);
     expect_backends(&client.netns, vip, &all).await?;
     expect_backends(ctx.client_ns(), np, &all).await?;
+    expect_backends(&client.netns, vip6, &all).await?;
+    expect_backends(ctx.client_ns(), np6, &all).await?;
     // node-a translates both: the pod's ClusterIP traffic (its node), the client's NodePort traffic (masqueraded,
     // since every backend is on node-b).
     let beat = Duration::from_millis(200);
     let from_pod = Heartbeat::start(&client.netns, echo_vip, beat, Duration::from_secs(2))?;
     let from_client = Heartbeat::start(ctx.client_ns(), echo_np, beat, Duration::from_secs(2))?;
+    let from_pod6 = Heartbeat::start(&client.netns, echo_vip6, beat, Duration::from_secs(2))?;
+    let from_client6 = Heartbeat::start(ctx.client_ns(), echo_np6, beat, Duration::from_secs(2))?;
     // A steady UDP flow: one exchange every 200 ms from one source address and port (one conntrack flow).
     let udp_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let udp_flow = {
@@ -1216,11 +1237,14 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = (from_pod.report().exchanges, from_client.report().exchanges);
+    let before6 = (from_pod6.report().exchanges, from_client6.report().exchanges);
     ensure!(
-        before.0 > 0 && before.1 > 0,
-        "long-lived connections did not start: {:?} {:?}",
+        before.0 > 0 && before.1 > 0 && before6.0 > 0 && before6.1 > 0,
+        "long-lived connections did not start: {:?} {:?} {:?} {:?}",
         from_pod.report(),
-        from_client.report()
+        from_client.report(),
+        from_pod6.report(),
+        from_client6.report()
     );
 
     // A UDP flow (one source port) to the three-pod Service: conntrack pins it to one pod, the one removed below.
@@ -1256,6 +1280,10 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     ctx.step(format!("agent down: NodePort {np} from the client: {s}"));
     let s = expect_backends(&node_a.netns, vip, &all).await?;
     ctx.step(format!("agent down: ClusterIP {vip} from a process of node-a: {s}"));
+    let s = expect_backends(&client.netns, vip6, &all).await?;
+    ctx.step(format!("agent down: ClusterIP {vip6} from a pod on node-a: {s}"));
+    let s = expect_backends(ctx.client_ns(), np6, &all).await?;
+    ctx.step(format!("agent down: NodePort {np6} from the client: {s}"));
     // An endpoint goes away while no agent watches on node-a.
     let removed = pinned.clone();
     ctx.kubelet.delete_pod(&ctx.ns, &removed, Some(Duration::ZERO)).await?;
@@ -1274,6 +1302,10 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     ctx.step(format!("after the restart: ClusterIP from a pod: {s}"));
     let s = expect_backends(ctx.client_ns(), np, &remaining).await?;
     ctx.step(format!("after the restart: NodePort from the client: {s}"));
+    let s = expect_backends(&client.netns, vip6, &remaining).await?;
+    ctx.step(format!("after the restart: IPv6 ClusterIP from a pod: {s}"));
+    let s = expect_backends(ctx.client_ns(), np6, &remaining).await?;
+    ctx.step(format!("after the restart: IPv6 NodePort from the client: {s}"));
     // The UDP flow pinned to the removed pod: its conntrack entry must go, so the same flow reaches another pod.
     let restarted = Instant::now();
     let now = eventually(
@@ -1296,6 +1328,7 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     udp_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let udp = udp_flow.await?;
     let (hp, hc) = (from_pod.finish(), from_client.finish());
+    let (hp6, hc6) = (from_pod6.finish(), from_client6.finish());
     let failed: Vec<String> = udp
         .iter()
         .filter_map(|(at, r)| {
@@ -1318,6 +1351,8 @@ async fn agent_restart(ctx: Arc<Ctx>) -> Result<()> {
     for (who, hb, first) in [
         ("pod -> ClusterIP", &hp, before.0),
         ("client -> NodePort", &hc, before.1),
+        ("pod -> IPv6 ClusterIP", &hp6, before6.0),
+        ("client -> IPv6 NodePort", &hc6, before6.1),
     ] {
         ensure!(hb.error.is_none(), "the long-lived connection {who} broke: {hb:?}");
         ctx.step(format!(
