@@ -78,7 +78,7 @@ pub struct Flags {
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_ifname)]
     pub ebpf_pod_interfaces: Vec<String>,
     /// eBPF: the node's uplinks (comma-separated), where NodePort, load-balancer and external-IP traffic arrives.
-    /// Default: the interfaces holding one of the node's addresses, else those of the IPv4 default route.
+    /// Default: the interfaces holding one of the node's addresses, else those of a default route (IPv4 or IPv6).
     #[arg(long, global = true, value_delimiter = ',', value_parser = parse_ifname)]
     pub ebpf_uplinks: Vec<String>,
     /// eBPF: translated packets are forwarded by the programs themselves (FIB lookup and redirect), skipping the

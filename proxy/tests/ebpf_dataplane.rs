@@ -449,8 +449,13 @@ fn dnat_reject_restart_cleanup(tag: &str, attach: TcAttach) {
 /// mount, many times over.
 /// An IPv6 exchange from the client namespace to `target` (`[addr]:port`): (output, error text).
 fn client_request6(env: &Env, target: &str) -> (String, String) {
+    request6_from(env, "client", target)
+}
+
+/// An IPv6 exchange from namespace `role` to `target`.
+fn request6_from(env: &Env, role: &str, target: &str) -> (String, String) {
     let out = Command::new("ip")
-        .args(["netns", "exec", &env.ns("client")])
+        .args(["netns", "exec", &env.ns(role)])
         .args(["socat", "-T3", "-", &format!("TCP6:{target},connect-timeout=3")])
         .stdin(Stdio::null())
         .output()
@@ -463,9 +468,14 @@ fn client_request6(env: &Env, target: &str) -> (String, String) {
 
 /// Polls `client_request6` until the output contains `want` (10 s).
 fn await_answer6(env: &Env, target: &str, want: &str) -> String {
+    await_answer6_from(env, "client", target, want)
+}
+
+/// Polls `request6_from` until the output contains `want` (10 s).
+fn await_answer6_from(env: &Env, role: &str, target: &str, want: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (out, err) = client_request6(env, target);
+        let (out, err) = request6_from(env, role, target);
         if out.contains(want) {
             return out;
         }
@@ -581,6 +591,81 @@ fn ipv6_cluster_ip_node_port_and_reject_through_the_ebpf_maps() {
         assert!(out.is_empty(), "{out}");
         assert!(err.contains("Connection refused"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        dp.cleanup().expect("cleanup");
+    });
+}
+
+#[test]
+fn an_ipv6_only_uplink_is_found_by_the_nodes_ipv6_address() {
+    // An IPv6-only node: its uplink holds no IPv4 address and no IPv4 default route leads anywhere. With no
+    // --uplinks, the agent finds the uplink by the node's IPv6 address (from its Node object), so a NodePort answers
+    // there.
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root");
+    let mut env = setup("u6");
+    let (n, b, x) = (env.ns("node"), env.ns("backend"), env.ns("client2"));
+    run(&["ip", "netns", "add", &x]);
+    run(&["ip", "-n", &x, "link", "set", "lo", "up"]);
+    run(&[
+        "ip", "-n", &n, "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &x,
+    ]);
+    for (ns, dev, addr) in [
+        (&n, "up0", "fd00:203::1/64"),
+        (&x, "eth0", "fd00:203::2/64"),
+        (&n, "b0", "fd00:202::1/64"),
+        (&b, "eth0", "fd00:202::2/64"),
+    ] {
+        run(&["ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+    }
+    run(&["ip", "-n", &x, "-6", "route", "add", "default", "via", "fd00:203::1"]);
+    run(&["ip", "-n", &b, "-6", "route", "add", "default", "via", "fd00:202::1"]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &n,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    env.servers.push(
+        Command::new("ip")
+            .args(["netns", "exec", &b])
+            .args([
+                "socat",
+                "TCP6-LISTEN:8080,fork,reuseaddr",
+                "SYSTEM:echo peer=$SOCAT_PEERADDR",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("backend server"),
+    );
+
+    run_in_node(env, |env| {
+        let node = NodeInfo::new("node", vec!["fd00:203::1".parse().unwrap()]);
+        let opts = EbpfOptions {
+            uplinks: vec![],
+            ..options(env)
+        };
+        let mut dp = EbpfDataplane::new(DataplaneConfig::default(), opts).expect("eBPF dataplane");
+        let name = ServicePortName::new("default", "np6", "http", Protocol::Tcp);
+        let mut port = ServicePort::new(name, "fd00:96::20".parse().unwrap(), 80);
+        port.node_port = Some(30081);
+        let ep = Endpoint::new("fd00:202::2".parse().unwrap(), 8080).on_node("other", false);
+        let st = Arc::new(ServicePortState::new(port, vec![ep], &node));
+        dp.full_sync(&snapshot(&st), &node).expect("full sync");
+        let attached = orca_tc_attachments();
+        assert!(
+            attached
+                .iter()
+                .any(|a| a.starts_with("up0 ingress") && a.contains("orca_from_netdev")),
+            "no uplink program on up0: {attached:#?}"
+        );
+        // The NodePort on the node's IPv6 address, from beyond the uplink: masqueraded to that address.
+        let out = await_answer6_from(env, "client2", "[fd00:203::1]:30081", "peer=");
+        assert!(out.contains("fd00:203::1"), "{out}");
         dp.cleanup().expect("cleanup");
     });
 }

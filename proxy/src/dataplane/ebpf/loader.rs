@@ -635,33 +635,55 @@ impl LinkEvents {
     }
 }
 
-/// Interfaces (of the calling thread's network namespace) holding one of `addrs` (IPv4).
+/// Interfaces (of the calling thread's network namespace) holding one of `addrs` (either family: an IPv6-only node's
+/// uplink holds its IPv6 address only).
 pub fn interfaces_with_addresses(addrs: &[std::net::IpAddr]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for (name, ip) in crate::netns::interface_addrs().unwrap_or_default() {
-        if ip.is_ipv4() && addrs.contains(&ip) && !out.contains(&name) {
+        if addrs.contains(&ip) && !out.contains(&name) {
             out.push(name);
         }
     }
     out
 }
 
-/// Interfaces carrying an IPv4 default route in the calling thread's network namespace.
+/// Interfaces carrying a default route (IPv4 or IPv6) in the calling thread's network namespace.
 pub fn default_route_interfaces() -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string("/proc/thread-self/net/route") else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = text
-        .lines()
+    let read = |file: &str| std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).unwrap_or_default();
+    let mut out = default_routes4(&read("route"));
+    out.extend(default_routes6(&read("ipv6_route")));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The interfaces of the default routes in `/proc/net/route`'s text (destination and mask 0).
+fn default_routes4(text: &str) -> Vec<String> {
+    text.lines()
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
         })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+        .collect()
+}
+
+/// The interfaces of the default routes in `/proc/net/ipv6_route`'s text (`::/0`), without the kernel's
+/// unreachable ones (`RTF_REJECT`, on `lo`).
+fn default_routes6(text: &str) -> Vec<String> {
+    const RTF_REJECT: u32 = 0x0200;
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+            (f.len() == 10
+                && f[0].bytes().all(|b| b == b'0')
+                && f[1] == "00"
+                && flags & RTF_REJECT == 0
+                && f[9] != "lo")
+                .then(|| f[9].to_string())
+        })
+        .collect()
 }
 
 /// How the TC programs attach: TCX links where the kernel has them (6.6+), else a clsact qdisc with direct-action
@@ -1097,5 +1119,28 @@ mod cgroup_tests {
         let e = kernel_supported(5, 4).unwrap_err();
         assert!(format!("{e}").contains("kernel 5.4 is older than 5.10"), "{e}");
         assert!((5, 15) < MIN_KERNEL_SOCKET_HOOKS && (6, 1) >= MIN_KERNEL_SOCKET_HOOKS);
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_of_both_families() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(default_routes4(v4), vec!["eth0"]);
+        // /proc/net/ipv6_route's format: a prefix route, a default route via eth1, the kernel's unreachable default on
+        // lo, a local route.
+        let v6 = "\
+fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000002 00000000 00000003     eth1
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo
+";
+        assert_eq!(default_routes6(v6), vec!["eth1"]);
+        assert!(default_routes6("garbage\n").is_empty());
     }
 }

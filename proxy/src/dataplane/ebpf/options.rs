@@ -19,7 +19,7 @@ pub struct EbpfOptions {
     /// Explicit pod interfaces (in addition to the prefixes).
     pub pod_interfaces: Vec<String>,
     /// Node uplinks; empty means the interfaces holding one of the node's addresses, else the
-    /// ones carrying the IPv4 default route.
+    /// ones carrying a default route (either family).
     pub uplinks: Vec<String>,
     /// cgroup (v2) whose processes get socket-level translation when they run in the agent's
     /// network namespace (host processes, hostNetwork pods): the agent passes the root of the host's cgroup v2
