@@ -660,12 +660,18 @@ fn an_ipv6_only_uplink_is_found_by_the_nodes_ipv6_address() {
         assert!(
             attached
                 .iter()
-                .any(|a| a.starts_with("up0 ingress") && a.contains("orca_from_netdev")),
+                .any(|a| a.starts_with("up0 ingress") && a.contains("orca_from_net")),
             "no uplink program on up0: {attached:#?}"
         );
         // The NodePort on the node's IPv6 address, from beyond the uplink: masqueraded to that address.
         let out = await_answer6_from(env, "client2", "[fd00:203::1]:30081", "peer=");
-        assert!(out.contains("fd00:203::1"), "{out}");
+        let seen: std::net::Ipv6Addr = out
+            .trim()
+            .trim_start_matches("peer=")
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse()
+            .expect(&out);
+        assert_eq!(seen, "fd00:203::1".parse::<std::net::Ipv6Addr>().unwrap());
         dp.cleanup().expect("cleanup");
     });
 }
