@@ -484,6 +484,41 @@ fn await_answer6_from(env: &Env, role: &str, target: &str, want: &str) -> String
     }
 }
 
+/// The IPv6 side of the backend (`fd00:202::2`, its route through the node, which forwards IPv6) and its server on
+/// port 8080, which answers with the address it saw the connection come from (see `peer6`).
+fn ipv6_backend(env: &mut Env) {
+    let (n, b) = (env.ns("node"), env.ns("backend"));
+    run(&["ip", "-n", &b, "-6", "route", "add", "default", "via", "fd00:202::1"]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &n,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    env.servers.push(
+        Command::new("ip")
+            .args(["netns", "exec", &b])
+            .args([
+                "socat",
+                "TCP6-LISTEN:8080,fork,reuseaddr",
+                "SYSTEM:echo peer=$SOCAT_PEERADDR",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("backend server"),
+    );
+}
+
+/// The address `ipv6_backend`'s server reported (socat writes it in full, in brackets).
+fn peer6(out: &str) -> std::net::Ipv6Addr {
+    let p = out.trim().trim_start_matches("peer=");
+    p.trim_matches(|c| c == '[' || c == ']').parse().expect(out)
+}
+
 #[test]
 fn ipv6_cluster_ip_node_port_and_reject_through_the_ebpf_maps() {
     // SAFETY: geteuid has no preconditions.
@@ -499,31 +534,9 @@ fn ipv6_cluster_ip_node_port_and_reject_through_the_ebpf_maps() {
         run(&["ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"]);
     }
     run(&["ip", "-n", &c, "-6", "route", "add", "default", "via", "fd00:201::1"]);
-    run(&["ip", "-n", &b, "-6", "route", "add", "default", "via", "fd00:202::1"]);
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &n,
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.all.forwarding=1",
-    ]);
     // The backend tells who connected: the client itself through the ClusterIP, the node (masqueraded) through
     // the NodePort.
-    env.servers.push(
-        Command::new("ip")
-            .args(["netns", "exec", &b])
-            .args([
-                "socat",
-                "TCP6-LISTEN:8080,fork,reuseaddr",
-                "SYSTEM:echo peer=$SOCAT_PEERADDR",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("backend server"),
-    );
+    ipv6_backend(&mut env);
 
     run_in_node(env, |env| {
         let node = NodeInfo::new(
@@ -549,11 +562,7 @@ fn ipv6_cluster_ip_node_port_and_reject_through_the_ebpf_maps() {
         let cluster: Vec<String> = views.iter().map(|v| v.address.to_string()).collect();
         assert!(cluster.contains(&"[fd00:96::10]:80".to_string()), "{cluster:?}");
 
-        // The address the backend saw (socat writes it in full, in brackets).
-        let peer = |out: &str| -> std::net::Ipv6Addr {
-            let p = out.trim().trim_start_matches("peer=");
-            p.trim_matches(|c| c == '[' || c == ']').parse().expect(out)
-        };
+        let peer = peer6;
         // ClusterIP: the backend sees the client's own address.
         let out = await_answer6(env, "[fd00:96::10]:80", "peer=");
         assert_eq!(peer(&out), "fd00:201::2".parse::<std::net::Ipv6Addr>().unwrap());
@@ -619,29 +628,7 @@ fn an_ipv6_only_uplink_is_found_by_the_nodes_ipv6_address() {
         run(&["ip", "-n", ns, "link", "set", dev, "up"]);
     }
     run(&["ip", "-n", &x, "-6", "route", "add", "default", "via", "fd00:203::1"]);
-    run(&["ip", "-n", &b, "-6", "route", "add", "default", "via", "fd00:202::1"]);
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &n,
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.all.forwarding=1",
-    ]);
-    env.servers.push(
-        Command::new("ip")
-            .args(["netns", "exec", &b])
-            .args([
-                "socat",
-                "TCP6-LISTEN:8080,fork,reuseaddr",
-                "SYSTEM:echo peer=$SOCAT_PEERADDR",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("backend server"),
-    );
+    ipv6_backend(&mut env);
 
     run_in_node(env, |env| {
         let node = NodeInfo::new("node", vec!["fd00:203::1".parse().unwrap()]);
@@ -665,13 +652,7 @@ fn an_ipv6_only_uplink_is_found_by_the_nodes_ipv6_address() {
         );
         // The NodePort on the node's IPv6 address, from beyond the uplink: masqueraded to that address.
         let out = await_answer6_from(env, "client2", "[fd00:203::1]:30081", "peer=");
-        let seen: std::net::Ipv6Addr = out
-            .trim()
-            .trim_start_matches("peer=")
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse()
-            .expect(&out);
-        assert_eq!(seen, "fd00:203::1".parse::<std::net::Ipv6Addr>().unwrap());
+        assert_eq!(peer6(&out), "fd00:203::1".parse::<std::net::Ipv6Addr>().unwrap());
         dp.cleanup().expect("cleanup");
     });
 }
