@@ -340,8 +340,8 @@ impl Drop for Collector {
     }
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` and the element commands through the raw system call (aya has no batch API, and its
-/// typed maps want a map object, not a pinned map's descriptor).
+/// `BPF_MAP_LOOKUP_BATCH` (aya has no batch API) and the two element commands the collector uses with it, through
+/// the raw system call.
 pub mod batch {
     use std::io;
 
