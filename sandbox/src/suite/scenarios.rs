@@ -1437,11 +1437,7 @@ impl std::fmt::Display for Tracked {
     }
 }
 
-/// The body of node-a's proxy metrics (`/metrics`).
-async fn node_a_metrics(ctx: &Ctx) -> Result<String> {
-    node_metrics(ctx, "node-a").await
-}
-
+/// The body of a node's proxy metrics (`/metrics`).
 async fn node_metrics(ctx: &Ctx, name: &str) -> Result<String> {
     let node = ctx.node(name)?;
     let addr = sa(node.ip, crate::suite::proxy::METRICS_PORT);
@@ -1505,7 +1501,7 @@ async fn tracked_flows(ctx: &Ctx) -> Result<Tracked> {
     if ctx.proxy != crate::suite::proxy::ProxyKind::OrcaEbpf {
         return Ok(Tracked { kernel, orca: None });
     }
-    let body = node_a_metrics(ctx).await?;
+    let body = node_metrics(ctx, "node-a").await?;
     let metric = |name: &str| -> Result<u64> {
         body.lines()
             .find_map(|l| l.strip_prefix(name))
